@@ -1,0 +1,239 @@
+"""staging-agent: one long-running process per NUMA node, bound to that node's memory and CPUs.
+
+It connects to the coordinator's agent socket, says hello (with its binding as the kernel reports
+it), and then serves requests: stage (copy a batch into node-local tmpfs), crosscheck (run the
+cross-check for its node's models reading only node-local copies, publish the results into
+staging), purge (drop a batch's node-local copies). It sends a heartbeat every few seconds.
+See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import SocketStream
+
+from agents import binding, slm
+from agents import staging as stg
+from agents.crosscheck import load_crosscheck
+from coordinator import __version__
+from coordinator.config import Config, load_config
+from coordinator.errors import BindingError, ConfigError, CoordinatorError, NoSpaceError
+from coordinator.logs import configure
+from coordinator.protocol import AGENT_TYPES, LineReader, decode, encode
+
+log = structlog.get_logger("agents.agent")
+
+# Exit codes: 0 stopped cleanly, 1 error, 2 usage, 3 refused (not bound as told).
+EXIT_UNBOUND = 3
+
+
+class Agent:
+    """The agent's request handlers, independent of the socket so tests can call them."""
+
+    def __init__(self, config: Config, node: int) -> None:
+        self.config = config
+        self.node = node
+        self.tmpfs = config.paths.tmpfs_for(node)
+        self.models = config.node(node).models
+        self.crosscheck_fn = load_crosscheck(config.crosscheck_function)
+
+    def batch_dir(self, batch_id: str) -> Path:
+        """The node-local folder of one batch."""
+        slm.check_name("batch_id", batch_id)
+        return self.tmpfs / batch_id
+
+    def stage(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Copy the batch's files into node-local tmpfs."""
+        batch_id = msg["batch_id"]
+        names = [str(n) for n in msg["files"]]
+        for n in names:
+            if "/" in n or n.startswith("."):
+                raise CoordinatorError(f"stage: bad file name {n!r}")
+        t0 = time.perf_counter()
+        files = stg.stage(self.config.paths.staging / batch_id, self.batch_dir(batch_id), names)
+        seconds = time.perf_counter() - t0
+        return {
+            "type": "staged",
+            "batch_id": batch_id,
+            "bytes": sum(f.bytes for f in files),
+            "seconds": seconds,
+            "files": {f.name: {"bytes": f.bytes, "seconds": f.seconds} for f in files},
+            "tmpfs_free": stg.free_bytes(self.tmpfs),
+        }
+
+    def crosscheck(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Cross-check this node's models against all present models, from node-local copies."""
+        batch_id = msg["batch_id"]
+        present = [str(m) for m in msg["models"]]
+        mine = [m for m in present if m in self.models]
+        local = self.batch_dir(batch_id)
+        t0 = time.perf_counter()
+        tables = slm.read_results(local, present)
+        outputs = {}
+        for model in mine:
+            table = self.crosscheck_fn(model, tables)
+            path = slm.publish_crosscheck(
+                self.config.paths.staging,
+                batch_id,
+                model,
+                table,
+                compression=self.config.parquet.compression,
+                level=self.config.parquet.level,
+            )
+            outputs[model] = path.name
+        return {
+            "type": "crosschecked",
+            "batch_id": batch_id,
+            "outputs": outputs,
+            "seconds": time.perf_counter() - t0,
+        }
+
+    def purge(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Drop the batch's node-local copies."""
+        batch_id = msg["batch_id"]
+        freed = stg.purge(self.batch_dir(batch_id))
+        return {"type": "purged", "batch_id": batch_id, "bytes": freed}
+
+    def tmpfs_usage(self) -> dict[str, int]:
+        """Used and free bytes of the node-local tmpfs."""
+        s = os.statvfs(self.tmpfs)
+        used = sum(
+            f.stat().st_size for d in self.tmpfs.iterdir() if d.is_dir() for f in d.iterdir()
+        )
+        return {"tmpfs_used": used, "tmpfs_free": s.f_bavail * s.f_frsize}
+
+
+async def serve(agent: Agent, sock_path: Path, bound: binding.Binding) -> None:
+    """Connect to the coordinator and serve requests until it goes away or we are cancelled."""
+    stream: SocketStream = await anyio.connect_unix(sock_path)
+    send_lock = anyio.Lock()
+
+    async def send(msg: dict[str, Any]) -> None:
+        async with send_lock:
+            await stream.send(encode(msg))
+
+    async def handle(msg: dict[str, Any]) -> None:
+        handlers = {"stage": agent.stage, "crosscheck": agent.crosscheck, "purge": agent.purge}
+        kind = msg["type"]
+        try:
+            reply = await anyio.to_thread.run_sync(handlers[kind], msg)
+        except Exception as e:
+            code = "nospace" if isinstance(e, NoSpaceError) else "failed"
+            log.error("step failed", step=kind, batch_id=msg.get("batch_id"), error=str(e))
+            reply = {
+                "type": "error",
+                "step": kind,
+                "code": code,
+                "message": str(e),
+                "batch_id": msg.get("batch_id"),
+            }
+        reply["req"] = msg.get("req")
+        reply["node"] = agent.node
+        await send(reply)
+
+    async def heartbeat() -> None:
+        while True:
+            await send(
+                {
+                    "type": "heartbeat",
+                    "node": agent.node,
+                    "time": time.time(),
+                    **agent.tmpfs_usage(),
+                }
+            )
+            await anyio.sleep(agent.config.agents.heartbeat_s)
+
+    async with stream, anyio.create_task_group() as tg:
+        await send(
+            {
+                "type": "hello",
+                "node": agent.node,
+                "pid": os.getpid(),
+                "version": __version__,
+                "models": list(agent.models),
+                "tmpfs": str(agent.tmpfs),
+                **bound.as_dict(),
+            }
+        )
+        tg.start_soon(heartbeat)
+        reader = LineReader(stream)
+        while (line := await reader.readline()) is not None:
+            msg = decode(line, types=AGENT_TYPES)
+            if msg["type"] in ("stage", "crosscheck", "purge"):
+                tg.start_soon(handle, msg)
+        log.info("coordinator closed the connection")
+        tg.cancel_scope.cancel()
+
+
+async def run(agent: Agent, sock_path: Path, bound: binding.Binding) -> None:
+    """Keep a connection to the coordinator, reconnecting when it restarts; stop on TERM/INT."""
+    import signal
+
+    async with anyio.create_task_group() as tg:
+
+        async def signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                async for _ in sigs:
+                    log.info("stopping on signal")
+                    tg.cancel_scope.cancel()
+                    return
+
+        async def connect_loop() -> None:
+            delay = 0.05
+            while True:
+                try:
+                    await serve(agent, sock_path, bound)
+                    delay = 0.05
+                except OSError as e:
+                    if delay >= 1.0:
+                        log.info("waiting for the coordinator", socket=str(sock_path), error=str(e))
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+
+        tg.start_soon(signals)
+        tg.start_soon(connect_loop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `staging-agent`."""
+    p = argparse.ArgumentParser(prog="staging-agent", description=__doc__.splitlines()[0])
+    p.add_argument("--node", type=int, required=True, help="the NUMA node this agent serves")
+    p.add_argument("--config", required=True, help="coordinator.toml")
+    p.add_argument("--socket", help="agent socket (default: paths.runtime_dir/agents.sock)")
+    args = p.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"staging-agent: error: {e}", file=sys.stderr)
+        return 1
+    configure(config.log.level, config.log.format, node=args.node, role="agent")
+    try:
+        node_cfg = config.node(args.node)
+        bound = binding.check(args.node, cpus=node_cfg.cpus)
+    except (BindingError, ConfigError) as e:
+        log.error("refusing to run", reason=str(e))
+        print(f"staging-agent: refusing to run on node {args.node}: {e}", file=sys.stderr)
+        return EXIT_UNBOUND
+    agent = Agent(config, args.node)
+    agent.tmpfs.mkdir(parents=True, exist_ok=True)
+    removed = stg.remove_partials(agent.tmpfs)
+    if removed:
+        log.warning(
+            "removed partial copies left by a previous agent", files=[str(p) for p in removed]
+        )
+    log.info("agent started", pid=os.getpid(), **bound.as_dict())
+    sock = Path(args.socket) if args.socket else config.paths.agent_socket
+    anyio.run(run, agent, sock, bound, backend="asyncio", backend_options={"use_uvloop": True})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

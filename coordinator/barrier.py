@@ -1,0 +1,233 @@
+"""The file barrier's I/O edge: the watcher on the staging folder and the batch-folder scanner.
+
+The watcher is armed (inotify watches in place) *before* the first listing, so a file that lands
+between the two is seen by one or the other. Events only say "look at this batch again"; what
+counts is decided by scanning the folder, so a lost event costs latency, never a batch, and a
+periodic reconciliation scan catches whatever the events missed.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+from watchfiles.main import RustNotify
+
+from agents.slm import check_parquet
+from coordinator.batch import FileEntry, classify
+from coordinator.config import NAME_RE, BarrierConfig
+from coordinator.errors import ParquetError
+
+log = structlog.get_logger("coordinator.barrier")
+
+QUARANTINE = ".quarantine"
+
+
+@dataclass
+class Scan:
+    """One look at a batch folder."""
+
+    batch_id: str
+    exists: bool
+    results: dict[str, FileEntry] = field(default_factory=dict)  # model -> entry
+    crosschecks: dict[str, FileEntry] = field(default_factory=dict)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+
+    def valid_models(self) -> list[str]:
+        """Models whose result file counts."""
+        return [m for m, e in self.results.items() if e.valid]
+
+    def valid_crosschecks(self) -> list[str]:
+        """Models whose cross-check file counts."""
+        return [m for m, e in self.crosschecks.items() if e.valid]
+
+
+@dataclass
+class Stats:
+    """Counters status shows about the barrier."""
+
+    armed: bool = False
+    events: int = 0
+    last_event: float = 0.0
+    reconcile_scans: int = 0
+    last_reconcile: float = 0.0
+    recovered_by_reconcile: int = 0
+    watcher_restarts: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+
+class Scanner:
+    """Looks at batch folders; remembers which files it already validated (by inode, size and
+    mtime) so a rescan does not re-read footers."""
+
+    def __init__(self, staging: Path) -> None:
+        self.staging = staging
+        self._checked: dict[tuple[str, str], tuple[tuple[int, int, int], FileEntry]] = {}
+        self.stats = Stats()
+        self._seen_rejects: set[tuple[str, str]] = set()
+
+    def batch_ids(self) -> list[str]:
+        """Batch folders in staging, rejecting bad names and non-folders."""
+        out = []
+        try:
+            entries = list(os.scandir(self.staging))
+        except FileNotFoundError:
+            return out
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if not NAME_RE.fullmatch(e.name):
+                self._reject("", e.name, "bad batch folder name")
+                continue
+            if e.is_symlink() or not e.is_dir(follow_symlinks=False):
+                self._reject("", e.name, "not a folder (symlinks are never followed)")
+                continue
+            out.append(e.name)
+        return sorted(out)
+
+    def _reject(self, batch_id: str, name: str, reason: str) -> None:
+        key = (batch_id, name)
+        if key in self._seen_rejects:
+            return
+        self._seen_rejects.add(key)
+        self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+        log.warning("ignored in staging", batch_id=batch_id or None, name=name, reason=reason)
+
+    def scan(self, batch_id: str, models: Iterable[str]) -> Scan:
+        """Classify and validate every file of one batch folder (blocking: run in a thread)."""
+        folder = self.staging / batch_id
+        try:
+            names = os.listdir(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            return Scan(batch_id, exists=False)
+        out = Scan(batch_id, exists=True)
+        roles, ignored = classify(names, models)
+        for name, reason in ignored:
+            self._reject(batch_id, name, reason)
+            out.rejected.append((name, reason))
+        for name, role in roles.items():
+            entry = self._check(batch_id, folder / name)
+            if entry is None:
+                continue
+            if not entry.valid and entry.reason.startswith("rejected:"):
+                self._reject(batch_id, name, entry.reason.removeprefix("rejected: "))
+                out.rejected.append((name, entry.reason))
+            model = name.removesuffix(".parquet").removeprefix("crosscheck_")
+            if role == "crosscheck":
+                out.crosschecks[model] = entry
+            else:
+                out.results[model] = entry
+        return out
+
+    def _check(self, batch_id: str, path: Path) -> FileEntry | None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        name = path.name
+        if stat.S_ISLNK(st.st_mode):
+            return FileEntry(name, False, 0, "rejected: symlink (never followed)")
+        if not stat.S_ISREG(st.st_mode):
+            return FileEntry(name, False, 0, "rejected: not a regular file")
+        if st.st_nlink != 1:
+            return FileEntry(name, False, 0, "rejected: hard link (more than one link)")
+        ident = (st.st_ino, st.st_size, st.st_mtime_ns)
+        key = (batch_id, name)
+        cached = self._checked.get(key)
+        if cached is not None and cached[0] == ident:
+            return cached[1]
+        try:
+            check_parquet(path)
+            entry = FileEntry(name, True, st.st_size)
+        except ParquetError as e:
+            entry = FileEntry(name, False, st.st_size, str(e))
+        self._checked[key] = (ident, entry)
+        return entry
+
+    def forget(self, batch_id: str) -> None:
+        """Drop cached checks of a finished batch."""
+        for key in [k for k in self._checked if k[0] == batch_id]:
+            del self._checked[key]
+        self._seen_rejects = {k for k in self._seen_rejects if k[0] != batch_id}
+
+
+def batch_of(staging: Path, path: str) -> str | None:
+    """The batch id an event path belongs to, or None (staging itself, quarantine, temp)."""
+    try:
+        rel = Path(path).relative_to(staging)
+    except ValueError:
+        return None
+    if not rel.parts:
+        return None
+    head = rel.parts[0]
+    if head.startswith("."):
+        return None
+    return head
+
+
+async def watch(
+    staging: Path,
+    cfg: BarrierConfig,
+    on_batches: Callable[[set[str]], None],
+    stats: Stats,
+    drop_events: Callable[[], bool] = lambda: False,
+    *,
+    task_status: TaskStatus[None],
+) -> None:
+    """Watch staging and report the batch ids whose folders changed.
+
+    Signals started only once the inotify watches are in place. If the watcher fails it is
+    re-created (and a full rescan requested by reporting every folder).
+    """
+    started = False
+    while True:
+        stop = threading.Event()
+        try:
+            notify = RustNotify([str(staging)], False, False, 50, True, False)
+        except OSError as e:
+            log.error("cannot arm watcher, retrying", staging=str(staging), error=str(e))
+            await anyio.sleep(1.0)
+            continue
+        stats.armed = True
+        if not started:
+            task_status.started()
+            started = True
+        else:
+            stats.watcher_restarts += 1
+            on_batches({"*"})
+        try:
+            while True:
+                changes = await anyio.to_thread.run_sync(
+                    notify.watch,
+                    cfg.debounce_ms,
+                    cfg.step_ms,
+                    1000,
+                    stop,
+                    abandon_on_cancel=True,
+                )
+                if isinstance(changes, str):
+                    if changes == "stop":
+                        return
+                    continue  # timeout or signal: go round
+                if drop_events():
+                    continue
+                stats.events += len(changes)
+                stats.last_event = time.time()
+                ids = {b for _, p in changes if (b := batch_of(staging, p)) is not None}
+                if ids:
+                    on_batches(ids)
+        except Exception as e:  # the Rust side raises its own error types
+            stats.armed = False
+            log.error("watcher failed, re-creating it", error=f"{type(e).__name__}: {e}")
+            await anyio.sleep(0.2)
+        finally:
+            stop.set()
+            notify.close() if hasattr(notify, "close") else None

@@ -1,0 +1,527 @@
+"""coordinatord: the daemon. One task group; each subsystem is started in order with tg.start.
+
+Start-up: state folders → database (embedded if no DSN) and the leader lock → agent socket (and
+the agents, with --with-agents) → watcher armed → first listing and ledger resume → control
+socket → READY=1. Each batch then runs as its own task (`Pipeline.run`), so batches overlap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+
+from coordinator import __version__, embedded, notify
+from coordinator.barrier import Scan, Scanner, watch
+from coordinator.batch import FINAL, State, barrier, deadline_verdict, resume_step
+from coordinator.config import Config, load_config, redact_dsn
+from coordinator.errors import ConfigError, CoordinatorError, DatabaseError
+from coordinator.hub import Hub, supervise
+from coordinator.lake import Lake
+from coordinator.ledger import Ledger
+from coordinator.logs import configure
+
+log = structlog.get_logger("coordinator.daemon")
+
+
+@dataclass
+class BatchRun:
+    """A batch the daemon is looking after, with the config it started with."""
+
+    batch_id: str
+    config: Config
+    state: State
+    first_seen: float
+    deadline: float
+    present: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()  # the models this run goes on with
+    degraded: bool = False
+    error: str = ""
+    running: bool = False
+    crosschecks: tuple[str, ...] = ()
+    cc_event: anyio.Event = field(default_factory=anyio.Event)
+    timings: dict[str, float] = field(default_factory=dict)
+    staged_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def date(self) -> str:
+        """The lake partition of this batch: the UTC day it was first seen."""
+        return dt.datetime.fromtimestamp(self.first_seen, dt.UTC).strftime("%Y-%m-%d")
+
+    def describe(self) -> dict[str, Any]:
+        """What status shows about a batch in flight."""
+        return {
+            "batch_id": self.batch_id,
+            "state": self.state.value,
+            "present": list(self.present),
+            "missing": list(self.missing),
+            "age_s": round(time.time() - self.first_seen, 3),
+            "deadline_in_s": round(self.deadline - time.time(), 3),
+            "degraded": self.degraded,
+            "error": self.error,
+        }
+
+
+class Daemon:
+    """The coordinator, embeddable: `await Daemon(config, path).run()`, `request_stop()`."""
+
+    def __init__(self, config: Config, config_path: Path, *, with_agents: bool = False) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.with_agents = with_agents
+        self.state = "starting"
+        self.started_at = time.time()
+        self.generation = 1
+        self.last_reload: dict[str, Any] = {"at": None, "ok": True, "error": ""}
+        self.batches: dict[str, BatchRun] = {}
+        self.finished: collections.deque[dict[str, Any]] = collections.deque(maxlen=10)
+        self.ignored: set[str] = set()
+        self.hub = Hub()
+        self.scanner = Scanner(config.paths.staging)
+        self.lake = Lake(config.paths.lake)
+        self.ledger: Ledger | None = None
+        self.dsn = ""
+        self._dirty: set[str] = set()
+        self._wake = anyio.Event()
+        self._stop = anyio.Event()
+        self._tg: TaskGroup | None = None
+        # Test hook: when it returns True the watcher drops its events (reconciliation must cope).
+        self.drop_events = lambda: False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the daemon to stop: it stops taking work and cancels; batches resume on restart."""
+        self._stop.set()
+
+    def _status_line(self, text: str) -> None:
+        notify.notify(f"STATUS={text}")
+        log.info(text)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start every subsystem, serve until asked to stop, then shut down in reverse."""
+        from coordinator.control import ControlServer
+
+        cfg = self.config
+        for p in (cfg.paths.staging, cfg.paths.state_dir):
+            p.mkdir(parents=True, exist_ok=True)
+        cfg.paths.runtime_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(cfg.paths.runtime_dir, 0o750)
+        started_pg = False
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._signals)
+                self._status_line("connecting to the database")
+                started_pg = await self._open_database()
+                await tg.start(self.hub.serve, cfg.paths.agent_socket)
+                if self.with_agents:
+                    for n in cfg.node_ids:
+                        await tg.start(supervise, self.hub, cfg, self.config_path, n)
+                await tg.start(
+                    watch,
+                    cfg.paths.staging,
+                    cfg.barrier,
+                    self._mark,
+                    self.scanner.stats,
+                    lambda: self.drop_events(),
+                )
+                self._status_line("watcher armed; scanning staging and resuming the ledger")
+                await self._resume()
+                self._mark({"*"})
+                tg.start_soon(self._process_loop)
+                tg.start_soon(self._reconcile_loop)
+                tg.start_soon(self._deadline_loop)
+                tg.start_soon(self._leadership_loop)
+                await tg.start(ControlServer(self).serve, cfg.paths.control_socket)
+                interval = notify.watchdog_interval()
+                if interval:
+                    tg.start_soon(self._watchdog, interval)
+                self.state = "running"
+                notify.notify("READY=1", "STATUS=running: waiting for batches")
+                log.info(
+                    "coordinator ready",
+                    pid=os.getpid(),
+                    version=__version__,
+                    staging=str(cfg.paths.staging),
+                    nodes=list(cfg.node_ids),
+                    database=redact_dsn(self.dsn),
+                )
+                task_status.started()
+                await self._stop.wait()
+                self.state = "stopping"
+                notify.notify("STOPPING=1", "STATUS=stopping")
+                log.info("stopping: in-flight steps are left resumable in the ledger")
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                if self.ledger is not None:
+                    await self.ledger.close()
+                if cfg.database.embedded and started_pg:
+                    await anyio.to_thread.run_sync(embedded.stop, cfg.paths.state_dir)
+                cfg.paths.control_socket.unlink(missing_ok=True)
+                cfg.paths.agent_socket.unlink(missing_ok=True)
+            self.state = "stopped"
+            log.info("coordinator stopped")
+
+    async def _open_database(self) -> bool:
+        cfg = self.config
+        started = False
+        if cfg.database.embedded:
+            self.dsn, started = await anyio.to_thread.run_sync(embedded.start, cfg.paths.state_dir)
+            started = True  # the daemon owns the embedded server: it stops it on a clean stop
+        else:
+            self.dsn = cfg.database.dsn
+        password = None
+        if cfg.database.password_file:
+            try:
+                password = Path(cfg.database.password_file).read_text().strip()
+            except OSError as e:
+                raise ConfigError(
+                    f"database.password_file {cfg.database.password_file}: {e.strerror}"
+                ) from None
+        self.ledger = Ledger(
+            self.dsn, cfg.database.schema, retry_max_s=cfg.database.retry_max_s, password=password
+        )
+        delay = 0.2
+        while True:
+            try:
+                await self.ledger.connect()
+                break
+            except DatabaseError as e:
+                self._status_line(f"database unreachable, retrying in {delay:.1f} s: {e}")
+                await anyio.sleep(delay)
+                delay = min(delay * 2, cfg.database.retry_max_s)
+        while not await self.ledger.acquire_leadership():
+            self.state = "standby"
+            self._status_line("standby: another coordinator holds the leader lock")
+            await anyio.sleep(2.0)
+        return started
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for sig in sigs:
+                if sig == signal.SIGHUP:
+                    await self.reload()
+                else:
+                    log.info("signal received", signal=signal.Signals(sig).name)
+                    self.request_stop()
+
+    async def _watchdog(self, interval: float) -> None:
+        # Sent from the event loop itself: a blocked loop stops the pings and systemd notices.
+        while True:
+            notify.notify("WATCHDOG=1")
+            await anyio.sleep(interval)
+
+    async def _leadership_loop(self) -> None:
+        assert self.ledger is not None
+        while True:
+            await anyio.sleep(2.0)
+            if not await self.ledger.check_leadership():
+                log.error("lost the leader lock; stopping so a restart re-acquires it")
+                self.request_stop()
+                return
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config; swap it in only if valid. New batches use it, running ones not."""
+        notify.notify("RELOADING=1", f"MONOTONIC_USEC={notify.monotonic_usec()}")
+        now = time.time()
+        try:
+            new = await anyio.to_thread.run_sync(load_config, self.config_path)
+            self._check_reloadable(new)
+        except ConfigError as e:
+            self.last_reload = {"at": now, "ok": False, "error": str(e)}
+            log.error("reload rejected; old config kept", error=str(e))
+            notify.notify("READY=1", f"STATUS=reload rejected: {e}")
+            return self.last_reload
+        self.config = new
+        self.generation += 1
+        self.last_reload = {"at": now, "ok": True, "error": ""}
+        log.info("config reloaded", generation=self.generation, sources=list(new.sources))
+        notify.notify("READY=1", "STATUS=running: config reloaded")
+        self._mark({"*"})
+        return self.last_reload
+
+    def _check_reloadable(self, new: Config) -> None:
+        old = self.config
+        fixed = {
+            "paths": (old.paths, new.paths),
+            "database.dsn": (old.database.dsn, new.database.dsn),
+            "database.schema": (old.database.schema, new.database.schema),
+            "node ids": (old.node_ids, new.node_ids),
+        }
+        for key, (a, b) in fixed.items():
+            if a != b:
+                raise ConfigError(f"{key} cannot change without a restart")
+        in_flight = [b for b in self.batches.values() if b.state not in FINAL]
+        if in_flight and set(old.batch.models) != set(new.batch.models):
+            raise ConfigError(
+                f"batch.models cannot change while batches are in flight "
+                f"({', '.join(b.batch_id for b in in_flight)})"
+            )
+
+    # -- barrier ------------------------------------------------------------------------------
+
+    def _mark(self, ids: set[str]) -> None:
+        self._dirty |= ids
+        self._wake.set()
+
+    async def _process_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            ids, self._dirty = self._dirty, set()
+            if "*" in ids:
+                ids.discard("*")
+                ids |= set(await anyio.to_thread.run_sync(self.scanner.batch_ids))
+                ids |= {b for b, r in self.batches.items() if r.state not in FINAL}
+            for bid in sorted(ids):
+                await self._look_at(bid)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.config.barrier.reconcile_s)
+            stats = self.scanner.stats
+            stats.reconcile_scans += 1
+            stats.last_reconcile = time.time()
+            self._mark({"*"})
+
+    async def _deadline_loop(self) -> None:
+        while True:
+            await anyio.sleep(0.5)
+            now = time.time()
+            for run in list(self.batches.values()):
+                if run.state is State.WAITING and not run.running and now >= run.deadline:
+                    await self._deadline(run)
+
+    async def _deadline(self, run: BatchRun) -> None:
+        assert self.ledger is not None
+        verdict = deadline_verdict(len(run.present), run.config.batch.quorum)
+        if verdict is State.FAILED:
+            run.error = (
+                f"deadline {run.config.batch.deadline_s:.0f} s passed with "
+                f"{len(run.present)} of {len(run.config.batch.models)} models "
+                f"(quorum {run.config.batch.quorum}); missing {list(run.missing)}"
+            )
+            run.state = State.FAILED
+            await self.ledger.set_state(
+                run.batch_id,
+                State.FAILED,
+                error=run.error,
+                models_present=list(run.present),
+                models_missing=list(run.missing),
+                finished_at=dt.datetime.now(dt.UTC),
+            )
+            log.error("batch failed", batch_id=run.batch_id, reason=run.error)
+            self._finish(run)
+            return
+        run.degraded = True
+        run.error = f"went on at the deadline without {list(run.missing)}"
+        log.warning("batch degraded", batch_id=run.batch_id, missing=list(run.missing))
+        await self._fire(run, degraded=True)
+
+    async def _look_at(self, batch_id: str) -> None:
+        if batch_id in self.ignored:
+            return
+        run = self.batches.get(batch_id)
+        cfg = run.config if run else self.config
+        scan: Scan = await anyio.to_thread.run_sync(self.scanner.scan, batch_id, cfg.batch.models)
+        if run is None:
+            if not scan.exists:
+                return
+            run = await self._adopt(batch_id)
+            if run is None:
+                return
+        if run.state is State.WAITING and scan.exists:
+            b = barrier(run.config.batch.models, scan.valid_models())
+            run.present, run.missing = b.present, b.missing
+            if b.complete and not run.running:
+                await self._fire(run, degraded=False)
+        cc = tuple(scan.valid_crosschecks())
+        if cc != run.crosschecks:
+            run.crosschecks = cc
+            if run.models and set(run.models) <= set(cc):
+                run.cc_event.set()
+
+    async def _adopt(self, batch_id: str) -> BatchRun | None:
+        """First sight of a batch folder: create its ledger row, or find it finished."""
+        assert self.ledger is not None
+        now = time.time()
+        cfg = self.config
+        state = await self.ledger.record_seen(
+            batch_id,
+            models_present=[],
+            models_missing=list(cfg.batch.models),
+            first_seen=dt.datetime.fromtimestamp(now, dt.UTC),
+            deadline_at=dt.datetime.fromtimestamp(now + cfg.batch.deadline_s, dt.UTC),
+        )
+        if state in FINAL:
+            log.warning(
+                "folder of a finished batch in staging; left alone",
+                batch_id=batch_id,
+                state=state.value,
+            )
+            self.ignored.add(batch_id)
+            return None
+        if state is not State.WAITING:
+            return None  # resumed from the ledger at start; nothing new here
+        run = BatchRun(batch_id, cfg, State.WAITING, now, now + cfg.batch.deadline_s)
+        self.batches[batch_id] = run
+        log.info("batch seen", batch_id=batch_id)
+        return run
+
+    async def _resume(self) -> None:
+        """Pick up every batch the ledger says is unfinished (after a crash or restart)."""
+        assert self.ledger is not None
+        for row in await self.ledger.open_batches():
+            state = State(row["state"])
+            first = dt.datetime.fromisoformat(row["first_seen"]).timestamp()
+            deadline = (
+                dt.datetime.fromisoformat(row["deadline_at"]).timestamp()
+                if row["deadline_at"]
+                else first + self.config.batch.deadline_s
+            )
+            run = BatchRun(
+                row["batch_id"], self.config, state, first, deadline, degraded=bool(row["degraded"])
+            )
+            run.timings.update(row["timings"] or {})
+            if state is not State.WAITING:
+                run.models = tuple(row["models_present"])
+                run.present = run.models
+                run.missing = tuple(row["models_missing"])
+            self.batches[run.batch_id] = run
+            step = resume_step(state)
+            log.info("resuming batch", batch_id=run.batch_id, state=state.value, step=step)
+            if step != "barrier":
+                self._start_pipeline(run, step)
+
+    async def _fire(self, run: BatchRun, *, degraded: bool) -> None:
+        assert self.ledger is not None
+        now = time.time()
+        run.models = run.present
+        run.timings["barrier_wait_ms"] = round((now - run.first_seen) * 1000, 3)
+        await self.ledger.set_state(
+            run.batch_id,
+            State.READY,
+            models_present=list(run.present),
+            models_missing=list(run.missing),
+            degraded=degraded,
+            ready_at=dt.datetime.fromtimestamp(now, dt.UTC),
+            timings=run.timings,
+            error=run.error or None,
+        )
+        run.state = State.READY
+        log.info("batch ready", batch_id=run.batch_id, models=list(run.models), degraded=degraded)
+        self._start_pipeline(run, "stage")
+
+    def _start_pipeline(self, run: BatchRun, step: str) -> None:
+        from coordinator.pipeline import Pipeline
+
+        assert self._tg is not None and self.ledger is not None
+        run.running = True
+        self._tg.start_soon(Pipeline(self, run).run, step)
+
+    def _finish(self, run: BatchRun) -> None:
+        self.scanner.forget(run.batch_id)
+        self.batches.pop(run.batch_id, None)
+        self.ignored.add(run.batch_id)
+        self.finished.appendleft(
+            {**run.describe(), "finished_at": time.time(), "timings": dict(run.timings)}
+        )
+
+    # -- status -------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Everything `coordinatorctl status` shows."""
+        cfg = self.config
+        st = self.scanner.stats
+        health = self.ledger.health if self.ledger else None
+        return {
+            "daemon": {
+                "state": self.state,
+                "pid": os.getpid(),
+                "uptime_s": round(time.time() - self.started_at, 3),
+                "version": __version__,
+                "with_agents": self.with_agents,
+            },
+            "config": {
+                "generation": self.generation,
+                "files": list(cfg.sources),
+                "last_reload": self.last_reload,
+                "models": list(cfg.batch.models),
+                "quorum": cfg.batch.quorum,
+                "deadline_s": cfg.batch.deadline_s,
+            },
+            "watcher": {
+                "armed": st.armed,
+                "events": st.events,
+                "last_event": st.last_event or None,
+                "reconcile_scans": st.reconcile_scans,
+                "last_reconcile": st.last_reconcile or None,
+                "watcher_restarts": st.watcher_restarts,
+                "rejected": dict(st.rejected),
+            },
+            "agents": self.hub.describe(cfg.node_ids),
+            "database": {
+                "embedded": cfg.database.embedded,
+                "dsn": redact_dsn(self.dsn),
+                "schema": cfg.database.schema,
+                "connected": bool(health and health.connected),
+                "leader": bool(health and health.leader),
+                "last_error": health.last_error if health else "",
+            },
+            "batches": [b.describe() for b in self.batches.values()],
+            "finished": list(self.finished),
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `coordinatord`."""
+    p = argparse.ArgumentParser(prog="coordinatord", description="NUMA-aware batch coordinator")
+    p.add_argument("--config", required=True, help="path to coordinator.toml")
+    p.add_argument(
+        "--with-agents",
+        action="store_true",
+        help="start and supervise one staging-agent per configured node",
+    )
+    args = p.parse_args(argv)
+    path = Path(args.config).resolve()
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print(f"coordinatord: error: {e}", file=sys.stderr)
+        return 1
+    configure(config.log.level, config.log.format, role="coordinator")
+    try:
+        from coordinator.topology import check_nodes, read_topology
+
+        check_nodes(read_topology(), list(config.node_ids))
+    except ImportError:
+        pass
+    except CoordinatorError as e:
+        print(f"coordinatord: error: {e}", file=sys.stderr)
+        return 1
+    daemon = Daemon(config, path, with_agents=args.with_agents)
+    try:
+        anyio.run(daemon.run, backend="asyncio", backend_options={"use_uvloop": True})
+    except CoordinatorError as e:
+        log.error("coordinator failed", error=str(e))
+        print(f"coordinatord: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""PostgreSQL: the schema and its migrations, the batch ledger, the commit, and the leader lock.
+
+Every write is idempotent so a retry after a lost connection (or a lost COMMIT acknowledgement)
+never writes a row twice: the commit reads the ledger row FOR UPDATE and does nothing if the
+batch is already committed, and rows go in with ON CONFLICT DO NOTHING.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import asyncpg
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import structlog
+
+from coordinator.aggregate import BatchAggregate
+from coordinator.batch import COMMITTED_OR_LATER, State
+from coordinator.errors import DatabaseError, NotLeaderError
+
+log = structlog.get_logger("coordinator.ledger")
+T = TypeVar("T")
+
+# Each entry moves the schema from version i to i+1. Never edit a shipped entry: append.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE {s}.batches (
+        batch_id        text PRIMARY KEY,
+        state           text NOT NULL,
+        models_present  text[] NOT NULL DEFAULT '{{}}',
+        models_missing  text[] NOT NULL DEFAULT '{{}}',
+        degraded        boolean NOT NULL DEFAULT false,
+        rows            integer,
+        fleiss_kappa    double precision,
+        consensus_agreement jsonb NOT NULL DEFAULT '{{}}',
+        timings         jsonb NOT NULL DEFAULT '{{}}',
+        staged_bytes    jsonb NOT NULL DEFAULT '{{}}',
+        placement       jsonb NOT NULL DEFAULT '{{}}',
+        lake_path       text,
+        error           text,
+        first_seen      timestamptz,
+        ready_at        timestamptz,
+        deadline_at     timestamptz,
+        created_at      timestamptz NOT NULL DEFAULT now(),
+        updated_at      timestamptz NOT NULL DEFAULT now(),
+        finished_at     timestamptz
+    );
+    CREATE INDEX batches_state_idx ON {s}.batches (state);
+    CREATE TABLE {s}.aggregates (
+        batch_id    text NOT NULL REFERENCES {s}.batches (batch_id),
+        item_id     text NOT NULL,
+        consensus   text,
+        votes       integer NOT NULL,
+        n_models    integer NOT NULL,
+        confidence  double precision NOT NULL,
+        PRIMARY KEY (batch_id, item_id)
+    );
+    CREATE TABLE {s}.model_agreement (
+        batch_id    text NOT NULL REFERENCES {s}.batches (batch_id),
+        model_a     text NOT NULL,
+        model_b     text NOT NULL,
+        agreement   double precision,
+        n_common    integer NOT NULL DEFAULT 0,
+        PRIMARY KEY (batch_id, model_a, model_b)
+    );
+    """,
+)
+
+# Ledger columns a state change may set, with how each is encoded.
+_JSON_COLS = frozenset({"timings", "staged_bytes", "placement", "consensus_agreement"})
+_PLAIN_COLS = frozenset(
+    {
+        "models_present",
+        "models_missing",
+        "degraded",
+        "rows",
+        "fleiss_kappa",
+        "lake_path",
+        "error",
+        "first_seen",
+        "ready_at",
+        "deadline_at",
+        "finished_at",
+    }
+)
+
+# Errors after which the same call may succeed once the server is back.
+TRANSIENT = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.ConnectionFailureError,
+    asyncpg.TooManyConnectionsError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def lock_key(schema: str) -> int:
+    """The advisory-lock key for one schema: a stable signed 64-bit number."""
+    return zlib.crc32(f"numa-coordinator:{schema}".encode()) - 2**31
+
+
+@dataclass
+class DbHealth:
+    """What status shows about the database."""
+
+    connected: bool = False
+    leader: bool = False
+    last_error: str = ""
+    since: float = field(default_factory=time.time)
+
+
+class Ledger:
+    """The daemon's one door to PostgreSQL."""
+
+    def __init__(
+        self, dsn: str, schema: str, *, retry_max_s: float = 30.0, password: str | None = None
+    ) -> None:
+        self.dsn = dsn
+        self.password = password
+        self.schema = schema
+        self.retry_max_s = retry_max_s
+        self.health = DbHealth()
+        self._pool: asyncpg.Pool | None = None
+        self._leader_conn: asyncpg.Connection | None = None
+        self._s = f'"{schema}"'
+
+    # -- connection and leadership ------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the pool and migrate the schema; raise DatabaseError if unreachable."""
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn, min_size=1, max_size=4, command_timeout=120, password=self.password
+            )
+            async with self._pool.acquire() as conn:
+                await self._migrate(conn)
+        except TRANSIENT as e:
+            self._mark_down(e)
+            raise DatabaseError(f"database unreachable: {e}") from e
+        self.health.connected = True
+
+    async def acquire_leadership(self) -> bool:
+        """Try to take the leader lock on a dedicated connection (not pooled: a pool's reset
+        would release it). Return True when this process is the leader."""
+        if self._leader_conn is not None and not self._leader_conn.is_closed():
+            return self.health.leader
+        try:
+            self._leader_conn = await asyncpg.connect(self.dsn, password=self.password)
+            got = await self._leader_conn.fetchval(
+                "SELECT pg_try_advisory_lock($1)", lock_key(self.schema)
+            )
+        except TRANSIENT as e:
+            self._mark_down(e)
+            return False
+        self.health.leader = bool(got)
+        if not got:
+            await self._leader_conn.close()
+            self._leader_conn = None
+        return self.health.leader
+
+    async def check_leadership(self) -> bool:
+        """Verify the lock connection is alive; losing it means losing leadership."""
+        conn = self._leader_conn
+        if conn is None or conn.is_closed():
+            self.health.leader = False
+            return False
+        try:
+            with anyio.fail_after(5):
+                await conn.fetchval("SELECT 1")
+        except (*TRANSIENT, asyncpg.PostgresError) as e:
+            self.health.leader = False
+            self._mark_down(e)
+            conn.terminate()
+            self._leader_conn = None
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Release the leader lock and close the pool."""
+        if self._leader_conn is not None:
+            self._leader_conn.terminate()
+            self._leader_conn = None
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+        self.health.connected = False
+        self.health.leader = False
+
+    def _mark_down(self, e: BaseException) -> None:
+        if self.health.connected or not self.health.last_error:
+            self.health.since = time.time()
+        self.health.connected = False
+        self.health.last_error = f"{type(e).__name__}: {e}"
+
+    async def _migrate(self, conn: asyncpg.Connection) -> None:
+        async with conn.transaction():
+            # Serialise concurrent migrators (a second coordinator starting at the same time).
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(self.schema) + 1)
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._s}")
+            await conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {self._s}.schema_version ("
+                " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            current = await conn.fetchval(
+                f"SELECT coalesce(max(version), 0) FROM {self._s}.schema_version"
+            )
+            for version in range(current, len(MIGRATIONS)):
+                await conn.execute(MIGRATIONS[version].format(s=self._s))
+                await conn.execute(
+                    f"INSERT INTO {self._s}.schema_version (version) VALUES ($1)", version + 1
+                )
+                log.info("schema migrated", schema=self.schema, version=version + 1)
+
+    async def schema_version(self) -> int:
+        """The schema version in the database."""
+        return int(
+            await self._run(
+                lambda c: c.fetchval(f"SELECT max(version) FROM {self._s}.schema_version")
+            )
+        )
+
+    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run `fn` on a pooled connection, retrying transient failures with backoff forever
+        (nothing accepted is dropped); the health record says why while it waits."""
+        delay = 0.2
+        while True:
+            if self._pool is None:
+                raise DatabaseError("ledger is closed")
+            try:
+                async with self._pool.acquire() as conn:
+                    result = await fn(conn)
+            except TRANSIENT as e:
+                self._mark_down(e)
+                log.warning("database unavailable, retrying", error=str(e), retry_in_s=delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+                continue
+            if not self.health.connected:
+                log.info("database reachable again")
+            self.health.connected = True
+            self.health.last_error = ""
+            return result
+
+    # -- the ledger ---------------------------------------------------------------------------
+
+    async def record_seen(
+        self,
+        batch_id: str,
+        *,
+        models_present: Sequence[str],
+        models_missing: Sequence[str],
+        first_seen: Any,
+        deadline_at: Any,
+    ) -> State:
+        """Create the ledger row of a batch seen for the first time (if absent); return its state."""
+
+        async def op(c: asyncpg.Connection) -> State:
+            await c.execute(
+                f"INSERT INTO {self._s}.batches (batch_id, state, models_present, models_missing,"
+                " first_seen, deadline_at) VALUES ($1, 'waiting', $2, $3, $4, $5)"
+                " ON CONFLICT (batch_id) DO NOTHING",
+                batch_id,
+                list(models_present),
+                list(models_missing),
+                first_seen,
+                deadline_at,
+            )
+            state = await c.fetchval(
+                f"SELECT state FROM {self._s}.batches WHERE batch_id = $1", batch_id
+            )
+            return State(state)
+
+        return await self._run(op)
+
+    async def set_state(self, batch_id: str, state: State, **fields: Any) -> None:
+        """Move a batch to `state`, setting the given ledger columns; JSON columns merge."""
+        sets = ["state = $2", "updated_at = now()"]
+        args: list[Any] = [batch_id, state.value]
+        for key, value in fields.items():
+            args.append(json.dumps(value) if key in _JSON_COLS else value)
+            if key in _JSON_COLS:
+                sets.append(f"{key} = {key} || ${len(args)}::jsonb")
+            elif key in _PLAIN_COLS:
+                sets.append(f"{key} = ${len(args)}")
+            else:
+                raise ValueError(f"unknown ledger column {key!r}")
+        sql = f"UPDATE {self._s}.batches SET {', '.join(sets)} WHERE batch_id = $1"
+
+        async def op(c: asyncpg.Connection) -> None:
+            await c.execute(sql, *args)
+
+        await self._run(op)
+
+    async def commit(
+        self, batch_id: str, agg: BatchAggregate, *, fields: Mapping[str, Any]
+    ) -> bool:
+        """Write a batch's aggregates and agreement and move its ledger row to `committed`,
+        all in one transaction. Return False (and write nothing) if it was already committed."""
+        if not self.health.leader:
+            raise NotLeaderError("not the leader: refusing to write batch " + batch_id)
+        csv = _aggregates_csv(agg.items)
+        pairs = [(batch_id, p.model_a, p.model_b, p.agreement, p.n_common) for p in agg.agreement]
+
+        async def op(c: asyncpg.Connection) -> bool:
+            async with c.transaction():
+                state = await c.fetchval(
+                    f"SELECT state FROM {self._s}.batches WHERE batch_id = $1 FOR UPDATE",
+                    batch_id,
+                )
+                if state is None:
+                    raise DatabaseError(f"batch {batch_id}: no ledger row to commit")
+                if State(state) in COMMITTED_OR_LATER:
+                    return False
+                await c.execute(
+                    f"CREATE TEMP TABLE agg_in (LIKE {self._s}.aggregates) ON COMMIT DROP"
+                )
+                await c.execute(
+                    "ALTER TABLE agg_in ALTER COLUMN batch_id SET DEFAULT "
+                    + _quote_literal(batch_id)
+                )
+                await c.copy_to_table(
+                    "agg_in",
+                    source=io.BytesIO(csv),
+                    columns=["item_id", "consensus", "votes", "n_models", "confidence"],
+                    format="csv",
+                    header=True,
+                )
+                status = await c.execute(
+                    f"INSERT INTO {self._s}.aggregates SELECT * FROM agg_in"
+                    " ON CONFLICT (batch_id, item_id) DO NOTHING"
+                )
+                await c.executemany(
+                    f"INSERT INTO {self._s}.model_agreement"
+                    " (batch_id, model_a, model_b, agreement, n_common)"
+                    " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    pairs,
+                )
+                inserted = int(status.split()[-1])
+                await c.execute(
+                    f"UPDATE {self._s}.batches SET state = 'committed', rows = $2,"
+                    " fleiss_kappa = $3, consensus_agreement = $4::jsonb,"
+                    " timings = timings || $5::jsonb, updated_at = now() WHERE batch_id = $1",
+                    batch_id,
+                    inserted,
+                    agg.fleiss_kappa,
+                    json.dumps(agg.consensus_agreement),
+                    json.dumps(dict(fields.get("timings", {}))),
+                )
+            return True
+
+        return await self._run(op)
+
+    async def open_batches(self) -> list[dict[str, Any]]:
+        """Every batch not in a final state, oldest first: what a restarted daemon resumes."""
+        final = [State.DONE.value, State.DEGRADED.value, State.FAILED.value]
+        rows = await self._run(
+            lambda c: c.fetch(
+                f"SELECT * FROM {self._s}.batches WHERE NOT (state = ANY($1::text[]))"
+                " ORDER BY created_at",
+                final,
+            )
+        )
+        return [_row(r) for r in rows]
+
+    async def get(self, batch_id: str) -> dict[str, Any] | None:
+        """One ledger row with its agreement pairs, or None."""
+
+        async def op(c: asyncpg.Connection) -> dict[str, Any] | None:
+            r = await c.fetchrow(f"SELECT * FROM {self._s}.batches WHERE batch_id = $1", batch_id)
+            if r is None:
+                return None
+            out = _row(r)
+            pairs = await c.fetch(
+                f"SELECT model_a, model_b, agreement, n_common FROM {self._s}.model_agreement"
+                " WHERE batch_id = $1 ORDER BY model_a, model_b",
+                batch_id,
+            )
+            out["agreement"] = [dict(p) for p in pairs]
+            return out
+
+        return await self._run(op)
+
+    async def list(self, *, limit: int = 20, state: str | None = None) -> list[dict[str, Any]]:
+        """The most recent ledger rows, newest first, optionally of one state."""
+        rows = await self._run(
+            lambda c: c.fetch(
+                f"SELECT * FROM {self._s}.batches WHERE ($2::text IS NULL OR state = $2)"
+                " ORDER BY created_at DESC LIMIT $1",
+                limit,
+                state,
+            )
+        )
+        return [_row(r) for r in rows]
+
+    async def final_states(self) -> dict[str, int]:
+        """How many batches ended in each final state."""
+        rows = await self._run(
+            lambda c: c.fetch(f"SELECT state, count(*) AS n FROM {self._s}.batches GROUP BY state")
+        )
+        return {r["state"]: int(r["n"]) for r in rows}
+
+
+def _quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _aggregates_csv(items: pa.Table) -> bytes:
+    """The aggregates as CSV for COPY: encoded by Arrow in C++, with no Python loop per row."""
+    cols = items.select(["item_id", "consensus", "votes", "n_models", "confidence"])
+    buf = io.BytesIO()
+    pacsv.write_csv(cols, buf, pacsv.WriteOptions(include_header=True, quoting_style="needed"))
+    return buf.getvalue()
+
+
+def _row(r: asyncpg.Record) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in r.items():
+        if key in _JSON_COLS and isinstance(value, str):
+            out[key] = json.loads(value)
+        elif hasattr(value, "isoformat"):
+            out[key] = value.isoformat()
+        else:
+            out[key] = value
+    return out

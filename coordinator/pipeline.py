@@ -1,0 +1,223 @@
+"""One batch's way through the steps after its barrier: stage, cross-check, aggregate, commit,
+archive, clean up. Each step records its state in the ledger before the next begins, and every
+step is idempotent, so a batch resumed after a crash just runs again from its ledger state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from agents import slm
+from coordinator.aggregate import BatchAggregate, aggregate
+from coordinator.batch import State
+from coordinator.errors import AgentError, CoordinatorError, NoSpaceError
+
+if TYPE_CHECKING:
+    from coordinator.daemon import BatchRun, Daemon
+
+log = structlog.get_logger("coordinator.pipeline")
+
+STEP_ATTEMPTS = 5
+
+
+class Pipeline:
+    """Runs one batch from a given step to its end."""
+
+    def __init__(self, daemon: Daemon, run: BatchRun) -> None:
+        self.d = daemon
+        self.run_ = run
+        self.cfg = run.config
+        assert daemon.ledger is not None
+        self.ledger = daemon.ledger
+        self.log = log.bind(batch_id=run.batch_id)
+
+    @property
+    def folder(self) -> Any:
+        return self.cfg.paths.staging / self.run_.batch_id
+
+    async def run(self, step: str) -> None:
+        """Run from `step` ('stage', 'archive' or 'cleanup') to the end; on an unrecoverable
+        error the batch is `failed` with the reason and its files stay in staging."""
+        run = self.run_
+        try:
+            agg: BatchAggregate | None = None
+            if step == "stage":
+                await self._retrying("stage", self.stage)
+                await self._retrying("crosscheck", self.crosscheck)
+                agg = await self.aggregate()
+                await self.commit(agg)
+                step = "archive"
+            if step == "archive":
+                if agg is None:
+                    agg = await self.aggregate(record=False)
+                await self.archive(agg)
+                step = "cleanup"
+            if step == "cleanup":
+                await self.cleanup()
+        except CoordinatorError as e:
+            run.error = str(e)
+            run.state = State.FAILED
+            self.log.error("batch failed", error=str(e))
+            await self.ledger.set_state(
+                run.batch_id, State.FAILED, error=str(e), finished_at=dt.datetime.now(dt.UTC)
+            )
+            self.d._finish(run)
+        finally:
+            run.running = False
+
+    async def _retrying(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
+        delay = 0.5
+        for attempt in range(1, STEP_ATTEMPTS + 1):
+            try:
+                await fn()
+                return
+            except (AgentError, NoSpaceError) as e:
+                if attempt == STEP_ATTEMPTS:
+                    raise
+                self.log.warning(
+                    "step failed, retrying",
+                    step=name,
+                    attempt=attempt,
+                    error=str(e),
+                    retry_in_s=delay,
+                )
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _on_nodes(self, make: Callable[[int], dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """Send one request per node in parallel; return the replies or raise the first error."""
+        replies: dict[int, dict[str, Any]] = {}
+        errors: list[Exception] = []
+
+        async def one(node: int) -> None:
+            try:
+                replies[node] = await self.d.hub.request(
+                    node, make(node), timeout=self.cfg.agents.step_timeout_s
+                )
+            except CoordinatorError as e:
+                errors.append(e)
+
+        async with anyio.create_task_group() as tg:
+            for n in self.cfg.node_ids:
+                tg.start_soon(one, n)
+        if errors:
+            raise errors[0]
+        return replies
+
+    async def _set(self, state: State, **fields: Any) -> None:
+        self.run_.state = state
+        await self.ledger.set_state(self.run_.batch_id, state, **fields)
+
+    async def stage(self) -> None:
+        """Copy the batch into every node's tmpfs (the only cross-node transfer)."""
+        run = self.run_
+        await self._set(State.STAGING)
+        t0 = time.perf_counter()
+        files = [f"{m}.parquet" for m in run.models]
+        replies = await self._on_nodes(
+            lambda n: {"type": "stage", "batch_id": run.batch_id, "files": files}
+        )
+        run.timings["staging_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        for n, r in replies.items():
+            run.timings[f"staging_node{n}_ms"] = round(r["seconds"] * 1000, 3)
+        run.staged_bytes = {str(n): int(r["bytes"]) for n, r in replies.items()}
+        placement = {str(n): r["placement"] for n, r in replies.items() if "placement" in r}
+        await self._set(
+            State.STAGED, staged_bytes=run.staged_bytes, timings=run.timings, placement=placement
+        )
+        self.log.info("batch staged", bytes=run.staged_bytes)
+
+    async def crosscheck(self) -> None:
+        """Ask each node to cross-check its models; wait for the files (the second barrier)."""
+        run = self.run_
+        await self._set(State.CROSSCHECKING)
+        t0 = time.perf_counter()
+        models = list(run.models)
+        run.cc_event = anyio.Event()
+        await self._on_nodes(
+            lambda n: {"type": "crosscheck", "batch_id": run.batch_id, "models": models}
+        )
+        # The agents publish before they reply, so the watcher has the files or will have
+        # them shortly; a direct scan stands in if its events were lost.
+        self.d._mark({run.batch_id})
+        with anyio.move_on_after(self.cfg.barrier.reconcile_s):
+            await run.cc_event.wait()
+        if not run.cc_event.is_set():
+            scan = await anyio.to_thread.run_sync(
+                self.d.scanner.scan, run.batch_id, self.cfg.batch.models
+            )
+            missing = set(models) - set(scan.valid_crosschecks())
+            if missing:
+                raise AgentError(f"cross-check files missing after the step: {sorted(missing)}")
+        run.timings["crosscheck_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        await self._set(State.CROSSCHECKED, timings=run.timings)
+
+    async def aggregate(self, *, record: bool = True) -> BatchAggregate:
+        """Read the cross-check files and form the batch's aggregate."""
+        run = self.run_
+        if record:
+            await self._set(State.AGGREGATING)
+        t0 = time.perf_counter()
+        folder = self.folder
+
+        def work() -> BatchAggregate:
+            return aggregate(slm.read_results(folder, run.models, prefix="crosscheck_"))
+
+        agg = await anyio.to_thread.run_sync(work)
+        run.timings["aggregate_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        return agg
+
+    async def commit(self, agg: BatchAggregate) -> None:
+        """Rows and the ledger's `committed` in one transaction (a no-op if already done)."""
+        run = self.run_
+        t0 = time.perf_counter()
+        run.timings["commit_ms"] = 0.0
+        wrote = await self.ledger.commit(run.batch_id, agg, fields={"timings": run.timings})
+        run.timings["commit_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        run.state = State.COMMITTED
+        await self.ledger.set_state(run.batch_id, State.COMMITTED, timings=run.timings)
+        self.log.info(
+            "batch committed", rows=agg.items.num_rows, wrote=wrote, kappa=agg.fleiss_kappa
+        )
+
+    async def archive(self, agg: BatchAggregate) -> None:
+        """Raw and cross-check files and aggregates.parquet into the lake."""
+        run = self.run_
+        t0 = time.perf_counter()
+        files = [self.folder / f"{m}.parquet" for m in run.models]
+        files += [self.folder / f"crosscheck_{m}.parquet" for m in run.models]
+        path, nbytes = await anyio.to_thread.run_sync(
+            self.d.lake.archive, run.batch_id, run.date, files, agg.items
+        )
+        run.timings["archive_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        await self._set(State.ARCHIVED, lake_path=path, timings=run.timings)
+        self.log.info("batch archived", lake=path, bytes=nbytes)
+
+    async def cleanup(self) -> None:
+        """Purge node-local copies, then remove the batch from staging; the batch is done."""
+        run = self.run_
+        t0 = time.perf_counter()
+        try:
+            await self._on_nodes(lambda n: {"type": "purge", "batch_id": run.batch_id})
+        except AgentError as e:
+            # The copies are dead weight, not data: the agent purges them when it is back.
+            self.log.warning("purge failed; node-local copies left for the agent", error=str(e))
+        folder = self.folder
+
+        def remove() -> None:
+            shutil.rmtree(folder, ignore_errors=True)
+            slm.fsync_dir(self.cfg.paths.staging)
+
+        await anyio.to_thread.run_sync(remove)
+        run.timings["cleanup_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        final = State.DEGRADED if run.degraded else State.DONE
+        await self._set(final, timings=run.timings, finished_at=dt.datetime.now(dt.UTC))
+        self.log.info("batch finished", state=final.value, timings=run.timings)
+        self.d._finish(run)
