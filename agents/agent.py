@@ -202,13 +202,28 @@ async def run(agent: Agent, sock_path: Path, bound: binding.Binding) -> None:
         tg.start_soon(connect_loop)
 
 
+def die_with_parent(parent: int) -> None:
+    """Under `coordinatord --with-agents`: get SIGTERM when the coordinator dies (even by
+    kill -9), so a restarted coordinator never meets an orphaned agent for the same node."""
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `staging-agent`."""
     p = argparse.ArgumentParser(prog="staging-agent", description=__doc__.splitlines()[0])
     p.add_argument("--node", type=int, required=True, help="the NUMA node this agent serves")
     p.add_argument("--config", required=True, help="coordinator.toml")
     p.add_argument("--socket", help="agent socket (default: paths.runtime_dir/agents.sock)")
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.parent_pid:
+        die_with_parent(args.parent_pid)
     try:
         config = load_config(args.config)
     except ConfigError as e:

@@ -197,6 +197,8 @@ def agent_command(config: Config, config_path: Path, node: int) -> list[str]:
         str(node),
         "--config",
         str(config_path),
+        "--parent-pid",
+        str(os.getpid()),
     ]
 
 

@@ -1,0 +1,235 @@
+"""Shared fixtures: one embedded PostgreSQL for the session, a config per test, a real daemon.
+
+Each test gets its own schema, staging folder, lake, tmpfs folder and runtime folder, so tests
+never see each other's batches even though they share the PostgreSQL server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from coordinator.control import call
+from coordinator.errors import ControlError
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = [f"slm-{i}" for i in range(1, 8)]
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll `pred` until it returns something truthy; fail the test naming `what` on timeout."""
+    t_end = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > t_end:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    """A PostgreSQL server for the whole session: $TEST_DSN, or an embedded one."""
+    if os.environ.get("TEST_DSN"):
+        yield os.environ["TEST_DSN"]
+        return
+    from coordinator import embedded
+
+    state = Path(tempfile.mkdtemp(prefix="nc-pg-"))
+    dsn, _ = embedded.start(state)
+    try:
+        yield dsn
+    finally:
+        embedded.stop(state, mode="immediate")
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@dataclass
+class Env:
+    """Folders and config of one test's coordinator."""
+
+    root: Path
+    staging: Path
+    lake: Path
+    tmpfs: Path
+    run: Path
+    state: Path
+    schema: str
+    dsn: str
+    config: Path
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def socket(self) -> Path:
+        return self.run / "control.sock"
+
+    def write_config(self, **sections: dict[str, Any]) -> Path:
+        """(Re)write coordinator.toml; `sections` override keys, e.g. batch={'quorum': 5}."""
+        base: dict[str, dict[str, Any]] = {
+            "paths": {"staging": str(self.staging), "lake": str(self.lake),
+                      "node_tmpfs": f"{self.tmpfs}/node{{node}}", "state_dir": str(self.state),
+                      "runtime_dir": str(self.run)},
+            "batch": {"models": MODELS, "deadline_s": 120.0, "quorum": 7},
+            "database": {"dsn": self.dsn, "schema": self.schema},
+            "barrier": {"reconcile_s": 1.0},
+            "agents": {"heartbeat_s": 0.5, "step_timeout_s": 60.0},
+            "log": {"level": "debug", "format": "json"},
+        }
+        for sec, vals in sections.items():
+            base.setdefault(sec, {}).update(vals)
+        lines = []
+        for sec, vals in base.items():
+            lines.append(f"[{sec}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in vals.items()]
+            lines.append("")
+        lines += ["[[node]]", "id = 0", f"models = {_toml(MODELS)}", ""]
+        self.config.write_text("\n".join(lines))
+        return self.config
+
+    async def db(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.dsn)
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return repr(v)
+
+
+@pytest.fixture
+def env(tmp_path: Path, pg_dsn: str) -> Iterator[Env]:
+    """A fresh set of folders, a schema of its own, and a config pointing at them."""
+    run = Path(tempfile.mkdtemp(prefix="nc-run-", dir="/tmp"))
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    tmpfs = Path(tempfile.mkdtemp(prefix="nc-test-", dir=shm))
+    e = Env(root=tmp_path, staging=tmp_path / "staging", lake=tmp_path / "lake", tmpfs=tmpfs,
+            run=run, state=tmp_path / "state", schema=f"t_{uuid.uuid4().hex[:12]}",
+            dsn=pg_dsn, config=tmp_path / "etc" / "coordinator.toml")
+    e.staging.mkdir()
+    e.config.parent.mkdir()
+    e.write_config()
+    try:
+        yield e
+    finally:
+        shutil.rmtree(tmpfs, ignore_errors=True)
+        shutil.rmtree(run, ignore_errors=True)
+
+
+class Daemon:
+    """A real coordinatord process (with its agents) for one test."""
+
+    def __init__(self, env: Env, *, with_agents: bool = True, extra_env: dict[str, str] | None = None):
+        self.env = env
+        self.with_agents = with_agents
+        self.extra_env = extra_env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = env.root / "coordinatord.log"
+
+    def start(self, *, wait: bool = True) -> Daemon:
+        cmd = [sys.executable, "-m", "coordinator.daemon", "--config", str(self.env.config)]
+        if self.with_agents:
+            cmd.append("--with-agents")
+        logf = open(self.log, "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env={**os.environ, **self.extra_env},
+                                     start_new_session=True)
+        logf.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                pytest.fail(f"coordinatord exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                return call(self.env.socket, "ping", timeout=2) == "pong"
+            except ControlError:
+                return False
+
+        wait_until(up, timeout, "coordinatord to answer on its control socket")
+        if self.with_agents:
+            wait_until(lambda: all(a["connected"] for a in self.status()["agents"]), timeout,
+                       "agents to connect")
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def status(self) -> dict[str, Any]:
+        return call(self.env.socket, "status")  # type: ignore[no-any-return]
+
+    def show(self, batch_id: str) -> dict[str, Any] | None:
+        try:
+            return call(self.env.socket, "show", batch_id=batch_id)  # type: ignore[no-any-return]
+        except ControlError:
+            return None
+
+    def wait_state(self, batch_id: str, states: set[str], timeout: float = 60.0) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            row = self.show(batch_id)
+            return row if row and row["state"] in states else None
+
+        try:
+            return wait_until(reached, timeout, f"batch {batch_id} to reach {sorted(states)}")
+        except pytest.fail.Exception:
+            print(self.tail())
+            raise
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill9(self) -> None:
+        """kill -9 the daemon alone (its agents notice the closed socket and reconnect later)."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.stop()
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def daemon(env: Env) -> Iterator[Callable[..., Daemon]]:
+    """Factory for real daemons; every one is stopped at the end of the test."""
+    made: list[Daemon] = []
+
+    def make(**kw: Any) -> Daemon:
+        d = Daemon(env, **kw)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.cleanup()
