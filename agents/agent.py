@@ -23,7 +23,7 @@ from anyio.abc import SocketStream
 from agents import binding, slm
 from agents import staging as stg
 from agents.crosscheck import load_crosscheck
-from coordinator import __version__
+from coordinator import __version__, hooks
 from coordinator.config import Config, load_config
 from coordinator.errors import BindingError, ConfigError, CoordinatorError, NoSpaceError
 from coordinator.logs import configure
@@ -89,6 +89,7 @@ class Agent:
                 level=self.config.parquet.level,
             )
             outputs[model] = path.name
+            hooks.pause("crosscheck")  # tests kill the agent here, mid-cross-check
         return {
             "type": "crosschecked",
             "batch_id": batch_id,

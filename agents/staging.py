@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator import hooks
 from coordinator.errors import NoSpaceError, StagingError
 
 CHUNK = 1 << 30  # copy_file_range length per call; the kernel copies at most ~2 GiB at once.
@@ -123,6 +124,7 @@ def stage(staging_dir: Path, dest_dir: Path, names: Sequence[str]) -> list[Stage
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
+            hooks.pause("stage")  # tests kill the agent here, mid-copy
             os.rename(tmp, final)
             out.append(StagedFile(name, n, time.perf_counter() - t0))
     except BaseException:

@@ -40,6 +40,7 @@ class Scan:
     results: dict[str, FileEntry] = field(default_factory=dict)  # model -> entry
     crosschecks: dict[str, FileEntry] = field(default_factory=dict)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    settled_bad: list[tuple[str, str]] = field(default_factory=list)  # unreadable, unchanged
 
     def valid_models(self) -> list[str]:
         """Models whose result file counts."""
@@ -62,15 +63,18 @@ class Stats:
     recovered_by_reconcile: int = 0
     watcher_restarts: int = 0
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
+    quarantined: dict[str, int] = field(default_factory=dict)  # reason -> count
 
 
 class Scanner:
     """Looks at batch folders; remembers which files it already validated (by inode, size and
     mtime) so a rescan does not re-read footers."""
 
-    def __init__(self, staging: Path) -> None:
+    def __init__(self, staging: Path, settle_s: float = 5.0) -> None:
         self.staging = staging
+        self.settle_s = settle_s
         self._checked: dict[tuple[str, str], tuple[tuple[int, int, int], FileEntry]] = {}
+        self._bad_since: dict[tuple[str, str, tuple[int, int, int]], float] = {}
         self.stats = Stats()
         self._seen_rejects: set[tuple[str, str]] = set()
 
@@ -120,6 +124,13 @@ class Scanner:
             if not entry.valid and entry.reason.startswith("rejected:"):
                 self._reject(batch_id, name, entry.reason.removeprefix("rejected: "))
                 out.rejected.append((name, entry.reason))
+            if not entry.valid and not entry.reason.startswith("rejected:"):
+                # Unreadable: perhaps still being written in place. Once unchanged for
+                # settle_s it is taken to be corrupt and quarantined.
+                key = (batch_id, name, entry.ident)
+                first = self._bad_since.setdefault(key, time.monotonic())
+                if time.monotonic() - first >= self.settle_s:
+                    out.settled_bad.append((name, entry.reason))
             model = name.removesuffix(".parquet").removeprefix("crosscheck_")
             if role == "crosscheck":
                 out.crosschecks[model] = entry
@@ -146,9 +157,9 @@ class Scanner:
             return cached[1]
         try:
             check_parquet(path)
-            entry = FileEntry(name, True, st.st_size)
+            entry = FileEntry(name, True, st.st_size, ident=ident)
         except ParquetError as e:
-            entry = FileEntry(name, False, st.st_size, str(e))
+            entry = FileEntry(name, False, st.st_size, str(e), ident=ident)
         self._checked[key] = (ident, entry)
         return entry
 
@@ -157,6 +168,28 @@ class Scanner:
         for key in [k for k in self._checked if k[0] == batch_id]:
             del self._checked[key]
         self._seen_rejects = {k for k in self._seen_rejects if k[0] != batch_id}
+        self._bad_since = {k: v for k, v in self._bad_since.items() if k[0] != batch_id}
+
+    def quarantine(self, batch_id: str, name: str, reason: str) -> Path | None:
+        """Move a file out of the batch into STAGING/.quarantine/<batch>/ with a reason file."""
+        src = self.staging / batch_id / name
+        dest_dir = self.staging / QUARANTINE / batch_id
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        dest = dest_dir / f"{name}.{time.time_ns()}"
+        try:
+            os.rename(src, dest)
+        except FileNotFoundError:
+            return None
+        (dest.parent / (dest.name + ".reason")).write_text(reason + "\n")
+        from agents.slm import fsync_dir
+
+        fsync_dir(dest_dir)
+        fsync_dir(src.parent)
+        label = reason.split(":")[0]
+        self.stats.quarantined[label] = self.stats.quarantined.get(label, 0) + 1
+        self._checked.pop((batch_id, name), None)
+        log.warning("quarantined", batch_id=batch_id, name=name, reason=reason, to=str(dest))
+        return dest
 
 
 def batch_of(staging: Path, path: str) -> str | None:

@@ -74,6 +74,7 @@ class FileEntry:
     valid: bool  # a regular, singly-linked, readable Parquet file under a final name
     size: int = 0
     reason: str = ""  # why it is not valid
+    ident: tuple[int, int, int] = (0, 0, 0)  # (inode, size, mtime_ns) when checked
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
         "retry_max_s": 30.0,
     },
     "parquet": {"compression": "zstd", "level": 3},
-    "barrier": {"debounce_ms": 20, "step_ms": 2, "reconcile_s": 5.0},
+    "barrier": {"debounce_ms": 20, "step_ms": 2, "reconcile_s": 5.0, "settle_s": 5.0},
     "crosscheck": {"function": "agents.crosscheck:crosscheck"},
     "agents": {"heartbeat_s": 2.0, "step_timeout_s": 300.0, "numactl": "numactl"},
     "log": {"level": "info", "format": "auto"},
@@ -127,6 +127,7 @@ class BarrierConfig:
     debounce_ms: int
     step_ms: int
     reconcile_s: float
+    settle_s: float  # an unreadable file unchanged this long is quarantined
 
 
 @dataclass(frozen=True)
@@ -418,6 +419,7 @@ def validate(
         debounce_ms=r.int_("barrier", "debounce_ms", 1, 60_000),
         step_ms=r.int_("barrier", "step_ms", 1, 10_000),
         reconcile_s=r.num("barrier", "reconcile_s"),
+        settle_s=r.num("barrier", "settle_s"),
     )
     fn = r.str_("crosscheck", "function")
     if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", fn):

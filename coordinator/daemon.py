@@ -22,7 +22,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
-from coordinator import __version__, embedded, notify
+from coordinator import __version__, embedded, hooks, notify
 from coordinator.barrier import Scan, Scanner, watch
 from coordinator.batch import FINAL, State, barrier, deadline_verdict, resume_step
 from coordinator.config import Config, load_config, redact_dsn
@@ -51,6 +51,7 @@ class BatchRun:
     error: str = ""
     running: bool = False
     crosschecks: tuple[str, ...] = ()
+    counted: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # model -> ident
     cc_event: anyio.Event = field(default_factory=anyio.Event)
     timings: dict[str, float] = field(default_factory=dict)
     staged_bytes: dict[str, int] = field(default_factory=dict)
@@ -89,7 +90,7 @@ class Daemon:
         self.finished: collections.deque[dict[str, Any]] = collections.deque(maxlen=10)
         self.ignored: set[str] = set()
         self.hub = Hub()
-        self.scanner = Scanner(config.paths.staging)
+        self.scanner = Scanner(config.paths.staging, config.barrier.settle_s)
         self.lake = Lake(config.paths.lake)
         self.ledger: Ledger | None = None
         self.dsn = ""
@@ -344,10 +345,27 @@ class Daemon:
             run = await self._adopt(batch_id)
             if run is None:
                 return
+        for name, reason in scan.settled_bad:
+            await anyio.to_thread.run_sync(
+                self.scanner.quarantine, batch_id, name, f"corrupt: {reason}"
+            )
+        if run.counted:
+            # The batch's file set is frozen once counted: a rewrite is quarantined, never
+            # used (the batch goes on with the copies staged from the counted content).
+            for model, ident in run.counted.items():
+                e = scan.results.get(model)
+                if e is not None and e.ident != ident and e.ident != (0, 0, 0):
+                    await anyio.to_thread.run_sync(
+                        self.scanner.quarantine,
+                        batch_id,
+                        e.name,
+                        "rewritten: the file changed after the batch counted it",
+                    )
         if run.state is State.WAITING and scan.exists:
             b = barrier(run.config.batch.models, scan.valid_models())
             run.present, run.missing = b.present, b.missing
             if b.complete and not run.running:
+                run.counted = {m: scan.results[m].ident for m in b.present}
                 await self._fire(run, degraded=False)
         cc = tuple(scan.valid_crosschecks())
         if cc != run.crosschecks:
@@ -368,12 +386,14 @@ class Daemon:
             deadline_at=dt.datetime.fromtimestamp(now + cfg.batch.deadline_s, dt.UTC),
         )
         if state in FINAL:
-            log.warning(
-                "folder of a finished batch in staging; left alone",
-                batch_id=batch_id,
-                state=state.value,
-            )
-            self.ignored.add(batch_id)
+            if state is State.FAILED:
+                log.warning(
+                    "folder of a failed batch in staging; left for the operator", batch_id=batch_id
+                )
+                self.ignored.add(batch_id)
+                return None
+            # A finished batch published again: never used twice; kept in quarantine.
+            await anyio.to_thread.run_sync(self._quarantine_all, batch_id, state)
             return None
         if state is not State.WAITING:
             return None  # resumed from the ledger at start; nothing new here
@@ -381,6 +401,18 @@ class Daemon:
         self.batches[batch_id] = run
         log.info("batch seen", batch_id=batch_id)
         return run
+
+    def _quarantine_all(self, batch_id: str, state: State) -> None:
+        folder = self.config.paths.staging / batch_id
+        for entry in os.scandir(folder):
+            if not entry.name.startswith("."):
+                self.scanner.quarantine(
+                    batch_id, entry.name, f"finished: batch {batch_id} is already {state.value}"
+                )
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # a temp file is still being written: the next look moves the rest
 
     async def _resume(self) -> None:
         """Pick up every batch the ledger says is unfinished (after a crash or restart)."""
@@ -423,6 +455,7 @@ class Daemon:
             error=run.error or None,
         )
         run.state = State.READY
+        hooks.crash_point("ready")
         log.info("batch ready", batch_id=run.batch_id, models=list(run.models), degraded=degraded)
         self._start_pipeline(run, "stage")
 
@@ -448,9 +481,12 @@ class Daemon:
         cfg = self.config
         st = self.scanner.stats
         health = self.ledger.health if self.ledger else None
+        state = self.state
+        if state == "running" and health is not None and not health.connected:
+            state = "degraded"
         return {
             "daemon": {
-                "state": self.state,
+                "state": state,
                 "pid": os.getpid(),
                 "uptime_s": round(time.time() - self.started_at, 3),
                 "version": __version__,
@@ -472,6 +508,7 @@ class Daemon:
                 "last_reconcile": st.last_reconcile or None,
                 "watcher_restarts": st.watcher_restarts,
                 "rejected": dict(st.rejected),
+                "quarantined": dict(st.quarantined),
             },
             "agents": self.hub.describe(cfg.node_ids),
             "database": {

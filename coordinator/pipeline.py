@@ -6,6 +6,8 @@ step is idempotent, so a batch resumed after a crash just runs again from its le
 from __future__ import annotations
 
 import datetime as dt
+import os
+from pathlib import Path
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -15,6 +17,7 @@ import anyio
 import structlog
 
 from agents import slm
+from coordinator import hooks
 from coordinator.aggregate import BatchAggregate, aggregate
 from coordinator.batch import State
 from coordinator.errors import AgentError, CoordinatorError, NoSpaceError
@@ -73,13 +76,27 @@ class Pipeline:
             run.running = False
 
     async def _retrying(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
+        """Retry a step when an agent died mid-step (a few times, backing off), or when the
+        node's tmpfs is full (until batch.deadline_s has passed, waiting for space to return)."""
         delay = 0.5
-        for attempt in range(1, STEP_ATTEMPTS + 1):
+        attempt = 0
+        nospace_since: float | None = None
+        while True:
+            attempt += 1
             try:
                 await fn()
                 return
-            except (AgentError, NoSpaceError) as e:
-                if attempt == STEP_ATTEMPTS:
+            except NoSpaceError as e:
+                now = time.monotonic()
+                nospace_since = nospace_since or now
+                if now - nospace_since >= self.cfg.batch.deadline_s:
+                    raise NoSpaceError(
+                        f"node-local tmpfs stayed full for {self.cfg.batch.deadline_s:.0f} s: {e}"
+                    ) from e
+                self.log.warning("tmpfs full, waiting for space", step=name, error=str(e))
+                await anyio.sleep(min(2.0, self.cfg.batch.deadline_s / 4))
+            except AgentError as e:
+                if attempt >= STEP_ATTEMPTS:
                     raise
                 self.log.warning(
                     "step failed, retrying",
@@ -114,6 +131,7 @@ class Pipeline:
     async def _set(self, state: State, **fields: Any) -> None:
         self.run_.state = state
         await self.ledger.set_state(self.run_.batch_id, state, **fields)
+        hooks.crash_point(state.value)
 
     async def stage(self) -> None:
         """Copy the batch into every node's tmpfs (the only cross-node transfer)."""
@@ -181,8 +199,7 @@ class Pipeline:
         run.timings["commit_ms"] = 0.0
         wrote = await self.ledger.commit(run.batch_id, agg, fields={"timings": run.timings})
         run.timings["commit_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-        run.state = State.COMMITTED
-        await self.ledger.set_state(run.batch_id, State.COMMITTED, timings=run.timings)
+        await self._set(State.COMMITTED, timings=run.timings)
         self.log.info(
             "batch committed", rows=agg.items.num_rows, wrote=wrote, kappa=agg.fleiss_kappa
         )
@@ -191,7 +208,7 @@ class Pipeline:
         """Raw and cross-check files and aggregates.parquet into the lake."""
         run = self.run_
         t0 = time.perf_counter()
-        files = [self.folder / f"{m}.parquet" for m in run.models]
+        files = [self._raw_source(m) for m in run.models]
         files += [self.folder / f"crosscheck_{m}.parquet" for m in run.models]
         path, nbytes = await anyio.to_thread.run_sync(
             self.d.lake.archive, run.batch_id, run.date, files, agg.items
@@ -199,6 +216,16 @@ class Pipeline:
         run.timings["archive_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         await self._set(State.ARCHIVED, lake_path=path, timings=run.timings)
         self.log.info("batch archived", lake=path, bytes=nbytes)
+
+    def _raw_source(self, model: str) -> Path:
+        """The counted content of a model's file: in staging, or, if it was rewritten and
+        quarantined meanwhile, the copy staged on the first node."""
+        name = f"{model}.parquet"
+        counted = self.run_.counted.get(model)
+        path: Path = self.folder / name
+        if counted is None or (path.exists() and _ident(path) == counted):
+            return path
+        return self.cfg.paths.tmpfs_for(self.cfg.node_ids[0]) / self.run_.batch_id / name
 
     async def cleanup(self) -> None:
         """Purge node-local copies, then remove the batch from staging; the batch is done."""
@@ -221,3 +248,8 @@ class Pipeline:
         await self._set(final, timings=run.timings, finished_at=dt.datetime.now(dt.UTC))
         self.log.info("batch finished", state=final.value, timings=run.timings)
         self.d._finish(run)
+
+
+def _ident(path: Path) -> tuple[int, int, int]:
+    st = os.lstat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
