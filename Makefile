@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_PACKAGES := numactl libvirt-clients qemu-system-x86 busybox-static cpio
+APT_PACKAGES := numactl libvirt-clients libxml2-utils qemu-system-x86 busybox-static cpio
 
 .PHONY: install demo test lint bench soak clean system-packages
 

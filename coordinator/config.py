@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
         "models": ["slm-1", "slm-2", "slm-3", "slm-4", "slm-5", "slm-6", "slm-7"],
         "deadline_s": 600.0,
         "quorum": 7,
+        "max_in_flight": 4,
     },
     "node": [
         {"id": 0, "models": ["slm-1", "slm-2", "slm-3", "slm-4"]},
@@ -86,6 +87,7 @@ class BatchConfig:
     models: tuple[str, ...]
     deadline_s: float
     quorum: int
+    max_in_flight: int = 4  # batches between ready and committed at once
 
 
 @dataclass(frozen=True)
@@ -360,7 +362,12 @@ def validate(
     if not models:
         raise r.fail("batch.models", "at least one model", [])
     quorum = r.int_("batch", "quorum", 1, len(models))
-    batch = BatchConfig(models=models, deadline_s=r.num("batch", "deadline_s"), quorum=quorum)
+    batch = BatchConfig(
+        models=models,
+        deadline_s=r.num("batch", "deadline_s"),
+        quorum=quorum,
+        max_in_flight=r.int_("batch", "max_in_flight", 1, 1000),
+    )
 
     raw_nodes = merged.get("node")
     if not isinstance(raw_nodes, list) or not raw_nodes:

@@ -98,6 +98,8 @@ class Daemon:
         self._wake = anyio.Event()
         self._stop = anyio.Event()
         self._tg: TaskGroup | None = None
+        self.in_flight = anyio.Semaphore(config.batch.max_in_flight)
+        self.exit_code = 0
         # Test hook: when it returns True the watcher drops its events (reconciliation must cope).
         self.drop_events = lambda: False
 
@@ -146,6 +148,7 @@ class Daemon:
                 tg.start_soon(self._reconcile_loop)
                 tg.start_soon(self._deadline_loop)
                 tg.start_soon(self._leadership_loop)
+                tg.start_soon(self.ledger.flush_loop)
                 await tg.start(ControlServer(self).serve, cfg.paths.control_socket)
                 interval = notify.watchdog_interval()
                 if interval:
@@ -227,13 +230,22 @@ class Daemon:
             await anyio.sleep(interval)
 
     async def _leadership_loop(self) -> None:
+        """Check the leader lock's connection; re-take the lock after an outage. If another
+        coordinator took it meanwhile, stop (systemd restarts us into standby)."""
         assert self.ledger is not None
         while True:
-            await anyio.sleep(2.0)
-            if not await self.ledger.check_leadership():
-                log.error("lost the leader lock; stopping so a restart re-acquires it")
-                self.request_stop()
-                return
+            await anyio.sleep(1.0)
+            if await self.ledger.check_leadership():
+                continue
+            log.warning("leader lock connection lost; writes wait until it is re-taken")
+            while not await self.ledger.acquire_leadership():
+                if self.ledger.held_elsewhere:
+                    log.error("another coordinator holds the leader lock; stopping")
+                    self.exit_code = 1
+                    self.request_stop()
+                    return
+                await anyio.sleep(1.0)
+            log.info("leader lock re-taken")
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config; swap it in only if valid. New batches use it, running ones not."""
@@ -317,6 +329,7 @@ class Daemon:
                 f"(quorum {run.config.batch.quorum}); missing {list(run.missing)}"
             )
             run.state = State.FAILED
+            await self.ledger.flush(run.batch_id)
             await self.ledger.set_state(
                 run.batch_id,
                 State.FAILED,
@@ -378,13 +391,21 @@ class Daemon:
         assert self.ledger is not None
         now = time.time()
         cfg = self.config
-        state = await self.ledger.record_seen(
-            batch_id,
-            models_present=[],
-            models_missing=list(cfg.batch.models),
-            first_seen=dt.datetime.fromtimestamp(now, dt.UTC),
-            deadline_at=dt.datetime.fromtimestamp(now + cfg.batch.deadline_s, dt.UTC),
-        )
+        seen = {
+            "models_present": [],
+            "models_missing": list(cfg.batch.models),
+            "first_seen": dt.datetime.fromtimestamp(now, dt.UTC),
+            "deadline_at": dt.datetime.fromtimestamp(now + cfg.batch.deadline_s, dt.UTC),
+        }
+        state: State | None = None
+        if self.ledger.health.connected:
+            with anyio.move_on_after(5.0):
+                state = await self.ledger.record_seen(batch_id, **seen)
+        if state is None:
+            # The database is down: go on optimistically (the commit re-checks the ledger
+            # under a row lock, so a batch finished before is never written twice).
+            self.ledger.insert_seen_soon(batch_id, **seen)
+            state = State.WAITING
         if state in FINAL:
             if state is State.FAILED:
                 log.warning(
@@ -444,7 +465,7 @@ class Daemon:
         now = time.time()
         run.models = run.present
         run.timings["barrier_wait_ms"] = round((now - run.first_seen) * 1000, 3)
-        await self.ledger.set_state(
+        self.ledger.set_state_soon(
             run.batch_id,
             State.READY,
             models_present=list(run.present),
@@ -455,6 +476,8 @@ class Daemon:
             error=run.error or None,
         )
         run.state = State.READY
+        if hooks.hooks():
+            await self.ledger.flush(run.batch_id)
         hooks.crash_point("ready")
         log.info("batch ready", batch_id=run.batch_id, models=list(run.models), degraded=degraded)
         self._start_pipeline(run, "stage")
@@ -557,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("coordinator failed", error=str(e))
         print(f"coordinatord: error: {e}", file=sys.stderr)
         return 1
-    return 0
+    return daemon.exit_code
 
 
 if __name__ == "__main__":

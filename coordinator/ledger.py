@@ -133,8 +133,12 @@ class Ledger:
         self.retry_max_s = retry_max_s
         self.health = DbHealth()
         self._pool: asyncpg.Pool | None = None
+        # Write-behind queue of intermediate state changes: batch -> [(state, fields)].
+        self._soon: dict[str, list[tuple[State, dict[str, Any]]]] = {}
+        self._soon_wake = anyio.Event()
         self._leader_conn: asyncpg.Connection | None = None
         self._s = f'"{schema}"'
+        self.held_elsewhere = False  # the last try found the lock held by another process
 
     # -- connection and leadership ------------------------------------------------------------
 
@@ -163,8 +167,10 @@ class Ledger:
             )
         except TRANSIENT as e:
             self._mark_down(e)
+            self.held_elsewhere = False
             return False
         self.health.leader = bool(got)
+        self.held_elsewhere = not got
         if not got:
             await self._leader_conn.close()
             self._leader_conn = None
@@ -296,24 +302,68 @@ class Ledger:
                 sets.append(f"{key} = ${len(args)}")
             else:
                 raise ValueError(f"unknown ledger column {key!r}")
-        sql = f"UPDATE {self._s}.batches SET {', '.join(sets)} WHERE batch_id = $1"
+        # Never move a finished batch, nor a committed one back before its commit.
+        guard = "state NOT IN ('done', 'degraded', 'failed')"
+        if state not in COMMITTED_OR_LATER and state is not State.FAILED:
+            guard += " AND state NOT IN ('committed', 'archived')"
+        sql = f"UPDATE {self._s}.batches SET {', '.join(sets)} WHERE batch_id = $1 AND {guard}"
 
         async def op(c: asyncpg.Connection) -> None:
             await c.execute(sql, *args)
 
         await self._run(op)
 
+    def set_state_soon(self, batch_id: str, state: State, **fields: Any) -> None:
+        """Queue an intermediate state change; `flush_loop` writes it when the database is
+        reachable. Steps before the commit are redone on resume, so they need not wait."""
+        self._soon.setdefault(batch_id, []).append((state, fields))
+        self._soon_wake.set()
+
+    def insert_seen_soon(self, batch_id: str, **fields: Any) -> None:
+        """Queue the creation of a ledger row (for a batch adopted while the database is down)."""
+        self._soon.setdefault(batch_id, []).insert(0, (State.WAITING, {"_insert": fields}))
+        self._soon_wake.set()
+
+    async def flush(self, batch_id: str) -> None:
+        """Write a batch's queued state changes now, in order."""
+        while self._soon.get(batch_id):
+            state, fields = self._soon[batch_id][0]
+            if "_insert" in fields:
+                await self.record_seen(batch_id, **fields["_insert"])
+            else:
+                await self.set_state(batch_id, state, **fields)
+            queue = self._soon.get(batch_id)
+            if queue:
+                queue.pop(0)
+            if not queue:
+                self._soon.pop(batch_id, None)
+
+    async def flush_loop(self) -> None:
+        """Background writer of the queued state changes."""
+        while True:
+            await self._soon_wake.wait()
+            self._soon_wake = anyio.Event()
+            for batch_id in list(self._soon):
+                await self.flush(batch_id)
+
+    @property
+    def queued(self) -> int:
+        """State changes waiting for the database."""
+        return sum(len(v) for v in self._soon.values())
+
     async def commit(
         self, batch_id: str, agg: BatchAggregate, *, fields: Mapping[str, Any]
-    ) -> bool:
+    ) -> State | None:
         """Write a batch's aggregates and agreement and move its ledger row to `committed`,
-        all in one transaction. Return False (and write nothing) if it was already committed."""
+        all in one transaction. Return None when written; otherwise write nothing and return
+        the state found (the batch was already committed, or finished before)."""
         if not self.health.leader:
             raise NotLeaderError("not the leader: refusing to write batch " + batch_id)
+        await self.flush(batch_id)
         csv = _aggregates_csv(agg.items)
         pairs = [(batch_id, p.model_a, p.model_b, p.agreement, p.n_common) for p in agg.agreement]
 
-        async def op(c: asyncpg.Connection) -> bool:
+        async def op(c: asyncpg.Connection) -> State | None:
             async with c.transaction():
                 state = await c.fetchval(
                     f"SELECT state FROM {self._s}.batches WHERE batch_id = $1 FOR UPDATE",
@@ -322,7 +372,7 @@ class Ledger:
                 if state is None:
                     raise DatabaseError(f"batch {batch_id}: no ledger row to commit")
                 if State(state) in COMMITTED_OR_LATER:
-                    return False
+                    return State(state)
                 await c.execute(
                     f"CREATE TEMP TABLE agg_in (LIKE {self._s}.aggregates) ON COMMIT DROP"
                 )
@@ -358,7 +408,7 @@ class Ledger:
                     json.dumps(agg.consensus_agreement),
                     json.dumps(dict(fields.get("timings", {}))),
                 )
-            return True
+            return None
 
         return await self._run(op)
 

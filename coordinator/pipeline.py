@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from pathlib import Path
 import shutil
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -20,7 +20,7 @@ from agents import slm
 from coordinator import hooks
 from coordinator.aggregate import BatchAggregate, aggregate
 from coordinator.batch import State
-from coordinator.errors import AgentError, CoordinatorError, NoSpaceError
+from coordinator.errors import AgentError, CoordinatorError, NoSpaceError, NotLeaderError
 
 if TYPE_CHECKING:
     from coordinator.daemon import BatchRun, Daemon
@@ -52,10 +52,14 @@ class Pipeline:
         try:
             agg: BatchAggregate | None = None
             if step == "stage":
-                await self._retrying("stage", self.stage)
-                await self._retrying("crosscheck", self.crosscheck)
-                agg = await self.aggregate()
-                await self.commit(agg)
+                # Bound the batches between ready and committed (e.g. while PostgreSQL is
+                # down, newer batches still stage, but only this many).
+                async with self.d.in_flight:
+                    await self._retrying("stage", self.stage)
+                    await self._retrying("crosscheck", self.crosscheck)
+                    agg = await self.aggregate()
+                    if not await self.commit(agg):
+                        return
                 step = "archive"
             if step == "archive":
                 if agg is None:
@@ -68,6 +72,7 @@ class Pipeline:
             run.error = str(e)
             run.state = State.FAILED
             self.log.error("batch failed", error=str(e))
+            await self.ledger.flush(run.batch_id)
             await self.ledger.set_state(
                 run.batch_id, State.FAILED, error=str(e), finished_at=dt.datetime.now(dt.UTC)
             )
@@ -128,9 +133,17 @@ class Pipeline:
             raise errors[0]
         return replies
 
-    async def _set(self, state: State, **fields: Any) -> None:
+    async def _set(self, state: State, *, durable: bool = False, **fields: Any) -> None:
+        """Record a state: intermediate ones through the write-behind queue (the steps before
+        the commit are redone on resume), the ones after the commit durably."""
         self.run_.state = state
-        await self.ledger.set_state(self.run_.batch_id, state, **fields)
+        if durable:
+            await self.ledger.flush(self.run_.batch_id)
+            await self.ledger.set_state(self.run_.batch_id, state, **fields)
+        else:
+            self.ledger.set_state_soon(self.run_.batch_id, state, **fields)
+            if hooks.hooks():
+                await self.ledger.flush(self.run_.batch_id)
         hooks.crash_point(state.value)
 
     async def stage(self) -> None:
@@ -192,17 +205,33 @@ class Pipeline:
         run.timings["aggregate_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         return agg
 
-    async def commit(self, agg: BatchAggregate) -> None:
-        """Rows and the ledger's `committed` in one transaction (a no-op if already done)."""
+    async def commit(self, agg: BatchAggregate) -> bool:
+        """Rows and the ledger's `committed` in one transaction. A retry after a lost
+        acknowledgement finds it committed and goes on; a batch that had already finished
+        before (published again) is quarantined instead. Return True to go on."""
         run = self.run_
         t0 = time.perf_counter()
-        run.timings["commit_ms"] = 0.0
-        wrote = await self.ledger.commit(run.batch_id, agg, fields={"timings": run.timings})
+        while True:
+            try:
+                found = await self.ledger.commit(run.batch_id, agg, fields={"timings": run.timings})
+                break
+            except NotLeaderError:
+                await anyio.sleep(1.0)  # writes wait until leadership is back
         run.timings["commit_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-        await self._set(State.COMMITTED, timings=run.timings)
+        if found in (State.DONE, State.DEGRADED):
+            self.log.warning(
+                "batch had already finished; its files are quarantined", state=found.value
+            )
+            await anyio.to_thread.run_sync(self.d._quarantine_all, run.batch_id, found)
+            await self._purge()
+            run.state = found
+            self.d._finish(run)
+            return False
+        await self._set(State.COMMITTED, durable=True, timings=run.timings)
         self.log.info(
-            "batch committed", rows=agg.items.num_rows, wrote=wrote, kappa=agg.fleiss_kappa
+            "batch committed", rows=agg.items.num_rows, wrote=found is None, kappa=agg.fleiss_kappa
         )
+        return True
 
     async def archive(self, agg: BatchAggregate) -> None:
         """Raw and cross-check files and aggregates.parquet into the lake."""
@@ -214,8 +243,15 @@ class Pipeline:
             self.d.lake.archive, run.batch_id, run.date, files, agg.items
         )
         run.timings["archive_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-        await self._set(State.ARCHIVED, lake_path=path, timings=run.timings)
+        await self._set(State.ARCHIVED, durable=True, lake_path=path, timings=run.timings)
         self.log.info("batch archived", lake=path, bytes=nbytes)
+
+    async def _purge(self) -> None:
+        try:
+            await self._on_nodes(lambda n: {"type": "purge", "batch_id": self.run_.batch_id})
+        except CoordinatorError as e:
+            # The copies are dead weight, not data; status shows the tmpfs use.
+            self.log.warning("purge failed; node-local copies left behind", error=str(e))
 
     def _raw_source(self, model: str) -> Path:
         """The counted content of a model's file: in staging, or, if it was rewritten and
@@ -231,11 +267,7 @@ class Pipeline:
         """Purge node-local copies, then remove the batch from staging; the batch is done."""
         run = self.run_
         t0 = time.perf_counter()
-        try:
-            await self._on_nodes(lambda n: {"type": "purge", "batch_id": run.batch_id})
-        except AgentError as e:
-            # The copies are dead weight, not data: the agent purges them when it is back.
-            self.log.warning("purge failed; node-local copies left for the agent", error=str(e))
+        await self._purge()
         folder = self.folder
 
         def remove() -> None:
@@ -245,7 +277,9 @@ class Pipeline:
         await anyio.to_thread.run_sync(remove)
         run.timings["cleanup_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         final = State.DEGRADED if run.degraded else State.DONE
-        await self._set(final, timings=run.timings, finished_at=dt.datetime.now(dt.UTC))
+        await self._set(
+            final, durable=True, timings=run.timings, finished_at=dt.datetime.now(dt.UTC)
+        )
         self.log.info("batch finished", state=final.value, timings=run.timings)
         self.d._finish(run)
 
