@@ -40,5 +40,9 @@ lint: install
 	$(BIN)/ruff format --check coordinator agents
 	$(BIN)/mypy
 
+# The soak under chaos at a larger size: `make soak N=1000`.
+soak: install
+	SOAK_BATCHES=$(or $(N),200) $(BIN)/pytest -q -s tests/soak
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

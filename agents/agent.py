@@ -238,7 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("refusing to run", reason=str(e))
         print(f"staging-agent: refusing to run on node {args.node}: {e}", file=sys.stderr)
         return EXIT_UNBOUND
-    agent = Agent(config, args.node)
+    try:
+        agent = Agent(config, args.node)
+    except ConfigError as e:
+        print(f"staging-agent: error: {e}", file=sys.stderr)
+        return 1
     agent.tmpfs.mkdir(parents=True, exist_ok=True)
     removed = stg.remove_partials(agent.tmpfs)
     if removed:

@@ -146,7 +146,10 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from agents.crosscheck import load_crosscheck
+
     cfg = load_config(args.config or DEFAULT_CONFIG)
+    load_crosscheck(cfg.crosscheck_function)  # fails here, not in an agent at run time
     if args.explain:
         for key, src in sorted(cfg.provenance.items()):
             print(f"{key:<32} {src}")

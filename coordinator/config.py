@@ -462,4 +462,5 @@ def redact_dsn(dsn: str) -> str:
     if not dsn:
         return ""
     out = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", dsn)
-    return re.sub(r"(password=)\S+", r"\1***", out)
+    # key=value form: the value may be quoted (with spaces inside) and '=' may have spaces.
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", out)

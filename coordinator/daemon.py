@@ -88,7 +88,8 @@ class Daemon:
         self.last_reload: dict[str, Any] = {"at": None, "ok": True, "error": ""}
         self.batches: dict[str, BatchRun] = {}
         self.finished: collections.deque[dict[str, Any]] = collections.deque(maxlen=10)
-        self.ignored: set[str] = set()
+        self.ignored: set[str] = set()  # failed batches whose folder stays for the operator
+        self.finished_ids: dict[str, State] = {}  # batches this run finished, with their state
         self.hub = Hub()
         self.scanner = Scanner(config.paths.staging, config.barrier.settle_s)
         self.lake = Lake(config.paths.lake)
@@ -349,6 +350,13 @@ class Daemon:
     async def _look_at(self, batch_id: str) -> None:
         if batch_id in self.ignored:
             return
+        if batch_id in self.finished_ids and batch_id not in self.batches:
+            # The daemon removed this folder itself: a new one is the batch published again.
+            if (self.config.paths.staging / batch_id).is_dir():
+                await anyio.to_thread.run_sync(
+                    self._quarantine_all, batch_id, self.finished_ids[batch_id]
+                )
+            return
         run = self.batches.get(batch_id)
         cfg = run.config if run else self.config
         scan: Scan = await anyio.to_thread.run_sync(self.scanner.scan, batch_id, cfg.batch.models)
@@ -425,6 +433,8 @@ class Daemon:
 
     def _quarantine_all(self, batch_id: str, state: State) -> None:
         folder = self.config.paths.staging / batch_id
+        if not folder.is_dir():
+            return
         for entry in os.scandir(folder):
             if not entry.name.startswith("."):
                 self.scanner.quarantine(
@@ -492,7 +502,10 @@ class Daemon:
     def _finish(self, run: BatchRun) -> None:
         self.scanner.forget(run.batch_id)
         self.batches.pop(run.batch_id, None)
-        self.ignored.add(run.batch_id)
+        if run.state is State.FAILED:
+            self.ignored.add(run.batch_id)
+        else:
+            self.finished_ids[run.batch_id] = run.state
         self.finished.appendleft(
             {**run.describe(), "finished_at": time.time(), "timings": dict(run.timings)}
         )

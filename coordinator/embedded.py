@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import time
 from pathlib import Path
 
 from coordinator.errors import DatabaseError
@@ -30,14 +31,31 @@ def start(state_dir: Path) -> tuple[str, bool]:
     pgdata.mkdir(parents=True, exist_ok=True)
     info = PostmasterInfo.read_from_pgdata(pgdata)
     was_running = info is not None and info.is_running()
-    try:
-        # cleanup_mode=None: the server must survive this process (a kill -9 of the daemon).
-        server = pgserver.get_server(pgdata, cleanup_mode=None)
-    except (subprocess.SubprocessError, OSError, AssertionError) as e:
-        log_file = pgdata / "log"
-        tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
-        raise DatabaseError(f"embedded PostgreSQL under {pgdata} did not start: {e}\n{tail}") from e
-    return server.get_uri(), not was_running
+    last: BaseException | None = None
+    for _attempt in range(3):
+        try:
+            cached = pgserver.PostgresServer._instances.get(pgdata.resolve())
+            if cached is not None:
+                # pgserver caches one handle per folder; after a stop, start it again.
+                with pgserver.PostgresServer._lock:
+                    cached.ensure_postgres_running()
+                server = cached
+            else:
+                # cleanup_mode=None: the server must survive this process (kill -9 of the
+                # daemon): a restarted daemon finds it running and goes on.
+                server = pgserver.get_server(pgdata, cleanup_mode=None)
+            return server.get_uri(), not was_running
+        except (subprocess.SubprocessError, OSError, AssertionError) as e:
+            # pg_ctl -w sometimes misses a server that is already up (seen under load):
+            # trust postmaster.pid when it says the server is ready.
+            info = PostmasterInfo.read_from_pgdata(pgdata)
+            if info is not None and info.is_running() and info.status == "ready":
+                return info.get_uri(), not was_running
+            last = e
+            time.sleep(0.5)
+    log_file = pgdata / "log"
+    tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
+    raise DatabaseError(f"embedded PostgreSQL under {pgdata} did not start: {last}\n{tail}")
 
 
 def stop(state_dir: Path, *, mode: str = "fast") -> None:

@@ -38,8 +38,15 @@ class Lake:
     def _put(self, folder: str, name: str, write: object) -> int:
         final = f"{folder}/{name}"
         tmp = f"{folder}/.{name}.tmp"
-        with self.fs.open_output_stream(tmp) as out:
-            n = write(out)  # type: ignore[operator]
+        try:
+            with self.fs.open_output_stream(tmp) as out:
+                n = write(out)  # type: ignore[operator]
+        except BaseException:
+            try:
+                self.fs.delete_file(tmp)
+            except (OSError, pa.ArrowException):
+                pass  # never created
+            raise
         if self.local:
             fd = os.open(tmp, os.O_RDONLY)
             try:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import anyio
 import asyncpg
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import structlog
 
@@ -161,7 +162,11 @@ class Ledger:
         if self._leader_conn is not None and not self._leader_conn.is_closed():
             return self.health.leader
         try:
-            self._leader_conn = await asyncpg.connect(self.dsn, password=self.password)
+            self._leader_conn = await asyncpg.connect(
+                self.dsn,
+                password=self.password,
+                server_settings={"application_name": f"numa-coordinator-leader:{self.schema}"},
+            )
             got = await self._leader_conn.fetchval(
                 "SELECT pg_try_advisory_lock($1)", lock_key(self.schema)
             )
@@ -371,7 +376,7 @@ class Ledger:
                 )
                 if state is None:
                     raise DatabaseError(f"batch {batch_id}: no ledger row to commit")
-                if State(state) in COMMITTED_OR_LATER:
+                if State(state) in COMMITTED_OR_LATER or State(state) is State.FAILED:
                     return State(state)
                 await c.execute(
                     f"CREATE TEMP TABLE agg_in (LIKE {self._s}.aggregates) ON COMMIT DROP"
@@ -469,6 +474,9 @@ def _quote_literal(value: str) -> str:
 def _aggregates_csv(items: pa.Table) -> bytes:
     """The aggregates as CSV for COPY: encoded by Arrow in C++, with no Python loop per row."""
     cols = items.select(["item_id", "consensus", "votes", "n_models", "confidence"])
+    # An item every model left null has no consensus and confidence 0, not NULL.
+    conf = pc.fill_null(cols.column("confidence"), 0.0)
+    cols = cols.set_column(4, "confidence", conf)
     buf = io.BytesIO()
     pacsv.write_csv(cols, buf, pacsv.WriteOptions(include_header=True, quoting_style="needed"))
     return buf.getvalue()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import asyncpg
 import structlog
 
 from agents import slm
@@ -68,13 +69,15 @@ class Pipeline:
                 step = "cleanup"
             if step == "cleanup":
                 await self.cleanup()
-        except CoordinatorError as e:
-            run.error = str(e)
+        except (CoordinatorError, asyncpg.PostgresError, OSError, ValueError) as e:
+            # Anything but cancellation fails this batch alone, never the daemon; the files
+            # stay in staging and the reason is in the ledger.
+            run.error = str(e) if isinstance(e, CoordinatorError) else f"{type(e).__name__}: {e}"
             run.state = State.FAILED
-            self.log.error("batch failed", error=str(e))
+            self.log.error("batch failed", error=run.error)
             await self.ledger.flush(run.batch_id)
             await self.ledger.set_state(
-                run.batch_id, State.FAILED, error=str(e), finished_at=dt.datetime.now(dt.UTC)
+                run.batch_id, State.FAILED, error=run.error, finished_at=dt.datetime.now(dt.UTC)
             )
             self.d._finish(run)
         finally:
@@ -218,6 +221,11 @@ class Pipeline:
             except NotLeaderError:
                 await anyio.sleep(1.0)  # writes wait until leadership is back
         run.timings["commit_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        if found is State.FAILED:
+            self.log.warning("batch was marked failed meanwhile; its files stay in staging")
+            run.state = found
+            self.d._finish(run)
+            return False
         if found in (State.DONE, State.DEGRADED):
             self.log.warning(
                 "batch had already finished; its files are quarantined", state=found.value

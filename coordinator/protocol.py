@@ -46,6 +46,8 @@ def decode(
         raise ProtocolError(f"message of {len(line)} bytes exceeds the {MAX_MESSAGE}-byte limit")
     try:
         msg = json.loads(line)
+    except RecursionError:
+        raise ProtocolError("JSON nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(f"not JSON: {e}") from None
     if not isinstance(msg, dict):
@@ -74,6 +76,8 @@ class LineReader:
 
         while True:
             i = self.buf.find(b"\n")
+            if i > MAX_MESSAGE or (i < 0 and len(self.buf) > MAX_MESSAGE):
+                raise ProtocolError(f"line longer than {MAX_MESSAGE} bytes")
             if i >= 0:
                 line = bytes(self.buf[:i])
                 del self.buf[: i + 1]

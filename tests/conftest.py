@@ -81,9 +81,13 @@ class Env:
     def write_config(self, **sections: dict[str, Any]) -> Path:
         """(Re)write coordinator.toml; `sections` override keys, e.g. batch={'quorum': 5}."""
         base: dict[str, dict[str, Any]] = {
-            "paths": {"staging": str(self.staging), "lake": str(self.lake),
-                      "node_tmpfs": f"{self.tmpfs}/node{{node}}", "state_dir": str(self.state),
-                      "runtime_dir": str(self.run)},
+            "paths": {
+                "staging": str(self.staging),
+                "lake": str(self.lake),
+                "node_tmpfs": f"{self.tmpfs}/node{{node}}",
+                "state_dir": str(self.state),
+                "runtime_dir": str(self.run),
+            },
             "batch": {"models": MODELS, "deadline_s": 120.0, "quorum": 7},
             "database": {"dsn": self.dsn, "schema": self.schema},
             "barrier": {"reconcile_s": 1.0},
@@ -121,9 +125,17 @@ def env(tmp_path: Path, pg_dsn: str) -> Iterator[Env]:
     run = Path(tempfile.mkdtemp(prefix="nc-run-", dir="/tmp"))
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     tmpfs = Path(tempfile.mkdtemp(prefix="nc-test-", dir=shm))
-    e = Env(root=tmp_path, staging=tmp_path / "staging", lake=tmp_path / "lake", tmpfs=tmpfs,
-            run=run, state=tmp_path / "state", schema=f"t_{uuid.uuid4().hex[:12]}",
-            dsn=pg_dsn, config=tmp_path / "etc" / "coordinator.toml")
+    e = Env(
+        root=tmp_path,
+        staging=tmp_path / "staging",
+        lake=tmp_path / "lake",
+        tmpfs=tmpfs,
+        run=run,
+        state=tmp_path / "state",
+        schema=f"t_{uuid.uuid4().hex[:12]}",
+        dsn=pg_dsn,
+        config=tmp_path / "etc" / "coordinator.toml",
+    )
     e.staging.mkdir()
     e.config.parent.mkdir()
     e.write_config()
@@ -137,7 +149,9 @@ def env(tmp_path: Path, pg_dsn: str) -> Iterator[Env]:
 class Daemon:
     """A real coordinatord process (with its agents) for one test."""
 
-    def __init__(self, env: Env, *, with_agents: bool = True, extra_env: dict[str, str] | None = None):
+    def __init__(
+        self, env: Env, *, with_agents: bool = True, extra_env: dict[str, str] | None = None
+    ):
         self.env = env
         self.with_agents = with_agents
         self.extra_env = extra_env or {}
@@ -149,9 +163,14 @@ class Daemon:
         if self.with_agents:
             cmd.append("--with-agents")
         logf = open(self.log, "ab")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env={**os.environ, **self.extra_env},
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, **self.extra_env},
+            start_new_session=True,
+        )
         logf.close()
         if wait:
             self.wait_ready()
@@ -169,8 +188,11 @@ class Daemon:
 
         wait_until(up, timeout, "coordinatord to answer on its control socket")
         if self.with_agents:
-            wait_until(lambda: all(a["connected"] for a in self.status()["agents"]), timeout,
-                       "agents to connect")
+            wait_until(
+                lambda: all(a["connected"] for a in self.status()["agents"]),
+                timeout,
+                "agents to connect",
+            )
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])

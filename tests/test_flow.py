@@ -49,25 +49,38 @@ def test_batch_completes_with_rows_in_postgres_and_files_in_lake(env, daemon):
     row = d.wait_state("b-001", {"done", "failed", "degraded"})
     assert row["state"] == "done", row["error"]
     assert row["rows"] == ROWS
-    n = db_rows(env, f'SELECT count(*) AS n, count(DISTINCT item_id) AS d FROM "{env.schema}".aggregates'
-                     " WHERE batch_id = $1", "b-001")[0]
+    n = db_rows(
+        env,
+        f'SELECT count(*) AS n, count(DISTINCT item_id) AS d FROM "{env.schema}".aggregates'
+        " WHERE batch_id = $1",
+        "b-001",
+    )[0]
     assert n == {"n": ROWS, "d": ROWS}
-    pairs = db_rows(env, f'SELECT * FROM "{env.schema}".model_agreement WHERE batch_id = $1',
-                    "b-001")
+    pairs = db_rows(
+        env, f'SELECT * FROM "{env.schema}".model_agreement WHERE batch_id = $1', "b-001"
+    )
     assert len(pairs) == 21  # 7 choose 2
     lake = Path(row["lake_path"])
     names = sorted(p.name for p in lake.iterdir())
-    assert names == sorted([f"{m}.parquet" for m in MODELS]
-                           + [f"crosscheck_{m}.parquet" for m in MODELS] + ["aggregates.parquet"])
+    assert names == sorted(
+        [f"{m}.parquet" for m in MODELS]
+        + [f"crosscheck_{m}.parquet" for m in MODELS]
+        + ["aggregates.parquet"]
+    )
     agg = pq.read_table(lake / "aggregates.parquet")
     assert agg.num_rows == ROWS
     # Staging and node-local copies are gone only after the lake and the database have it.
     assert not (env.staging / "b-001").exists()
     assert not (env.tmpfs / "node0" / "b-001").exists()
-    assert set(row["timings"]) >= {"barrier_wait_ms", "staging_ms", "crosscheck_ms",
-                                   "aggregate_ms", "commit_ms", "archive_ms"}
-    assert row["staged_bytes"]["0"] == sum(
-        (lake / f"{m}.parquet").stat().st_size for m in MODELS)
+    assert set(row["timings"]) >= {
+        "barrier_wait_ms",
+        "staging_ms",
+        "crosscheck_ms",
+        "aggregate_ms",
+        "commit_ms",
+        "archive_ms",
+    }
+    assert row["staged_bytes"]["0"] == sum((lake / f"{m}.parquet").stat().st_size for m in MODELS)
 
 
 def test_batch_with_a_missing_model_waits_then_fires_when_it_arrives(env, daemon):
@@ -75,8 +88,11 @@ def test_batch_with_a_missing_model_waits_then_fires_when_it_arrives(env, daemon
     t = tables(2)
     for m in MODELS[:-1]:
         slm.publish(env.staging, "b-miss", m, t[m])
-    wait_until(lambda: any(b["batch_id"] == "b-miss" for b in d.status()["batches"]), 20,
-               "the batch to be seen")
+    wait_until(
+        lambda: any(b["batch_id"] == "b-miss" for b in d.status()["batches"]),
+        20,
+        "the batch to be seen",
+    )
     # Several reconciliation periods (1 s each) pass: it must not fire without slm-7.
     import time
 
@@ -146,37 +162,88 @@ def test_status_shows_agent_binding_and_config(env, daemon):
     [a] = s["agents"]
     assert a["connected"] and a["policy"] == "bind" and a["mems"] == [0]
     assert s["database"]["leader"] is True
-    out = subprocess.run([sys.executable, "-m", "coordinator.cli", "status", "--socket",
-                          str(env.socket)], capture_output=True, text=True, cwd=ROOT, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", "status", "--socket", str(env.socket)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     assert "coordinatord — running" in out.stdout and "bind" in out.stdout
 
 
 def test_agent_refuses_to_run_unbound(env):
     # Without numactl the memory policy is the default one: the agent must refuse (exit 3).
-    r = subprocess.run([sys.executable, "-m", "agents.agent", "--node", "0", "--config",
-                        str(env.config)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "agents.agent", "--node", "0", "--config", str(env.config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert r.returncode == 3
     assert "expected bind to node 0" in r.stderr
     # Interleaved is not bound either.
-    r = subprocess.run(["numactl", "--interleave=0", sys.executable, "-m", "agents.agent",
-                        "--node", "0", "--config", str(env.config)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    r = subprocess.run(
+        [
+            "numactl",
+            "--interleave=0",
+            sys.executable,
+            "-m",
+            "agents.agent",
+            "--node",
+            "0",
+            "--config",
+            str(env.config),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert r.returncode == 3 and "interleave" in r.stderr
     # A node that is not in the config is refused with its name.
-    r = subprocess.run(["numactl", "--membind=0", sys.executable, "-m", "agents.agent",
-                        "--node", "5", "--config", str(env.config)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    r = subprocess.run(
+        [
+            "numactl",
+            "--membind=0",
+            sys.executable,
+            "-m",
+            "agents.agent",
+            "--node",
+            "5",
+            "--config",
+            str(env.config),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert r.returncode == 3 and "node 5" in r.stderr
 
 
 def test_bound_agent_says_hello_with_its_binding(env, daemon):
     d = daemon(with_agents=False).start()
-    proc = subprocess.Popen(["numactl", "--membind=0", "--cpunodebind=0", sys.executable, "-m",
-                             "agents.agent", "--node", "0", "--config", str(env.config)],
-                            cwd=ROOT)
+    proc = subprocess.Popen(
+        [
+            "numactl",
+            "--membind=0",
+            "--cpunodebind=0",
+            sys.executable,
+            "-m",
+            "agents.agent",
+            "--node",
+            "0",
+            "--config",
+            str(env.config),
+        ],
+        cwd=ROOT,
+    )
     try:
-        agent = wait_until(lambda: [a for a in d.status()["agents"] if a["connected"]], 60,
-                           "the agent to connect")[0]
+        agent = wait_until(
+            lambda: [a for a in d.status()["agents"] if a["connected"]], 60, "the agent to connect"
+        )[0]
         assert agent["pid"] == proc.pid
         assert agent["policy"] == "bind" and agent["mems"] == [0]
     finally:

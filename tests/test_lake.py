@@ -148,9 +148,6 @@ def test_a_missing_source_file_is_a_lake_error(tmp_path: Path, batch_files: list
     assert "aggregates.parquet" not in lake.list_batch("b1", DATE)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: Lake._put leaves its dot-temp file behind when a write fails"
-)
 def test_a_failed_archive_leaves_no_temp_file(tmp_path: Path, batch_files: list[Path]) -> None:
     lake_root = tmp_path / "lake"
     with pytest.raises(LakeError):
