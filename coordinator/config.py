@@ -47,6 +47,8 @@ DEFAULTS: dict[str, Any] = {
     "crosscheck": {"function": "agents.crosscheck:crosscheck"},
     "agents": {"heartbeat_s": 2.0, "step_timeout_s": 300.0, "numactl": "numactl"},
     "log": {"level": "info", "format": "auto"},
+    "placement": {"min_fraction": 0.99},
+    "metrics": {"listen": "", "loop_lag_interval_ms": 0},
 }
 
 # Keys of a [[node]] table and their defaults.
@@ -162,6 +164,9 @@ class Config:
     crosscheck_function: str
     agents: AgentsConfig
     log: LogConfig
+    placement_min_fraction: float = 0.99
+    metrics_listen: str = ""  # host:port of the Prometheus endpoint; empty: off
+    loop_lag_interval_ms: int = 0  # event-loop lag sampler period; 0: off
     sources: tuple[str, ...] = ()
     provenance: Mapping[str, str] = field(default_factory=dict)
 
@@ -246,6 +251,41 @@ def load_config(path: str | os.PathLike[str], *, base: Mapping[str, Any] | None 
     return validate(merged, prov, base_dir=main.parent, sources=tuple(str(f) for f in files))
 
 
+def line_of(path: str, dotted: str) -> int | None:
+    """The line of `path` that sets `dotted` (e.g. 'batch.quorum', 'node[1].models'), if any."""
+    m = re.fullmatch(r"(?P<sec>[A-Za-z_]+)(?:\[(?P<idx>\d+)\])?(?:\.(?P<key>\w+))?", dotted)
+    if m is None:
+        return None
+    sec, idx, key = m.group("sec"), m.group("idx"), m.group("key")
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    current, count = "", -1
+    for n, line in enumerate(lines, 1):
+        stripped = line.strip()
+        header = re.fullmatch(r"\[\[?\s*([\w.]+)\s*\]\]?", stripped.split("#")[0].strip())
+        if header:
+            current = header.group(1)
+            if stripped.startswith("[[") and current == sec:
+                count += 1
+            if key is None and current == sec and (idx is None or int(idx) == count):
+                return n
+            continue
+        if key and current == sec and (idx is None or int(idx) == count):
+            if re.match(rf"{re.escape(key)}\s*=", stripped):
+                return n
+    return None
+
+
+def locate(source: str, dotted: str) -> str:
+    """'file:line' for a key when the line can be found, else the file."""
+    if source.startswith("<"):
+        return source
+    line = line_of(source, dotted)
+    return f"{source}:{line}" if line else source
+
+
 def _deepcopy(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _deepcopy(v) for k, v in value.items()}
@@ -258,7 +298,7 @@ def _check_unknown(layers: list[tuple[str, dict[str, Any]]]) -> None:
     for source, table in layers[1:]:
         for section, body in table.items():
             if section not in DEFAULTS:
-                raise ConfigError(f"{source}: unknown section [{section}]")
+                raise ConfigError(f"{locate(source, section)}: unknown section [{section}]")
             if section == "node":
                 if not isinstance(body, list):
                     raise ConfigError(f"{source}: node: expected an array of tables [[node]]")
@@ -267,13 +307,17 @@ def _check_unknown(layers: list[tuple[str, dict[str, Any]]]) -> None:
                         raise ConfigError(f"{source}: node[{i}]: expected a table")
                     for key in entry:
                         if key not in NODE_DEFAULTS:
-                            raise ConfigError(f"{source}: unknown key node[{i}].{key}")
+                            raise ConfigError(
+                                f"{locate(source, f'node[{i}].{key}')}: unknown key node[{i}].{key}"
+                            )
                 continue
             if not isinstance(body, dict):
                 raise ConfigError(f"{source}: {section}: expected a table [{section}]")
             for key in body:
                 if key not in DEFAULTS[section]:
-                    raise ConfigError(f"{source}: unknown key {section}.{key}")
+                    raise ConfigError(
+                        f"{locate(source, f'{section}.{key}')}: unknown key {section}.{key}"
+                    )
 
 
 class _Reader:
@@ -285,7 +329,8 @@ class _Reader:
 
     def where(self, dotted: str) -> str:
         head = dotted.split("[")[0]
-        return self.prov.get(dotted) or self.prov.get(head) or "<defaults>"
+        source = self.prov.get(dotted) or self.prov.get(head) or "<defaults>"
+        return locate(source, dotted)
 
     def fail(self, dotted: str, expected: str, found: Any) -> ConfigError:
         return ConfigError(f"{self.where(dotted)}: {dotted}: expected {expected}, found {found!r}")
@@ -442,6 +487,12 @@ def validate(
     fmt = r.str_("log", "format")
     if fmt not in ("auto", "json", "console"):
         raise r.fail("log.format", "one of auto, json, console", fmt)
+    min_fraction = r.num("placement", "min_fraction")
+    if not 0 < min_fraction <= 1:
+        raise r.fail("placement.min_fraction", "a fraction in (0, 1]", min_fraction)
+    listen = r.str_("metrics", "listen")
+    if listen and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[\w.-]+):\d{1,5}", listen):
+        raise r.fail("metrics.listen", "host:port such as 127.0.0.1:9464", listen)
     return Config(
         paths=paths,
         batch=batch,
@@ -452,6 +503,9 @@ def validate(
         crosscheck_function=fn,
         agents=agents,
         log=LogConfig(level=level_name, format=fmt),
+        placement_min_fraction=min_fraction,
+        metrics_listen=listen,
+        loop_lag_interval_ms=r.int_("metrics", "loop_lag_interval_ms", 0, 60_000),
         sources=sources,
         provenance=dict(prov),
     )

@@ -55,6 +55,8 @@ class BatchRun:
     cc_event: anyio.Event = field(default_factory=anyio.Event)
     timings: dict[str, float] = field(default_factory=dict)
     staged_bytes: dict[str, int] = field(default_factory=dict)
+    placement: dict[str, Any] = field(default_factory=dict)
+    placement_flag: str = ""
 
     @property
     def date(self) -> str:
@@ -72,6 +74,10 @@ class BatchRun:
             "deadline_in_s": round(self.deadline - time.time(), 3),
             "degraded": self.degraded,
             "error": self.error,
+            "placement": {
+                n: p.get("fraction") for n, p in self.placement.items() if isinstance(p, dict)
+            },
+            "placement_flag": self.placement_flag,
         }
 
 
@@ -101,6 +107,16 @@ class Daemon:
         self._tg: TaskGroup | None = None
         self.in_flight = anyio.Semaphore(config.batch.max_in_flight)
         self.exit_code = 0
+        self.ready = False
+        self.last_placement: dict[int, float] = {}  # node -> fraction of the last staged batch
+        self.loop_lag: collections.deque[float] = collections.deque(maxlen=10_000)
+        self.metrics: Any = None
+        try:
+            from coordinator.metrics import Metrics
+        except ImportError:
+            pass
+        else:
+            self.metrics = Metrics(self)
         # Test hook: when it returns True the watcher drops its events (reconciliation must cope).
         self.drop_events = lambda: False
 
@@ -128,6 +144,14 @@ class Daemon:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self._signals)
+                # Status answers from the start (connecting, standby), READY=1 comes later.
+                await tg.start(ControlServer(self).serve, cfg.paths.control_socket)
+                if cfg.metrics_listen and self.metrics is not None:
+                    await tg.start(self.metrics.serve, cfg.metrics_listen)
+                tg.start_soon(self._watch_config)
+                if cfg.loop_lag_interval_ms:
+                    tg.start_soon(self._loop_lag, cfg.loop_lag_interval_ms / 1000)
+                self.state = "connecting"
                 self._status_line("connecting to the database")
                 started_pg = await self._open_database()
                 await tg.start(self.hub.serve, cfg.paths.agent_socket)
@@ -150,11 +174,11 @@ class Daemon:
                 tg.start_soon(self._deadline_loop)
                 tg.start_soon(self._leadership_loop)
                 tg.start_soon(self.ledger.flush_loop)
-                await tg.start(ControlServer(self).serve, cfg.paths.control_socket)
                 interval = notify.watchdog_interval()
                 if interval:
                     tg.start_soon(self._watchdog, interval)
                 self.state = "running"
+                self.ready = True
                 notify.notify("READY=1", "STATUS=running: waiting for batches")
                 log.info(
                     "coordinator ready",
@@ -229,6 +253,37 @@ class Daemon:
         while True:
             notify.notify("WATCHDOG=1")
             await anyio.sleep(interval)
+
+    async def _watch_config(self) -> None:
+        """Reload when the main file or a conf.d/*.toml drop-in changes (as on SIGHUP)."""
+        import watchfiles
+
+        folder = self.config_path.parent
+
+        def relevant(_change: watchfiles.Change, path: str) -> bool:
+            p = Path(path)
+            return p == self.config_path or (p.parent.name == "conf.d" and p.suffix == ".toml")
+
+        async for _changes in watchfiles.awatch(
+            folder,
+            watch_filter=relevant,
+            debounce=300,
+            step=50,
+            recursive=True,
+            ignore_permission_denied=True,
+        ):
+            log.info("config files changed; reloading")
+            await self.reload()
+
+    async def _loop_lag(self, interval: float) -> None:
+        """Sample event-loop lag: how late a sleep of `interval` wakes up."""
+        while True:
+            t0 = time.perf_counter()
+            await anyio.sleep(interval)
+            lag = time.perf_counter() - t0 - interval
+            self.loop_lag.append(max(lag, 0.0))
+            if self.metrics is not None:
+                self.metrics.loop_lag(max(lag, 0.0))
 
     async def _leadership_loop(self) -> None:
         """Check the leader lock's connection; re-take the lock after an outage. If another
@@ -523,6 +578,7 @@ class Daemon:
         return {
             "daemon": {
                 "state": state,
+                "ready": self.ready,
                 "pid": os.getpid(),
                 "uptime_s": round(time.time() - self.started_at, 3),
                 "version": __version__,
@@ -546,7 +602,10 @@ class Daemon:
                 "rejected": dict(st.rejected),
                 "quarantined": dict(st.quarantined),
             },
-            "agents": self.hub.describe(cfg.node_ids),
+            "agents": [
+                {**a, "last_placement": self.last_placement.get(a["node"])}
+                for a in self.hub.describe(cfg.node_ids)
+            ],
             "database": {
                 "embedded": cfg.database.embedded,
                 "dsn": redact_dsn(self.dsn),

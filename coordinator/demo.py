@@ -115,8 +115,9 @@ def wait_ready(sock: Path, proc: subprocess.Popen[bytes], timeout: float = 120.0
         if proc.poll() is not None:
             raise CoordinatorError(f"coordinatord exited with {proc.returncode} during start-up")
         try:
-            call(sock, "ping", timeout=2)
-            return
+            if call(sock, "status", timeout=5)["daemon"]["ready"]:
+                return
+            time.sleep(0.1)
         except ControlError:
             time.sleep(0.1)
     raise CoordinatorError(f"coordinatord did not answer on {sock} within {timeout:.0f} s")

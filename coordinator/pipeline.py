@@ -162,7 +162,28 @@ class Pipeline:
         for n, r in replies.items():
             run.timings[f"staging_node{n}_ms"] = round(r["seconds"] * 1000, 3)
         run.staged_bytes = {str(n): int(r["bytes"]) for n, r in replies.items()}
-        placement = {str(n): r["placement"] for n, r in replies.items() if "placement" in r}
+        placement: dict[str, Any] = {
+            str(n): r["placement"] for n, r in replies.items() if "placement" in r
+        }
+        low = sorted(
+            n
+            for n, p in placement.items()
+            if float(p.get("fraction", 1.0)) < self.cfg.placement_min_fraction
+        )
+        for n, p in placement.items():
+            self.d.last_placement[int(n)] = float(p.get("fraction", 0.0))
+        if low:
+            # Flagged, not failed: the data is intact, only slower to read than promised.
+            placement["below_min"] = low
+            run.placement_flag = (
+                f"placement below {self.cfg.placement_min_fraction} on node(s) {', '.join(low)}"
+            )
+            self.log.warning(
+                "node-local placement below the minimum",
+                nodes=low,
+                fractions={n: placement[n].get("fraction") for n in low},
+            )
+        run.placement = placement
         await self._set(
             State.STAGED, staged_bytes=run.staged_bytes, timings=run.timings, placement=placement
         )

@@ -182,7 +182,7 @@ class Daemon:
             if self.proc.poll() is not None:
                 pytest.fail(f"coordinatord exited with {self.proc.returncode}:\n{self.tail()}")
             try:
-                return call(self.env.socket, "ping", timeout=2) == "pong"
+                return bool(call(self.env.socket, "status", timeout=5)["daemon"]["ready"])
             except ControlError:
                 return False
 

@@ -103,10 +103,15 @@ def test_second_coordinator_waits_in_standby_and_takes_over_when_the_leader_stop
     env_b.write_config()
     b = Daemon(env_b, with_agents=True).start(wait=False)
     try:
-        wait_until(
-            lambda: "standby" in b.log.read_text(errors="replace"), 30, "B to report standby"
-        )
-        assert not env_b.socket.exists()  # B serves nothing until it leads
+        def standby() -> bool:
+            try:
+                return b.status()["daemon"]["state"] == "standby"
+            except Exception:
+                return False
+
+        wait_until(standby, 30, "B to report standby")
+        s = b.status()
+        assert s["daemon"]["ready"] is False and s["database"]["leader"] is False
         publish_all(env, "lead-2", seed=301)
         assert a.wait_state("lead-2", {"done", "failed"})["state"] == "done"
         assert a.stop(signal.SIGTERM) == 0
