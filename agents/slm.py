@@ -46,7 +46,7 @@ def write_parquet_atomic(
         kwargs["compression_level"] = level
     try:
         with open(tmp, "wb") as f:
-            pq.write_table(table, f, **kwargs)  # type: ignore[arg-type]
+            pq.write_table(table, f, **kwargs)
             f.flush()
             os.fsync(f.fileno())
             size = f.tell()

@@ -19,7 +19,7 @@ from pathlib import Path
 import anyio
 import structlog
 from anyio.abc import TaskStatus
-from watchfiles.main import RustNotify
+from watchfiles._rust_notify import RustNotify
 
 from agents.slm import check_parquet
 from coordinator.batch import FileEntry, classify
@@ -80,7 +80,7 @@ class Scanner:
 
     def batch_ids(self) -> list[str]:
         """Batch folders in staging, rejecting bad names and non-folders."""
-        out = []
+        out: list[str] = []
         try:
             entries = list(os.scandir(self.staging))
         except FileNotFoundError:

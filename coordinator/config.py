@@ -244,8 +244,7 @@ def load_config(path: str | os.PathLike[str], *, base: Mapping[str, Any] | None 
         raise ConfigError(f"{main}: config file not found")
     layers: list[tuple[str, dict[str, Any]]] = [("<defaults>", _deepcopy(base or DEFAULTS))]
     files = config_files(main)
-    for f in files:
-        layers.append((str(f), read_toml(f)))
+    layers.extend((str(f), read_toml(f)) for f in files)
     _check_unknown(layers)
     merged, prov = merge(layers)
     return validate(merged, prov, base_dir=main.parent, sources=tuple(str(f) for f in files))

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,9 +119,12 @@ class Daemon:
         else:
             self.metrics = Metrics(self)
         # Test hook: when it returns True the watcher drops its events (reconciliation must cope).
-        self.drop_events = lambda: False
+        self.drop_events: Callable[[], bool] = lambda: False
 
     # -- lifecycle ----------------------------------------------------------------------------
+
+    def _drops(self) -> bool:
+        return bool(self.drop_events())
 
     def request_stop(self) -> None:
         """Ask the daemon to stop: it stops taking work and cancels; batches resume on restart."""
@@ -164,7 +168,7 @@ class Daemon:
                     cfg.barrier,
                     self._mark,
                     self.scanner.stats,
-                    lambda: self.drop_events(),
+                    self._drops,
                 )
                 self._status_line("watcher armed; scanning staging and resuming the ledger")
                 await self._resume()
@@ -173,6 +177,7 @@ class Daemon:
                 tg.start_soon(self._reconcile_loop)
                 tg.start_soon(self._deadline_loop)
                 tg.start_soon(self._leadership_loop)
+                assert self.ledger is not None
                 tg.start_soon(self.ledger.flush_loop)
                 interval = notify.watchdog_interval()
                 if interval:
@@ -216,7 +221,7 @@ class Daemon:
         password = None
         if cfg.database.password_file:
             try:
-                password = Path(cfg.database.password_file).read_text().strip()
+                password = (await anyio.Path(cfg.database.password_file).read_text()).strip()
             except OSError as e:
                 raise ConfigError(
                     f"database.password_file {cfg.database.password_file}: {e.strerror}"
@@ -454,7 +459,7 @@ class Daemon:
         assert self.ledger is not None
         now = time.time()
         cfg = self.config
-        seen = {
+        seen: dict[str, Any] = {
             "models_present": [],
             "models_missing": list(cfg.batch.models),
             "first_seen": dt.datetime.fromtimestamp(now, dt.UTC),

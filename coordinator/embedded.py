@@ -24,7 +24,7 @@ def pgdata_dir(state_dir: Path) -> Path:
 
 def start(state_dir: Path) -> tuple[str, bool]:
     """Start (or find running) the embedded server; return its DSN and whether we started it."""
-    import pgserver
+    from pgserver.postgres_server import PostgresServer, get_server
     from pgserver.utils import PostmasterInfo
 
     pgdata = pgdata_dir(state_dir)
@@ -34,16 +34,16 @@ def start(state_dir: Path) -> tuple[str, bool]:
     last: BaseException | None = None
     for _attempt in range(3):
         try:
-            cached = pgserver.PostgresServer._instances.get(pgdata.resolve())
+            cached = PostgresServer._instances.get(pgdata.resolve())
             if cached is not None:
                 # pgserver caches one handle per folder; after a stop, start it again.
-                with pgserver.PostgresServer._lock:
+                with PostgresServer._lock:
                     cached.ensure_postgres_running()
                 server = cached
             else:
                 # cleanup_mode=None: the server must survive this process (kill -9 of the
                 # daemon): a restarted daemon finds it running and goes on.
-                server = pgserver.get_server(pgdata, cleanup_mode=None)
+                server = get_server(pgdata, cleanup_mode=None)
             return server.get_uri(), not was_running
         except (subprocess.SubprocessError, OSError, AssertionError) as e:
             # pg_ctl -w sometimes misses a server that is already up (seen under load):
@@ -74,7 +74,8 @@ def pg_ctl(pgdata: Path, args: list[str]) -> None:
     from pgserver import _commands
 
     user = "pgserver" if _is_root() else None
-    _commands.pg_ctl(args, pgdata=pgdata, user=user, timeout=60)
+    # pg_ctl is generated at import time in pgserver._commands, so it is untyped.
+    getattr(_commands, "pg_ctl")(args, pgdata=pgdata, user=user, timeout=60)  # noqa: B009
 
 
 def _is_root() -> bool:

@@ -71,10 +71,11 @@ class Hub:
         self.agents: dict[int, AgentConn] = {}
         self._ids = itertools.count(1)
         self.restarts: dict[int, int] = {}
+        self._connected = anyio.Event()  # set (and renewed) whenever an agent says hello
 
     async def serve(self, sock_path: Path, *, task_status: TaskStatus[None]) -> None:
         """Listen on the agent socket."""
-        sock_path.unlink(missing_ok=True)
+        await anyio.Path(sock_path).unlink(missing_ok=True)
         listener = await anyio.create_unix_listener(sock_path)
         os.chmod(sock_path, 0o660)
         task_status.started()
@@ -97,6 +98,8 @@ class Hub:
                 self._fail_pending(old, "replaced by a new connection")
                 await old.stream.aclose()
             self.agents[conn.node] = conn
+            self._connected.set()
+            self._connected = anyio.Event()
             log.info(
                 "agent connected",
                 node=conn.node,
@@ -133,18 +136,20 @@ class Hub:
             p.event.set()
         conn.pending.clear()
 
-    async def wait_for(self, node: int, timeout: float) -> AgentConn:
-        """The node's agent, waiting up to `timeout` s for it to connect."""
-        with anyio.move_on_after(timeout):
+    async def wait_for(self, node: int, within_s: float) -> AgentConn:
+        """The node's agent, waiting up to `within_s` seconds for it to connect."""
+        with anyio.move_on_after(within_s):
             while node not in self.agents:
-                await anyio.sleep(0.05)
+                await self._connected.wait()
         conn = self.agents.get(node)
         if conn is None:
-            raise AgentError(f"no agent for node {node} connected within {timeout:.0f} s")
+            raise AgentError(f"no agent for node {node} connected within {within_s:.0f} s")
         return conn
 
-    async def request(self, node: int, msg: dict[str, Any], *, timeout: float) -> dict[str, Any]:
-        """Send a step to the node's agent and return its reply; AgentError if it fails."""
+    async def request(self, node: int, msg: dict[str, Any], *, within_s: float) -> dict[str, Any]:
+        """Send a step to the node's agent and return its reply; AgentError if it fails or
+        no reply comes within `within_s` seconds."""
+        timeout = within_s
         conn = await self.wait_for(node, timeout)
         req = next(self._ids)
         pending = _Pending()

@@ -215,7 +215,7 @@ class Ledger:
         self.health.connected = False
         self.health.last_error = f"{type(e).__name__}: {e}"
 
-    async def _migrate(self, conn: asyncpg.Connection) -> None:
+    async def _migrate(self, conn: Any) -> None:
         async with conn.transaction():
             # Serialise concurrent migrators (a second coordinator starting at the same time).
             await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(self.schema) + 1)
@@ -242,7 +242,7 @@ class Ledger:
             )
         )
 
-    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    async def _run(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         """Run `fn` on a pooled connection, retrying transient failures with backoff forever
         (nothing accepted is dropped); the health record says why while it waits."""
         delay = 0.2
@@ -275,7 +275,9 @@ class Ledger:
         first_seen: Any,
         deadline_at: Any,
     ) -> State:
-        """Create the ledger row of a batch seen for the first time (if absent); return its state."""
+        """Create the ledger row of a batch seen for the first time (if absent).
+
+        Return the batch's state in the ledger."""
 
         async def op(c: asyncpg.Connection) -> State:
             await c.execute(

@@ -124,7 +124,7 @@ class Pipeline:
         async def one(node: int) -> None:
             try:
                 replies[node] = await self.d.hub.request(
-                    node, make(node), timeout=self.cfg.agents.step_timeout_s
+                    node, make(node), within_s=self.cfg.agents.step_timeout_s
                 )
             except CoordinatorError as e:
                 errors.append(e)
@@ -170,8 +170,8 @@ class Pipeline:
             for n, p in placement.items()
             if float(p.get("fraction", 1.0)) < self.cfg.placement_min_fraction
         )
-        for n, p in placement.items():
-            self.d.last_placement[int(n)] = float(p.get("fraction", 0.0))
+        for node_key, p in placement.items():
+            self.d.last_placement[int(node_key)] = float(p.get("fraction", 0.0))
         if low:
             # Flagged, not failed: the data is intact, only slower to read than promised.
             placement["below_min"] = low
