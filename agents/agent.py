@@ -20,7 +20,7 @@ import anyio
 import structlog
 from anyio.abc import SocketStream
 
-from agents import binding, slm
+from agents import binding, placement, slm
 from agents import staging as stg
 from agents.crosscheck import load_crosscheck
 from coordinator import __version__, hooks
@@ -58,9 +58,10 @@ class Agent:
             if "/" in n or n.startswith("."):
                 raise CoordinatorError(f"stage: bad file name {n!r}")
         t0 = time.perf_counter()
-        files = stg.stage(self.config.paths.staging / batch_id, self.batch_dir(batch_id), names)
+        local = self.batch_dir(batch_id)
+        files = stg.stage(self.config.paths.staging / batch_id, local, names)
         seconds = time.perf_counter() - t0
-        return {
+        reply: dict[str, Any] = {
             "type": "staged",
             "batch_id": batch_id,
             "bytes": sum(f.bytes for f in files),
@@ -68,6 +69,22 @@ class Agent:
             "files": {f.name: {"bytes": f.bytes, "seconds": f.seconds} for f in files},
             "tmpfs_free": stg.free_bytes(self.tmpfs),
         }
+        # Measured every time, also for copies staged by an earlier request: the kernel may
+        # have moved pages since, and the reply is what the ledger records for this attempt.
+        try:
+            where = placement.measure({n: local / n for n in names}, self.node)
+        except OSError as e:
+            log.error("could not measure placement", batch_id=batch_id, error=str(e))
+        else:
+            reply["placement"] = where.as_dict()
+            if where.fraction < 1.0:
+                log.warning(
+                    "staged pages off this node",
+                    batch_id=batch_id,
+                    fraction=where.fraction,
+                    nodes=where.nodes(),
+                )
+        return reply
 
     def crosscheck(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Cross-check this node's models against all present models, from node-local copies."""

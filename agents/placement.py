@@ -1,0 +1,257 @@
+"""Where the pages of node-local copies actually are: the kernel's answer, per file and per batch.
+
+Binding the agent (numactl, systemd NUMAPolicy=) only says where pages *should* go; a tmpfs mounted
+with its own `mpol=`, a cpuset, or memory pressure can still put them elsewhere. So after staging
+the agent maps each copy read-only and asks the kernel which node holds every page: move_pages(2)
+with nodes = NULL (it moves nothing and fills in each page's node, or a negative errno), or, where
+that syscall is unavailable, the mapping's line in /proc/self/numa_maps. Counting and parsing are
+pure functions; only `page_nodes`, `file_nodes` and `measure` touch the kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import platform
+import re
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "BatchPlacement",
+    "FilePlacement",
+    "Method",
+    "file_nodes",
+    "measure",
+    "numa_maps_nodes",
+    "page_nodes",
+    "tally",
+    "usable_method",
+]
+
+Method = Literal["move_pages", "numa_maps"]
+
+# move_pages(2) syscall numbers; glibc has no wrapper (libnuma has, but is not required).
+_SYS_MOVE_PAGES = {"x86_64": 279, "aarch64": 239, "ppc64le": 301, "s390x": 310}
+PAGE = mmap.PAGESIZE
+# Pages per move_pages call, and bytes mapped at once (bounds page tables and address space
+# while measuring a copy of many GiB).
+STAT_BATCH = 4096
+WINDOW = 64 << 20
+
+_PROT_READ = 0x1
+_PROT_WRITE = 0x2
+_MAP_SHARED = 0x01
+_MAP_PRIVATE_ANON = 0x02 | 0x20  # MAP_PRIVATE | MAP_ANONYMOUS
+_MAP_POPULATE = 0x8000  # fault the pages in: move_pages and numa_maps only see mapped pages
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.syscall.restype = ctypes.c_long
+
+
+@dataclass(frozen=True)
+class FilePlacement:
+    """Pages of one file and how many of them are on the wanted node."""
+
+    pages: int
+    local_pages: int
+    nodes: Mapping[int, int] = field(default_factory=dict)  # node -> pages (found ones only)
+
+    @property
+    def fraction(self) -> float:
+        """Share of the file's pages on the wanted node (1.0 for an empty file: nothing is off)."""
+        return self.local_pages / self.pages if self.pages else 1.0
+
+
+@dataclass(frozen=True)
+class BatchPlacement:
+    """Placement of a batch's node-local copies, as reported in the agent's `staged` reply."""
+
+    node: int
+    method: Method
+    files: Mapping[str, FilePlacement]
+    seconds: float = 0.0
+
+    @property
+    def pages(self) -> int:
+        """All pages of all files."""
+        return sum(f.pages for f in self.files.values())
+
+    @property
+    def local_pages(self) -> int:
+        """Pages on the wanted node."""
+        return sum(f.local_pages for f in self.files.values())
+
+    @property
+    def fraction(self) -> float:
+        """Share of the batch's pages on the wanted node."""
+        return self.local_pages / self.pages if self.pages else 1.0
+
+    def nodes(self) -> dict[int, int]:
+        """Pages per node over all files; pages the kernel could not place are not counted."""
+        total: Counter[int] = Counter()
+        for f in self.files.values():
+            total.update(f.nodes)
+        return dict(sorted(total.items()))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The `placement` field of the `staged` reply (docs/numa.md)."""
+        return {
+            "fraction": round(self.fraction, 6),
+            "pages": self.pages,
+            "local_pages": self.local_pages,
+            "node": self.node,
+            "method": self.method,
+            "nodes": {str(n): p for n, p in self.nodes().items()},
+            "seconds": round(self.seconds, 6),
+            "files": {
+                name: {"fraction": round(f.fraction, 6), "pages": f.pages}
+                for name, f in sorted(self.files.items())
+            },
+        }
+
+
+def tally(counts: Mapping[int, int], node: int, pages: int) -> FilePlacement:
+    """Fold per-page statuses counted by value ({node or negative errno: pages}) into a
+    FilePlacement for `node`. A page with an error (e.g. -ENOENT: not present) or with no
+    status at all (numa_maps lists only mapped pages) is a page of the file, just not a local one.
+    """
+    nodes = {n: c for n, c in sorted(counts.items()) if n >= 0 and c > 0}
+    placed = sum(nodes.values())
+    if placed > pages:
+        raise ValueError(f"{placed} pages placed but the file has only {pages}")
+    return FilePlacement(pages=pages, local_pages=nodes.get(node, 0), nodes=nodes)
+
+
+_NODE_RE = re.compile(r"\bN(\d+)=(\d+)\b")
+
+
+def numa_maps_nodes(text: str, start: int) -> dict[int, int]:
+    """Pages per node of the mapping that starts at address `start`, from numa_maps text.
+
+    A line looks like `7f3a2c000000 bind:0 file=/dev/shm/x mapped=16 N0=12 N1=4 ...`; the
+    mapping is found by its start address, never by file name (names may be escaped).
+    """
+    for line in text.splitlines():
+        addr, _, rest = line.partition(" ")
+        try:
+            if int(addr, 16) != start:
+                continue
+        except ValueError:
+            continue
+        return {int(n): int(p) for n, p in _NODE_RE.findall(rest)}
+    return {}
+
+
+def page_nodes(addr: int, npages: int) -> list[int]:
+    """The node of each of `npages` pages from `addr` in this process, from move_pages(2) with
+    nodes = NULL; a negative value is the errno for that page. OSError if the call fails."""
+    nr = _SYS_MOVE_PAGES.get(platform.machine())
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"move_pages: no syscall number for {platform.machine()}")
+    out: list[int] = []
+    for first in range(0, npages, STAT_BATCH):
+        n = min(STAT_BATCH, npages - first)
+        pages = (ctypes.c_void_p * n)(*(addr + (first + i) * PAGE for i in range(n)))
+        status = (ctypes.c_int * n)()
+        rc = _libc.syscall(
+            ctypes.c_long(nr),
+            ctypes.c_int(0),  # this process
+            ctypes.c_ulong(n),
+            pages,
+            None,  # nodes = NULL: report, do not move
+            status,
+            ctypes.c_int(0),
+        )
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"move_pages: {os.strerror(err)}")
+        out.extend(status)
+    return out
+
+
+def _map(fd: int, offset: int, length: int) -> int:
+    addr = _libc.mmap(None, length, _PROT_READ, _MAP_SHARED | _MAP_POPULATE, fd, offset)
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap: {os.strerror(err)}")
+    return int(addr)
+
+
+def file_nodes(path: Path, method: Method = "move_pages") -> tuple[Counter[int], int]:
+    """Where a file's pages are: {node or negative errno: pages} and the file's page count.
+
+    The file is mapped read-only and shared, in windows, with MAP_POPULATE: both move_pages and
+    numa_maps see only pages mapped into this process, and mapping existing tmpfs pages neither
+    allocates nor moves them.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        counts: Counter[int] = Counter()
+        for offset in range(0, size, WINDOW):
+            length = min(WINDOW, size - offset)
+            addr = _map(fd, offset, length)
+            try:
+                if method == "move_pages":
+                    counts.update(page_nodes(addr, -(-length // PAGE)))
+                else:
+                    with open("/proc/self/numa_maps") as f:
+                        counts.update(numa_maps_nodes(f.read(), addr))
+            finally:
+                _libc.munmap(addr, length)
+        return counts, -(-size // PAGE)
+    finally:
+        os.close(fd)
+
+
+_method: Method | None = None
+
+
+def usable_method() -> Method:
+    """move_pages when this kernel and architecture answer it for one page of our own memory,
+    else numa_maps (an unknown architecture, or a seccomp filter that forbids the syscall)."""
+    global _method
+    if _method is None:
+        addr = _libc.mmap(
+            None, PAGE, _PROT_READ | _PROT_WRITE, _MAP_PRIVATE_ANON | _MAP_POPULATE, -1, 0
+        )
+        if addr is None or addr == _MAP_FAILED:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap: {os.strerror(err)}")
+        try:
+            page_nodes(int(addr), 1)
+            _method = "move_pages"
+        except OSError:
+            _method = "numa_maps"
+        finally:
+            _libc.munmap(addr, PAGE)
+    return _method
+
+
+def measure(files: Mapping[str, Path], node: int, method: Method | None = None) -> BatchPlacement:
+    """Ask the kernel where the pages of `files` ({name: path}) are; fractions are of `node`."""
+    t0 = time.perf_counter()
+    how = method or usable_method()
+    out = {}
+    for name, path in files.items():
+        counts, pages = file_nodes(path, how)
+        out[name] = tally(counts, node, pages)
+    return BatchPlacement(node, how, out, time.perf_counter() - t0)
