@@ -11,7 +11,9 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -289,3 +291,199 @@ def test_staged_reply_measures_copies_staged_by_an_earlier_request_too(agent: Ag
     assert again["bytes"] == 0  # nothing copied this time ...
     assert again["placement"]["pages"] == 9  # ... but every copy is measured
     assert set(again["placement"]["files"]) == set(files)
+
+
+# --- the cross-check reads only node-local copies -------------------------------------------
+#
+# Two observers, because neither alone sees everything: a Python audit hook on `open` in the
+# agent process sees every open made from Python (a cross-check plug-in's open(), the SDK's
+# writes), and inotify on the staging batch folder sees every open the kernel performs there,
+# including pyarrow's C++ opens, which raise no audit event at all.
+
+IN_ACCESS = 0x1
+IN_OPEN = 0x20
+IN_Q_OVERFLOW = 0x4000
+IN_ISDIR = 0x40000000
+
+
+class Inotify:
+    """The open/read events of the entries of one folder (ctypes; inotify(7))."""
+
+    def __init__(self, folder: Path) -> None:
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        assert self.fd >= 0, os.strerror(ctypes.get_errno())
+        wd = self.libc.inotify_add_watch(self.fd, os.fsencode(folder), IN_OPEN | IN_ACCESS)
+        assert wd >= 0, os.strerror(ctypes.get_errno())
+
+    def events(self) -> list[tuple[int, str]]:
+        """(mask, name) of every event so far; name is '' for the folder itself."""
+        import struct
+
+        out: list[tuple[int, str]] = []
+        while True:
+            try:
+                data = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return out
+            off = 0
+            while off < len(data):
+                _wd, mask, _cookie, n = struct.unpack_from("iIII", data, off)
+                name = data[off + 16 : off + 16 + n].rstrip(b"\0").decode()
+                assert not mask & IN_Q_OVERFLOW, "inotify queue overflowed: events were lost"
+                out.append((mask, name))
+                off += 16 + n
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+# Runs in a child so the audit hook (which cannot be removed) dies with it. The child stages
+# batch b1 like the agent does, says "staged", waits for a line on stdin (the parent arms
+# inotify meanwhile), then runs the agent's cross-check under the hook and prints what it saw.
+CHILD = r"""
+import json, os, sys
+from pathlib import Path
+from agents.agent import Agent
+from coordinator.config import load_config
+
+cfg, node, variant, models = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+agent = Agent(load_config(cfg), node)
+staging = agent.config.paths.staging
+agent.stage({"batch_id": "b1", "files": [f"{m}.parquet" for m in models]})
+if variant == "reader-on-staging":
+    # Controls: a reader pointed at staging instead of the node-local copies ...
+    agent.batch_dir = lambda batch_id: staging / batch_id
+elif variant == "plugin-opens-staging":
+    # ... or a cross-check plug-in that peeks at a staging file with open().
+    real = agent.crosscheck_fn
+    def peeking(model, tables):
+        with open(staging / "b1" / f"{model}.parquet", "rb") as f:
+            f.read(4)
+        return real(model, tables)
+    agent.crosscheck_fn = peeking
+opened = []
+def hook(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        opened.append([os.fsdecode(args[0]), args[1], args[2]])
+print("staged", flush=True)
+sys.stdin.readline()
+sys.addaudithook(hook)
+reply = agent.crosscheck({"batch_id": "b1", "models": models})
+print(json.dumps({"reply": reply, "opened": opened}), flush=True)
+"""
+
+
+def python_reads_under(folder: Path, opened: list[list[object]]) -> list[str]:
+    """Opens (from the audit hook) of files under `folder` that are not the cross-check's own
+    temp output opened for writing; opening the folder itself (to fsync it) is allowed."""
+    bad = []
+    for path, mode, flags in opened:
+        p = Path(str(path))
+        if p == folder or folder not in p.parents:
+            continue
+        writing = (isinstance(mode, str) and "w" in mode) or (
+            isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR)
+        )
+        if not (writing and p.name.startswith(".crosscheck_") and p.name.endswith(".tmp")):
+            bad.append(p.name)
+    return sorted(bad)
+
+
+def kernel_reads(events: list[tuple[int, str]]) -> list[str]:
+    """Files of the folder the kernel saw opened or read, other than the cross-check temps."""
+    return sorted(
+        {
+            name
+            for mask, name in events
+            if name and not mask & IN_ISDIR and not name.startswith(".crosscheck_")
+        }
+    )
+
+
+CC_MODELS = ["m1", "m2", "m3"]
+
+
+@dataclass
+class Seen:
+    """What a cross-check did, as its reply says and as the two observers saw it."""
+
+    reply: dict[str, Any]
+    python: list[str]  # files under staging opened from Python, other than its own output
+    kernel: list[str]  # files under staging the kernel saw opened or read, other than that
+    events: list[tuple[int, str]]  # inotify's (mask, name), all of them
+    opened: list[str]  # every path the audit hook saw opened
+
+
+def crosscheck_in_child(tmp_path: Path, shm: Path, variant: str) -> Seen:
+    """Stage a real batch and run the agent's cross-check in a child with both observers on;
+    return the child's reply, its Python opens under staging and the kernel's."""
+    import json
+    import subprocess
+    import sys
+
+    from agents import slm
+    from coordinator.demo import synthetic_batch
+
+    agent = agent_for(tmp_path, shm, host_node_of_fresh_memory())
+    batch = agent.config.paths.staging / "b1"
+    tables = synthetic_batch(50, seed=7, accuracy=dict.fromkeys(CC_MODELS, 0.8))[1]
+    for m in CC_MODELS:
+        slm.publish(agent.config.paths.staging, "b1", m, tables[m])
+    root = Path(__file__).resolve().parent.parent
+    child = subprocess.Popen(
+        [
+            *(sys.executable, "-c", CHILD),
+            *(str(tmp_path / "coordinator.toml"), str(agent.node), variant, json.dumps(CC_MODELS)),
+        ],
+        cwd=root,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "staged", child.stderr
+        watch = Inotify(batch)
+        try:
+            out, err = child.communicate("go\n", timeout=120)
+            events = watch.events()
+        finally:
+            watch.close()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    return Seen(
+        result["reply"],
+        python_reads_under(batch, result["opened"]),
+        kernel_reads(events),
+        events,
+        [str(o[0]) for o in result["opened"]],
+    )
+
+
+def test_crosscheck_opens_no_staging_file_but_its_own_output(tmp_path: Path, shm: Path) -> None:
+    seen = crosscheck_in_child(tmp_path, shm, "node-local")
+    assert seen.reply["outputs"] == {m: f"crosscheck_{m}.parquet" for m in CC_MODELS}
+    assert seen.python == []
+    assert seen.kernel == []
+    # The observers were live: both saw the cross-check write its outputs into the folder.
+    temps = {f".crosscheck_{m}.parquet.tmp" for m in CC_MODELS}
+    assert temps <= {name for mask, name in seen.events if mask & IN_OPEN}
+    assert temps <= {Path(p).name for p in seen.opened}
+
+
+def test_a_crosscheck_reading_staging_through_pyarrow_is_caught(tmp_path: Path, shm: Path) -> None:
+    # The control for the test above: pyarrow's C++ opens raise no audit event; inotify sees them.
+    seen = crosscheck_in_child(tmp_path, shm, "reader-on-staging")
+    assert seen.kernel == [f"{m}.parquet" for m in CC_MODELS]
+
+
+def test_a_crosscheck_plugin_opening_a_staging_file_is_caught(tmp_path: Path, shm: Path) -> None:
+    seen = crosscheck_in_child(tmp_path, shm, "plugin-opens-staging")
+    assert seen.python == [f"{m}.parquet" for m in CC_MODELS]
+    assert seen.kernel == [f"{m}.parquet" for m in CC_MODELS]
