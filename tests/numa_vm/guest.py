@@ -1,0 +1,271 @@
+"""Runs inside the two-node guest that vm.py boots: the real staging agents on a real batch.
+
+    python guest.py JOB_DIR
+
+JOB_DIR (a writable 9p share) holds job.json ({root, batch_id, models}) and staging/<batch_id>/
+with the models' Parquet files. This script stands in for the coordinator's side of the agent
+socket (coordinator.protocol, no PostgreSQL in the guest) and starts, as the daemon does,
+`numactl --membind=N --cpunodebind=N python -m agents.agent --node N ...` for:
+
+- node0: node 0's agent; its tmpfs is a plain tmpfs, so the agent's bound policy places pages;
+- node1: node 1's agent; its tmpfs is mounted with mpol=bind:1, as the systemd units do;
+- wrong: a negative control, node 0's agent whose tmpfs is mounted with mpol=bind:1 (a mount
+  policy wins over the process's), so its copies land on node 1 and it must say so;
+- refused: node 1's agent started bound to node 0, which must refuse to run (exit 3).
+
+It stages the batch on each in turn, reading the kernel's per-node Shmem counters before and
+after, purges, stops the agents, and writes everything to JOB_DIR/result.json. The checks are
+test_numa_vm.py's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+JOB = Path(sys.argv[1])
+SPEC = json.loads((JOB / "job.json").read_text())
+ROOT = Path(SPEC["root"])
+sys.path.insert(0, str(ROOT))
+
+import anyio  # noqa: E402
+from anyio.abc import SocketStream  # noqa: E402
+
+from coordinator.protocol import AGENT_TYPES, LineReader, decode, encode  # noqa: E402
+
+WORK = Path("/tmp/nvm")
+SOCKET = WORK / "agents.sock"
+STEP_TIMEOUT = 120.0
+
+
+def uptime() -> float:
+    """Seconds since the guest booted."""
+    return float(Path("/proc/uptime").read_text().split()[0])
+
+
+def shmem_kb() -> dict[str, int]:
+    """Shmem (tmpfs and shared memory) per node, in kB, from the kernel's per-node meminfo.
+
+    The node counters lag behind per-CPU deltas (folded about once a second); stat_refresh
+    folds them now, so a delta is exact rather than off by a few dozen pages.
+    """
+    try:
+        Path("/proc/sys/vm/stat_refresh").write_text("1")
+    except OSError:  # EINVAL when some unrelated counter is transiently negative
+        time.sleep(2.0)
+    out = {}
+    for d in sorted(Path("/sys/devices/system/node").glob("node[0-9]*")):
+        for line in (d / "meminfo").read_text().splitlines():
+            # "Node 1 Shmem:             2048 kB"
+            parts = line.split()
+            if parts[2] == "Shmem:":
+                out[parts[1]] = int(parts[3])
+    return out
+
+
+def topology() -> dict[str, Any]:
+    """Nodes, their CPUs and distances as the guest kernel sees them."""
+    base = Path("/sys/devices/system/node")
+    nodes = sorted(int(d.name[4:]) for d in base.glob("node[0-9]*"))
+    return {
+        "nodes": nodes,
+        "cpus": {str(n): (base / f"node{n}" / "cpulist").read_text().strip() for n in nodes},
+        "distance": {
+            str(n): [int(x) for x in (base / f"node{n}" / "distance").read_text().split()]
+            for n in nodes
+        },
+    }
+
+
+def mount_tmpfs(target: Path, options: str) -> None:
+    """mount -t tmpfs -o OPTIONS tmpfs TARGET, through libc (no mount binary needed)."""
+    target.mkdir(parents=True, exist_ok=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.mount(b"tmpfs", os.fsencode(target), b"tmpfs", 0, options.encode())
+    if rc != 0:
+        raise OSError(ctypes.get_errno(), f"mount tmpfs on {target} -o {options}")
+
+
+def write_config(path: Path, node_tmpfs: str) -> Path:
+    """A coordinator.toml for the agents: the job's staging, the given node_tmpfs template."""
+    models = SPEC["models"]
+    half = (len(models) + 1) // 2
+    q = json.dumps
+    path.write_text(
+        f"""
+[paths]
+staging = {q(str(JOB / "staging"))}
+lake = {q(str(WORK / "lake"))}
+node_tmpfs = {q(node_tmpfs)}
+state_dir = {q(str(WORK / "state"))}
+runtime_dir = {q(str(WORK / "run"))}
+
+[batch]
+models = {q(models)}
+quorum = {len(models)}
+
+[agents]
+heartbeat_s = 5.0
+
+[log]
+level = "info"
+format = "json"
+
+[[node]]
+id = 0
+models = {q(models[:half])}
+
+[[node]]
+id = 1
+models = {q(models[half:])}
+"""
+    )
+    return path
+
+
+def start_agent(name: str, node: int, bind: int, config: Path) -> subprocess.Popen[bytes]:
+    """The real staging agent for `node` under numactl bound to node `bind`; logs to the job."""
+    log = open(JOB / f"agent-{name}.log", "wb")
+    cmd = ["numactl", f"--membind={bind}", f"--cpunodebind={bind}", sys.executable]
+    cmd += ["-m", "agents.agent", "--node", str(node), "--config", str(config)]
+    cmd += ["--socket", str(SOCKET)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    return proc
+
+
+class Conn:
+    """One agent connection: its hello and the replies it sends."""
+
+    def __init__(self, stream: SocketStream, hello: dict[str, Any]) -> None:
+        self.stream = stream
+        self.hello = hello
+        self.send_replies, self.replies = anyio.create_memory_object_stream[dict[str, Any]](100)
+        self.req = 0
+
+    async def request(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Send a request and return the agent's reply to it."""
+        self.req += 1
+        await self.stream.send(encode({**msg, "req": self.req}))
+        with anyio.fail_after(STEP_TIMEOUT):
+            async for reply in self.replies:
+                if reply.get("req") == self.req:
+                    return reply
+        raise EOFError(f"agent {self.hello.get('tmpfs')} went away")
+
+
+async def drive(result: dict[str, Any], agents: dict[str, int]) -> None:
+    """Accept the agents, stage the batch on each in turn with the Shmem counters around it,
+    then purge. `agents` maps a label to the pid of its agent (numactl execs the agent, so the
+    pid in its hello is the one started)."""
+    by_pid = {pid: label for label, pid in agents.items()}
+    conns: dict[str, Conn] = {}
+    all_here = anyio.Event()
+
+    async def serve(stream: SocketStream) -> None:
+        reader = LineReader(stream)
+        first = await reader.readline()
+        if first is None:
+            return
+        hello = decode(first, types=AGENT_TYPES)
+        label = by_pid.get(hello["pid"], f"unexpected pid {hello['pid']}")
+        conn = Conn(stream, hello)
+        conns[label] = conn
+        result["hello"][label] = {**hello, "at_s": uptime()}
+        if set(agents) <= set(conns):
+            all_here.set()
+        while (line := await reader.readline()) is not None:
+            msg = decode(line, types=AGENT_TYPES)
+            if msg["type"] != "heartbeat":
+                await conn.send_replies.send(msg)
+        conn.send_replies.close()
+
+    listener = await anyio.create_unix_listener(SOCKET)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        with anyio.fail_after(STEP_TIMEOUT):
+            await all_here.wait()
+        batch = SPEC["batch_id"]
+        files = [f"{m}.parquet" for m in SPEC["models"]]
+        for label in agents:
+            before = shmem_kb()
+            t0 = time.monotonic()
+            reply = await conns[label].request({"type": "stage", "batch_id": batch, "files": files})
+            after = shmem_kb()
+            result["stage"][label] = {
+                "reply": reply,
+                "wall_s": round(time.monotonic() - t0, 3),
+                "shmem_kb_before": before,
+                "shmem_kb_delta": {n: after[n] - before[n] for n in after},
+            }
+        for label in agents:
+            before = shmem_kb()
+            reply = await conns[label].request({"type": "purge", "batch_id": batch})
+            after = shmem_kb()
+            result["purge"][label] = {
+                "reply": reply,
+                "shmem_kb_delta": {n: after[n] - before[n] for n in after},
+            }
+        tg.cancel_scope.cancel()
+
+
+def main() -> int:
+    """Run the whole guest job; result.json is written whatever happens."""
+    result: dict[str, Any] = {
+        "started_s": uptime(),
+        "hello": {},
+        "stage": {},
+        "purge": {},
+        "exit": {},
+    }
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        result["topology"] = topology()
+        WORK.mkdir(parents=True, exist_ok=True)
+        # node 0: a plain tmpfs (the agent's own bound policy places its pages);
+        # node 1: a tmpfs mounted with mpol=bind:1, as systemd/numa-coordinator-tmpfs does;
+        # wrong: node 0's folder on a tmpfs bound to node 1.
+        mount_tmpfs(WORK / "n0", "size=256m,mode=0750")
+        mount_tmpfs(WORK / "n1", "size=256m,mode=0750,mpol=bind:1")
+        mount_tmpfs(WORK / "w" / "n0", "size=256m,mode=0750,mpol=bind:1")
+        good = write_config(WORK / "coordinator.toml", str(WORK / "n{node}"))
+        bad = write_config(WORK / "wrong.toml", str(WORK / "w" / "n{node}"))
+        procs["refused"] = start_agent("refused", node=1, bind=0, config=good)
+        procs["node0"] = start_agent("node0", node=0, bind=0, config=good)
+        procs["node1"] = start_agent("node1", node=1, bind=1, config=good)
+        procs["wrong"] = start_agent("wrong", node=0, bind=0, config=bad)
+        agents = {name: procs[name].pid for name in ("node0", "node1", "wrong")}
+        anyio.run(drive, result, agents, backend="asyncio")
+        try:
+            result["exit"]["refused"] = procs["refused"].wait(timeout=STEP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            result["exit"]["refused"] = "still running"
+    except BaseException as e:
+        result["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for name, p in procs.items():
+            try:
+                result["exit"].setdefault(name, p.wait(timeout=30))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                result["exit"].setdefault(name, "killed after 30 s")
+        result["finished_s"] = uptime()
+        tmp = JOB / ".result.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.rename(JOB / "result.json")
+    return 0 if "error" not in result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
