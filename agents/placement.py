@@ -10,12 +10,14 @@ pure functions; only `page_nodes`, `file_nodes` and `measure` touch the kernel.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
 import mmap
 import os
 import platform
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -169,15 +171,16 @@ def page_nodes(addr: int, npages: int) -> list[int]:
     out: list[int] = []
     for first in range(0, npages, STAT_BATCH):
         n = min(STAT_BATCH, npages - first)
-        pages = (ctypes.c_void_p * n)(*(addr + (first + i) * PAGE for i in range(n)))
-        status = (ctypes.c_int * n)()
+        start = addr + first * PAGE
+        pages = array.array("Q", range(start, start + n * PAGE, PAGE))
+        status = array.array("i", bytes(4 * n))
         rc = _libc.syscall(
             ctypes.c_long(nr),
             ctypes.c_int(0),  # this process
             ctypes.c_ulong(n),
-            pages,
+            ctypes.c_void_p(pages.buffer_info()[0]),
             None,  # nodes = NULL: report, do not move
-            status,
+            ctypes.c_void_p(status.buffer_info()[0]),
             ctypes.c_int(0),
         )
         if rc != 0:
@@ -255,3 +258,28 @@ def measure(files: Mapping[str, Path], node: int, method: Method | None = None) 
         counts, pages = file_nodes(path, how)
         out[name] = tally(counts, node, pages)
     return BatchPlacement(node, how, out, time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m agents.placement --node N FILE...`: an operator's spot check of copies on
+    tmpfs; prints the placement as JSON, exits 1 when the fraction is below --min."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m agents.placement", description=main.__doc__)
+    p.add_argument("--node", type=int, required=True, help="the node the pages should be on")
+    p.add_argument("--min", type=float, default=0.99, help="lowest acceptable fraction")
+    p.add_argument("--method", choices=["move_pages", "numa_maps"], help="default: move_pages")
+    p.add_argument("files", nargs="+", type=Path)
+    args = p.parse_args(argv)
+    try:
+        where = measure({str(f): f for f in args.files}, args.node, args.method)
+    except OSError as e:
+        print(f"placement: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(json.dumps(where.as_dict(), indent=2))
+    return 0 if where.fraction >= args.min else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

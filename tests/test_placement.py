@@ -487,3 +487,38 @@ def test_a_crosscheck_plugin_opening_a_staging_file_is_caught(tmp_path: Path, sh
     seen = crosscheck_in_child(tmp_path, shm, "plugin-opens-staging")
     assert seen.python == [f"{m}.parquet" for m in CC_MODELS]
     assert seen.kernel == [f"{m}.parquet" for m in CC_MODELS]
+
+
+# --- the operator's spot check --------------------------------------------------------------
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "agents.placement", *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_cli_prints_the_placement_and_exits_1_below_the_minimum(shm: Path) -> None:
+    import json
+
+    node = host_node_of_fresh_memory()
+    f = write(shm / "f", 3 * PAGE)
+    rc, out = run_cli("--node", str(node), str(f))
+    assert rc == 0, out
+    assert json.loads(out)["files"] == {str(f): {"fraction": 1.0, "pages": 3}}
+    rc, out = run_cli("--node", str(node + 1), str(f))
+    assert rc == 1, out
+    assert json.loads(out)["fraction"] == 0.0
+
+
+def test_cli_names_a_missing_file_and_exits_2(shm: Path) -> None:
+    rc, out = run_cli("--node", "0", str(shm / "nope"))
+    assert (rc, out.strip()) == (2, f"placement: {shm / 'nope'}: No such file or directory")
