@@ -1,0 +1,684 @@
+"""Fault injection against the real thing (issue 3, items 1-9 and 12): a real coordinatord with its
+agents under numactl, real folders, a real PostgreSQL; faults are injected from outside (files
+written badly, events lost, processes killed, a full tmpfs, SIGTERM) or through the test hooks of
+coordinator/hooks.py ($NUMA_COORDINATOR_TEST_HOOKS, read by the daemon and its agents).
+
+Every test ends on outcomes: ledger states, rows in PostgreSQL exactly once, lake files exactly
+once (with the bytes that were published), nothing left in staging or node-local tmpfs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from agents import slm
+from tests.conftest import MODELS, ROOT, Env, wait_until
+from tests.faultlib import (
+    FINAL,
+    assert_exactly_once,
+    files_under,
+    hooks,
+    lake_dirs,
+    ledger,
+    ledger_ids,
+    parquet_bytes,
+    place,
+    publish,
+    publish_all,
+    quarantined,
+    row_counts,
+    staging_leftovers,
+    tables,
+)
+
+
+def in_flight(d, batch_id: str) -> dict | None:
+    """The status entry of a batch the daemon is waiting on / working on."""
+    return next((b for b in d.status()["batches"] if b["batch_id"] == batch_id), None)
+
+
+# -- 1. files written in place; dot files ---------------------------------------------------------
+
+
+def test_file_written_in_place_counts_only_when_complete_and_dot_files_never(env, daemon):
+    env.write_config(barrier={"reconcile_s": 0.5, "settle_s": 2.0})
+    d = daemon().start()
+    t = tables(101)
+    published = {m: publish(env, "inplace", m, t[m]) for m in MODELS[:5]}
+    folder = env.staging / "inplace"
+    # A complete, valid result under a dot name never counts (neither .x nor .x.tmp).
+    pq.write_table(t["slm-6"], folder / ".slm-6.parquet")
+    pq.write_table(t["slm-6"], folder / ".slm-6.parquet.tmp")
+    wait_until(lambda: in_flight(d, "inplace"), 20, "the batch to be seen")
+    # slm-7 is written in place: the final name is opened and filled chunk by chunk.
+    data = parquet_bytes(t["slm-7"])
+    step = len(data) // 5 + 1
+    with open(folder / "slm-7.parquet", "wb") as f:
+        for i in range(0, len(data) - step, step):
+            f.write(data[i : i + step])
+            f.flush()
+            time.sleep(0.4)  # > reconcile_s: the daemon looks at the half-written file
+            b = in_flight(d, "inplace")
+            assert b is not None and b["state"] == "waiting"
+            assert b["missing"] == ["slm-6", "slm-7"], f"counted with {f.tell()} of {len(data)}"
+        f.write(data[f.tell() :])
+    # Complete now: slm-7 counts; the dot files still do not.
+    wait_until(
+        lambda: in_flight(d, "inplace")["missing"] == ["slm-6"], 10, "the complete file to count"
+    )
+    time.sleep(1.0)
+    assert d.show("inplace")["state"] == "waiting"
+    assert in_flight(d, "inplace")["missing"] == ["slm-6"]
+    assert not (env.staging / ".quarantine").exists(), "a file being written was quarantined"
+    published["slm-7"] = data
+    published["slm-6"] = publish(env, "inplace", "slm-6", t["slm-6"])
+    assert d.wait_state("inplace", FINAL)["state"] == "done"
+    assert_exactly_once(env, "inplace", published=published)
+    assert staging_leftovers(env) == []
+
+
+# -- 2. files that arrive while the daemon is down or starting -----------------------------------
+
+
+def test_files_arriving_while_down_and_during_start_are_processed_exactly_once(env, daemon):
+    d = daemon().start()
+    first = publish_all(env, "down-0", seed=201)
+    assert d.wait_state("down-0", FINAL)["state"] == "done"
+    finished_at = ledger(env, "down-0")["finished_at"]
+    assert d.stop() == 0
+    # While it is down: a whole batch, half of another.
+    pub = {"down-1": publish_all(env, "down-1", seed=202)}
+    t = tables(203)
+    pub["down-2"] = {m: publish(env, "down-2", m, t[m]) for m in MODELS[:4]}
+    # While it starts (arming the watcher, first listing, resuming): more arrive.
+    d2 = daemon().start(wait=False)
+    for m in MODELS[4:]:
+        pub["down-2"][m] = publish(env, "down-2", m, t[m])
+        time.sleep(0.1)
+    for i in range(3, 6):
+        pub[f"down-{i}"] = publish_all(env, f"down-{i}", seed=200 + i)
+        time.sleep(0.15)
+    d2.wait_ready()
+    for b in pub:
+        assert d2.wait_state(b, FINAL)["state"] == "done"
+    for b, files in pub.items():
+        assert_exactly_once(env, b, published=files)
+    # The batch finished before the restart was not touched again.
+    assert_exactly_once(env, "down-0", published=first)
+    assert ledger(env, "down-0")["finished_at"] == finished_at
+    assert staging_leftovers(env) == []
+    assert files_under(env.tmpfs) == []
+
+
+# -- 3. lost events ----------------------------------------------------------------------------
+
+MAX_QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
+
+
+@pytest.fixture
+def inotify_queue():
+    """Lower fs.inotify.max_queued_events for inotify instances created meanwhile; the value is
+    read when an instance is created, so it is restored as soon as the daemon has armed its
+    watcher (other processes on the machine keep the normal queue), and again at teardown."""
+    if not os.access(MAX_QUEUED, os.W_OK):
+        pytest.skip("needs root to lower fs.inotify.max_queued_events")
+    old = MAX_QUEUED.read_text()
+
+    class Q:
+        def lower(self, n: int) -> None:
+            MAX_QUEUED.write_text(str(n))
+
+        def restore(self) -> None:
+            MAX_QUEUED.write_text(old)
+
+    q = Q()
+    try:
+        yield q
+    finally:
+        q.restore()
+
+
+def test_burst_larger_than_the_inotify_queue_loses_no_batch(env, daemon, inotify_queue):
+    inotify_queue.lower(16)
+    try:
+        d = daemon().start()
+    finally:
+        inotify_queue.restore()
+    n_batches = 6
+    ts = {f"burst-{i}": tables(300 + i) for i in range(n_batches)}
+    pub = {b: {"slm-1": publish(env, b, "slm-1", t["slm-1"])} for b, t in ts.items()}
+    # The batch folders exist and are watched...
+    wait_until(
+        lambda: all((b := in_flight(d, x)) and len(b["present"]) == 1 for x in ts),
+        20,
+        "every batch folder to be seen",
+    )
+    events0 = d.status()["watcher"]["events"]
+    # ...then the daemon (its event thread too) is frozen while 30 files are published into
+    # them: the kernel queue of 16 overflows and most of these events are lost for good.
+    os.kill(d.proc.pid, signal.SIGSTOP)
+    try:
+        for b, t in ts.items():
+            for m in MODELS[1:-1]:
+                pub[b][m] = publish(env, b, m, t[m])
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    wait_until(
+        lambda: all(in_flight(d, b)["missing"] == ["slm-7"] for b in ts),
+        20,
+        "reconciliation to find every file of the burst",
+    )
+    w = d.status()["watcher"]
+    # Each published file is at least one distinct change (its final name): far fewer arrived.
+    assert w["events"] - events0 < n_batches * 5, "no events were lost: the test proves nothing"
+    assert w["reconcile_scans"] > 0
+    for b, t in ts.items():
+        pub[b]["slm-7"] = publish(env, b, "slm-7", t["slm-7"])
+    for b in pub:
+        assert d.wait_state(b, FINAL)["state"] == "done"
+    for b, files in pub.items():
+        assert_exactly_once(env, b, published=files)
+    assert staging_leftovers(env) == []
+
+
+def test_non_utf8_name_is_rejected_and_does_not_stop_the_batch_or_the_watcher(env, daemon):
+    # Reconciliation is slow here, so only a working (or re-created) watcher finishes in time.
+    env.write_config(barrier={"reconcile_s": 60.0})
+    d = daemon().start()
+    t = tables(401)
+    pub = {m: publish(env, "utf", m, t[m]) for m in MODELS[:-1]}
+    fd = os.open(bytes(env.staging / "utf") + b"/\xff\xfe-slm-7.parquet", os.O_CREAT | os.O_WRONLY)
+    os.write(fd, parquet_bytes(t["slm-7"]))
+    os.close(fd)
+    pub["slm-7"] = publish(env, "utf", "slm-7", t["slm-7"])
+    assert d.wait_state("utf", FINAL, timeout=20)["state"] == "done"
+    assert_exactly_once(env, "utf", published=pub)
+    wait_until(lambda: d.status()["watcher"]["armed"], 10, "the watcher to be armed")
+    w = d.status()["watcher"]
+    # watchfiles cannot decode such a path and fails: each failure is counted and re-created.
+    assert w["watcher_restarts"] == d.log.read_text().count("watcher failed, re-creating it")
+    assert w["rejected"].get("name does not match <model>.parquet", 0) >= 1, w["rejected"]
+    # The watcher still works after the bad name: a new batch completes on events alone.
+    pub2 = publish_all(env, "utf-2", seed=402)
+    assert d.wait_state("utf-2", FINAL, timeout=20)["state"] == "done"
+    assert_exactly_once(env, "utf-2", published=pub2)
+
+
+# -- 4. bad names, symlinks, hard links, folders ----------------------------------------------
+
+
+def test_bad_names_links_and_folders_are_rejected_never_followed_or_copied(env, daemon):
+    d = daemon().start()
+    elsewhere = env.root / "elsewhere"
+    elsewhere.mkdir()
+    t = tables(501)
+    other = tables(599)
+    pub = {m: publish(env, "names", m, t[m]) for m in ("slm-1", "slm-2", "slm-4", "slm-5")}
+    folder = env.staging / "names"
+    # slm-7: a symlink to a valid Parquet file elsewhere.
+    target = elsewhere / "slm-7-elsewhere.parquet"
+    target.write_bytes(parquet_bytes(other["slm-7"]))
+    target_bytes = target.read_bytes()
+    os.symlink(target, folder / "slm-7.parquet")
+    # slm-6: a valid file with a second (hard) link elsewhere.
+    pub["slm-6"] = publish(env, "names", "slm-6", t["slm-6"])
+    os.link(folder / "slm-6.parquet", elsewhere / "hardlink.parquet")
+    # slm-3: a folder where the file belongs.
+    (folder / "slm-3.parquet").mkdir()
+    (folder / "slm-3.parquet" / "x.parquet").write_bytes(parquet_bytes(t["slm-3"]))
+    # Names that match nothing.
+    (folder / "notes.txt").write_text("not a result")
+    place(folder / "slm-9.parquet", parquet_bytes(t["slm-1"]))
+    place(folder / "crosscheck_slm-9.parquet", parquet_bytes(t["slm-1"]))
+    place(folder / ("x" * 196 + ".txt"), b"long")
+    place(folder / ("y" * 192 + ".parquet"), parquet_bytes(t["slm-1"]))
+    # A folder that is not a batch folder, and a file where a batch folder belongs.
+    place(env.staging / "stray.parquet", parquet_bytes(t["slm-1"]))
+    time.sleep(3.0)  # events, and two reconciliation scans
+
+    b = in_flight(d, "names")
+    assert b is not None and b["state"] == "waiting"
+    assert b["missing"] == ["slm-3", "slm-6", "slm-7"]
+    assert ledger_ids(env) == {"names"}
+    rejected = d.status()["watcher"]["rejected"]
+    reasons = " | ".join(rejected)
+    for what in (
+        "symlink",
+        "hard link",
+        "not a regular file",
+        "does not match",
+        "unknown model",
+        "not a folder",
+    ):
+        assert what in reasons, f"no rejection counted for {what!r}: {rejected}"
+    assert files_under(env.tmpfs) == [], "something was copied to tmpfs"
+
+    # Put things right: the batch completes with the proper files only.
+    (folder / "slm-7.parquet").unlink()
+    pub["slm-7"] = publish(env, "names", "slm-7", t["slm-7"])
+    (elsewhere / "hardlink.parquet").unlink()  # slm-6 has one link now
+    (folder / "slm-3.parquet" / "x.parquet").unlink()
+    (folder / "slm-3.parquet").rmdir()
+    pub["slm-3"] = publish(env, "names", "slm-3", t["slm-3"])
+    assert d.wait_state("names", FINAL)["state"] == "done"
+    assert_exactly_once(env, "names", published=pub)
+    # Never followed, never copied, never removed.
+    assert target.read_bytes() == target_bytes
+    assert ledger_ids(env) == {"names"}
+    assert files_under(env.tmpfs) == []
+    assert staging_leftovers(env) == ["stray.parquet"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: coordinator/barrier.py batch_of() takes any first path component of a watcher "
+    "event as a batch id and Daemon._look_at -> Scanner.scan lists it without the NAME_RE / "
+    "symlink checks that only Scanner.batch_ids applies: a symlinked batch folder created while "
+    "the daemon runs is followed and processed (rows committed, lake written, cross-check files "
+    "written INTO the symlink target), and badly named folders get ledger rows and a pipeline",
+)
+def test_symlinked_and_badly_named_batch_folders_are_never_taken(env, daemon):
+    d = daemon().start()
+    elsewhere = env.root / "elsewhere"
+    other = tables(598)
+    for m in MODELS:
+        slm.publish(elsewhere, "symtarget", m, other[m])
+    target_files = {p.name: p.read_bytes() for p in (elsewhere / "symtarget").iterdir()}
+    # Created while the daemon runs (so the watcher reports them), each with seven valid files.
+    os.symlink(elsewhere / "symtarget", env.staging / "sym-batch")
+    for bad in ("bad name!", "z" * 200):
+        (env.staging / bad).mkdir()
+        for m in MODELS:
+            place(env.staging / bad / f"{m}.parquet", parquet_bytes(other[m]))
+    pub = publish_all(env, "good", seed=597)  # a proper batch alongside goes through
+    assert d.wait_state("good", FINAL)["state"] == "done"
+    time.sleep(2.5)  # events, and two reconciliation scans
+    try:
+        assert ledger_ids(env) == {"good"}, "a symlinked or badly named batch folder was taken"
+        reasons = " | ".join(d.status()["watcher"]["rejected"])
+        assert "bad batch folder name" in reasons and "not a folder" in reasons, reasons
+        assert lake_dirs(env, "sym-batch") == []
+        assert files_under(env.tmpfs) == [], "something was copied to tmpfs"
+        # The target of the symlink is untouched: nothing written into it, nothing removed.
+        assert {p.name: p.read_bytes() for p in (elsewhere / "symtarget").iterdir()} == (
+            target_files
+        )
+        assert (env.staging / "sym-batch").is_symlink()
+        assert_exactly_once(env, "good", published=pub)
+    finally:
+        d.stop()
+
+
+# -- 5. corrupt, truncated, rewritten, republished -------------------------------------------
+
+
+def test_corrupt_and_truncated_files_are_quarantined_and_the_batch_waits_for_good_ones(env, daemon):
+    env.write_config(barrier={"reconcile_s": 0.5, "settle_s": 1.0})
+    d = daemon().start()
+    t = tables(601)
+    pub = {m: publish(env, "corrupt", m, t[m]) for m in MODELS[:5]}
+    folder = env.staging / "corrupt"
+    garbage = b"PAR1" + os.urandom(3000) + b"PAR1"
+    truncated = parquet_bytes(t["slm-6"])[: len(parquet_bytes(t["slm-6"])) // 2]
+    place(folder / "slm-7.parquet", garbage)
+    place(folder / "slm-6.parquet", truncated)
+    q = wait_until(lambda: len(quarantined(env, "corrupt")) == 2, 15, "both files quarantined")
+    q = quarantined(env, "corrupt")
+    by_content = {data: (name, reason) for name, (data, reason) in q.items()}
+    assert set(by_content) == {garbage, truncated}
+    for _name, reason in by_content.values():
+        assert reason.startswith("corrupt"), reason
+    assert by_content[garbage][0].startswith("slm-7.parquet")
+    assert by_content[truncated][0].startswith("slm-6.parquet")
+    assert not (folder / "slm-6.parquet").exists() and not (folder / "slm-7.parquet").exists()
+    time.sleep(1.0)
+    assert d.show("corrupt")["state"] == "waiting"
+    assert in_flight(d, "corrupt")["missing"] == ["slm-6", "slm-7"]
+    assert d.status()["watcher"]["quarantined"].get("corrupt") == 2
+    pub["slm-6"] = publish(env, "corrupt", "slm-6", t["slm-6"])
+    pub["slm-7"] = publish(env, "corrupt", "slm-7", t["slm-7"])
+    assert d.wait_state("corrupt", FINAL)["state"] == "done"
+    assert_exactly_once(env, "corrupt", published=pub)
+    assert staging_leftovers(env) == []
+    assert len(quarantined(env, "corrupt")) == 2  # the evidence stays for the operator
+
+
+def test_counted_file_rewritten_mid_flight_is_quarantined_and_the_original_archived(env, daemon):
+    d = daemon(extra_env=hooks(stage_pause_s=0.5)).start()
+    pub = publish_all(env, "rewrite", seed=701)
+    # Once slm-1 is staged (the agent copies in model order, pausing after each file), the
+    # producer publishes slm-1 again with other content.
+    wait_until(
+        lambda: (env.tmpfs / "node0" / "rewrite" / "slm-1.parquet").exists(),
+        20,
+        "slm-1 to be staged",
+    )
+    assert in_flight(d, "rewrite")["state"] == "staging"
+    newer = publish(env, "rewrite", "slm-1", tables(799)["slm-1"])
+    assert newer != pub["slm-1"]
+    assert d.wait_state("rewrite", FINAL)["state"] == "done"
+    assert_exactly_once(env, "rewrite", published=pub)  # the lake holds the ORIGINAL bytes
+    [(name, (data, reason))] = quarantined(env, "rewrite").items()
+    assert name.startswith("slm-1.parquet") and data == newer
+    assert reason.startswith("rewritten"), reason
+    assert staging_leftovers(env) == []
+
+
+def _republish_finished(env, d, bid, first):
+    again = publish_all(env, bid, seed=899)
+    wait_until(
+        lambda: len(quarantined(env, bid)) == len(MODELS) and not (env.staging / bid).exists(),
+        15,
+        f"the republished {bid} to be quarantined",
+    )
+    q = quarantined(env, bid)
+    assert sorted(data for data, _ in q.values()) == sorted(again.values())
+    for _, reason in q.values():
+        assert reason.startswith("finished"), reason
+    assert ledger(env, bid)["state"] == "done"
+    assert_exactly_once(env, bid, published=first)  # rows not written twice, lake untouched
+    assert staging_leftovers(env) == []
+
+
+def test_finished_batch_published_again_while_running_is_quarantined(env, daemon):
+    d = daemon().start()
+    first = publish_all(env, "again", seed=801)
+    assert d.wait_state("again", FINAL)["state"] == "done"
+    _republish_finished(env, d, "again", first)
+
+
+def test_finished_batch_published_again_while_down_is_quarantined(env, daemon):
+    d = daemon().start()
+    first = publish_all(env, "again2", seed=802)
+    assert d.wait_state("again2", FINAL)["state"] == "done"
+    assert d.stop() == 0
+    again = publish_all(env, "again2", seed=899)
+    d2 = daemon().start()
+    wait_until(
+        lambda: (
+            len(quarantined(env, "again2")) == len(MODELS) and not (env.staging / "again2").exists()
+        ),
+        15,
+        "the republished batch to be quarantined",
+    )
+    q = quarantined(env, "again2")
+    assert sorted(data for data, _ in q.values()) == sorted(again.values())
+    assert all(reason.startswith("finished") for _, reason in q.values())
+    assert d2.show("again2")["state"] == "done"
+    assert_exactly_once(env, "again2", published=first)
+
+
+# -- 6. deadline and quorum -------------------------------------------------------------------
+
+
+def test_deadline_goes_on_degraded_with_a_quorum_and_fails_below_it(env, daemon):
+    env.write_config(batch={"deadline_s": 3.0, "quorum": 5})
+    d = daemon().start()
+    t5, t3 = tables(1001), tables(1002)
+    pub5 = {m: publish(env, "quorum-5", m, t5[m]) for m in MODELS[:5]}
+    pub3 = {m: publish(env, "quorum-3", m, t3[m]) for m in MODELS[:3]}
+    row5 = d.wait_state("quorum-5", FINAL, timeout=30)
+    row3 = d.wait_state("quorum-3", FINAL, timeout=30)
+
+    assert row5["state"] == "degraded", row5["error"]
+    assert row5["degraded"] is True
+    assert sorted(row5["models_present"]) == MODELS[:5]
+    assert sorted(row5["models_missing"]) == ["slm-6", "slm-7"]
+    assert_exactly_once(env, "quorum-5", models=MODELS[:5], state="degraded", published=pub5)
+
+    assert row3["state"] == "failed"
+    assert "quorum" in row3["error"] and "slm-4" in row3["error"], row3["error"]
+    assert sorted(row3["models_missing"]) == MODELS[3:]
+    assert row_counts(env, "quorum-3") == (0, 0, 0, 0)
+    assert lake_dirs(env, "quorum-3") == []
+    assert "aggregate_ms" not in (row3["timings"] or {})
+    # A failed batch's files stay in staging for the operator; nothing was staged to tmpfs.
+    assert sorted(os.listdir(env.staging / "quorum-3")) == sorted(f"{m}.parquet" for m in pub3)
+    assert files_under(env.tmpfs) == []
+
+    out = subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", "batches", "--socket", str(env.socket)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = {ln.split()[0]: ln for ln in out.stdout.splitlines()[1:] if ln.strip()}
+    assert re.search(r"\bdegraded\b", lines["quorum-5"]) and "slm-6, slm-7" in lines["quorum-5"]
+    assert re.search(r"\bfailed\b", lines["quorum-3"]) and "quorum" in lines["quorum-3"]
+    finished = {b["batch_id"]: b for b in d.status()["finished"]}
+    assert finished["quorum-5"]["state"] == "degraded"
+    assert sorted(finished["quorum-5"]["missing"]) == ["slm-6", "slm-7"]
+    assert finished["quorum-3"]["state"] == "failed" and "quorum" in finished["quorum-3"]["error"]
+    st = subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", "status", "--socket", str(env.socket)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert st.returncode == 0, st.stderr
+    assert re.search(r"quorum-5\s+degraded", st.stdout), st.stdout
+    assert re.search(r"quorum-3\s+failed.*quorum", st.stdout), st.stdout
+
+
+# -- 7. kill -9 of the daemon at every phase --------------------------------------------------
+
+PHASES = [
+    "ready",
+    "staging",
+    "staged",
+    "crosschecking",
+    "crosschecked",
+    "aggregating",
+    "committed",
+    "archived",
+]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_daemon_killed_at_every_phase_resumes_and_lands_exactly_once(env, daemon, phase):
+    d = daemon(extra_env=hooks(crash_at=phase)).start()
+    pub = publish_all(env, f"crash-{phase}", seed=1100 + PHASES.index(phase))
+    assert d.proc.wait(30) == -signal.SIGKILL, d.tail()
+    bid = f"crash-{phase}"
+    # It died in that phase: the ledger is there or (write-behind of the steps before the
+    # commit) a little behind, never ahead and never final.
+    state = ledger(env, bid)["state"]
+    assert state in ["waiting", *PHASES[: PHASES.index(phase) + 1]], state
+    if phase in ("committed", "archived"):
+        assert state == phase  # recorded durably before going on
+    d2 = daemon().start()
+    assert d2.wait_state(bid, FINAL)["state"] == "done"
+    assert_exactly_once(env, bid, published=pub)
+    assert staging_leftovers(env) == []
+    assert files_under(env.tmpfs) == []
+
+
+# -- 8. kill -9 of an agent mid-copy and mid-cross-check --------------------------------------
+
+
+def _kill_agent_when(d, env: Env, seen, what: str) -> int:
+    [agent] = d.status()["agents"]
+    pid = agent["pid"]
+    wait_until(seen, 30, what)
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def _agent_came_back(d, old_pid: int) -> None:
+    def back():
+        [a] = d.status()["agents"]
+        return a["connected"] and a["pid"] != old_pid and a["restarts"] >= 1
+
+    wait_until(back, 30, "the supervisor to restart the agent")
+
+
+def test_agent_killed_mid_copy_is_restarted_partials_removed_and_the_step_retried(env, daemon):
+    d = daemon(extra_env=hooks(stage_pause_s=0.6)).start()
+    local = env.tmpfs / "node0" / "midcopy"
+    pub = publish_all(env, "midcopy", seed=1201)
+    # The agent copies a file to its dot-temp name and pauses there: kill it with the partial.
+    old = _kill_agent_when(
+        d,
+        env,
+        lambda: local.is_dir() and any(p.name.endswith(".tmp") for p in local.iterdir()),
+        "a partial copy in tmpfs",
+    )
+    _agent_came_back(d, old)
+    assert d.wait_state("midcopy", FINAL)["state"] == "done"
+    assert_exactly_once(env, "midcopy", published=pub)
+    assert files_under(env.tmpfs) == []
+    log = d.log.read_text()
+    assert "removed partial copies left by a previous agent" in log
+    retried = [ln for ln in log.splitlines() if "step failed, retrying" in ln]
+    assert any('"step": "stage"' in ln for ln in retried), "the stage step was not retried"
+
+
+def test_agent_killed_mid_crosscheck_is_restarted_and_the_step_retried(env, daemon):
+    d = daemon(extra_env=hooks(crosscheck_pause_s=0.5)).start()
+    pub = publish_all(env, "midcc", seed=1202)
+    old = _kill_agent_when(
+        d,
+        env,
+        lambda: (env.staging / "midcc" / "crosscheck_slm-1.parquet").exists(),
+        "the first cross-check file",
+    )
+    assert in_flight(d, "midcc")["state"] == "crosschecking"
+    _agent_came_back(d, old)
+    assert d.wait_state("midcc", FINAL)["state"] == "done"
+    assert_exactly_once(env, "midcc", published=pub)
+    retried = [ln for ln in d.log.read_text().splitlines() if "step failed, retrying" in ln]
+    assert any('"step": "crosscheck"' in ln for ln in retried), "the cross-check was not retried"
+    assert files_under(env.tmpfs) == []
+    assert staging_leftovers(env) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: coordinator/pipeline.py Pipeline.run, on CoordinatorError, marks the batch "
+    "failed and calls _finish but never purges the node-local copies: a batch that fails after "
+    "staging (here: cross-check fails 5 times on a readable Parquet file without the result "
+    "columns) leaves all its files in tmpfs (node RAM) for good",
+)
+def test_batch_failing_after_staging_leaves_no_node_local_copies(env, daemon):
+    import pyarrow as pa
+
+    d = daemon().start()
+    t = tables(1501)
+    for m in MODELS[:-1]:
+        publish(env, "noschema", m, t[m])
+    # Readable Parquet (so it counts), but without item_id/prediction: the cross-check fails.
+    place(env.staging / "noschema" / "slm-7.parquet", parquet_bytes(pa.table({"x": [1, 2, 3]})))
+    row = d.wait_state("noschema", FINAL, timeout=60)
+    assert row["state"] == "failed"
+    assert "slm-7" in row["error"] and "item_id" in row["error"], row["error"]
+    assert row_counts(env, "noschema") == (0, 0, 0, 0) and lake_dirs(env, "noschema") == []
+    assert len(os.listdir(env.staging / "noschema")) == 7  # left in staging for the operator
+    time.sleep(1.0)
+    assert files_under(env.tmpfs) == [], "a failed batch's copies stay in node-local tmpfs"
+
+
+# -- 9. tmpfs full ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real tmpfs with room for ~1 MiB of batch data beyond the agent's free-space headroom."""
+    from agents import staging
+
+    headroom = int(getattr(staging, "HEADROOM", 0))
+    mnt = Path(tempfile.mkdtemp(prefix="nc-full-", dir="/tmp"))
+    size_k = (headroom + (1 << 20)) // 1024
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_k}k", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        os.rmdir(mnt)
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        os.rmdir(mnt)
+
+
+def test_batch_larger_than_the_tmpfs_fails_with_the_reason_and_never_aggregates(
+    env, daemon, small_tmpfs
+):
+    env.write_config(paths={"node_tmpfs": f"{small_tmpfs}/node{{node}}"}, batch={"deadline_s": 4.0})
+    d = daemon().start()
+    pub = publish_all(env, "toobig", seed=1301, rows=20_000)  # ~1.7 MB: more than fits
+    assert sum(map(len, pub.values())) > 1 << 20
+    row = d.wait_state("toobig", FINAL, timeout=40)
+    assert row["state"] == "failed"
+    assert re.search(r"space|full", row["error"]) and "tmpfs" in row["error"], row["error"]
+    assert "aggregate_ms" not in row["timings"] and "crosscheck_ms" not in row["timings"]
+    assert row_counts(env, "toobig") == (0, 0, 0, 0)
+    assert lake_dirs(env, "toobig") == []
+    assert files_under(small_tmpfs) == [], "a partial copy was left in tmpfs"
+    # The batch's files stay in staging, untouched, for the operator.
+    assert {p.name: p.read_bytes() for p in (env.staging / "toobig").iterdir()} == {
+        f"{m}.parquet": b for m, b in pub.items()
+    }
+
+
+def test_batch_waits_for_tmpfs_space_and_completes_when_it_returns(env, daemon, small_tmpfs):
+    env.write_config(paths={"node_tmpfs": f"{small_tmpfs}/node{{node}}"})
+    d = daemon().start()
+    blocker = small_tmpfs / "blocker"
+    blocker.write_bytes(b"\0" * (900 << 10))
+    pub = publish_all(env, "waitspace", seed=1302, rows=4_000)  # ~330 KB
+    wait_until(
+        lambda: (b := in_flight(d, "waitspace")) and b["state"] == "staging",
+        20,
+        "staging to start",
+    )
+    time.sleep(2.0)
+    assert in_flight(d, "waitspace")["state"] == "staging", "staged although the tmpfs was full"
+    assert files_under(small_tmpfs / "node0") == []
+    assert "tmpfs full" in d.log.read_text()
+    blocker.unlink()
+    assert d.wait_state("waitspace", FINAL, timeout=30)["state"] == "done"
+    assert_exactly_once(env, "waitspace", rows=4_000, published=pub, tmpfs=small_tmpfs)
+    assert files_under(small_tmpfs) == []
+
+
+# -- 12. SIGTERM during a slow step ------------------------------------------------------------
+
+
+def test_sigterm_mid_step_exits_in_bounded_time_and_the_batch_resumes_exactly_once(env, daemon):
+    d = daemon(extra_env=hooks(stage_pause_s=2.0)).start()
+    pub = publish_all(env, "term", seed=1401)
+    local = env.tmpfs / "node0" / "term"
+    wait_until(
+        lambda: local.is_dir() and any(p.name.endswith(".tmp") for p in local.iterdir()),
+        20,
+        "the agent to be mid-copy",
+    )
+    t0 = time.monotonic()
+    d.proc.send_signal(signal.SIGTERM)
+    rc = d.proc.wait(30)
+    took = time.monotonic() - t0
+    assert rc == 0, d.tail()
+    assert took < 30
+    state = ledger(env, "term")["state"]
+    assert state in ("waiting", "ready", "staging", "staged"), state  # resumable, not failed
+    d2 = daemon().start()
+    assert d2.wait_state("term", FINAL)["state"] == "done"
+    assert_exactly_once(env, "term", published=pub)
+    assert files_under(env.tmpfs) == []
+    assert staging_leftovers(env) == []
