@@ -92,7 +92,13 @@ class Daemon:
         self.state = "starting"
         self.started_at = time.time()
         self.generation = 1
-        self.last_reload: dict[str, Any] = {"at": None, "ok": True, "error": ""}
+        self.last_reload: dict[str, Any] = {
+            "at": None,
+            "ok": True,
+            "error": "",
+            "last_success_at": self.started_at,
+        }
+        self._recovering = False
         self.batches: dict[str, BatchRun] = {}
         self.finished: collections.deque[dict[str, Any]] = collections.deque(maxlen=10)
         self.ignored: set[str] = set()  # failed batches whose folder stays for the operator
@@ -316,13 +322,18 @@ class Daemon:
             new = await anyio.to_thread.run_sync(load_config, self.config_path)
             self._check_reloadable(new)
         except ConfigError as e:
-            self.last_reload = {"at": now, "ok": False, "error": str(e)}
+            self.last_reload = {
+                "at": now,
+                "ok": False,
+                "error": str(e),
+                "last_success_at": self.last_reload.get("last_success_at"),
+            }
             log.error("reload rejected; old config kept", error=str(e))
             notify.notify("READY=1", f"STATUS=reload rejected: {e}")
             return self.last_reload
         self.config = new
         self.generation += 1
-        self.last_reload = {"at": now, "ok": True, "error": ""}
+        self.last_reload = {"at": now, "ok": True, "error": "", "last_success_at": now}
         log.info("config reloaded", generation=self.generation, sources=list(new.sources))
         notify.notify("READY=1", "STATUS=running: config reloaded")
         self._mark({"*"})
@@ -357,12 +368,18 @@ class Daemon:
             await self._wake.wait()
             self._wake = anyio.Event()
             ids, self._dirty = self._dirty, set()
-            if "*" in ids:
-                ids.discard("*")
+            from_events = {i for i in ids if not i.startswith("*")}
+            reconciling = "*reconcile" in ids
+            if "*" in ids or reconciling:
+                ids -= {"*", "*reconcile"}
                 ids |= set(await anyio.to_thread.run_sync(self.scanner.batch_ids))
                 ids |= {b for b, r in self.batches.items() if r.state not in FINAL}
             for bid in sorted(ids):
+                # A batch that completes in a reconciliation pass without an event naming it
+                # was recovered from a lost event.
+                self._recovering = reconciling and bid not in from_events
                 await self._look_at(bid)
+            self._recovering = False
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -370,7 +387,7 @@ class Daemon:
             stats = self.scanner.stats
             stats.reconcile_scans += 1
             stats.last_reconcile = time.time()
-            self._mark({"*"})
+            self._mark({"*reconcile"})
 
     async def _deadline_loop(self) -> None:
         while True:
@@ -550,6 +567,13 @@ class Daemon:
             await self.ledger.flush(run.batch_id)
         hooks.crash_point("ready")
         log.info("batch ready", batch_id=run.batch_id, models=list(run.models), degraded=degraded)
+        if self._recovering:
+            self.scanner.stats.recovered_by_reconcile += 1
+            log.warning(
+                "barrier completed by reconciliation (events were missed)", batch_id=run.batch_id
+            )
+        if self.metrics is not None:
+            self.metrics.batch_ready(run, now)
         self._start_pipeline(run, "stage")
 
     def _start_pipeline(self, run: BatchRun, step: str) -> None:
@@ -559,7 +583,9 @@ class Daemon:
         run.running = True
         self._tg.start_soon(Pipeline(self, run).run, step)
 
-    def _finish(self, run: BatchRun) -> None:
+    def _finish(self, run: BatchRun, *, count: bool = True) -> None:
+        if count and self.metrics is not None:
+            self.metrics.batch_finished(run)
         self.scanner.forget(run.batch_id)
         self.batches.pop(run.batch_id, None)
         if run.state is State.FAILED:

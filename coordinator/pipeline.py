@@ -196,9 +196,11 @@ class Pipeline:
         t0 = time.perf_counter()
         models = list(run.models)
         run.cc_event = anyio.Event()
-        await self._on_nodes(
+        replies = await self._on_nodes(
             lambda n: {"type": "crosscheck", "batch_id": run.batch_id, "models": models}
         )
+        for n, r in replies.items():
+            run.timings[f"crosscheck_node{n}_ms"] = round(float(r["seconds"]) * 1000, 3)
         # The agents publish before they reply, so the watcher has the files or will have
         # them shortly; a direct scan stands in if its events were lost.
         self.d._mark({run.batch_id})
@@ -254,8 +256,10 @@ class Pipeline:
             await anyio.to_thread.run_sync(self.d._quarantine_all, run.batch_id, found)
             await self._purge()
             run.state = found
-            self.d._finish(run)
+            self.d._finish(run, count=False)  # counted when it finished the first time
             return False
+        if found is None and self.d.metrics is not None:
+            self.d.metrics.batch_committed(agg)
         await self._set(State.COMMITTED, durable=True, timings=run.timings)
         self.log.info(
             "batch committed", rows=agg.items.num_rows, wrote=found is None, kappa=agg.fleiss_kappa

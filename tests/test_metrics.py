@@ -534,7 +534,6 @@ def test_real_daemon_endpoint_shows_its_agent_database_and_config(env: Env, daem
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="waiting for daemon wiring")
 def test_real_daemon_scraped_after_a_batch_matches_the_ledger(env: Env, daemon):
     from tests.test_flow import ROWS, publish_all
 
