@@ -116,7 +116,8 @@ class BatchPlacement:
     def as_dict(self) -> dict[str, Any]:
         """The `placement` field of the `staged` reply (docs/numa.md)."""
         return {
-            "fraction": round(self.fraction, 6),
+            # Fractions unrounded: rounding could lift 0.98999... over a 0.99 threshold.
+            "fraction": self.fraction,
             "pages": self.pages,
             "local_pages": self.local_pages,
             "node": self.node,
@@ -124,7 +125,7 @@ class BatchPlacement:
             "nodes": {str(n): p for n, p in self.nodes().items()},
             "seconds": round(self.seconds, 6),
             "files": {
-                name: {"fraction": round(f.fraction, 6), "pages": f.pages}
+                name: {"fraction": f.fraction, "pages": f.pages}
                 for name, f in sorted(self.files.items())
             },
         }

@@ -109,6 +109,13 @@ def test_as_dict_is_the_staged_reply_shape() -> None:
     }
 
 
+def test_as_dict_never_rounds_a_fraction_up_to_the_threshold() -> None:
+    fp = placement.tally({0: 9_899_999, 1: 100_001}, node=0, pages=10_000_000)
+    d = placement.BatchPlacement(node=0, method="move_pages", files={"f": fp}).as_dict()
+    assert d["fraction"] < 0.99
+    assert d["files"]["f"]["fraction"] < 0.99
+
+
 # --- numa_maps (pure) -----------------------------------------------------------------------
 
 NUMA_MAPS = """\
@@ -522,3 +529,4 @@ def test_cli_prints_the_placement_and_exits_1_below_the_minimum(shm: Path) -> No
 def test_cli_names_a_missing_file_and_exits_2(shm: Path) -> None:
     rc, out = run_cli("--node", "0", str(shm / "nope"))
     assert (rc, out.strip()) == (2, f"placement: {shm / 'nope'}: No such file or directory")
+
