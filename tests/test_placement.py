@@ -529,4 +529,3 @@ def test_cli_prints_the_placement_and_exits_1_below_the_minimum(shm: Path) -> No
 def test_cli_names_a_missing_file_and_exits_2(shm: Path) -> None:
     rc, out = run_cli("--node", "0", str(shm / "nope"))
     assert (rc, out.strip()) == (2, f"placement: {shm / 'nope'}: No such file or directory")
-
