@@ -108,6 +108,17 @@ class Scanner:
     def scan(self, batch_id: str, models: Iterable[str]) -> Scan:
         """Classify and validate every file of one batch folder (blocking: run in a thread)."""
         folder = self.staging / batch_id
+        # The same checks as batch_ids: an event can name any path under staging.
+        if not NAME_RE.fullmatch(batch_id):
+            self._reject("", batch_id, "bad batch folder name")
+            return Scan(batch_id, exists=False)
+        try:
+            st = os.lstat(folder)
+        except FileNotFoundError:
+            return Scan(batch_id, exists=False)
+        if not stat.S_ISDIR(st.st_mode):
+            self._reject("", batch_id, "not a folder (symlinks are never followed)")
+            return Scan(batch_id, exists=False)
         try:
             names = os.listdir(folder)
         except (FileNotFoundError, NotADirectoryError):

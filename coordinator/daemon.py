@@ -279,6 +279,7 @@ class Daemon:
             folder,
             watch_filter=relevant,
             debounce=300,
+            rust_timeout=200,  # bounds how long a stop waits for the watcher thread
             step=50,
             recursive=True,
             ignore_permission_denied=True,

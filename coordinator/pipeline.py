@@ -75,6 +75,7 @@ class Pipeline:
             run.error = str(e) if isinstance(e, CoordinatorError) else f"{type(e).__name__}: {e}"
             run.state = State.FAILED
             self.log.error("batch failed", error=run.error)
+            await self._purge()  # node-local copies are never left behind
             await self.ledger.flush(run.batch_id)
             await self.ledger.set_state(
                 run.batch_id, State.FAILED, error=run.error, finished_at=dt.datetime.now(dt.UTC)

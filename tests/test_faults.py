@@ -279,14 +279,6 @@ def test_bad_names_links_and_folders_are_rejected_never_followed_or_copied(env, 
     assert staging_leftovers(env) == ["stray.parquet"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: coordinator/barrier.py batch_of() takes any first path component of a watcher "
-    "event as a batch id and Daemon._look_at -> Scanner.scan lists it without the NAME_RE / "
-    "symlink checks that only Scanner.batch_ids applies: a symlinked batch folder created while "
-    "the daemon runs is followed and processed (rows committed, lake written, cross-check files "
-    "written INTO the symlink target), and badly named folders get ledger rows and a pipeline",
-)
 def test_symlinked_and_badly_named_batch_folders_are_never_taken(env, daemon):
     d = daemon().start()
     elsewhere = env.root / "elsewhere"
@@ -565,13 +557,6 @@ def test_agent_killed_mid_crosscheck_is_restarted_and_the_step_retried(env, daem
     assert staging_leftovers(env) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: coordinator/pipeline.py Pipeline.run, on CoordinatorError, marks the batch "
-    "failed and calls _finish but never purges the node-local copies: a batch that fails after "
-    "staging (here: cross-check fails 5 times on a readable Parquet file without the result "
-    "columns) leaves all its files in tmpfs (node RAM) for good",
-)
 def test_batch_failing_after_staging_leaves_no_node_local_copies(env, daemon):
     import pyarrow as pa
 
