@@ -42,7 +42,7 @@ lint: install
 
 # The soak under chaos at a larger size: `make soak N=1000`.
 soak: install
-	SOAK_BATCHES=$(or $(N),200) $(BIN)/pytest -q -s tests/soak
+	SOAK_BATCHES=$(or $(N),200) $(BIN)/pytest -q -s --timeout=0 tests/soak
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
