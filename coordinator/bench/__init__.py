@@ -1,0 +1,433 @@
+"""`coordinatorctl bench`: how close the coordinator gets to the bare work, measured side by side.
+
+Runs synthetic batches of 7 models through the real daemon, agents and PostgreSQL and measures
+each figure next to its anchor in the same run (docs/benchmarks.md). Prints a table (figure,
+ours, anchor, ratio, target, met?) and writes bench/results.json. `--quick` runs every path at
+tiny sizes with no thresholds (the smoke test in `make test`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from coordinator.bench.report import (
+    Row,
+    machine,
+    median,
+    percentile,
+    render_text,
+    write_results,
+)
+
+__all__ = ["build_rows", "register_cli", "run_bench"]
+
+DEFAULT_OUT = "bench/results.json"
+MB = 1e6
+
+
+def _med(xs: list[float] | None) -> float | None:
+    return median(x for x in (xs or []) if not math.isnan(x))
+
+
+def _per_s(amount: float, seconds: float | None) -> float | None:
+    return amount / seconds if seconds else None
+
+
+def build_rows(m: Any) -> list[Row]:
+    """The table's rows from what the run measured (`harness.Measured`)."""
+    rows: list[Row] = []
+    quick = m.params.quick
+
+    # Barrier.
+    ours = [b["ours_ms"] for b in m.barrier]
+    anchor = [b["anchor_ms"] for b in m.barrier if not math.isnan(b["anchor_ms"])]
+    n = len(ours)
+    where = f"inotify reader ({m.reader})"
+    rows.append(
+        Row(
+            "barrier_p50",
+            f"barrier: last rename -> ready, p50 ({n} batches)",
+            "ms",
+            percentile(ours, 50) if ours else None,
+            percentile(anchor, 50) if anchor else None,
+            where,
+            "—",
+        )
+    )
+    p99_note = "" if n >= 30 or quick else f"only {n} batches: p99 needs >= 30"
+    rows.append(
+        Row(
+            "barrier_p99",
+            f"barrier: last rename -> ready, p99 ({n} batches)",
+            "ms",
+            percentile(ours, 99) if ours else None,
+            percentile(anchor, 99) if anchor else None,
+            where,
+            "<= 20 ms and <= 1.5x anchor + 2 ms",
+            lambda o, a, r: o <= 20 and a is not None and o <= 1.5 * a + 2,
+            note=p99_note,
+        )
+    )
+
+    # Staging.
+    st = m.staging
+    one_agent, one_cp = _med(st.get("one_agent")), _med(st.get("one_cp"))
+    rows.append(
+        Row(
+            "staging",
+            "staging throughput into node-local tmpfs (one agent)",
+            "MB/s",
+            _per_s(m.staging_bytes / MB, one_agent),
+            _per_s(m.staging_bytes / MB, one_cp),
+            "cp, same files, same tmpfs",
+            ">= 0.8x",
+            lambda o, a, r: r is not None and r >= 0.8,
+        )
+    )
+    rows.append(
+        Row(
+            "staging_two",
+            "staging both nodes: two agents at once, wall time",
+            "s",
+            _med(st.get("two_agents")),
+            _med(st.get("two_cp")),
+            "two cp at once",
+            "<= 1.1x",
+            lambda o, a, r: r is not None and r <= 1.1,
+            note="this machine has one NUMA node: both agents run bound to node 0, each "
+            "into its own tmpfs folder, driven through the project's Hub",
+        )
+    )
+
+    # Database ingest.
+    ing = m.ingest
+    secs = ing.get("seconds", {})
+    nrows, sub = ing.get("rows", 0), ing.get("subset", 0)
+    ours_rps = _per_s(nrows, _med(secs.get("ours")))
+    psql_rps = _per_s(nrows, _med(secs.get("psql")))
+    rows.append(
+        Row(
+            "ingest_psql",
+            f"database ingest ({nrows:,} rows): Ledger.commit",
+            "rows/s",
+            ours_rps,
+            psql_rps,
+            "psql \\copy, same rows, same table" if psql_rps else "psql not found",
+            ">= 0.8x of psql",
+            lambda o, a, r: r is not None and r >= 0.8,
+        )
+    )
+    rows.append(
+        Row(
+            "ingest_executemany",
+            "database ingest: Ledger.commit vs executemany",
+            "rows/s",
+            ours_rps,
+            _per_s(sub, _med(secs.get("executemany"))),
+            f"asyncpg executemany, first {sub:,} rows",
+            ">= 10x",
+            lambda o, a, r: r is not None and r >= 10,
+        )
+    )
+    import importlib.metadata as md
+
+    rows.append(
+        Row(
+            "ingest_records",
+            "database ingest: Ledger.commit vs copy_records_to_table",
+            "rows/s",
+            ours_rps,
+            _per_s(sub, _med(secs.get("copy_records"))),
+            f"asyncpg {md.version('asyncpg')} copy_records_to_table, first {sub:,} rows",
+            "—",
+        )
+    )
+
+    # Parquet.
+    z, s = m.codecs.get("zstd3", {}), m.codecs.get("snappy", {})
+    if z and s:
+        rows.append(
+            Row(
+                "parquet_size",
+                "Parquet zstd 3: size of the 7 files",
+                "MB",
+                z["bytes"] / MB,
+                s["bytes"] / MB,
+                "snappy",
+                "<= 0.85x",
+                lambda o, a, r: r is not None and r <= 0.85,
+            )
+        )
+        rows.append(
+            Row(
+                "parquet_write",
+                "Parquet zstd 3: write time",
+                "s",
+                z["write_s"],
+                s["write_s"],
+                "snappy",
+                "<= 1.3x",
+                lambda o, a, r: r is not None and r <= 1.3,
+            )
+        )
+        rows.append(
+            Row(
+                "parquet_read",
+                "Parquet zstd 3: read time",
+                "s",
+                z["read_s"],
+                s["read_s"],
+                "snappy",
+                "—",
+            )
+        )
+        rows.append(
+            Row(
+                "parquet_cpu_write",
+                "Parquet zstd 3: write CPU per GB of Arrow data",
+                "CPU-s/GB",
+                z["write_cpu_s_per_gb"],
+                s["write_cpu_s_per_gb"],
+                "snappy",
+                "report",
+                note=f"{z['raw_bytes'] / MB:.0f} MB of Arrow data in 7 tables; read "
+                f"{z['read_cpu_s_per_gb']:.2f} CPU-s/GB (snappy {s['read_cpu_s_per_gb']:.2f})",
+            )
+        )
+
+    # Archive.
+    ar = m.archive
+    nbytes = (ar.get("bytes") or [0.0])[0]
+    rows.append(
+        Row(
+            "archive",
+            "archive to the lake (14 files + aggregates.parquet)",
+            "MB/s",
+            _per_s(nbytes / MB, _med(ar.get("ours_s"))),
+            _per_s(nbytes / MB, _med(ar.get("anchor_s"))),
+            "cp + sync of the same files",
+            ">= 0.9x",
+            lambda o, a, r: r is not None and r >= 0.9,
+            note="ours includes encoding aggregates.parquet; the anchor copies the file ours "
+            "wrote; `sync FILE...` fsyncs each copy and the folder, as the lake does",
+        )
+    )
+
+    # Event-loop lag.
+    lag = m.lag.get("steps", {})
+    idle = lag.get("idle_before", {})
+    for step, target in (
+        ("staging", True),
+        ("crosscheck", False),
+        ("aggregate", False),
+        ("commit", True),
+        ("archive", True),
+    ):
+        got = lag.get(step)
+        rows.append(
+            Row(
+                f"lag_{step}",
+                f"event-loop lag p99 during {step}",
+                "ms",
+                got["p99"] if got else None,
+                idle.get("p99"),
+                "idle, same run",
+                "p99 <= 5 ms" if target else "—",
+                (lambda o, a, r: o <= 5) if target else None,
+                note=f"max {got['max']:.1f} ms over {got['n']} ticks"
+                if got
+                else "no samples in this step",
+            )
+        )
+
+    # CPU.
+    full = m.full
+    if full:
+        pct = [f["daemon_cpu_s"] / f["wall_s"] * 100 for f in full]
+        loop = [f["loop_cpu_s"] / f["wall_s"] * 100 for f in full]
+        cpu_s = _med([f["daemon_cpu_s"] for f in full]) or 0.0
+        wall = _med([f["wall_s"] for f in full]) or 0.0
+        rows.append(
+            Row(
+                "cpu_batch",
+                "daemon CPU per batch / batch wall time (whole process)",
+                "%",
+                _med(pct),
+                None,
+                "",
+                "<= 2 %",
+                lambda o, a, r: o <= 2,
+                note=f"{cpu_s:.2f} CPU-s over {wall:.1f} s from the last rename to done",
+            )
+        )
+        rows.append(
+            Row(
+                "cpu_batch_loop",
+                "daemon CPU per batch / batch wall (event-loop thread)",
+                "%",
+                _med(loop),
+                None,
+                "",
+                "<= 2 %",
+                lambda o, a, r: o <= 2,
+                note="the coordination alone; the rest of the process is its worker threads",
+            )
+        )
+    if m.idle:
+        rows.append(
+            Row(
+                "cpu_idle",
+                f"daemon idle CPU over {m.idle['seconds']:.0f} s",
+                "%",
+                m.idle["daemon_pct"],
+                None,
+                "",
+                "<= 0.5 % of a core",
+                lambda o, a, r: o <= 0.5,
+                note=f"event-loop thread {m.idle['loop_pct']:.2f} %; agent "
+                f"{m.idle['agent_pct']:.2f} %",
+            )
+        )
+
+    # End to end and its parts.
+    if full:
+        bar = _med([b["anchor_ms"] for b in m.barrier]) or 0.0
+        parts = {
+            "barrier": bar / 1000,
+            "staging": one_cp or 0.0,
+            "crosscheck": m.bare["crosscheck_s"],
+            "aggregate": m.bare["aggregate_s"],
+            "commit": _med(secs.get("psql")) or 0.0,
+            "archive": _med(ar.get("anchor_s")) or 0.0,
+        }
+        rows.append(
+            Row(
+                "e2e",
+                "end to end: last rename -> committed and archived",
+                "s",
+                _med([f["e2e_s"] for f in full]),
+                sum(parts.values()),
+                "sum of the anchors",
+                "<= 1.2x",
+                lambda o, a, r: r is not None and r <= 1.2,
+                note="anchors: "
+                + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items())
+                + " (cross-check and aggregation: the same functions called bare in one process)",
+            )
+        )
+        t = [f["timings"] for f in full]
+
+        def step_s(key: str) -> float | None:
+            return _med([x[key] / 1000 for x in t if key in x])
+
+        for key, label, anchor_s in (
+            ("crosscheck_ms", "cross-check step (agent)", parts["crosscheck"]),
+            ("aggregate_ms", "aggregate step (daemon)", parts["aggregate"]),
+            ("commit_ms", "commit step (daemon)", parts["commit"]),
+            ("archive_ms", "archive step (daemon)", parts["archive"]),
+        ):
+            rows.append(
+                Row(f"step_{key[:-3]}", label, "s", step_s(key), anchor_s, "its anchor above", "—")
+            )
+    for r in rows:
+        r.evaluate(thresholds=not quick)
+    if m.errors:
+        rows.append(Row("errors", "errors", "", None, None, "", "", note="; ".join(m.errors)))
+    return rows
+
+
+def run_bench(
+    *,
+    batches: int = 30,
+    size_mb: float = 20.0,
+    quick: bool = False,
+    dsn: str = "",
+    command: str = "coordinatorctl bench",
+) -> tuple[dict[str, Any], list[Row]]:
+    """Run the benchmark; return the results document (rows, machine, raw figures)."""
+    from dataclasses import asdict
+
+    from coordinator.bench import harness
+
+    p = (
+        harness.Params.quick_run()
+        if quick
+        else harness.Params(barrier_batches=batches, file_mb=size_mb)
+    )
+    if quick and batches != 30:
+        p.barrier_batches = batches
+    t0 = time.time()
+    mach = machine()
+    m = harness.run(p, dsn=dsn)
+    rows = build_rows(m)
+    return {
+        "version": 1,
+        "command": command,
+        "started_at": dt.datetime.fromtimestamp(t0, dt.UTC).isoformat(timespec="seconds"),
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "duration_s": time.time() - t0,
+        "quick": quick,
+        "machine": mach,
+        "postgres": m.ingest.get("server_version", ""),
+        "psql": m.psql,
+        "params": {**asdict(p), "rows": m.rows, "file_mb": m.file_bytes / MB},
+        "rows": [r.as_dict() for r in rows],
+        "raw": {
+            "barrier": m.barrier,
+            "staging": m.staging,
+            "staging_bytes": m.staging_bytes,
+            "codecs": m.codecs,
+            "bare": m.bare,
+            "archive": m.archive,
+            "idle": m.idle,
+            "full": m.full,
+            "lag": m.lag,
+            "ingest": m.ingest,
+        },
+        "errors": m.errors,
+    }, rows
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The `bench` subcommand: run, print the table (or JSON), write results.json."""
+    argv = ["coordinatorctl", "bench"]
+    argv += [f"--batches {args.batches}"] if args.batches != 30 else []
+    argv += [f"--size-mb {args.size_mb:g}"] if args.size_mb != 20.0 else []
+    argv += ["--quick"] if args.quick else []
+    doc, rows = run_bench(
+        batches=args.batches, size_mb=args.size_mb, quick=args.quick, command=" ".join(argv)
+    )
+    out = Path(args.out)
+    write_results(out, doc)
+    if args.json:
+        print(json.dumps(doc, indent=2, default=str))
+    else:
+        print(render_text(rows))
+        print(f"\nresults: {out}")
+    if doc["errors"]:
+        return 1
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add `bench` to coordinatorctl's subcommands."""
+    s = subparsers.add_parser("bench", help="measure against the anchors, side by side")
+    s.add_argument(
+        "--batches", type=int, default=30, help="batches in the barrier series (p99 needs >= 30)"
+    )
+    s.add_argument(
+        "--size-mb",
+        type=float,
+        default=20.0,
+        help="compressed size of each model's file in the full batches",
+    )
+    s.add_argument("--quick", action="store_true", help="tiny sizes, no thresholds (smoke)")
+    s.add_argument("--out", default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT})")
+    s.add_argument("--json", action="store_true", help="print the results document")
+    s.set_defaults(func=cmd_bench)
