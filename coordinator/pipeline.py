@@ -21,7 +21,13 @@ from agents import slm
 from coordinator import hooks
 from coordinator.aggregate import BatchAggregate, aggregate
 from coordinator.batch import State
-from coordinator.errors import AgentError, CoordinatorError, NoSpaceError, NotLeaderError
+from coordinator.errors import (
+    AgentError,
+    CoordinatorError,
+    LakeError,
+    NoSpaceError,
+    NotLeaderError,
+)
 
 if TYPE_CHECKING:
     from coordinator.daemon import BatchRun, Daemon
@@ -65,7 +71,7 @@ class Pipeline:
             if step == "archive":
                 if agg is None:
                     agg = await self.aggregate(record=False)
-                await self.archive(agg)
+                await self._archive_until_done(agg)
                 step = "cleanup"
             if step == "cleanup":
                 await self.cleanup()
@@ -279,6 +285,21 @@ class Pipeline:
         run.timings["archive_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         await self._set(State.ARCHIVED, durable=True, lake_path=path, timings=run.timings)
         self.log.info("batch archived", lake=path, bytes=nbytes)
+
+    async def _archive_until_done(self, agg: BatchAggregate) -> None:
+        """The rows are committed, so the lake must follow: retry a failing lake with backoff
+        for as long as it takes (status shows the error meanwhile); never fail the batch."""
+        delay = 1.0
+        while True:
+            try:
+                await self.archive(agg)
+                self.run_.error = ""
+                return
+            except (LakeError, OSError) as e:
+                self.run_.error = f"archive failed, retrying in {delay:.0f} s: {e}"
+                self.log.error("archive failed; retrying", error=str(e), retry_in_s=delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 60.0)
 
     async def _purge(self) -> None:
         try:

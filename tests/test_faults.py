@@ -667,3 +667,33 @@ def test_sigterm_mid_step_exits_in_bounded_time_and_the_batch_resumes_exactly_on
     assert_exactly_once(env, "term", published=pub)
     assert files_under(env.tmpfs) == []
     assert staging_leftovers(env) == []
+
+
+def test_lake_refusing_writes_after_the_commit_is_retried_until_it_accepts(env, daemon):
+    """The rows are committed first; a lake that refuses the archive keeps the batch in
+    flight (error in status, staging kept) and the archive lands once the lake is back."""
+    from tests.test_flow import ROWS, publish_all
+
+    # A plain file where the lake's batches/ folder belongs makes every archive fail.
+    env.lake.mkdir(parents=True, exist_ok=True)
+    blocker = env.lake / "batches"
+    blocker.write_text("not a folder")
+    d = daemon().start()
+    publish_all(env, "lake-down", seed=900)
+
+    def stuck() -> dict | None:
+        row = d.show("lake-down")
+        batch = [b for b in d.status()["batches"] if b["batch_id"] == "lake-down"]
+        if row and row["state"] == "committed" and batch and "archive failed" in batch[0]["error"]:
+            return row
+        return None
+
+    row = wait_until(stuck, 60, "the batch to be committed with the archive failing")
+    assert row["rows"] == ROWS
+    assert (env.staging / "lake-down").is_dir()  # kept until the lake has it
+    blocker.unlink()
+    done = d.wait_state("lake-down", {"done", "failed"}, timeout=90)
+    assert done["state"] == "done"
+    files = sorted(p.name for p in Path(done["lake_path"]).iterdir())
+    assert len(files) == 2 * len(MODELS) + 1
+    assert not (env.staging / "lake-down").exists()
