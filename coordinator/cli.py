@@ -139,6 +139,12 @@ def _table(rows: list[list[str]], indent: str = "    ") -> list[str]:
     ]
 
 
+def _note(batch: dict[str, Any]) -> str:
+    """A batch's error and placement flag, on one line."""
+    notes = [str(batch.get(k) or "").replace("\n", " ") for k in ("error", "placement_flag")]
+    return "; ".join(n for n in notes if n) or "-"
+
+
 def render_status(s: dict[str, Any], *, now: float | None = None) -> str:
     """A `systemctl status`-like view of the daemon; every value `status --json` has."""
     now = time.time() if now is None else now
@@ -195,10 +201,13 @@ def render_status(s: dict[str, Any], *, now: float | None = None) -> str:
     agents = s.get("agents") or []
     lines.append(f"  Agents: {sum(1 for a in agents if a.get('connected'))} of {len(agents)} up")
     if agents:
-        rows = [["NODE", "PID", "UP", "POLICY", "MEMS", "CPUS", "HEARTBEAT", "TMPFS USED", "FREE"]]
+        header = "NODE PID UP POLICY MEMS CPUS HEARTBEAT TMPFS_USED FREE LOCAL".split()
+        rows = [[h.replace("_", " ") for h in header]]
         for a in agents:
+            lp = a.get("last_placement")
+            local = "-" if lp is None else f"{100 * float(lp):.1f}%"
             if not a.get("connected"):
-                rows.append([str(a["node"]), "-", "no", "-", "-", "-", "-", "-", "-"])
+                rows.append([str(a["node"]), "-", "no", "-", "-", "-", "-", "-", "-", local])
             else:
                 rows.append(
                     [
@@ -211,6 +220,7 @@ def render_status(s: dict[str, Any], *, now: float | None = None) -> str:
                         f"{_duration(a.get('last_heartbeat_age_s'))} ago",
                         _bytes(a.get("tmpfs_used")),
                         _bytes(a.get("tmpfs_free")),
+                        local,
                     ]
                 )
             if a.get("restarts"):
@@ -220,7 +230,7 @@ def render_status(s: dict[str, Any], *, now: float | None = None) -> str:
     batches = s.get("batches") or []
     lines.append(f" Batches: {len(batches)} in flight")
     if batches:
-        rows = [["BATCH", "STATE", "PRESENT", "MISSING", "AGE", "DEADLINE IN"]]
+        rows = [["BATCH", "STATE", "PRESENT", "MISSING", "AGE", "DEADLINE IN", "NOTE"]]
         for b in batches:
             state_txt = b["state"] + (" (degraded)" if b.get("degraded") else "")
             rows.append(
@@ -232,22 +242,17 @@ def render_status(s: dict[str, Any], *, now: float | None = None) -> str:
                     ", ".join(b.get("missing") or []) or "-",
                     _duration(b.get("age_s")),
                     _duration(b.get("deadline_in_s")),
+                    _note(b),
                 ]
             )
         lines += _table(rows)
     finished = s.get("finished") or []
     if finished:
         lines.append(" Recently finished:")
-        rows = [["BATCH", "STATE", "FINISHED", "ERROR"]]
-        for b in finished:
-            rows.append(
-                [
-                    b["batch_id"],
-                    b["state"],
-                    _ago(b.get("finished_at"), now),
-                    (b.get("error") or "-").replace("\n", " "),
-                ]
-            )
+        rows = [["BATCH", "STATE", "FINISHED", "NOTE"]]
+        rows += [
+            [b["batch_id"], b["state"], _ago(b.get("finished_at"), now), _note(b)] for b in finished
+        ]
         lines += _table(rows)
     return "\n".join(lines)
 

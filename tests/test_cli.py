@@ -342,6 +342,7 @@ def status_sample() -> dict[str, Any]:
                 "last_heartbeat_age_s": 0.4,
                 "tmpfs_used": 1536,
                 "tmpfs_free": 64 * 2**30,
+                "last_placement": 0.995,
             },
             {"node": 1, "connected": False, "restarts": 2},
         ],
@@ -363,6 +364,8 @@ def status_sample() -> dict[str, Any]:
                 "deadline_in_s": 525.0,
                 "degraded": False,
                 "error": "",
+                "placement": {},
+                "placement_flag": "",
             }
         ],
         "finished": [
@@ -400,11 +403,12 @@ def test_render_status_shows_every_section_with_the_reload_error_and_the_file():
         "KiB",
         "64.0",
         "GiB",
+        "99.5%",
     ]
     agent1 = next(x for x in lines if x.startswith("    1 "))
     assert agent1.split()[:4] == ["1", "-", "no", "(2"]
     batch = next(x for x in lines if x.startswith("    b-1 "))
-    assert batch.split() == ["b-1", "waiting", "2/3", "c", "1min", "15s", "8min", "45s"]
+    assert batch.split() == ["b-1", "waiting", "2/3", "c", "1min", "15s", "8min", "45s", "-"]
     assert any(x.split()[:2] == ["b-0", "failed"] and x.endswith("deadline") for x in lines)
 
 
