@@ -226,6 +226,24 @@ def test_malformed_oversized_and_slow_requests_get_an_error_and_the_server_goes_
     assert call(path, "ping") == "pong"
 
 
+def test_any_bytes_on_the_socket_get_a_json_reply_or_none_and_the_server_goes_on(server):
+    path, _, _ = server
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.binary(max_size=300) | st.builds(lambda b: b + b"\n", st.binary(max_size=300)))
+    def check(payload: bytes) -> None:
+        reply = raw(path, payload, eof=True)
+        if b"\n" in payload:
+            lines = reply.splitlines()
+            assert len(lines) == 1, reply
+            assert isinstance(json.loads(lines[0])["ok"], bool)
+        else:
+            assert reply == b""  # no whole line, no answer
+
+    check()
+    assert call(path, "ping") == "pong"
+
+
 def test_a_failure_while_answering_is_an_error_reply_not_a_dead_server(server):
     path, fake, _ = server
     fake.fail_status = True
