@@ -36,6 +36,9 @@ from coordinator.errors import ControlError, CoordinatorError
 ROOT = Path(__file__).resolve().parents[2]
 
 
+PHASES = ("codecs", "archive", "staging", "barrier", "idle", "full", "lag", "ingest")
+
+
 @dataclass
 class Params:
     """How big a run is."""
@@ -50,7 +53,12 @@ class Params:
     idle_lag_s: float = 3.0
     reps: int = 3
     ingest_reps: int = 2
-    ingest_subset: int = 50_000
+    ingest_subset: int = 0  # rows for the client paths (executemany, copy_records); 0: all
+    only: frozenset[str] | None = None  # run only these phases (PHASES); None: all
+
+    def wants(self, phase: str) -> bool:
+        """Whether this run includes `phase`."""
+        return self.only is None or phase in self.only
 
     @classmethod
     def quick_run(cls) -> Params:
@@ -435,7 +443,9 @@ def run(p: Params, *, dsn: str = "") -> Measured:
     started_pg = False
     daemon: DaemonProc | None = None
 
-    def phase(name: str, fn: Callable[[], None]) -> bool:
+    def phase(key: str, name: str, fn: Callable[[], None]) -> bool:
+        if not p.wants(key):
+            return False
         say(name)
         try:
             fn()
@@ -456,7 +466,7 @@ def run(p: Params, *, dsn: str = "") -> Measured:
             tables = data.pop("tables")  # freed after this phase
             m.codecs = anchors.codecs(tables, d.tmpfs / "codecs", max(1, p.reps - 1))
 
-        phase("Parquet: zstd 3 against snappy", codecs)
+        phase("codecs", "Parquet: zstd 3 against snappy", codecs)
         data.pop("tables", None)
         bare = anchors.bare_work(sources, d.tmpfs / "bare", d.root / "bare")
         m.bare = {"crosscheck_s": bare.crosscheck_s, "aggregate_s": bare.aggregate_s}
@@ -469,8 +479,10 @@ def run(p: Params, *, dsn: str = "") -> Measured:
             rig = anchors.StagingRig(d.sources, "full", d.tmpfs / "rig", d.run, sys.executable)
             m.staging = anchors.staging(rig, [s.name for s in sources.values()], p.reps + 2)
 
-        phase("archive: the lake writer against cp + sync", archive)
-        phase("staging: agents against cp", staging)
+        phase("archive", "archive: the lake writer against cp + sync", archive)
+        phase("staging", "staging: agents against cp", staging)
+        if not any(p.wants(k) for k in ("barrier", "idle", "full", "lag", "ingest")):
+            return m
 
         if not dsn:
             say("starting embedded PostgreSQL")
@@ -488,10 +500,11 @@ def run(p: Params, *, dsn: str = "") -> Measured:
 
         n = p.barrier_batches
         phase(
+            "barrier",
             f"barrier: {n} batches (+{p.warmup_batches} warm-up) beside a bare inotify reader",
             lambda: run_barrier(p, d, dm, small, m),
         )
-        phase(f"idle CPU over {p.idle_s:g} s", lambda: run_idle(p, dm, agent_pid, m))
+        phase("idle", f"idle CPU over {p.idle_s:g} s", lambda: run_idle(p, dm, agent_pid, m))
 
         def full() -> None:
             for i in range(p.full_batches):
@@ -514,9 +527,9 @@ def run(p: Params, *, dsn: str = "") -> Measured:
             m.psql = anchors.psql_version(psql)
             m.ingest = anchors.ingest(dsn, psql, bare.agg, d.tmpfs, p.ingest_reps, p.ingest_subset)
 
-        phase("full batches: end to end and daemon CPU", full)
-        phase("event-loop lag: a full batch with the 1 ms ticker on", lag)
-        phase("database ingest: the COPY path against psql \\copy and asyncpg", ingest)
+        phase("full", "full batches: end to end and daemon CPU", full)
+        phase("lag", "event-loop lag: a full batch with the 1 ms ticker on", lag)
+        phase("ingest", "database ingest: the COPY path against psql \\copy and asyncpg", ingest)
     finally:
         if daemon is not None:
             daemon.stop()
