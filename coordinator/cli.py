@@ -541,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `coordinatorctl`."""
-    from coordinator.control import StateUnknown
+    from coordinator.errors import StateUnknown
 
     parser = build_parser()
     try:

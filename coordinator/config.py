@@ -205,7 +205,11 @@ def read_toml(path: Path) -> dict[str, Any]:
         with path.open("rb") as f:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: TOML syntax error: {e}") from None
+        m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
+        where = f"{path}:{m.group(1)}" if m else str(path)
+        text = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
+        col = f" (column {m.group(2)})" if m else ""
+        raise ConfigError(f"{where}: TOML syntax error: {text}{col}") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
 

@@ -25,7 +25,7 @@ from anyio.abc import SocketAttribute, SocketStream, TaskStatus
 from coordinator import hooks
 from coordinator.batch import State
 from coordinator.config import NAME_RE
-from coordinator.errors import ControlError, DaemonNotRunning, ProtocolError
+from coordinator.errors import ControlError, DaemonNotRunning, ProtocolError, StateUnknown
 from coordinator.protocol import LineReader, decode
 
 if TYPE_CHECKING:
@@ -41,10 +41,6 @@ TEST_CMDS = frozenset({"_block_loop"})  # only when test hooks are on
 MAX_LIMIT = 10_000
 MAX_BLOCK_S = 60.0
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
-
-
-class StateUnknown(ControlError):
-    """The daemon took the request but gave no (usable) answer: its state is unknown."""
 
 
 # -- who may ask ------------------------------------------------------------------------------

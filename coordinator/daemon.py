@@ -26,7 +26,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from coordinator import __version__, embedded, hooks, notify
 from coordinator.barrier import Scan, Scanner, watch
 from coordinator.batch import FINAL, State, barrier, deadline_verdict, resume_step
-from coordinator.config import Config, load_config, redact_dsn
+from coordinator.config import Config, load_config, locate, redact_dsn
 from coordinator.errors import ConfigError, CoordinatorError, DatabaseError
 from coordinator.hub import Hub, supervise
 from coordinator.lake import Lake
@@ -111,6 +111,7 @@ class Daemon:
         self._dirty: set[str] = set()
         self._wake = anyio.Event()
         self._stop = anyio.Event()
+        self._ready_or_stop = anyio.Event()
         self._tg: TaskGroup | None = None
         self.in_flight = anyio.Semaphore(config.batch.max_in_flight)
         self.exit_code = 0
@@ -135,6 +136,7 @@ class Daemon:
     def request_stop(self) -> None:
         """Ask the daemon to stop: it stops taking work and cancels; batches resume on restart."""
         self._stop.set()
+        self._ready_or_stop.set()
 
     def _status_line(self, text: str) -> None:
         notify.notify(f"STATUS={text}")
@@ -149,7 +151,7 @@ class Daemon:
             p.mkdir(parents=True, exist_ok=True)
         cfg.paths.runtime_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(cfg.paths.runtime_dir, 0o750)
-        started_pg = False
+        self._started_pg = False
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -161,45 +163,12 @@ class Daemon:
                 tg.start_soon(self._watch_config)
                 if cfg.loop_lag_interval_ms:
                     tg.start_soon(self._loop_lag, cfg.loop_lag_interval_ms / 1000)
-                self.state = "connecting"
-                self._status_line("connecting to the database")
-                started_pg = await self._open_database()
-                await tg.start(self.hub.serve, cfg.paths.agent_socket)
-                if self.with_agents:
-                    for n in cfg.node_ids:
-                        await tg.start(supervise, self.hub, cfg, self.config_path, n)
-                await tg.start(
-                    watch,
-                    cfg.paths.staging,
-                    cfg.barrier,
-                    self._mark,
-                    self.scanner.stats,
-                    self._drops,
-                )
-                self._status_line("watcher armed; scanning staging and resuming the ledger")
-                await self._resume()
-                self._mark({"*"})
-                tg.start_soon(self._process_loop)
-                tg.start_soon(self._reconcile_loop)
-                tg.start_soon(self._deadline_loop)
-                tg.start_soon(self._leadership_loop)
-                assert self.ledger is not None
-                tg.start_soon(self.ledger.flush_loop)
-                interval = notify.watchdog_interval()
-                if interval:
-                    tg.start_soon(self._watchdog, interval)
-                self.state = "running"
-                self.ready = True
-                notify.notify("READY=1", "STATUS=running: waiting for batches")
-                log.info(
-                    "coordinator ready",
-                    pid=os.getpid(),
-                    version=__version__,
-                    staging=str(cfg.paths.staging),
-                    nodes=list(cfg.node_ids),
-                    database=redact_dsn(self.dsn),
-                )
-                task_status.started()
+                # Start-up runs as a task so a stop request (TERM while still connecting or
+                # in standby) is honoured at any point.
+                tg.start_soon(self._start_serving, tg)
+                await self._ready_or_stop.wait()
+                if self.ready:
+                    task_status.started()
                 await self._stop.wait()
                 self.state = "stopping"
                 notify.notify("STOPPING=1", "STATUS=stopping")
@@ -209,12 +178,55 @@ class Daemon:
             with anyio.CancelScope(shield=True):
                 if self.ledger is not None:
                     await self.ledger.close()
-                if cfg.database.embedded and started_pg:
+                if cfg.database.embedded and self._started_pg:
                     await anyio.to_thread.run_sync(embedded.stop, cfg.paths.state_dir)
                 cfg.paths.control_socket.unlink(missing_ok=True)
                 cfg.paths.agent_socket.unlink(missing_ok=True)
             self.state = "stopped"
             log.info("coordinator stopped")
+
+    async def _start_serving(self, tg: TaskGroup) -> None:
+        """Database and leadership, agents, watcher, first scan and resume; then READY=1."""
+        cfg = self.config
+        self.state = "connecting"
+        self._status_line("connecting to the database")
+        self._started_pg = await self._open_database()
+        await tg.start(self.hub.serve, cfg.paths.agent_socket)
+        if self.with_agents:
+            for n in cfg.node_ids:
+                await tg.start(supervise, self.hub, cfg, self.config_path, n)
+        await tg.start(
+            watch,
+            cfg.paths.staging,
+            cfg.barrier,
+            self._mark,
+            self.scanner.stats,
+            self._drops,
+        )
+        self._status_line("watcher armed; scanning staging and resuming the ledger")
+        await self._resume()
+        self._mark({"*"})
+        tg.start_soon(self._process_loop)
+        tg.start_soon(self._reconcile_loop)
+        tg.start_soon(self._deadline_loop)
+        tg.start_soon(self._leadership_loop)
+        assert self.ledger is not None
+        tg.start_soon(self.ledger.flush_loop)
+        interval = notify.watchdog_interval()
+        if interval:
+            tg.start_soon(self._watchdog, interval)
+        self.state = "running"
+        self.ready = True
+        notify.notify("READY=1", "STATUS=running: waiting for batches")
+        log.info(
+            "coordinator ready",
+            pid=os.getpid(),
+            version=__version__,
+            staging=str(cfg.paths.staging),
+            nodes=list(cfg.node_ids),
+            database=redact_dsn(self.dsn),
+        )
+        self._ready_or_stop.set()
 
     async def _open_database(self) -> bool:
         cfg = self.config
@@ -273,7 +285,13 @@ class Daemon:
 
         def relevant(_change: watchfiles.Change, path: str) -> bool:
             p = Path(path)
-            return p == self.config_path or (p.parent.name == "conf.d" and p.suffix == ".toml")
+            # conf.d itself too: a drop-in written right after the folder is created can land
+            # before the folder is watched.
+            return (
+                p == self.config_path
+                or p == folder / "conf.d"
+                or (p.parent.name == "conf.d" and p.suffix == ".toml")
+            )
 
         async for _changes in watchfiles.awatch(
             folder,
@@ -317,7 +335,9 @@ class Daemon:
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config; swap it in only if valid. New batches use it, running ones not."""
-        notify.notify("RELOADING=1", f"MONOTONIC_USEC={notify.monotonic_usec()}")
+        # Before READY=1, systemd is still waiting for start-up: no RELOADING/READY then.
+        if self.ready:
+            notify.notify("RELOADING=1", f"MONOTONIC_USEC={notify.monotonic_usec()}")
         now = time.time()
         try:
             new = await anyio.to_thread.run_sync(load_config, self.config_path)
@@ -330,32 +350,50 @@ class Daemon:
                 "last_success_at": self.last_reload.get("last_success_at"),
             }
             log.error("reload rejected; old config kept", error=str(e))
-            notify.notify("READY=1", f"STATUS=reload rejected: {e}")
+            self._notify_reloaded(f"STATUS=reload rejected: {e}")
             return self.last_reload
         self.config = new
         self.generation += 1
         self.last_reload = {"at": now, "ok": True, "error": "", "last_success_at": now}
         log.info("config reloaded", generation=self.generation, sources=list(new.sources))
-        notify.notify("READY=1", "STATUS=running: config reloaded")
+        self._notify_reloaded("STATUS=running: config reloaded")
         self._mark({"*"})
         return self.last_reload
 
+    def _notify_reloaded(self, status: str) -> None:
+        if self.ready:
+            notify.notify("READY=1", status)
+        else:
+            notify.notify(status)
+
     def _check_reloadable(self, new: Config) -> None:
         old = self.config
-        fixed = {
-            "paths": (old.paths, new.paths),
-            "database.dsn": (old.database.dsn, new.database.dsn),
-            "database.schema": (old.database.schema, new.database.schema),
-            "node ids": (old.node_ids, new.node_ids),
+
+        def where(key: str) -> str:
+            return locate(new.provenance.get(key, "<defaults>"), key)
+
+        fixed: dict[str, tuple[object, object]] = {
+            f"paths.{k}": (getattr(old.paths, k), getattr(new.paths, k))
+            for k in ("staging", "lake", "node_tmpfs", "state_dir", "runtime_dir")
         }
+        fixed["database.dsn"] = (old.database.dsn, new.database.dsn)
+        fixed["database.schema"] = (old.database.schema, new.database.schema)
+        fixed["metrics.listen"] = (old.metrics_listen, new.metrics_listen)
         for key, (a, b) in fixed.items():
             if a != b:
-                raise ConfigError(f"{key} cannot change without a restart")
+                raise ConfigError(
+                    f"{where(key)}: {key} cannot change without a restart ({a!r} -> {b!r})"
+                )
+        if old.node_ids != new.node_ids:
+            raise ConfigError(
+                f"{where('node')}: the [[node]] ids cannot change without a restart "
+                f"({list(old.node_ids)} -> {list(new.node_ids)})"
+            )
         in_flight = [b for b in self.batches.values() if b.state not in FINAL]
         if in_flight and set(old.batch.models) != set(new.batch.models):
             raise ConfigError(
-                f"batch.models cannot change while batches are in flight "
-                f"({', '.join(b.batch_id for b in in_flight)})"
+                f"{where('batch.models')}: batch.models cannot change while batches are in "
+                f"flight ({', '.join(b.batch_id for b in in_flight)})"
             )
 
     # -- barrier ------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
     CoordinatorError
     ├── ConfigError          bad or unreadable configuration (names file and key)
-    ├── TopologyError        the machine's NUMA layout does not fit the config, or sysfs is unreadable
+    ├── TopologyError        the NUMA layout does not fit the config, or sysfs is unreadable
     ├── LayoutError          a machine layout plan that over-subscribes or contradicts itself
     ├── BindingError         an agent's memory policy or CPU mask is not what it was told
     ├── StagingError         a batch could not be copied to node-local memory
@@ -14,7 +14,8 @@
     │   └── NotLeaderError   another coordinator holds the leader lock
     ├── LakeError            the data lake refused a write
     └── ControlError         the control socket could not be reached or answered with an error
-        └── DaemonNotRunning nothing listens on the control socket
+        ├── DaemonNotRunning nothing listens on the control socket
+        └── StateUnknown     the daemon did not (fully) answer: its state is unknown
 
 Only the CLI maps these to exit codes.
 """
@@ -80,3 +81,7 @@ class ControlError(CoordinatorError):
 
 class DaemonNotRunning(ControlError):
     """No daemon is listening on the control socket."""
+
+
+class StateUnknown(ControlError):
+    """The daemon accepted the connection but gave no whole answer in time."""

@@ -171,8 +171,7 @@ def test_an_unknown_key_in_a_node_table_is_an_error(etc: Path) -> None:
 def test_a_toml_syntax_error_names_file_and_line(etc: Path) -> None:
     bad = dropin(etc, "50-broken.toml", "[batch]\ndeadline_s = 10\nquorum = = 3\n")
     msg = load_error(etc / "coordinator.toml")
-    assert str(bad.resolve()) in msg
-    assert "line 3" in msg
+    assert f"{bad.resolve()}:3: TOML syntax error" in msg
 
 
 # --- validation ----------------------------------------------------------------------------

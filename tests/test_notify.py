@@ -195,12 +195,11 @@ def test_status_answers_while_the_daemon_is_still_connecting_and_it_is_not_ready
     assert s["database"]["connected"] is False
     systemd.wait_for("STATUS=database unreachable")
     assert not any("READY=1" in lines for _, lines in systemd.messages)
-    d.kill9()  # SIGTERM does not stop it while connecting (see the xfail below)
+    d.kill9()
 
 
 # SIGTERM while the daemon waits for its database (or in standby) must stop it, as systemd
 # expects within TimeoutStopSec; the daemon waits on _open_database, not on its stop event.
-@pytest.mark.xfail(strict=True, reason="daemon: SIGTERM is not acted on while connecting")
 def test_sigterm_while_connecting_stops_the_daemon(env, daemon, systemd):
     unreachable_database(env)
     d = daemon(with_agents=False, extra_env={"NOTIFY_SOCKET": str(systemd.path)})
@@ -220,7 +219,6 @@ def test_sigterm_while_connecting_stops_the_daemon(env, daemon, systemd):
 # A reload before the daemon is ready must not tell systemd READY=1 (systemd would take the
 # service as started while the database is still unreachable). daemon.reload() sends
 # RELOADING=1 ... READY=1 whatever the state; it should do so only once ready.
-@pytest.mark.xfail(strict=True, reason="daemon: reload() sends READY=1 before the daemon is ready")
 def test_a_reload_while_connecting_does_not_send_ready(env, daemon, systemd):
     unreachable_database(env)
     d = daemon(with_agents=False, extra_env={"NOTIFY_SOCKET": str(systemd.path)})
