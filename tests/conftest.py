@@ -125,13 +125,17 @@ def env(tmp_path: Path, pg_dsn: str) -> Iterator[Env]:
     run = Path(tempfile.mkdtemp(prefix="nc-run-", dir="/tmp"))
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     tmpfs = Path(tempfile.mkdtemp(prefix="nc-test-", dir=shm))
+    # The embedded PostgreSQL runs as another user, so its folder must not sit under pytest's
+    # 0700 tmp root (which a concurrent pytest session re-locks).
+    state = Path(tempfile.mkdtemp(prefix="nc-state-", dir="/tmp"))
+    state.chmod(0o755)
     e = Env(
         root=tmp_path,
         staging=tmp_path / "staging",
         lake=tmp_path / "lake",
         tmpfs=tmpfs,
         run=run,
-        state=tmp_path / "state",
+        state=state,
         schema=f"t_{uuid.uuid4().hex[:12]}",
         dsn=pg_dsn,
         config=tmp_path / "etc" / "coordinator.toml",
@@ -144,6 +148,15 @@ def env(tmp_path: Path, pg_dsn: str) -> Iterator[Env]:
     finally:
         shutil.rmtree(tmpfs, ignore_errors=True)
         shutil.rmtree(run, ignore_errors=True)
+        _stop_pg_and_remove(state)
+
+
+def _stop_pg_and_remove(state: Path) -> None:
+    from coordinator import embedded
+
+    with contextlib.suppress(Exception):
+        embedded.stop(state, mode="immediate")
+    shutil.rmtree(state, ignore_errors=True)
 
 
 class Daemon:
