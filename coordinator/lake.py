@@ -18,6 +18,7 @@ import errno
 import io
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import cast
 
@@ -76,6 +77,15 @@ def copy_fd(src: Path, fd_out: int) -> int:
         os.close(fd_in)
 
 
+def _write_parquet_fd(table: pa.Table, fd: int) -> int:
+    """Write `table` as zstd-3 Parquet into the open file `fd` and start its writeback."""
+    with open(fd, "wb", closefd=False) as out:
+        pq.write_table(table, out, compression="zstd", compression_level=3)
+        n = out.tell()
+    start_writeback(fd)
+    return n
+
+
 class Lake:
     """Writes archived batches into the lake."""
 
@@ -105,30 +115,37 @@ class Lake:
 
     def _archive_local(self, folder: str, files: Sequence[Path], aggregates: pa.Table) -> int:
         os.makedirs(folder, exist_ok=True)
-        pending: list[tuple[int, str, str]] = []  # (fd, temp, final), in order
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        agg_tmp, agg_final = f"{folder}/.aggregates.parquet.tmp", f"{folder}/aggregates.parquet"
+        agg_fd = os.open(agg_tmp, flags, 0o644)
+        pending: list[tuple[int, str, str]] = []  # (fd, temp, final) of the copies, in order
         total = 0
         try:
-            for src in files:
-                tmp, final = f"{folder}/.{src.name}.tmp", f"{folder}/{src.name}"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-                pending.append((fd, tmp, final))
-                total += copy_fd(src, fd)
-                start_writeback(fd)
-            tmp, final = f"{folder}/.aggregates.parquet.tmp", f"{folder}/aggregates.parquet"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            pending.append((fd, tmp, final))
-            with open(fd, "wb", closefd=False) as out:
-                pq.write_table(aggregates, out, compression="zstd", compression_level=3)
-                total += out.tell()
-            start_writeback(fd)
+            # Encoding aggregates.parquet is the one part that is CPU work in this process:
+            # it runs beside the copies, which are the kernel's.
+            with ThreadPoolExecutor(1, thread_name_prefix="lake-aggregates") as pool:
+                encoded = pool.submit(_write_parquet_fd, aggregates, agg_fd)
+                try:
+                    for src in files:
+                        tmp, final = f"{folder}/.{src.name}.tmp", f"{folder}/{src.name}"
+                        fd = os.open(tmp, flags, 0o644)
+                        pending.append((fd, tmp, final))
+                        total += copy_fd(src, fd)
+                        start_writeback(fd)
+                except BaseException:
+                    encoded.exception()  # let it finish; the copy's error is the one to raise
+                    raise
+                total += encoded.result()
             for fd, _, _ in pending:
                 os.fsync(fd)
+            os.fsync(agg_fd)
         except BaseException:
-            for fd, tmp, _ in pending:
+            for fd, tmp, _ in [*pending, (agg_fd, agg_tmp, agg_final)]:
                 os.close(fd)
                 Path(tmp).unlink(missing_ok=True)
             raise
-        for fd, tmp, final in pending:
+        # aggregates.parquet last: its presence says the batch's folder is complete.
+        for fd, tmp, final in [*pending, (agg_fd, agg_tmp, agg_final)]:
             os.close(fd)
             os.rename(tmp, final)
         dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
