@@ -67,6 +67,19 @@ def _executemany_note(psql_rps: float | None, many_rps: float | None) -> str:
     )
 
 
+def _lag_note(got: dict[str, Any] | None) -> str:
+    if not got:
+        return "no samples in this step"
+    text = f"max {got['max']:.1f} ms over {got['n']} ticks"
+    if "max_run_wait" in got:
+        text += (
+            f" (the loop's thread waited {got['max_run_wait']:.1f} ms of it for a CPU; "
+            f"{100 * got['worst_run_wait_share']:.0f} % of the lag of the ticks at or above "
+            f"p99 was such waiting)"
+        )
+    return text
+
+
 def build_rows(m: Any) -> list[Row]:
     """The table's rows from what the run measured (`harness.Measured`)."""
     rows: list[Row] = []
@@ -288,9 +301,7 @@ def build_rows(m: Any) -> list[Row]:
                 "idle, same run",
                 "p99 <= 5 ms" if target else "—",
                 (lambda o, a, r: o <= 5) if target else None,
-                note=f"max {got['max']:.1f} ms over {got['n']} ticks"
-                if got
-                else "no samples in this step",
+                note=_lag_note(got),
             )
         )
 
@@ -338,8 +349,9 @@ def build_rows(m: Any) -> list[Row]:
                 "",
                 "<= 0.5 % of a core",
                 lambda o, a, r: o <= 0.5,
-                note=f"event-loop thread {m.idle['loop_pct']:.2f} %; agent "
-                f"{m.idle['agent_pct']:.2f} %",
+                note=f"event-loop thread {m.idle['loop_pct']:.2f} %; busiest threads: "
+                + ", ".join(f"{k} {v:.2f} %" for k, v in list(m.idle["threads_pct"].items())[:3])
+                + f"; the agent {m.idle['agent_pct']:.2f} %",
             )
         )
 
@@ -446,6 +458,9 @@ def run_bench(
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """The `bench` subcommand: run, print the table (or JSON), write results.json."""
+    from coordinator.logs import configure
+
+    configure("error", "console")  # the Hub and Ledger used in-process: errors, on stderr
     argv = ["coordinatorctl", "bench"]
     argv += [f"--batches {args.batches}"] if args.batches != 30 else []
     argv += [f"--size-mb {args.size_mb:g}"] if args.size_mb != 20.0 else []

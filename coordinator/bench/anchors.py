@@ -55,6 +55,18 @@ def thread_cpu_s(pid: int, tid: int | None = None) -> float:
     return int(text.split()[0]) / 1e9
 
 
+def threads_cpu_s(pid: int) -> dict[str, float]:
+    """CPU seconds of each live thread of `pid`, keyed '<tid> <name>'."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            out[f"{task.name} {name}"] = int((task / "schedstat").read_text().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended meanwhile
+    return out
+
+
 @contextlib.contextmanager
 def timer(out: list[float]) -> Iterator[None]:
     """Append the wall seconds of the block to `out`."""

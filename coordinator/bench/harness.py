@@ -129,7 +129,7 @@ class Measured:
     staging: dict[str, list[float]] = field(default_factory=dict)
     staging_bytes: int = 0
     barrier: list[dict[str, float]] = field(default_factory=list)
-    idle: dict[str, float] = field(default_factory=dict)
+    idle: dict[str, Any] = field(default_factory=dict)
     full: list[dict[str, Any]] = field(default_factory=list)
     lag: dict[str, Any] = field(default_factory=dict)
     ingest: dict[str, Any] = field(default_factory=dict)
@@ -367,10 +367,14 @@ def run_idle(p: Params, daemon: DaemonProc, agent_pid: int, m: Measured) -> None
     time.sleep(min(2.0, p.idle_s))
     pid = daemon.proc.pid
     c0, l0, a0 = anchors.proc_cpu_s(pid), anchors.thread_cpu_s(pid), anchors.proc_cpu_s(agent_pid)
+    th0 = anchors.threads_cpu_s(pid)
     t0 = time.perf_counter()
     time.sleep(p.idle_s)
     wall = time.perf_counter() - t0
+    th1 = anchors.threads_cpu_s(pid)
+    threads = {k: (v - th0.get(k, 0.0)) / wall * 100 for k, v in th1.items()}
     m.idle = {
+        "threads_pct": dict(sorted(threads.items(), key=lambda kv: -kv[1])[:6]),
         "seconds": wall,
         "daemon_pct": (anchors.proc_cpu_s(pid) - c0) / wall * 100,
         "loop_pct": (anchors.thread_cpu_s(pid) - l0) / wall * 100,
@@ -405,19 +409,33 @@ def run_full(
 
 
 def summarise_lag(doc: dict[str, Any], t_batch: float) -> dict[str, Any]:
-    """p99 and max of the loop lag per step during the batch, and when idle before it."""
+    """p99 and max of the loop lag per step during the batch, and when idle before it; with
+    how much of the worst lags the loop's thread spent waiting for a CPU (the machine's load,
+    not the daemon's doing)."""
     tags: list[str] = doc["tags"]
-    groups: dict[str, list[float]] = {"idle_before": []}
-    for t, lag, tag in zip(doc["t"], doc["lag_ms"], doc["tag"], strict=True):
+    waits = doc.get("run_wait_ms") or [0.0] * len(doc["t"])
+    groups: dict[str, list[tuple[float, float]]] = {"idle_before": []}
+    for t, lag, wait, tag in zip(doc["t"], doc["lag_ms"], waits, doc["tag"], strict=True):
         if t < t_batch:
-            groups["idle_before"].append(lag)
+            groups["idle_before"].append((lag, wait))
         elif tags[tag] != "idle":
-            groups.setdefault(tags[tag], []).append(lag)
-    return {
-        k: {"n": len(v), "p50": percentile(v, 50), "p99": percentile(v, 99), "max": max(v)}
-        for k, v in groups.items()
-        if v
-    }
+            groups.setdefault(tags[tag], []).append((lag, wait))
+    out: dict[str, Any] = {}
+    for k, v in groups.items():
+        if not v:
+            continue
+        lags = [x[0] for x in v]
+        p99 = percentile(lags, 99)
+        worst = [x for x in v if x[0] >= p99]
+        out[k] = {
+            "n": len(v),
+            "p50": percentile(lags, 50),
+            "p99": p99,
+            "max": max(lags),
+            "max_run_wait": max(v)[1],
+            "worst_run_wait_share": sum(w for _, w in worst) / max(sum(x for x, _ in worst), 1e-9),
+        }
+    return out
 
 
 def make_data(p: Params, d: Dirs, m: Measured) -> tuple[dict[str, Any], dict[str, Path]]:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
+import threading
 import time
 from array import array
 from collections.abc import AsyncIterator
@@ -73,15 +75,22 @@ class LagSampler:
     async def _sample(self, sigs: AsyncIterator[signal.Signals]) -> None:
         times = array("d")
         lags = array("d")
+        waits = array("d")  # of each lag, the time the loop's thread sat runnable without a CPU
         tags = array("b")
         stop = anyio.Event()
+        # schedstat's second field: ns this thread spent waiting on a run queue.
+        stat = os.open(f"/proc/self/task/{threading.get_native_id()}/schedstat", os.O_RDONLY)
+
+        def run_wait() -> float:
+            return int(os.pread(stat, 128, 0).split()[1]) / 1e6
 
         async def tick() -> None:
             clock = time.perf_counter
             while not stop.is_set():
-                t0 = clock()
+                t0, w0 = clock(), run_wait()
                 await anyio.sleep(TICK_S)
                 lags.append((clock() - t0 - TICK_S) * 1000.0)
+                waits.append(run_wait() - w0)
                 times.append(time.time())
                 tags.append(TAGS.index(step_of(self.daemon)))
 
@@ -91,10 +100,17 @@ class LagSampler:
                 if sig == signal.SIGUSR2:
                     break
             stop.set()
+        os.close(stat)
         self.n += 1
         path = self.out_dir / f"lag-{self.n}.json"
         tmp = path.with_name(f".{path.name}.tmp")
-        doc = {"tags": TAGS, "t": list(times), "lag_ms": list(lags), "tag": list(tags)}
+        doc = {
+            "tags": TAGS,
+            "t": list(times),
+            "lag_ms": list(lags),
+            "run_wait_ms": list(waits),
+            "tag": list(tags),
+        }
         tmp.write_text(json.dumps(doc))
         tmp.rename(path)
 
