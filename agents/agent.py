@@ -120,6 +120,12 @@ class Agent:
         freed = stg.purge(self.batch_dir(batch_id))
         return {"type": "purged", "batch_id": batch_id, "bytes": freed}
 
+    def staged_batches(self) -> list[str]:
+        """Batch folders in this node's tmpfs."""
+        if not self.tmpfs.is_dir():
+            return []
+        return sorted(p.name for p in self.tmpfs.iterdir() if p.is_dir() and not p.is_symlink())
+
     def tmpfs_usage(self) -> dict[str, int]:
         """Used and free bytes of the node-local tmpfs."""
         s = os.statvfs(self.tmpfs)
@@ -178,6 +184,8 @@ async def serve(agent: Agent, sock_path: Path, bound: binding.Binding) -> None:
                 "version": __version__,
                 "models": list(agent.models),
                 "tmpfs": str(agent.tmpfs),
+                # Batches with copies here: the coordinator purges those no longer in flight.
+                "staged_batches": agent.staged_batches(),
                 **bound.as_dict(),
             }
         )

@@ -205,6 +205,11 @@ class Daemon:
         )
         self._status_line("watcher armed; scanning staging and resuming the ledger")
         await self._resume()
+        # From now on every batch in flight is known: copies of any other batch that an agent
+        # still holds (a purge lost to a crash) are purged when it says hello.
+        self.hub.on_hello = self._purge_leftovers
+        for conn in list(self.hub.agents.values()):
+            self._purge_leftovers(conn)
         self._mark({"*"})
         tg.start_soon(self._process_loop)
         tg.start_soon(self._reconcile_loop)
@@ -546,6 +551,29 @@ class Daemon:
         self.batches[batch_id] = run
         log.info("batch seen", batch_id=batch_id)
         return run
+
+    def _purge_leftovers(self, conn: Any) -> None:
+        leftovers = [
+            b
+            for b in conn.hello.get("staged_batches", [])
+            if isinstance(b, str) and b not in self.batches
+        ]
+        if not leftovers or self._tg is None:
+            return
+        log.warning(
+            "purging node-local copies of batches not in flight", node=conn.node, batches=leftovers
+        )
+
+        async def purge() -> None:
+            for b in leftovers:
+                try:
+                    await self.hub.request(
+                        conn.node, {"type": "purge", "batch_id": b}, within_s=30.0
+                    )
+                except CoordinatorError as e:
+                    log.warning("leftover purge failed", node=conn.node, batch_id=b, error=str(e))
+
+        self._tg.start_soon(purge)
 
     def _quarantine_all(self, batch_id: str, state: State) -> None:
         folder = self.config.paths.staging / batch_id

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,8 @@ class Hub:
         self._ids = itertools.count(1)
         self.restarts: dict[int, int] = {}
         self._connected = anyio.Event()  # set (and renewed) whenever an agent says hello
+        # Called with each new connection (the daemon purges leftover copies through it).
+        self.on_hello: Callable[[AgentConn], None] | None = None
 
     async def serve(self, sock_path: Path, *, task_status: TaskStatus[None]) -> None:
         """Listen on the agent socket."""
@@ -100,6 +103,8 @@ class Hub:
             self.agents[conn.node] = conn
             self._connected.set()
             self._connected = anyio.Event()
+            if self.on_hello is not None:
+                self.on_hello(conn)
             log.info(
                 "agent connected",
                 node=conn.node,

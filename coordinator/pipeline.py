@@ -302,11 +302,15 @@ class Pipeline:
                 delay = min(delay * 2, 60.0)
 
     async def _purge(self) -> None:
-        try:
-            await self._on_nodes(lambda n: {"type": "purge", "batch_id": self.run_.batch_id})
-        except CoordinatorError as e:
-            # The copies are dead weight, not data; status shows the tmpfs use.
-            self.log.warning("purge failed; node-local copies left behind", error=str(e))
+        for attempt in range(3):
+            try:
+                await self._on_nodes(lambda n: {"type": "purge", "batch_id": self.run_.batch_id})
+                return
+            except CoordinatorError as e:
+                # An agent died mid-purge: try again once it is back. Should that fail too,
+                # the agent's next hello lists the copies and the daemon purges them then.
+                self.log.warning("purge failed", error=str(e), attempt=attempt + 1)
+                await anyio.sleep(0.5)
 
     def _raw_source(self, model: str) -> Path:
         """The counted content of a model's file: in staging, or, if it was rewritten and

@@ -697,3 +697,20 @@ def test_lake_refusing_writes_after_the_commit_is_retried_until_it_accepts(env, 
     files = sorted(p.name for p in Path(done["lake_path"]).iterdir())
     assert len(files) == 2 * len(MODELS) + 1
     assert not (env.staging / "lake-down").exists()
+
+
+def test_node_local_copies_of_batches_not_in_flight_are_purged_when_the_agent_says_hello(
+    env, daemon
+):
+    """A purge lost to a crash leaves copies in node RAM; the next hello lists them and the
+    daemon purges every batch that is not in flight."""
+    leftover = env.tmpfs / "node0" / "gone-batch"
+    leftover.mkdir(parents=True)
+    (leftover / "slm-1.parquet").write_bytes(b"x" * 4096)
+    d = daemon().start()
+    wait_until(lambda: not leftover.exists(), 30, "the leftover copies to be purged")
+    # Batches in flight keep theirs: a fresh batch still completes normally.
+    from tests.test_flow import publish_all
+
+    publish_all(env, "after-purge", seed=901)
+    assert d.wait_state("after-purge", {"done", "failed"})["state"] == "done"
