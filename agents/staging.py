@@ -12,7 +12,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,11 +82,18 @@ def free_bytes(path: Path) -> int:
     return s.f_bavail * s.f_frsize
 
 
-def stage(staging_dir: Path, dest_dir: Path, names: Sequence[str]) -> list[StagedFile]:
+def stage(
+    staging_dir: Path,
+    dest_dir: Path,
+    names: Sequence[str],
+    on_staged: Callable[[str, Path], None] | None = None,
+) -> list[StagedFile]:
     """Copy `names` from a staging batch folder into node-local `dest_dir`.
 
     Checks free space first; on any failure removes what this call copied and re-raises
-    (NoSpaceError for a full tmpfs), so a batch is never left half-staged.
+    (NoSpaceError for a full tmpfs), so a batch is never left half-staged. `on_staged(name,
+    path)` is called as soon as each file is in place (copied now, or found staged before), so
+    a caller can inspect one copy while the next is being made.
     """
     dest_dir.mkdir(parents=True, exist_ok=True)
     sizes = {}
@@ -111,6 +118,8 @@ def stage(staging_dir: Path, dest_dir: Path, names: Sequence[str]) -> list[Stage
             if final.exists() and final.stat().st_size == sizes[name]:
                 # Staged earlier (a retried step); the staging copy is immutable once counted.
                 out.append(StagedFile(name, 0, 0.0))
+                if on_staged is not None:
+                    on_staged(name, final)
                 continue
             tmp = dest_dir / f".{name}.tmp"
             t0 = time.perf_counter()
@@ -127,6 +136,8 @@ def stage(staging_dir: Path, dest_dir: Path, names: Sequence[str]) -> list[Stage
             hooks.pause("stage")  # tests kill the agent here, mid-copy
             os.rename(tmp, final)
             out.append(StagedFile(name, n, time.perf_counter() - t0))
+            if on_staged is not None:
+                on_staged(name, final)
     except BaseException:
         shutil.rmtree(dest_dir, ignore_errors=True)
         raise
