@@ -458,6 +458,11 @@ def run_bench(
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """The `bench` subcommand: run, print the table (or JSON), write results.json."""
+    if args.render:
+        from coordinator.bench.report import render_docs
+
+        print(render_docs(json.loads(Path(args.render).read_text())))
+        return 0
     from coordinator.logs import configure
 
     configure("error", "console")  # the Hub and Ledger used in-process: errors, on stderr
@@ -509,4 +514,9 @@ def register_cli(subparsers: Any) -> None:
     s.add_argument("--out", default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT})")
     s.add_argument("--json", action="store_true", help="print the results document")
     s.add_argument("--only", help="run only these phases (comma-separated), e.g. barrier,idle")
+    s.add_argument(
+        "--render",
+        metavar="RESULTS",
+        help="print the Markdown block of a results file (for docs/benchmarks.md); run nothing",
+    )
     s.set_defaults(func=cmd_bench)

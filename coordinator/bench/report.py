@@ -189,7 +189,7 @@ def render_docs(doc: dict[str, Any]) -> str:
         "",
         f"- CPU: {m['cpu']}, {m['cores']} cores, NUMA nodes {m['numa_nodes']}, {m['mem_gib']} GiB",
         f"- kernel {m['kernel']}, Python {m['python']}, PostgreSQL {doc.get('postgres', '?')}, "
-        f"psql {doc.get('psql', '?')}",
+        f"psql {str(doc.get('psql') or '?').removeprefix('psql (PostgreSQL) ')}",
         "- " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- load average at start: {', '.join(f'{x:.2f}' for x in m['load_avg_at_start'])}",
         f"- batches: {doc['params']['barrier_batches']} barrier batches of 7 small files; "
@@ -199,17 +199,3 @@ def render_docs(doc: dict[str, Any]) -> str:
         render_markdown(rows_from_results(doc)),
     ]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m coordinator.bench.report [results.json]`: print the docs block."""
-    import sys
-
-    args = sys.argv[1:] if argv is None else argv
-    path = Path(args[0] if args else "bench/results.json")
-    print(render_docs(json.loads(path.read_text())))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
