@@ -40,6 +40,10 @@ lint: install
 	$(BIN)/ruff format --check coordinator agents
 	$(BIN)/mypy
 
+# Every figure against its anchor in the same run (docs/benchmarks.md); a few minutes.
+bench: install
+	$(BIN)/coordinatorctl bench
+
 # The soak under chaos at a larger size: `make soak N=1000`.
 soak: install
 	SOAK_BATCHES=$(or $(N),200) $(BIN)/pytest -q -s --timeout=0 tests/soak

@@ -8,8 +8,9 @@ so the coordinator never sees a half-written file under a final name.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,14 +37,27 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def write_options(
+    table: pa.Table, *, compression: str = "zstd", level: int | None = 3
+) -> dict[str, Any]:
+    """The `pq.write_table` options the SDK writes `table` with."""
+    kwargs: dict[str, Any] = {"compression": None if compression == "none" else compression}
+    # A dictionary never pays for item_id (unique by contract) nor for floats (scores hardly
+    # repeat): trying one anyway costs a third of the write before Arrow gives up on it.
+    kwargs["use_dictionary"] = [
+        f.name for f in table.schema if f.name != "item_id" and not pa.types.is_floating(f.type)
+    ]
+    if level is not None and compression in ("zstd", "gzip", "brotli"):
+        kwargs["compression_level"] = level
+    return kwargs
+
+
 def write_parquet_atomic(
     path: Path, table: pa.Table, *, compression: str = "zstd", level: int | None = 3
 ) -> int:
     """Write `table` to `path` atomically (dot-temp, fsync, rename, fsync folder); return bytes."""
     tmp = path.with_name(f".{path.name}.tmp")
-    kwargs: dict[str, object] = {"compression": None if compression == "none" else compression}
-    if level is not None and compression in ("zstd", "gzip", "brotli"):
-        kwargs["compression_level"] = level
+    kwargs = write_options(table, compression=compression, level=level)
     try:
         with open(tmp, "wb") as f:
             pq.write_table(table, f, **kwargs)
@@ -74,13 +88,22 @@ def publish(
     if missing:
         raise ValueError(f"model {model}: result table lacks column(s) {missing}")
     folder = Path(staging) / batch_id
-    created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    if created:
-        fsync_dir(folder.parent)
     final = folder / f"{model}.parquet"
-    write_parquet_atomic(final, table, compression=compression, level=level)
-    return final
+    for attempt in range(5):
+        created = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            write_parquet_atomic(final, table, compression=compression, level=level)
+        except FileNotFoundError:
+            # The coordinator removes the folder of a batch it finds already finished (its
+            # files go to quarantine); a publish that raced that removal makes it again.
+            if folder.exists() or attempt == 4:
+                raise
+            continue
+        if created:  # after the file, so the folder is not left empty for that long
+            fsync_dir(folder.parent)
+        return final
+    raise AssertionError("unreachable")
 
 
 def publish_crosscheck(
@@ -122,10 +145,19 @@ def check_parquet(path: str | os.PathLike[str]) -> pq.FileMetaData:
         raise ParquetError(f"{path}: not a readable Parquet file: {e}") from None
 
 
-def read_result(path: str | os.PathLike[str], *, memory_map: bool = True) -> pa.Table:
-    """Read one result (or cross-check) file; ParquetError if it lacks the result columns."""
+def read_result(
+    path: str | os.PathLike[str],
+    *,
+    memory_map: bool = True,
+    columns: Sequence[str] | None = None,
+) -> pa.Table:
+    """Read one result (or cross-check) file; ParquetError if it lacks the result columns.
+    With `columns`, only those of them the file has are read (the others are never decoded)."""
     try:
-        table = pq.read_table(path, memory_map=memory_map)
+        with pq.ParquetFile(path, memory_map=memory_map) as pf:
+            names = pf.schema_arrow.names
+            wanted = None if columns is None else [c for c in columns if c in names]
+            table = pf.read(columns=wanted)
     except (OSError, pa.ArrowException) as e:
         raise ParquetError(f"{path}: not a readable Parquet file: {e}") from None
     missing = [c for c in RESULT_COLUMNS if c not in table.column_names]
@@ -135,8 +167,12 @@ def read_result(path: str | os.PathLike[str], *, memory_map: bool = True) -> pa.
 
 
 def read_results(
-    folder: str | os.PathLike[str], models: Iterable[str], *, prefix: str = ""
+    folder: str | os.PathLike[str],
+    models: Iterable[str],
+    *,
+    prefix: str = "",
+    columns: Sequence[str] | None = None,
 ) -> Mapping[str, pa.Table]:
     """Read `<prefix><model>.parquet` for each model in `folder` into a {model: table} mapping."""
     base = Path(folder)
-    return {m: read_result(base / f"{prefix}{m}.parquet") for m in models}
+    return {m: read_result(base / f"{prefix}{m}.parquet", columns=columns) for m in models}

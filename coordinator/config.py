@@ -43,7 +43,13 @@ DEFAULTS: dict[str, Any] = {
         "retry_max_s": 30.0,
     },
     "parquet": {"compression": "zstd", "level": 3},
-    "barrier": {"debounce_ms": 20, "step_ms": 2, "reconcile_s": 5.0, "settle_s": 5.0},
+    "barrier": {
+        "backend": "inotify",
+        "debounce_ms": 20,
+        "step_ms": 2,
+        "reconcile_s": 5.0,
+        "settle_s": 5.0,
+    },
     "crosscheck": {"function": "agents.crosscheck:crosscheck"},
     "agents": {"heartbeat_s": 2.0, "step_timeout_s": 300.0, "numactl": "numactl"},
     "log": {"level": "info", "format": "auto"},
@@ -132,6 +138,7 @@ class BarrierConfig:
     step_ms: int
     reconcile_s: float
     settle_s: float  # an unreadable file unchanged this long is quarantined
+    backend: str = "inotify"  # or "watchfiles"
 
 
 @dataclass(frozen=True)
@@ -475,7 +482,10 @@ def validate(
         step_ms=r.int_("barrier", "step_ms", 1, 10_000),
         reconcile_s=r.num("barrier", "reconcile_s"),
         settle_s=r.num("barrier", "settle_s"),
+        backend=r.str_("barrier", "backend"),
     )
+    if barrier.backend not in ("inotify", "watchfiles"):
+        raise r.fail("barrier.backend", "inotify or watchfiles", barrier.backend)
     fn = r.str_("crosscheck", "function")
     if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", fn):
         raise r.fail("crosscheck.function", "an import path 'module:function'", fn)

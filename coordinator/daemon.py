@@ -24,7 +24,7 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from coordinator import __version__, embedded, hooks, notify
-from coordinator.barrier import Scan, Scanner, watch
+from coordinator.barrier import Scan, Scanner, watch, watch_watchfiles
 from coordinator.batch import FINAL, State, barrier, deadline_verdict, resume_step
 from coordinator.config import Config, load_config, locate, redact_dsn
 from coordinator.errors import ConfigError, CoordinatorError, DatabaseError
@@ -196,7 +196,7 @@ class Daemon:
             for n in cfg.node_ids:
                 await tg.start(supervise, self.hub, cfg, self.config_path, n)
         await tg.start(
-            watch,
+            watch if cfg.barrier.backend == "inotify" else watch_watchfiles,
             cfg.paths.staging,
             cfg.barrier,
             self._mark,
@@ -302,8 +302,8 @@ class Daemon:
             folder,
             watch_filter=relevant,
             debounce=300,
-            rust_timeout=200,  # bounds how long a stop waits for the watcher thread
-            step=50,
+            rust_timeout=500,  # bounds how long a stop waits for the watcher thread
+            step=500,  # the watcher thread wakes this often even when nothing changes
             recursive=True,
             ignore_permission_denied=True,
         ):

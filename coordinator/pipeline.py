@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("coordinator.pipeline")
 
 STEP_ATTEMPTS = 5
+AGGREGATE_COLUMNS = ("item_id", "prediction", "score")
 
 
 class Pipeline:
@@ -232,7 +233,12 @@ class Pipeline:
         folder = self.folder
 
         def work() -> BatchAggregate:
-            return aggregate(slm.read_results(folder, run.models, prefix="crosscheck_"))
+            # Only what the aggregation reads: the cross-check's own columns (agree_models,
+            # a list per row, above all) are never decoded.
+            tables = slm.read_results(
+                folder, run.models, prefix="crosscheck_", columns=AGGREGATE_COLUMNS
+            )
+            return aggregate(tables)
 
         agg = await anyio.to_thread.run_sync(work)
         run.timings["aggregate_ms"] = round((time.perf_counter() - t0) * 1000, 3)

@@ -175,7 +175,7 @@ class Daemon:
         cmd = [sys.executable, "-m", "coordinator.daemon", "--config", str(self.env.config)]
         if self.with_agents:
             cmd.append("--with-agents")
-        logf = open(self.log, "ab")  # noqa: SIM115 - closed with the process
+        logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             cmd,
             stdout=logf,

@@ -36,7 +36,7 @@ def tables(seed: int, rows: int = ROWS) -> dict[str, pa.Table]:
 def parquet_bytes(table: pa.Table) -> bytes:
     """The bytes the SDK would publish for `table` (zstd level 3)."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", compression_level=3)
+    pq.write_table(table, buf, **slm.write_options(table))
     return buf.getvalue()
 
 

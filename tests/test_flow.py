@@ -249,3 +249,15 @@ def test_bound_agent_says_hello_with_its_binding(env, daemon):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_watchfiles_backend_completes_batches_including_ones_present_at_start(env, daemon):
+    """barrier.backend = "watchfiles" (the user's watcher library) fires the same barrier."""
+    env.write_config(barrier={"backend": "watchfiles", "reconcile_s": 30.0})
+    publish_all(env, "wf-pre", seed=41)
+    d = daemon().start()
+    publish_all(env, "wf-live", seed=42)
+    for b in ("wf-pre", "wf-live"):
+        assert d.wait_state(b, {"done", "failed"})["state"] == "done"
+    # With reconciliation 30 s away, the live batch was found through watchfiles' events.
+    assert d.status()["watcher"]["events"] > 0

@@ -217,3 +217,15 @@ def test_purge_removes_the_batch_and_returns_the_bytes_freed(tmp_path: Path) -> 
     assert staging.purge(dest) == 1234 + 4321
     assert not dest.exists()
     assert staging.purge(dest) == 0
+
+
+def test_on_staged_sees_each_copy_complete_in_order_also_one_staged_before(
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "staging" / "b1"
+    want = make_batch(src, {"slm-1.parquet": 10_000, "slm-2.parquet": 20_000})
+    dest = tmp_path / "node0" / "b1"
+    staging.stage(src, dest, ["slm-1.parquet"])
+    seen: list[tuple[str, bytes]] = []
+    staging.stage(src, dest, list(want), lambda name, path: seen.append((name, path.read_bytes())))
+    assert seen == list(want.items())

@@ -94,7 +94,7 @@ def test_soak_under_chaos_loses_nothing_and_duplicates_nothing(env: Env, daemon)
             batch = p.parent.name.removeprefix("batch=")
             lake_files[batch] = lake_files.get(batch, 0) + 1
     lake_bad = [b for b in ids if lake_files.get(b) != 2 * len(MODELS) + 1]
-    temp_in_lake = [p for p in Path(env.lake).rglob(".*")]
+    temp_in_lake = list(Path(env.lake).rglob(".*"))
     left_staging = [p.name for p in env.staging.iterdir() if not p.name.startswith(".")]
     left_tmpfs = [p for p in env.tmpfs.rglob("*") if p.is_file()]
     print(
