@@ -265,7 +265,7 @@ class ControlServer:
             # test can see the watchdog pings stop.
             time.sleep(req["seconds"])  # noqa: ASYNC251
             return {"blocked_s": req["seconds"]}
-        if d.ledger is None:
+        if d.ledger is None or not d.ledger.is_open:
             raise ControlError(f"the ledger is not open yet (daemon {d.state}); try again")
         if cmd == "batches":
             return await d.ledger.list(limit=req["limit"], state=req["state"])

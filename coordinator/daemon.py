@@ -1,8 +1,9 @@
 """coordinatord: the daemon. One task group; each subsystem is started in order with tg.start.
 
-Start-up: state folders → database (embedded if no DSN) and the leader lock → agent socket (and
-the agents, with --with-agents) → watcher armed → first listing and ledger resume → control
-socket → READY=1. Each batch then runs as its own task (`Pipeline.run`), so batches overlap.
+Start-up: state folders → control socket (status answers from here on) → database (embedded if
+no DSN) and the leader lock → agent socket (and the agents, with --with-agents) → watcher armed
+→ first listing and ledger resume → READY=1. Each batch then runs as its own task
+(`Pipeline.run`), so batches overlap.
 """
 
 from __future__ import annotations
@@ -265,6 +266,7 @@ class Daemon:
             self.state = "standby"
             self._status_line("standby: another coordinator holds the leader lock")
             await anyio.sleep(2.0)
+        self.state = "starting"
         return started
 
     async def _signals(self) -> None:

@@ -2,7 +2,9 @@
 
 Every write is idempotent so a retry after a lost connection (or a lost COMMIT acknowledgement)
 never writes a row twice: the commit reads the ledger row FOR UPDATE and does nothing if the
-batch is already committed, and rows go in with ON CONFLICT DO NOTHING.
+batch is already committed (or finished, or failed); otherwise no row of the batch can exist, so
+its rows are COPYed straight into `aggregates`, where the primary key turns any duplicate into a
+failed transaction rather than a second row.
 """
 
 from __future__ import annotations
@@ -161,8 +163,16 @@ class Ledger:
                 await self._migrate(conn)
         except TRANSIENT as e:
             self._mark_down(e)
+            if self._pool is not None:
+                self._pool.terminate()  # a pool whose migration failed is not kept
+                self._pool = None
             raise DatabaseError(f"database unreachable: {e}") from e
         self.health.connected = True
+
+    @property
+    def is_open(self) -> bool:
+        """True once connect() has opened the pool."""
+        return self._pool is not None
 
     async def acquire_leadership(self) -> bool:
         """Try to take the leader lock on a dedicated connection (not pooled: a pool's reset

@@ -217,8 +217,8 @@ def test_sigterm_while_connecting_stops_the_daemon(env, daemon, systemd):
 
 
 # A reload before the daemon is ready must not tell systemd READY=1 (systemd would take the
-# service as started while the database is still unreachable). daemon.reload() sends
-# RELOADING=1 ... READY=1 whatever the state; it should do so only once ready.
+# service as started while the database is still unreachable): before READY=1 a reload sends
+# only STATUS=.
 def test_a_reload_while_connecting_does_not_send_ready(env, daemon, systemd):
     unreachable_database(env)
     d = daemon(with_agents=False, extra_env={"NOTIFY_SOCKET": str(systemd.path)})
