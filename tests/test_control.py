@@ -131,6 +131,8 @@ def test_allow_list_admits_listed_uids_and_members_of_listed_groups_only():
 
 
 class FakeLedger:
+    is_open = True
+
     async def list(self, *, limit: int, state: str | None) -> list[dict[str, Any]]:
         return [{"batch_id": f"b{i}", "state": state or "done"} for i in range(limit)]
 
