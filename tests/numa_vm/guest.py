@@ -41,7 +41,7 @@ from anyio.abc import SocketStream  # noqa: E402
 
 from coordinator.protocol import AGENT_TYPES, LineReader, decode, encode  # noqa: E402
 
-WORK = Path("/tmp/nvm")
+WORK = Path("/run/nvm")
 SOCKET = WORK / "agents.sock"
 STEP_TIMEOUT = 120.0
 

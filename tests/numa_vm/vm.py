@@ -78,15 +78,16 @@ mount -t sysfs sys /newroot/sys
 mount -t devtmpfs dev /newroot/dev
 mkdir -p /newroot/dev/shm
 mount -t tmpfs -o mode=1777 shm /newroot/dev/shm
-mount -t tmpfs -o mode=1777 tmp /newroot/tmp
+# Writable space goes on /run, not over /tmp: the checkout (and its venv) may live under the
+# host's /tmp, which must stay visible.
 mount -t tmpfs -o mode=755 run /newroot/run
-mkdir -p /newroot/tmp/job
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 job /newroot/tmp/job
+mkdir -p /newroot/run/job /newroot/run/tmp
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 job /newroot/run/job
 set +e
 echo "NVM: init ready at $(cut -d' ' -f1 /proc/uptime) s"
 cd /newroot
 chroot /newroot /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin \
-  HOME=/tmp PYTHONDONTWRITEBYTECODE=1 "$NVM_PY" "$NVM_GUEST" /tmp/job
+  HOME=/run TMPDIR=/run/tmp PYTHONDONTWRITEBYTECODE=1 "$NVM_PY" "$NVM_GUEST" /run/job
 echo "NVM: guest exited with $? at $(cut -d' ' -f1 /proc/uptime) s"
 sync
 poweroff -f
