@@ -70,7 +70,11 @@ class Agent:
             def check(name: str, path: Path) -> None:
                 measured[name] = pool.submit(placement.measure, {name: path}, self.node)
 
-            files = stg.stage(self.config.paths.staging / batch_id, local, names, check)
+            idents = msg.get("idents") or {}
+            expected = {str(k): [int(x) for x in v] for k, v in idents.items()}
+            files = stg.stage(
+                self.config.paths.staging / batch_id, local, names, check, expected=expected
+            )
             seconds = time.perf_counter() - t0
             reply: dict[str, Any] = {
                 "type": "staged",

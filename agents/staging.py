@@ -12,7 +12,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,14 +33,21 @@ class StagedFile:
     seconds: float
 
 
-def copy_file(src: Path, dst: Path) -> int:
+def copy_file(src: Path, dst: Path, expected: Sequence[int] | None = None) -> int:
     """Copy `src` to `dst` with copy_file_range (sendfile as a fallback); return bytes copied.
 
-    `src` must be a regular file with a single link; symlinks are never followed.
+    `src` must be a regular file with a single link; symlinks are never followed. With
+    `expected` (inode, size, mtime_ns) — the file as the barrier counted it — the open file must
+    be that one: checked on the descriptor the copy reads, so a rewrite cannot slip in between.
     """
     fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd_in)
+        if expected is not None and (st.st_ino, st.st_size, st.st_mtime_ns) != tuple(expected):
+            raise StagingError(
+                f"{src}: rewritten after the batch counted it (inode, size, mtime "
+                f"{(st.st_ino, st.st_size, st.st_mtime_ns)} != counted {tuple(expected)})"
+            )
         if not stat.S_ISREG(st.st_mode):
             raise StagingError(f"{src}: not a regular file")
         if st.st_nlink != 1:
@@ -87,13 +94,15 @@ def stage(
     dest_dir: Path,
     names: Sequence[str],
     on_staged: Callable[[str, Path], None] | None = None,
+    expected: Mapping[str, Sequence[int]] | None = None,
 ) -> list[StagedFile]:
     """Copy `names` from a staging batch folder into node-local `dest_dir`.
 
     Checks free space first; on any failure removes what this call copied and re-raises
     (NoSpaceError for a full tmpfs), so a batch is never left half-staged. `on_staged(name,
     path)` is called as soon as each file is in place (copied now, or found staged before), so
-    a caller can inspect one copy while the next is being made.
+    a caller can inspect one copy while the next is being made. `expected` maps a name to the
+    (inode, size, mtime_ns) the barrier counted; a file that differs is refused.
     """
     dest_dir.mkdir(parents=True, exist_ok=True)
     sizes = {}
@@ -101,7 +110,10 @@ def stage(
         try:
             st = os.lstat(staging_dir / name)
         except FileNotFoundError:
-            raise StagingError(f"{staging_dir / name}: vanished before staging") from None
+            raise StagingError(
+                f"{staging_dir / name}: vanished before staging (removed, or quarantined as "
+                "rewritten after the batch counted it)"
+            ) from None
         sizes[name] = st.st_size
     need = sum(sizes.values())
     have_already = sum((dest_dir / n).stat().st_size for n in names if (dest_dir / n).exists())
@@ -124,7 +136,7 @@ def stage(
             tmp = dest_dir / f".{name}.tmp"
             t0 = time.perf_counter()
             try:
-                n = copy_file(staging_dir / name, tmp)
+                n = copy_file(staging_dir / name, tmp, (expected or {}).get(name))
             except OSError as e:
                 tmp.unlink(missing_ok=True)
                 if e.errno == errno.ENOSPC:

@@ -163,8 +163,10 @@ class Pipeline:
         await self._set(State.STAGING)
         t0 = time.perf_counter()
         files = [f"{m}.parquet" for m in run.models]
+        # The agents copy exactly what the barrier counted (checked on the open file).
+        idents = {f"{m}.parquet": list(run.counted[m]) for m in run.models if m in run.counted}
         replies = await self._on_nodes(
-            lambda n: {"type": "stage", "batch_id": run.batch_id, "files": files}
+            lambda n: {"type": "stage", "batch_id": run.batch_id, "files": files, "idents": idents}
         )
         run.timings["staging_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         for n, r in replies.items():

@@ -366,6 +366,27 @@ def test_counted_file_rewritten_mid_flight_is_quarantined_and_the_original_archi
     assert staging_leftovers(env) == []
 
 
+def test_file_rewritten_before_the_agent_copies_it_is_never_staged(env, daemon):
+    """The agent checks the counted (inode, size, mtime) on the descriptor it copies from, so
+    content published after the barrier counted the batch never reaches node memory."""
+    d = daemon(extra_env=hooks(stage_pause_s=1.0)).start()
+    publish_all(env, "late-rewrite", seed=702)
+    wait_until(
+        lambda: (env.tmpfs / "node0" / "late-rewrite" / "slm-1.parquet").exists(),
+        20,
+        "slm-1 to be staged",
+    )
+    # slm-7 is copied last: rewrite it while the agent pauses after slm-1.
+    newer = publish(env, "late-rewrite", "slm-7", tables(798)["slm-7"])
+    row = d.wait_state("late-rewrite", FINAL, timeout=120)
+    assert row["state"] == "failed"
+    assert "rewritten" in row["error"], row["error"]
+    assert row["rows"] is None
+    # The newer content was quarantined, never staged, and nothing is left in node memory.
+    assert any(data == newer for data, _ in quarantined(env, "late-rewrite").values())
+    assert not (env.tmpfs / "node0" / "late-rewrite").exists()
+
+
 def _republish_finished(env, d, bid, first):
     again = publish_all(env, bid, seed=899)
     wait_until(
