@@ -112,6 +112,7 @@ TRANSIENT = (
     asyncpg.CrashShutdownError,
     asyncpg.ConnectionFailureError,
     asyncpg.TooManyConnectionsError,
+    asyncpg.InternalClientError,  # a connection cut mid-protocol by a server restart
     ConnectionError,
     TimeoutError,
 )
@@ -208,7 +209,9 @@ class Ledger:
         try:
             with anyio.fail_after(5):
                 await conn.fetchval("SELECT 1")
-        except (*TRANSIENT, asyncpg.PostgresError) as e:
+        except Exception as e:
+            # Any failure on the lock's connection (a terminated session can also surface as
+            # asyncpg's InternalClientError) means the lock can no longer be vouched for.
             self.health.leader = False
             self._mark_down(e)
             conn.terminate()
