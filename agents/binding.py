@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.errors import BindingError
+from coordinator.topology import parse_cpulist
 
 # get_mempolicy(2) syscall numbers; glibc has no wrapper (libnuma does, but is not required).
 _SYS_GET_MEMPOLICY = {"x86_64": 239, "aarch64": 236, "ppc64le": 260, "s390x": 269}
@@ -70,17 +71,6 @@ def node_cpus(node: int, sysfs_root: str | Path = "/") -> tuple[int, ...]:
     except OSError as e:
         raise BindingError(f"NUMA node {node} does not exist ({path}: {e.strerror})") from None
     return parse_cpulist(text)
-
-
-def parse_cpulist(text: str) -> tuple[int, ...]:
-    """'0-3,8' -> (0, 1, 2, 3, 8)."""
-    out: list[int] = []
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return tuple(sorted(set(out)))
 
 
 def current() -> Binding:

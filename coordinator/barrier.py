@@ -333,7 +333,6 @@ async def watch(
     cfg: BarrierConfig,
     on_batches: Callable[[set[str]], None],
     stats: Stats,
-    drop_events: Callable[[], bool] = lambda: False,
     *,
     task_status: TaskStatus[None],
 ) -> None:
@@ -363,8 +362,6 @@ async def watch(
             while True:
                 await anyio.wait_readable(ino.fd)
                 ids, count = ino.read()
-                if drop_events():
-                    continue
                 stats.events += count
                 stats.last_event = time.time()
                 if "*" in ids:
@@ -388,7 +385,6 @@ async def watch_watchfiles(
     cfg: BarrierConfig,
     on_batches: Callable[[set[str]], None],
     stats: Stats,
-    drop_events: Callable[[], bool] = lambda: False,
     *,
     task_status: TaskStatus[None],
 ) -> None:
@@ -426,8 +422,6 @@ async def watch_watchfiles(
                     if changes == "stop":
                         return
                     continue  # timeout or signal: go round
-                if drop_events():
-                    continue
                 stats.events += len(changes)
                 stats.last_event = time.time()
                 ids = {b for _, p in changes if (b := batch_of(staging, p)) is not None}

@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,13 +125,8 @@ class Daemon:
             pass
         else:
             self.metrics = Metrics(self)
-        # Test hook: when it returns True the watcher drops its events (reconciliation must cope).
-        self.drop_events: Callable[[], bool] = lambda: False
 
     # -- lifecycle ----------------------------------------------------------------------------
-
-    def _drops(self) -> bool:
-        return bool(self.drop_events())
 
     def request_stop(self) -> None:
         """Ask the daemon to stop: it stops taking work and cancels; batches resume on restart."""
@@ -202,7 +196,6 @@ class Daemon:
             cfg.barrier,
             self._mark,
             self.scanner.stats,
-            self._drops,
         )
         self._status_line("watcher armed; scanning staging and resuming the ledger")
         await self._resume()

@@ -23,10 +23,10 @@ import numpy as np
 import pyarrow as pa
 
 from agents import slm
-from agents.binding import parse_cpulist
 from coordinator.batch import FINAL
 from coordinator.control import call
 from coordinator.errors import ControlError, CoordinatorError, DaemonNotRunning
+from coordinator.topology import parse_cpulist
 
 MODELS = tuple(f"slm-{i}" for i in range(1, 8))
 # Each model is right with its own probability; wrong answers spread over the other labels.

@@ -50,7 +50,7 @@ class Pipeline:
         self.log = log.bind(batch_id=run.batch_id)
 
     @property
-    def folder(self) -> Any:
+    def folder(self) -> Path:
         return self.cfg.paths.staging / self.run_.batch_id
 
     async def run(self, step: str) -> None:
