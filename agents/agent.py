@@ -3,7 +3,9 @@
 It connects to the coordinator's agent socket, says hello (with its binding as the kernel reports
 it), and then serves requests: stage (copy a batch into node-local tmpfs), crosscheck (run the
 cross-check for its node's models reading only node-local copies, publish the results into
-staging), purge (drop a batch's node-local copies). It sends a heartbeat every few seconds.
+staging), aggregate (vote over the whole batch's cross-check results and write the rows
+node-locally for the coordinator to COPY and archive), purge (drop a batch's node-local
+copies). It sends a heartbeat every few seconds.
 See docs/protocol.md.
 """
 
@@ -21,12 +23,18 @@ import anyio
 import structlog
 from anyio.abc import SocketStream
 
-from agents import binding, placement, slm
+from agents import aggregation, binding, placement, slm
 from agents import staging as stg
 from agents.crosscheck import load_crosscheck
 from coordinator import __version__, hooks
 from coordinator.config import Config, load_config
-from coordinator.errors import BindingError, ConfigError, CoordinatorError, NoSpaceError
+from coordinator.errors import (
+    BindingError,
+    ConfigError,
+    CoordinatorError,
+    NoSpaceError,
+    ParquetError,
+)
 from coordinator.logs import configure
 from coordinator.protocol import AGENT_TYPES, LineReader, decode, encode
 
@@ -133,6 +141,30 @@ class Agent:
             "seconds": time.perf_counter() - t0,
         }
 
+    def aggregate(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Aggregate the whole batch from its cross-check results; the rows stay node-local
+        (aggregates.csv and aggregates.parquet) and only the summary goes back."""
+        batch_id = msg["batch_id"]
+        models = [str(m) for m in msg["models"]]
+        out = aggregation.aggregate_batch(
+            self.config.paths.staging,
+            self.batch_dir(batch_id),
+            batch_id,
+            models,
+            self.node,
+            compression=self.config.parquet.compression,
+            level=self.config.parquet.level,
+        )
+        hooks.pause("aggregate")  # tests kill the agent here, its files written, unanswered
+        return {
+            "type": "aggregated",
+            "batch_id": batch_id,
+            "summary": out.summary.to_wire(),
+            "rows_csv": str(out.rows_csv),
+            "parquet": str(out.parquet),
+            "seconds": out.seconds,
+        }
+
     def purge(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Drop the batch's node-local copies."""
         batch_id = msg["batch_id"]
@@ -148,9 +180,13 @@ class Agent:
     def tmpfs_usage(self) -> dict[str, int]:
         """Used and free bytes of the node-local tmpfs."""
         s = os.statvfs(self.tmpfs)
-        used = sum(
-            f.stat().st_size for d in self.tmpfs.iterdir() if d.is_dir() for f in d.iterdir()
-        )
+        used = 0
+        for d in self.tmpfs.iterdir():
+            try:
+                if d.is_dir():
+                    used += sum(f.lstat().st_size for f in d.iterdir())
+            except FileNotFoundError:
+                pass  # a batch purged, or a temp file renamed, while we looked: next beat
         return {"tmpfs_used": used, "tmpfs_free": s.f_bavail * s.f_frsize}
 
 
@@ -164,12 +200,25 @@ async def serve(agent: Agent, sock_path: Path, bound: binding.Binding) -> None:
             await stream.send(encode(msg))
 
     async def handle(msg: dict[str, Any]) -> None:
-        handlers = {"stage": agent.stage, "crosscheck": agent.crosscheck, "purge": agent.purge}
+        handlers = {
+            "stage": agent.stage,
+            "crosscheck": agent.crosscheck,
+            "aggregate": agent.aggregate,
+            "purge": agent.purge,
+        }
         kind = msg["type"]
         try:
             reply = await anyio.to_thread.run_sync(handlers[kind], msg)
         except Exception as e:
-            code = "nospace" if isinstance(e, NoSpaceError) else "failed"
+            # nospace: wait for space and retry; invalid: the batch's data cannot be used, so
+            # retrying is pointless; failed: anything else, retried a few times.
+            code = (
+                "nospace"
+                if isinstance(e, NoSpaceError)
+                else "invalid"
+                if isinstance(e, ParquetError)
+                else "failed"
+            )
             log.error("step failed", step=kind, batch_id=msg.get("batch_id"), error=str(e))
             reply = {
                 "type": "error",
@@ -212,7 +261,7 @@ async def serve(agent: Agent, sock_path: Path, bound: binding.Binding) -> None:
         reader = LineReader(stream)
         while (line := await reader.readline()) is not None:
             msg = decode(line, types=AGENT_TYPES)
-            if msg["type"] in ("stage", "crosscheck", "purge"):
+            if msg["type"] in ("stage", "crosscheck", "aggregate", "purge"):
                 tg.start_soon(handle, msg)
         log.info("coordinator closed the connection")
         tg.cancel_scope.cancel()

@@ -8,7 +8,8 @@ instead of `done`; one that cannot go on ends `failed` with a reason.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -137,3 +138,11 @@ def barrier(expected: Iterable[str], valid: Iterable[str]) -> Barrier:
 def deadline_verdict(present: int, quorum: int) -> State:
     """At the deadline: go on `degraded` with a quorum, else `failed`."""
     return State.DEGRADED if present >= quorum else State.FAILED
+
+
+def aggregate_node(batch_id: str, nodes: Sequence[int], attempt: int = 0) -> int:
+    """The node whose agent aggregates a batch: spread over the nodes by the batch id (the same
+    node for the same batch, so a resumed batch finds its files), the next node on each retry."""
+    if not nodes:
+        raise ValueError("no nodes to aggregate on")
+    return nodes[(zlib.crc32(batch_id.encode()) + attempt) % len(nodes)]

@@ -23,7 +23,7 @@ import structlog
 from anyio.abc import SocketStream, TaskStatus
 
 from coordinator.config import Config
-from coordinator.errors import AgentError, NoSpaceError, ProtocolError
+from coordinator.errors import AgentError, NoSpaceError, ParquetError, ProtocolError
 from coordinator.protocol import AGENT_TYPES, LineReader, decode, encode
 
 log = structlog.get_logger("coordinator.hub")
@@ -178,6 +178,8 @@ class Hub:
             text = f"agent on node {node}: {msg['type']} failed: {reply.get('message')}"
             if reply.get("code") == "nospace":
                 raise NoSpaceError(text)
+            if reply.get("code") == "invalid":
+                raise ParquetError(text)  # the batch's data, not the agent: no retry helps
             raise AgentError(text)
         return reply
 

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import io
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import cast
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from coordinator.errors import LakeError
 
@@ -77,15 +74,6 @@ def copy_fd(src: Path, fd_out: int) -> int:
         os.close(fd_in)
 
 
-def _write_parquet_fd(table: pa.Table, fd: int) -> int:
-    """Write `table` as zstd-3 Parquet into the open file `fd` and start its writeback."""
-    with open(fd, "wb", closefd=False) as out:
-        pq.write_table(table, out, compression="zstd", compression_level=3)
-        n = out.tell()
-    start_writeback(fd)
-    return n
-
-
 class Lake:
     """Writes archived batches into the lake."""
 
@@ -100,52 +88,41 @@ class Lake:
         """Where a batch lives in the lake."""
         return f"{self.root}/batches/date={date}/batch={batch_id}"
 
-    def archive(
-        self, batch_id: str, date: str, files: Sequence[Path], aggregates: pa.Table
-    ) -> tuple[str, int]:
-        """Copy `files` and write `aggregates.parquet` into the batch's lake folder; return the
-        folder and bytes written. Re-running it rewrites the same files (it is idempotent)."""
+    def archive(self, batch_id: str, date: str, files: Sequence[Path]) -> tuple[str, int]:
+        """Copy `files` into the batch's lake folder; return the folder and bytes written. Each
+        file appears whole (temp name, fsync, rename) and in the given order, so the last one
+        (aggregates.parquet) says the folder is complete. Re-running it rewrites the same
+        files (it is idempotent)."""
         folder = self.batch_path(batch_id, date)
         try:
             if self.local:
-                return folder, self._archive_local(folder, files, aggregates)
-            return folder, self._archive_fs(folder, files, aggregates)
+                return folder, self._archive_local(folder, files)
+            return folder, self._archive_fs(folder, files)
         except (OSError, pa.ArrowException) as e:
             raise LakeError(f"lake {folder}: {e}") from e
 
-    def _archive_local(self, folder: str, files: Sequence[Path], aggregates: pa.Table) -> int:
+    def _archive_local(self, folder: str, files: Sequence[Path]) -> int:
         os.makedirs(folder, exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-        agg_tmp, agg_final = f"{folder}/.aggregates.parquet.tmp", f"{folder}/aggregates.parquet"
-        agg_fd = os.open(agg_tmp, flags, 0o644)
         pending: list[tuple[int, str, str]] = []  # (fd, temp, final) of the copies, in order
         total = 0
         try:
-            # Encoding aggregates.parquet is the one part that is CPU work in this process:
-            # it runs beside the copies, which are the kernel's.
-            with ThreadPoolExecutor(1, thread_name_prefix="lake-aggregates") as pool:
-                encoded = pool.submit(_write_parquet_fd, aggregates, agg_fd)
-                try:
-                    for src in files:
-                        tmp, final = f"{folder}/.{src.name}.tmp", f"{folder}/{src.name}"
-                        fd = os.open(tmp, flags, 0o644)
-                        pending.append((fd, tmp, final))
-                        total += copy_fd(src, fd)
-                        start_writeback(fd)
-                except BaseException:
-                    encoded.exception()  # let it finish; the copy's error is the one to raise
-                    raise
-                total += encoded.result()
+            # The copies are the kernel's (copy_file_range); each one's writeback starts at
+            # once, so the fsyncs below mostly find the data on its way to the disk.
+            for src in files:
+                tmp, final = f"{folder}/.{src.name}.tmp", f"{folder}/{src.name}"
+                fd = os.open(tmp, flags, 0o644)
+                pending.append((fd, tmp, final))
+                total += copy_fd(src, fd)
+                start_writeback(fd)
             for fd, _, _ in pending:
                 os.fsync(fd)
-            os.fsync(agg_fd)
         except BaseException:
-            for fd, tmp, _ in [*pending, (agg_fd, agg_tmp, agg_final)]:
+            for fd, tmp, _ in pending:
                 os.close(fd)
                 Path(tmp).unlink(missing_ok=True)
             raise
-        # aggregates.parquet last: its presence says the batch's folder is complete.
-        for fd, tmp, final in [*pending, (agg_fd, agg_tmp, agg_final)]:
+        for fd, tmp, final in pending:
             os.close(fd)
             os.rename(tmp, final)
         dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -155,12 +132,12 @@ class Lake:
             os.close(dfd)
         return total
 
-    def _put(self, folder: str, name: str, write: object) -> int:
+    def _put(self, folder: str, name: str, write: Callable[[pa.NativeFile], int]) -> int:
         final = f"{folder}/{name}"
         tmp = f"{folder}/.{name}.tmp"
         try:
             with self.fs.open_output_stream(tmp) as out:
-                n = write(out)  # type: ignore[operator]
+                n = write(out)
         except BaseException:
             try:
                 self.fs.delete_file(tmp)
@@ -168,9 +145,9 @@ class Lake:
                 pass  # never created
             raise
         self.fs.move(tmp, final)
-        return int(n)
+        return n
 
-    def _archive_fs(self, folder: str, files: Sequence[Path], aggregates: pa.Table) -> int:
+    def _archive_fs(self, folder: str, files: Sequence[Path]) -> int:
         """The same through pyarrow.fs (an object store: no fsync, the move is the store's)."""
         total = 0
         self.fs.create_dir(folder, recursive=True)
@@ -185,14 +162,6 @@ class Lake:
                 return n
 
             total += self._put(folder, src.name, copy)
-
-        def write_agg(out: pa.NativeFile) -> int:
-            buf = io.BytesIO()
-            pq.write_table(aggregates, buf, compression="zstd", compression_level=3)
-            out.write(buf.getvalue())
-            return buf.tell()
-
-        total += self._put(folder, "aggregates.parquet", write_agg)
         return total
 
     def list_batch(self, batch_id: str, date: str) -> list[str]:

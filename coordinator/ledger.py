@@ -15,18 +15,16 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 import asyncpg
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import structlog
 
-from coordinator.aggregate import BatchAggregate
 from coordinator.batch import COMMITTED_OR_LATER, State
-from coordinator.errors import DatabaseError, NotLeaderError
+from coordinator.errors import AgentError, DatabaseError, NotLeaderError
+from coordinator.summary import COPY_COLUMNS, AggregateSummary
 
 log = structlog.get_logger("coordinator.ledger")
 T = TypeVar("T")
@@ -380,15 +378,21 @@ class Ledger:
         return sum(len(v) for v in self._soon.values())
 
     async def commit(
-        self, batch_id: str, agg: BatchAggregate, *, fields: Mapping[str, Any]
+        self,
+        batch_id: str,
+        agg: AggregateSummary,
+        rows: Path | bytes,
+        *,
+        fields: Mapping[str, Any],
     ) -> State | None:
         """Write a batch's aggregates and agreement and move its ledger row to `committed`,
-        all in one transaction. Return None when written; otherwise write nothing and return
-        the state found (the batch was already committed, or finished before)."""
+        all in one transaction. `rows` is the batch's COPY CSV (a file, streamed as it is read,
+        or its bytes) and must hold exactly `agg.rows` rows. Return None when written;
+        otherwise write nothing and return the state found (the batch was already committed,
+        or finished before). AgentError when the file is gone (nothing written)."""
         if not self.health.leader:
             raise NotLeaderError("not the leader: refusing to write batch " + batch_id)
         await self.flush(batch_id)
-        csv = await anyio.to_thread.run_sync(_aggregates_csv, agg.items, batch_id)
         pairs = [(batch_id, p.model_a, p.model_b, p.agreement, p.n_common) for p in agg.agreement]
 
         async def op(c: asyncpg.Connection) -> State | None:
@@ -404,21 +408,34 @@ class Ledger:
                 # The row lock and the state check above mean no row of this batch is in
                 # `aggregates`: COPY straight into it (a temp table and INSERT ... ON CONFLICT
                 # would read every row twice and make a speculative insert of each).
-                status = await c.copy_to_table(
-                    "aggregates",
-                    schema_name=self.schema,
-                    source=io.BytesIO(csv),
-                    columns=["batch_id", "item_id", "consensus", "votes", "n_models", "confidence"],
-                    format="csv",
-                    header=True,
-                )
+                # A path is read in chunks by asyncpg (in a worker thread) and sent as read:
+                # the rows pass through this process without being decoded or held whole.
+                try:
+                    status = await c.copy_to_table(
+                        "aggregates",
+                        schema_name=self.schema,
+                        source=rows if isinstance(rows, Path) else io.BytesIO(rows),
+                        columns=list(COPY_COLUMNS),
+                        format="csv",
+                        header=True,
+                    )
+                except FileNotFoundError as e:
+                    # Not the database's fault (an OSError would be retried as one): the
+                    # agent's file is gone; asyncpg opens it before it sends the COPY.
+                    raise AgentError(f"batch {batch_id}: rows file gone: {e}") from e
+                inserted = int(status.split()[-1])
+                if inserted != agg.rows:
+                    # Raising inside the transaction rolls the COPY back.
+                    raise DatabaseError(
+                        f"batch {batch_id}: {rows if isinstance(rows, Path) else 'the rows'} "
+                        f"held {inserted} rows, the aggregate counted {agg.rows}"
+                    )
                 await c.executemany(
                     f"INSERT INTO {self._s}.model_agreement"
                     " (batch_id, model_a, model_b, agreement, n_common)"
                     " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
                     pairs,
                 )
-                inserted = int(status.split()[-1])
                 await c.execute(
                     f"UPDATE {self._s}.batches SET state = 'committed', rows = $2,"
                     " fleiss_kappa = $3, consensus_agreement = $4::jsonb,"
@@ -481,19 +498,6 @@ class Ledger:
             lambda c: c.fetch(f"SELECT state, count(*) AS n FROM {self._s}.batches GROUP BY state")
         )
         return {r["state"]: int(r["n"]) for r in rows}
-
-
-def _aggregates_csv(items: pa.Table, batch_id: str) -> bytes:
-    """A batch's aggregates as CSV for COPY, batch_id first: encoded by Arrow in C++, with no
-    Python loop per row (blocking: run it in a thread)."""
-    cols = items.select(["item_id", "consensus", "votes", "n_models", "confidence"])
-    # An item every model left null has no consensus and confidence 0, not NULL.
-    conf = pc.fill_null(cols.column("confidence"), 0.0)
-    cols = cols.set_column(4, "confidence", conf)
-    cols = cols.add_column(0, "batch_id", pa.repeat(pa.scalar(batch_id, pa.string()), len(cols)))
-    buf = io.BytesIO()
-    pacsv.write_csv(cols, buf, pacsv.WriteOptions(include_header=True, quoting_style="needed"))
-    return buf.getvalue()
 
 
 def _row(r: asyncpg.Record) -> dict[str, Any]:

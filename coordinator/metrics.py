@@ -45,8 +45,8 @@ from coordinator.batch import FINAL, State
 from coordinator.errors import ConfigError
 
 if TYPE_CHECKING:
-    from coordinator.aggregate import BatchAggregate
     from coordinator.daemon import BatchRun, Daemon
+    from coordinator.summary import AggregateSummary
 
 log = structlog.get_logger("coordinator.metrics")
 
@@ -63,8 +63,8 @@ PHASES: Mapping[str, str] = {
     "cleanup_ms": "cleanup",
 }
 # Per-node timing keys (`staging_node0_ms`, `crosscheck_node1_ms`).
-NODE_PHASE_RE = re.compile(r"(?P<phase>staging|crosscheck)_node(?P<node>\d+)_ms")
-NODE_PHASES = ("staging", "crosscheck")
+NODE_PHASE_RE = re.compile(r"(?P<phase>staging|crosscheck|aggregate)_node(?P<node>\d+)_ms")
+NODE_PHASES = ("staging", "crosscheck", "aggregate")
 FINAL_STATES = tuple(s.value for s in State if s in FINAL)
 IN_FLIGHT_STATES = tuple(s.value for s in State if s not in FINAL)
 DAEMON_STATES = ("starting", "connecting", "standby", "running", "degraded", "stopping", "stopped")
@@ -198,9 +198,9 @@ class Metrics:
             newest = max(ident[2] for ident in run.counted.values()) / 1e9
             self.barrier_latency(ready_at - newest)
 
-    def batch_committed(self, agg: BatchAggregate) -> None:
+    def batch_committed(self, agg: AggregateSummary) -> None:
         """A batch's rows are in the database: its agreement becomes the 'last batch' values."""
-        self.rows.inc(agg.items.num_rows)
+        self.rows.inc(agg.rows)
         self.last.fleiss_kappa = agg.fleiss_kappa
         self.last.agreement = dict(agg.consensus_agreement)
         self.last.committed = True

@@ -19,8 +19,7 @@ import structlog
 
 from agents import slm
 from coordinator import hooks
-from coordinator.aggregate import BatchAggregate, aggregate
-from coordinator.batch import State
+from coordinator.batch import State, aggregate_node
 from coordinator.errors import (
     AgentError,
     CoordinatorError,
@@ -28,6 +27,7 @@ from coordinator.errors import (
     NoSpaceError,
     NotLeaderError,
 )
+from coordinator.summary import AggregateFiles
 
 if TYPE_CHECKING:
     from coordinator.daemon import BatchRun, Daemon
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("coordinator.pipeline")
 
 STEP_ATTEMPTS = 5
-AGGREGATE_COLUMNS = ("item_id", "prediction", "score")
 
 
 class Pipeline:
@@ -58,7 +57,7 @@ class Pipeline:
         error the batch is `failed` with the reason and its files stay in staging."""
         run = self.run_
         try:
-            agg: BatchAggregate | None = None
+            agg: AggregateFiles | None = None
             if step == "stage":
                 # Bound the batches between ready and committed (e.g. while PostgreSQL is
                 # down, newer batches still stage, but only this many).
@@ -66,12 +65,20 @@ class Pipeline:
                     await self._retrying("stage", self.stage)
                     await self._retrying("crosscheck", self.crosscheck)
                     agg = await self.aggregate()
-                    if not await self.commit(agg):
+                    committed = await self.commit(agg)
+                    if committed is None:
+                        # The node-local rows went away before the COPY read them (their
+                        # agent's tmpfs was purged or lost): aggregate once more, then commit.
+                        agg = await self.aggregate(record=False)
+                        committed = await self.commit(agg)
+                    if committed is None:
+                        raise AgentError(
+                            f"node {agg.node}: the aggregated rows vanished twice before the commit"
+                        )
+                    if not committed:
                         return
                 step = "archive"
             if step == "archive":
-                if agg is None:
-                    agg = await self.aggregate(record=False)
                 await self._archive_until_done(agg)
                 step = "cleanup"
             if step == "cleanup":
@@ -226,38 +233,53 @@ class Pipeline:
         run.timings["crosscheck_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         await self._set(State.CROSSCHECKED, timings=run.timings)
 
-    async def aggregate(self, *, record: bool = True) -> BatchAggregate:
-        """Read the cross-check files and form the batch's aggregate."""
+    async def aggregate(self, *, record: bool = True) -> AggregateFiles:
+        """Have one node's agent aggregate the batch; the rows stay in its node-local memory
+        (aggregates.csv and aggregates.parquet) and only the summary comes back. The node
+        follows the batch id; a retry after an agent failure moves to the next node."""
         run = self.run_
         if record:
             await self._set(State.AGGREGATING)
         t0 = time.perf_counter()
-        folder = self.folder
+        attempt = 0
+        result: list[AggregateFiles] = []
 
-        def work() -> BatchAggregate:
-            # Only what the aggregation reads: the cross-check's own columns (agree_models,
-            # a list per row, above all) are never decoded.
-            tables = slm.read_results(
-                folder, run.models, prefix="crosscheck_", columns=AGGREGATE_COLUMNS
+        async def step() -> None:
+            nonlocal attempt
+            node = aggregate_node(run.batch_id, self.cfg.node_ids, attempt)
+            attempt += 1
+            reply = await self.d.hub.request(
+                node,
+                {"type": "aggregate", "batch_id": run.batch_id, "models": list(run.models)},
+                within_s=self.cfg.agents.step_timeout_s,
             )
-            return aggregate(tables)
+            local = self.cfg.paths.tmpfs_for(node) / run.batch_id
+            result.append(AggregateFiles.from_reply(reply, node, local))
 
-        agg = await anyio.to_thread.run_sync(work)
+        await self._retrying("aggregate", step)
+        agg = result[-1]
         run.timings["aggregate_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        run.timings[f"aggregate_node{agg.node}_ms"] = round(agg.seconds * 1000, 3)
         return agg
 
-    async def commit(self, agg: BatchAggregate) -> bool:
+    async def commit(self, agg: AggregateFiles) -> bool | None:
         """Rows and the ledger's `committed` in one transaction. A retry after a lost
         acknowledgement finds it committed and goes on; a batch that had already finished
-        before (published again) is quarantined instead. Return True to go on."""
+        before (published again) is quarantined instead. Return True to go on, False to stop,
+        None when the agent's rows file is gone (nothing was written: aggregate again)."""
         run = self.run_
         t0 = time.perf_counter()
         while True:
             try:
-                found = await self.ledger.commit(run.batch_id, agg, fields={"timings": run.timings})
+                found = await self.ledger.commit(
+                    run.batch_id, agg.summary, agg.rows_csv, fields={"timings": run.timings}
+                )
                 break
             except NotLeaderError:
                 await anyio.sleep(1.0)  # writes wait until leadership is back
+            except AgentError as e:
+                self.log.warning("aggregated rows gone before the commit", error=str(e))
+                return None
         run.timings["commit_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         if found is State.FAILED:
             self.log.warning("batch was marked failed meanwhile; its files stay in staging")
@@ -274,36 +296,47 @@ class Pipeline:
             self.d._finish(run, count=False)  # counted when it finished the first time
             return False
         if found is None and self.d.metrics is not None:
-            self.d.metrics.batch_committed(agg)
+            self.d.metrics.batch_committed(agg.summary)
         await self._set(State.COMMITTED, durable=True, timings=run.timings)
         self.log.info(
-            "batch committed", rows=agg.items.num_rows, wrote=found is None, kappa=agg.fleiss_kappa
+            "batch committed",
+            rows=agg.summary.rows,
+            wrote=found is None,
+            kappa=agg.summary.fleiss_kappa,
+            aggregated_on=agg.node,
         )
         return True
 
-    async def archive(self, agg: BatchAggregate) -> None:
-        """Raw and cross-check files and aggregates.parquet into the lake."""
+    async def archive(self, agg: AggregateFiles) -> None:
+        """Raw and cross-check files and aggregates.parquet (the agent's) into the lake."""
         run = self.run_
         t0 = time.perf_counter()
         files = [self._raw_source(m) for m in run.models]
         files += [self.folder / f"crosscheck_{m}.parquet" for m in run.models]
+        files.append(agg.parquet)  # last: in the lake, its presence says the folder is whole
         path, nbytes = await anyio.to_thread.run_sync(
-            self.d.lake.archive, run.batch_id, run.date, files, agg.items
+            self.d.lake.archive, run.batch_id, run.date, files
         )
         run.timings["archive_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         await self._set(State.ARCHIVED, durable=True, lake_path=path, timings=run.timings)
         self.log.info("batch archived", lake=path, bytes=nbytes)
 
-    async def _archive_until_done(self, agg: BatchAggregate) -> None:
+    async def _archive_until_done(self, agg: AggregateFiles | None) -> None:
         """The rows are committed, so the lake must follow: retry a failing lake with backoff
-        for as long as it takes (status shows the error meanwhile); never fail the batch."""
+        for as long as it takes (status shows the error meanwhile); never fail the batch.
+        Without the agent's aggregates.parquet (a resumed batch, a purged tmpfs) the batch is
+        aggregated again from its cross-check files, which stay in staging until cleanup."""
         delay = 1.0
         while True:
             try:
+                if agg is None or not agg.parquet.exists():
+                    if agg is not None:
+                        self.log.warning("aggregates gone from node memory; aggregating again")
+                    agg = await self.aggregate(record=False)
                 await self.archive(agg)
                 self.run_.error = ""
                 return
-            except (LakeError, OSError) as e:
+            except (LakeError, OSError, CoordinatorError) as e:
                 self.run_.error = f"archive failed, retrying in {delay:.0f} s: {e}"
                 self.log.error("archive failed; retrying", error=str(e), retry_in_s=delay)
                 await anyio.sleep(delay)

@@ -22,6 +22,8 @@ AGENT_TYPES = frozenset(
         "staged",
         "crosscheck",
         "crosschecked",
+        "aggregate",
+        "aggregated",
         "purge",
         "purged",
         "heartbeat",

@@ -26,6 +26,7 @@ from tests.conftest import MODELS, ROOT, Env, wait_until
 from tests.faultlib import (
     FINAL,
     assert_exactly_once,
+    db_rows,
     files_under,
     hooks,
     lake_dirs,
@@ -576,6 +577,75 @@ def test_agent_killed_mid_crosscheck_is_restarted_and_the_step_retried(env, daem
     assert any('"step": "crosscheck"' in ln for ln in retried), "the cross-check was not retried"
     assert files_under(env.tmpfs) == []
     assert staging_leftovers(env) == []
+
+
+def test_agent_killed_mid_aggregate_is_restarted_and_the_step_retried(env, daemon):
+    """Killed with its node-local files written but before it replied: the retry writes them
+    again and the batch commits once, from the second attempt's files."""
+    d = daemon(extra_env=hooks(aggregate_pause_s=1.0)).start()
+    pub = publish_all(env, "midagg", seed=1203)
+    local = env.tmpfs / "node0" / "midagg"
+    old = _kill_agent_when(
+        d, env, lambda: (local / "aggregates.parquet").exists(), "the aggregate's files"
+    )
+    assert in_flight(d, "midagg")["state"] == "aggregating"
+    _agent_came_back(d, old)
+    assert d.wait_state("midagg", FINAL)["state"] == "done"
+    assert_exactly_once(env, "midagg", published=pub)
+    retried = [ln for ln in d.log.read_text().splitlines() if "step failed, retrying" in ln]
+    assert any('"step": "aggregate"' in ln for ln in retried), "the aggregate was not retried"
+    assert files_under(env.tmpfs) == []
+
+
+def test_crosscheck_output_that_cannot_be_aggregated_fails_the_batch_at_once(env, daemon):
+    """A plug-in cross-check wrote a model's item twice: the aggregating agent names the model
+    and the duplicate; the batch fails without retries, nothing is written anywhere."""
+    env.write_config(crosscheck={"function": "tests.plugins:crosscheck_duplicating_slm3"})
+    d = daemon().start()
+    publish_all(env, "dupagg", seed=1204)
+    row = d.wait_state("dupagg", FINAL, timeout=60)
+    assert row["state"] == "failed"
+    assert "slm-3" in row["error"] and "duplicates" in row["error"], row["error"]
+    assert row_counts(env, "dupagg") == (0, 0, 0, 0) and lake_dirs(env, "dupagg") == []
+    log = d.log.read_text()
+    assert not [ln for ln in log.splitlines() if '"step": "aggregate"' in ln and "retrying" in ln]
+    assert (env.staging / "dupagg" / "slm-3.parquet").exists()  # kept for the operator
+    wait_until(lambda: files_under(env.tmpfs) == [], 10, "the node-local copies to go")
+
+
+def test_aggregates_lost_from_node_memory_before_the_archive_are_made_again(env, daemon):
+    """The lake is down after the commit, and meanwhile the node-local aggregates vanish (a
+    tmpfs wiped by hand, a reboot of the agent's node): the archive aggregates the batch
+    again from its cross-check files in staging and the lake gets the same rows."""
+    env.lake.mkdir(parents=True, exist_ok=True)
+    blocker = env.lake / "batches"
+    blocker.write_text("not a folder")
+    d = daemon().start()
+    publish_all(env, "lostagg", seed=1205)
+    wait_until(
+        lambda: (
+            (d.show("lostagg") or {}).get("state") == "committed"
+            and "archive failed" in (in_flight(d, "lostagg") or {}).get("error", "")
+        ),
+        60,
+        "the batch to be committed with the archive failing",
+    )
+    local = env.tmpfs / "node0" / "lostagg"
+    for name in ("aggregates.parquet", "aggregates.csv"):
+        (local / name).unlink()
+    blocker.unlink()
+    done = d.wait_state("lostagg", FINAL, timeout=90)
+    assert done["state"] == "done"
+    assert "aggregating again" in d.log.read_text()
+    lake = pq.read_table(Path(done["lake_path"]) / "aggregates.parquet")
+    assert lake.num_rows == done["rows"] > 0
+    in_db = db_rows(
+        env, "SELECT item_id, consensus FROM {s}.aggregates WHERE batch_id = $1", "lostagg"
+    )
+    in_lake = zip(
+        lake.column("item_id").to_pylist(), lake.column("consensus").to_pylist(), strict=True
+    )
+    assert {r["item_id"]: r["consensus"] for r in in_db} == dict(in_lake)
 
 
 def test_batch_failing_after_staging_leaves_no_node_local_copies(env, daemon):

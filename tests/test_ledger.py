@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import anyio
 import asyncpg
@@ -13,8 +16,9 @@ import pytest
 
 from coordinator.aggregate import BatchAggregate, aggregate
 from coordinator.batch import State
-from coordinator.errors import DatabaseError, NotLeaderError
+from coordinator.errors import AgentError, DatabaseError, NotLeaderError
 from coordinator.ledger import MIGRATIONS, Ledger, lock_key
+from coordinator.summary import rows_csv, summarise
 
 pytestmark = pytest.mark.anyio
 
@@ -81,6 +85,16 @@ def small_aggregate() -> BatchAggregate:
             "slm-3": result([("i1", "dog", 0.4), ("i,2", 'say "hi"', 0.3), ("i3", "x", 0.1)]),
         }
     )
+
+
+async def commit(
+    ledger: Ledger, batch_id: str, agg: BatchAggregate, *, fields: dict[str, Any]
+) -> State | None:
+    """Ledger.commit as the pipeline calls it: the summary, and the agent's CSV as a file."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "aggregates.csv"
+        path.write_bytes(rows_csv(agg.items, batch_id))
+        return await ledger.commit(batch_id, summarise(agg), path, fields=fields)
 
 
 async def seen(ledger: Ledger, batch_id: str, *, present: list[str] | None = None) -> State:
@@ -212,7 +226,7 @@ async def test_set_state_never_moves_a_finished_batch(make_ledger: MakeLedger) -
 async def test_set_state_never_moves_a_committed_batch_back(make_ledger: MakeLedger) -> None:
     ledger = await make_ledger(leader=True)
     await seen(ledger, "b1")
-    assert await ledger.commit("b1", small_aggregate(), fields={}) is None
+    assert await commit(ledger, "b1", small_aggregate(), fields={}) is None
     await ledger.set_state("b1", State.AGGREGATING)
     assert (await ledger.get("b1") or {})["state"] == "committed"
     await ledger.set_state("b1", State.ARCHIVED, lake_path="/lake/b1")
@@ -237,7 +251,7 @@ async def test_commit_writes_queued_state_changes_first(make_ledger: MakeLedger)
     ledger = await make_ledger(leader=True)
     await seen(ledger, "b1")
     ledger.set_state_soon("b1", State.AGGREGATING, timings={"stage_s": 3.0})
-    assert await ledger.commit("b1", small_aggregate(), fields={"timings": {"agg_s": 1.0}}) is None
+    assert await commit(ledger, "b1", small_aggregate(), fields={"timings": {"agg_s": 1.0}}) is None
     row = await ledger.get("b1")
     assert row is not None
     assert (row["state"], row["timings"]) == ("committed", {"stage_s": 3.0, "agg_s": 1.0})
@@ -264,7 +278,7 @@ async def test_commit_writes_the_rows_and_moves_the_ledger_to_committed(
     agg = small_aggregate()
     await seen(ledger, "b1")
     await ledger.set_state("b1", State.AGGREGATING, timings={"stage_s": 1.0})
-    assert await ledger.commit("b1", agg, fields={"timings": {"aggregate_s": 0.5}}) is None
+    assert await commit(ledger, "b1", agg, fields={"timings": {"aggregate_s": 0.5}}) is None
 
     rows = await admin.fetch(
         f'SELECT item_id, consensus, votes, n_models, confidence FROM "{schema}".aggregates'
@@ -295,9 +309,9 @@ async def test_a_second_commit_reports_committed_and_writes_no_duplicate(
     """commit() returns None when it wrote, else the state it found and wrote nothing."""
     ledger = await make_ledger(leader=True)
     await seen(ledger, "b1")
-    assert await ledger.commit("b1", small_aggregate(), fields={}) is None
+    assert await commit(ledger, "b1", small_aggregate(), fields={}) is None
     bigger = aggregate({"slm-1": result([(f"j{k}", "a", 0.5) for k in range(10)])})
-    assert await ledger.commit("b1", bigger, fields={}) is State.COMMITTED
+    assert await commit(ledger, "b1", bigger, fields={}) is State.COMMITTED
     assert await count(admin, schema, "aggregates", "b1") == 3
     assert await count(admin, schema, "model_agreement", "b1") == 3
     assert (await ledger.get("b1") or {})["rows"] == 3
@@ -310,7 +324,7 @@ async def test_commit_after_committed_states_writes_nothing(
     ledger = await make_ledger(leader=True)
     await seen(ledger, "b1")
     await ledger.set_state("b1", state)
-    assert await ledger.commit("b1", small_aggregate(), fields={}) is state
+    assert await commit(ledger, "b1", small_aggregate(), fields={}) is state
     assert await count(admin, schema, "aggregates", "b1") == 0
     assert (await ledger.get("b1") or {})["state"] == state.value
 
@@ -329,19 +343,19 @@ async def test_commit_is_one_transaction(
         f' FOR EACH ROW EXECUTE FUNCTION "{schema}".boom()'
     )
     with pytest.raises(asyncpg.PostgresError, match="agreement insert refused"):
-        await ledger.commit("b1", small_aggregate(), fields={})
+        await commit(ledger, "b1", small_aggregate(), fields={})
     assert await count(admin, schema, "aggregates", "b1") == 0
     assert (await ledger.get("b1") or {})["state"] == "aggregating"
 
     await admin.execute(f'DROP TRIGGER boom ON "{schema}".model_agreement')
-    assert await ledger.commit("b1", small_aggregate(), fields={}) is None
+    assert await commit(ledger, "b1", small_aggregate(), fields={}) is None
     assert await count(admin, schema, "aggregates", "b1") == 3
 
 
 async def test_commit_without_a_ledger_row_is_a_database_error(make_ledger: MakeLedger) -> None:
     ledger = await make_ledger(leader=True)
     with pytest.raises(DatabaseError, match="no ledger row"):
-        await ledger.commit("ghost", small_aggregate(), fields={})
+        await commit(ledger, "ghost", small_aggregate(), fields={})
 
 
 async def test_commit_refuses_when_not_the_leader(
@@ -350,7 +364,7 @@ async def test_commit_refuses_when_not_the_leader(
     ledger = await make_ledger()
     await seen(ledger, "b1")
     with pytest.raises(NotLeaderError):
-        await ledger.commit("b1", small_aggregate(), fields={})
+        await commit(ledger, "b1", small_aggregate(), fields={})
     assert await count(admin, schema, "aggregates", "b1") == 0
     assert (await ledger.get("b1") or {})["state"] == "waiting"
 
@@ -367,12 +381,48 @@ async def test_an_item_every_model_abstained_on_commits_with_confidence_0(
         }
     )
     await seen(ledger, "b1")
-    assert await ledger.commit("b1", agg, fields={}) is None
+    assert await commit(ledger, "b1", agg, fields={}) is None
     row = await admin.fetchrow(
         f'SELECT consensus, votes, n_models, confidence FROM "{schema}".aggregates'
         " WHERE batch_id = 'b1' AND item_id = 'i2'"
     )
     assert dict(row) == {"consensus": None, "votes": 0, "n_models": 0, "confidence": 0.0}
+
+
+async def test_a_rows_file_short_of_the_summary_rolls_the_whole_commit_back(
+    make_ledger: MakeLedger, admin: asyncpg.Connection, schema: str, tmp_path: Path
+) -> None:
+    """The agent's summary counts the rows; a CSV holding fewer (truncated, or another
+    batch's) writes nothing at all and leaves the batch uncommitted."""
+    ledger = await make_ledger(leader=True)
+    agg = small_aggregate()
+    await seen(ledger, "b1")
+    lines = rows_csv(agg.items, "b1").splitlines(keepends=True)
+    short = tmp_path / "aggregates.csv"
+    short.write_bytes(b"".join(lines[:-1]))  # header and two of the three rows
+    with pytest.raises(DatabaseError, match="held 2 rows, the aggregate counted 3"):
+        await ledger.commit("b1", summarise(agg), short, fields={})
+    assert await count(admin, schema, "aggregates", "b1") == 0
+    assert await count(admin, schema, "model_agreement", "b1") == 0
+    assert (await ledger.get("b1") or {})["state"] != State.COMMITTED.value
+    assert await commit(ledger, "b1", agg, fields={}) is None  # the whole file then commits
+    assert await count(admin, schema, "aggregates", "b1") == 3
+
+
+async def test_a_vanished_rows_file_is_an_agent_error_not_a_database_outage(
+    make_ledger: MakeLedger, admin: asyncpg.Connection, schema: str, tmp_path: Path
+) -> None:
+    """OSErrors count as the database being down (retried forever); a missing rows file must
+    not: it comes back at once as AgentError, with nothing written and the database up."""
+    ledger = await make_ledger(leader=True)
+    await seen(ledger, "b1")
+    with anyio.fail_after(10):
+        with pytest.raises(AgentError, match="rows file gone"):
+            await ledger.commit(
+                "b1", summarise(small_aggregate()), tmp_path / "gone.csv", fields={}
+            )
+    assert ledger.health.connected
+    assert await count(admin, schema, "aggregates", "b1") == 0
 
 
 # --- the leader lock -----------------------------------------------------------------------
@@ -405,7 +455,7 @@ async def test_a_second_ledger_is_not_leader_until_the_first_closes(
     assert not await second.acquire_leadership()
     assert not second.health.leader
     with pytest.raises(NotLeaderError):
-        await second.commit("b1", small_aggregate(), fields={})
+        await commit(second, "b1", small_aggregate(), fields={})
     assert await first.acquire_leadership()  # asking again while holding it stays leader
 
     await first.close()
@@ -437,7 +487,7 @@ async def test_leadership_is_lost_when_the_lock_connection_is_terminated(
     assert not leader.health.leader
     await seen(leader, "b1")
     with pytest.raises(NotLeaderError):
-        await leader.commit("b1", small_aggregate(), fields={})
+        await commit(leader, "b1", small_aggregate(), fields={})
 
     async def released() -> bool:
         return await lock_holder(admin, schema) is None

@@ -15,11 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import pyarrow as pa
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.aggregate import BatchAggregate
 from coordinator.batch import State
 from coordinator.config import load_config
 from coordinator.control import call
@@ -27,6 +25,7 @@ from coordinator.daemon import BatchRun, Daemon
 from coordinator.errors import ConfigError
 from coordinator.hub import AgentConn
 from coordinator.metrics import Metrics, parse_listen, reason_label
+from coordinator.summary import AggregateSummary
 from tests.conftest import ROOT, Env, wait_until
 
 DASHBOARD = ROOT / "docs" / "grafana" / "numa-coordinator.json"
@@ -121,9 +120,8 @@ def finished_run(d: Daemon, state: State = State.DONE) -> BatchRun:
     return run
 
 
-def batch_aggregate(kappa: float | None, agreement: dict[str, float | None]) -> BatchAggregate:
-    items = pa.table({"item_id": ["i1", "i2", "i3"]})
-    return BatchAggregate(items, (), kappa, agreement, tuple(sorted(agreement)))
+def batch_aggregate(kappa: float | None, agreement: dict[str, float | None]) -> AggregateSummary:
+    return AggregateSummary(3, (), kappa, agreement, tuple(sorted(agreement)))
 
 
 # -- events -------------------------------------------------------------------------------------

@@ -24,17 +24,18 @@ import anyio
 import asyncpg
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from agents import slm
+from agents.aggregation import AGGREGATE_COLUMNS
 from agents.crosscheck import crosscheck
 from coordinator.aggregate import BatchAggregate, aggregate
 from coordinator.hub import Hub
 from coordinator.lake import Lake
 from coordinator.ledger import Ledger
+from coordinator.summary import COPY_COLUMNS, rows_csv, summarise
 
-AGG_COLUMNS = ["batch_id", "item_id", "consensus", "votes", "n_models", "confidence"]
+AGG_COLUMNS = list(COPY_COLUMNS)
 
 
 def cpu_s() -> float:
@@ -191,11 +192,13 @@ class BareWork:
     aggregate_s: float
     crosscheck_files: list[Path]
     agg: BatchAggregate
+    aggregates_parquet: Path
 
 
 def bare_work(sources: dict[str, Path], tmpfs: Path, out: Path) -> BareWork:
-    """What the agent and the daemon compute for a batch, done in one process: read the tmpfs
-    copies, cross-check every model and publish (zstd 3, fsync), then read and aggregate."""
+    """What the agents compute for a batch, done in one process: read the tmpfs copies,
+    cross-check every model and publish (zstd 3, fsync), then read and aggregate and write
+    aggregates.parquet (the aggregates CSV is the ingest anchor's, written per batch there)."""
     tmpfs.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     for src in sources.values():
@@ -209,42 +212,35 @@ def bare_work(sources: dict[str, Path], tmpfs: Path, out: Path) -> BareWork:
         slm.write_parquet_atomic(path, crosscheck(m, tables), compression="zstd", level=3)
         files.append(path)
     t1 = time.perf_counter()
-    agg = aggregate(slm.read_results(out, models, prefix="crosscheck_"))
+    agg = aggregate(slm.read_results(out, models, prefix="crosscheck_", columns=AGGREGATE_COLUMNS))
+    agg_file = out / "aggregates.parquet"
+    slm.write_parquet_atomic(agg_file, agg.items, compression="zstd", level=3)
     t2 = time.perf_counter()
     shutil.rmtree(tmpfs, ignore_errors=True)
-    return BareWork(t1 - t0, t2 - t1, files, agg)
+    return BareWork(t1 - t0, t2 - t1, files, agg, agg_file)
 
 
 # -- archive: the lake writer against cp + sync ------------------------------------------------
 
 
-def archive(
-    files: Sequence[Path], agg: BatchAggregate, root: Path, reps: int
-) -> dict[str, list[float]]:
-    """Lake.archive of the batch's files (and aggregates.parquet) against `cp` of the same
-    files plus the aggregates.parquet it wrote, then `sync` of the copies (fsync each, like
-    the lake); alternating."""
+def archive(files: Sequence[Path], root: Path, reps: int) -> dict[str, list[float]]:
+    """Lake.archive of the batch's files (aggregates.parquet last) against `cp` of the same
+    files, then `sync` of the copies (fsync each, like the lake); alternating."""
     lake = Lake(str(root / "lake"))
     ours: list[float] = []
     anchor: list[float] = []
-    agg_file: Path | None = None
     nbytes = 0
     for rep in range(reps):
         for which in ("ours", "anchor") if rep % 2 == 0 else ("anchor", "ours"):
             if which == "ours":
                 bid = f"bench-archive-{rep}"
                 with timer(ours):
-                    folder, nbytes = lake.archive(bid, "2000-01-01", files, agg.items)
-                if agg_file is None:  # the anchor copies this same file
-                    agg_file = root / "aggregates.parquet"
-                    shutil.copyfile(Path(folder) / "aggregates.parquet", agg_file)
+                    folder, nbytes = lake.archive(bid, "2000-01-01", files)
                 shutil.rmtree(folder)
             else:
-                if agg_file is None:
-                    continue  # the first round's anchor needs the ours' aggregates.parquet
                 dest = root / f"cp-{rep}"
                 dest.mkdir(parents=True)
-                srcs = [*map(str, files), str(agg_file)]
+                srcs = [*map(str, files)]
                 with timer(anchor):
                     subprocess.run(["cp", *srcs, str(dest)], check=True)
                     copies = [str(dest / Path(s).name) for s in srcs]
@@ -381,11 +377,8 @@ async def _staging(rig: StagingRig, files: list[str], reps: int) -> dict[str, li
 
 
 def agg_csv_with_batch(items: pa.Table, batch_id: str, path: Path) -> None:
-    """The aggregates as CSV with the batch_id column, for psql's \\copy."""
-    cols = items.select(["item_id", "consensus", "votes", "n_models", "confidence"])
-    cols = cols.set_column(4, "confidence", pc.fill_null(cols.column("confidence"), 0.0))
-    cols = cols.add_column(0, "batch_id", pa.repeat(pa.scalar(batch_id, pa.string()), len(cols)))
-    pacsv.write_csv(cols, str(path), pacsv.WriteOptions(quoting_style="needed"))
+    """The aggregates as the agent writes them for COPY (batch_id first, a header)."""
+    path.write_bytes(rows_csv(items, batch_id))
 
 
 def ingest(
@@ -408,6 +401,7 @@ async def _ingest(
         raise RuntimeError(f"cannot take the leader lock of schema {schema}")
     s = f'"{schema}"'
     rows = agg.items.num_rows
+    summary = summarise(agg)
     sub = agg.items.slice(0, min(subset, rows) if subset else rows)
     sub = sub.set_column(4, "confidence", pc.fill_null(sub.column("confidence"), 0.0))
     client_bid = "ingest-client"  # one id for both client paths: the table is emptied between
@@ -428,9 +422,12 @@ async def _ingest(
 
         async def ours(bid: str) -> None:
             await fresh(bid)
+            csv = tmp / f"{bid}.csv"  # as the agent leaves it in node-local tmpfs
+            await anyio.to_thread.run_sync(agg_csv_with_batch, agg.items, bid, csv)
             t0 = time.perf_counter()
-            assert await ledger.commit(bid, agg, fields={}) is None
+            assert await ledger.commit(bid, summary, csv, fields={}) is None
             times["ours"].append(time.perf_counter() - t0)
+            csv.unlink()
 
         async def via_psql(bid: str) -> None:
             assert psql is not None

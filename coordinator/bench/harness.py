@@ -502,10 +502,10 @@ def run(p: Params, *, dsn: str = "") -> Measured:
         data.pop("tables", None)
         bare = anchors.bare_work(sources, d.tmpfs / "bare", d.root / "bare")
         m.bare = {"crosscheck_s": bare.crosscheck_s, "aggregate_s": bare.aggregate_s}
-        files = [*sources.values(), *bare.crosscheck_files]
+        files = [*sources.values(), *bare.crosscheck_files, bare.aggregates_parquet]
 
         def archive() -> None:
-            m.archive = anchors.archive(files, bare.agg, d.root / "archive", p.reps)
+            m.archive = anchors.archive(files, d.root / "archive", p.reps)
 
         def staging() -> None:
             rig = anchors.StagingRig(d.sources, "full", d.tmpfs / "rig", d.run, sys.executable)
