@@ -293,17 +293,26 @@ class Daemon:
                 or (p.parent.name == "conf.d" and p.suffix == ".toml")
             )
 
-        async for _changes in watchfiles.awatch(
-            folder,
-            watch_filter=relevant,
-            debounce=300,
-            rust_timeout=500,  # bounds how long a stop waits for the watcher thread
-            step=500,  # the watcher thread wakes this often even when nothing changes
-            recursive=True,
-            ignore_permission_denied=True,
-        ):
-            log.info("config files changed; reloading")
-            await self.reload()
+        # Not recursive: the config's folder may also hold data (a demo's state dir holds
+        # staging, the lake and PostgreSQL's files), whose every write would wake the watcher.
+        # The folder itself and conf.d are watched, each one level deep; when conf.d appears
+        # or goes, the watch starts again with the new set.
+        confd = folder / "conf.d"
+        while True:
+            watched = [folder, confd] if confd.is_dir() else [folder]
+            async for _changes in watchfiles.awatch(
+                *watched,
+                watch_filter=relevant,
+                debounce=300,
+                rust_timeout=500,  # bounds how long a stop waits for the watcher thread
+                step=500,  # the watcher thread wakes this often even when nothing changes
+                recursive=False,
+                ignore_permission_denied=True,
+            ):
+                log.info("config files changed; reloading")
+                await self.reload()
+                if (confd in watched) != confd.is_dir():
+                    break
 
     async def _loop_lag(self, interval: float) -> None:
         """Sample event-loop lag: how late a sleep of `interval` wakes up."""
