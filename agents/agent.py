@@ -4,15 +4,16 @@ It connects to the coordinator's agent socket, says hello (with its binding as t
 it), and then serves requests: stage (copy a batch into node-local tmpfs), crosscheck (run the
 cross-check for its node's models reading only node-local copies, publish the results into
 staging), aggregate (vote over the whole batch's cross-check results and write the rows
-node-locally for the coordinator to COPY and archive), purge (drop a batch's node-local
-copies). It sends a heartbeat every few seconds.
-See docs/protocol.md.
+node-locally for the coordinator to COPY), archive (copy the batch into the lake, from this
+node's copies where it has them), purge (drop a batch's node-local copies). It sends a
+heartbeat every few seconds. See docs/protocol.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,13 +36,16 @@ from coordinator.errors import (
     NoSpaceError,
     ParquetError,
 )
+from coordinator.lake import Lake
 from coordinator.logs import configure
 from coordinator.protocol import AGENT_TYPES, LineReader, decode, encode
+from coordinator.summary import PARQUET_NAME
 
 log = structlog.get_logger("agents.agent")
 
 # Exit codes: 0 stopped cleanly, 1 error, 2 usage, 3 refused (not bound as told).
 EXIT_UNBOUND = 3
+DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")  # a lake partition (date=YYYY-MM-DD)
 
 
 class Agent:
@@ -53,6 +57,7 @@ class Agent:
         self.tmpfs = config.paths.tmpfs_for(node)
         self.models = config.node(node).models
         self.crosscheck_fn = load_crosscheck(config.crosscheck_function)
+        self.lake = Lake(config.paths.lake)
 
     def batch_dir(self, batch_id: str) -> Path:
         """The node-local folder of one batch."""
@@ -165,6 +170,33 @@ class Agent:
             "seconds": out.seconds,
         }
 
+    def archive(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Copy the batch into the lake: the models' results from this node's copies (the
+        content the barrier counted; staging's file only where the copy is gone), the
+        cross-check results from staging, and this node's aggregates.parquet last."""
+        batch_id = msg["batch_id"]
+        date = str(msg["date"])
+        if not DATE_RE.fullmatch(date):
+            raise CoordinatorError(f"archive of {batch_id}: date {date!r} is not YYYY-MM-DD")
+        models = [slm.check_name("model", str(m)) for m in msg["models"]]
+        local = self.batch_dir(batch_id)
+        staging = self.config.paths.staging / batch_id
+        files = []
+        for m in models:
+            own = local / f"{m}.parquet"
+            files.append(own if own.is_file() else staging / own.name)
+        files += [staging / f"crosscheck_{m}.parquet" for m in models]
+        files.append(local / PARQUET_NAME)
+        t0 = time.perf_counter()
+        path, nbytes = self.lake.archive(batch_id, date, files)
+        return {
+            "type": "archived",
+            "batch_id": batch_id,
+            "lake_path": path,
+            "bytes": nbytes,
+            "seconds": time.perf_counter() - t0,
+        }
+
     def purge(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Drop the batch's node-local copies."""
         batch_id = msg["batch_id"]
@@ -204,6 +236,7 @@ async def serve(agent: Agent, sock_path: Path, bound: binding.Binding) -> None:
             "stage": agent.stage,
             "crosscheck": agent.crosscheck,
             "aggregate": agent.aggregate,
+            "archive": agent.archive,
             "purge": agent.purge,
         }
         kind = msg["type"]
@@ -261,7 +294,7 @@ async def serve(agent: Agent, sock_path: Path, bound: binding.Binding) -> None:
         reader = LineReader(stream)
         while (line := await reader.readline()) is not None:
             msg = decode(line, types=AGENT_TYPES)
-            if msg["type"] in ("stage", "crosscheck", "aggregate", "purge"):
+            if msg["type"] in ("stage", "crosscheck", "aggregate", "archive", "purge"):
                 tg.start_soon(handle, msg)
         log.info("coordinator closed the connection")
         tg.cancel_scope.cancel()

@@ -63,8 +63,8 @@ PHASES: Mapping[str, str] = {
     "cleanup_ms": "cleanup",
 }
 # Per-node timing keys (`staging_node0_ms`, `crosscheck_node1_ms`).
-NODE_PHASE_RE = re.compile(r"(?P<phase>staging|crosscheck|aggregate)_node(?P<node>\d+)_ms")
-NODE_PHASES = ("staging", "crosscheck", "aggregate")
+NODE_PHASE_RE = re.compile(r"(?P<phase>staging|crosscheck|aggregate|archive)_node(?P<node>\d+)_ms")
+NODE_PHASES = ("staging", "crosscheck", "aggregate", "archive")
 FINAL_STATES = tuple(s.value for s in State if s in FINAL)
 IN_FLIGHT_STATES = tuple(s.value for s in State if s not in FINAL)
 DAEMON_STATES = ("starting", "connecting", "standby", "running", "degraded", "stopping", "stopped")

@@ -6,7 +6,6 @@ step is idempotent, so a batch resumed after a crash just runs again from its le
 from __future__ import annotations
 
 import datetime as dt
-import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -23,9 +22,9 @@ from coordinator.batch import State, aggregate_node
 from coordinator.errors import (
     AgentError,
     CoordinatorError,
-    LakeError,
     NoSpaceError,
     NotLeaderError,
+    ProtocolError,
 )
 from coordinator.summary import AggregateFiles
 
@@ -308,18 +307,31 @@ class Pipeline:
         return True
 
     async def archive(self, agg: AggregateFiles) -> None:
-        """Raw and cross-check files and aggregates.parquet (the agent's) into the lake."""
+        """The aggregating agent copies the batch into the lake (raw results from its node's
+        copies, cross-check results from staging, its aggregates.parquet last); the
+        coordinator's own process copies nothing."""
         run = self.run_
         t0 = time.perf_counter()
-        files = [self._raw_source(m) for m in run.models]
-        files += [self.folder / f"crosscheck_{m}.parquet" for m in run.models]
-        files.append(agg.parquet)  # last: in the lake, its presence says the folder is whole
-        path, nbytes = await anyio.to_thread.run_sync(
-            self.d.lake.archive, run.batch_id, run.date, files
+        reply = await self.d.hub.request(
+            agg.node,
+            {
+                "type": "archive",
+                "batch_id": run.batch_id,
+                "date": run.date,
+                "models": list(run.models),
+            },
+            within_s=self.cfg.agents.step_timeout_s,
         )
+        path = self.d.lake.batch_path(run.batch_id, run.date)
+        if reply.get("lake_path") != path:
+            raise ProtocolError(
+                f"agent on node {agg.node}: archived {run.batch_id} at "
+                f"{reply.get('lake_path')!r}, expected {path!r}"
+            )
         run.timings["archive_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        run.timings[f"archive_node{agg.node}_ms"] = round(float(reply["seconds"]) * 1000, 3)
         await self._set(State.ARCHIVED, durable=True, lake_path=path, timings=run.timings)
-        self.log.info("batch archived", lake=path, bytes=nbytes)
+        self.log.info("batch archived", lake=path, bytes=reply.get("bytes"), node=agg.node)
 
     async def _archive_until_done(self, agg: AggregateFiles | None) -> None:
         """The rows are committed, so the lake must follow: retry a failing lake with backoff
@@ -336,7 +348,7 @@ class Pipeline:
                 await self.archive(agg)
                 self.run_.error = ""
                 return
-            except (LakeError, OSError, CoordinatorError) as e:
+            except (OSError, CoordinatorError) as e:
                 self.run_.error = f"archive failed, retrying in {delay:.0f} s: {e}"
                 self.log.error("archive failed; retrying", error=str(e), retry_in_s=delay)
                 await anyio.sleep(delay)
@@ -352,16 +364,6 @@ class Pipeline:
                 # the agent's next hello lists the copies and the daemon purges them then.
                 self.log.warning("purge failed", error=str(e), attempt=attempt + 1)
                 await anyio.sleep(0.5)
-
-    def _raw_source(self, model: str) -> Path:
-        """The counted content of a model's file: in staging, or, if it was rewritten and
-        quarantined meanwhile, the copy staged on the first node."""
-        name = f"{model}.parquet"
-        counted = self.run_.counted.get(model)
-        path: Path = self.folder / name
-        if counted is None or (path.exists() and _ident(path) == counted):
-            return path
-        return self.cfg.paths.tmpfs_for(self.cfg.node_ids[0]) / self.run_.batch_id / name
 
     async def cleanup(self) -> None:
         """Purge node-local copies, then remove the batch from staging; the batch is done."""
@@ -382,8 +384,3 @@ class Pipeline:
         )
         self.log.info("batch finished", state=final.value, timings=run.timings)
         self.d._finish(run)
-
-
-def _ident(path: Path) -> tuple[int, int, int]:
-    st = os.lstat(path)
-    return (st.st_ino, st.st_size, st.st_mtime_ns)

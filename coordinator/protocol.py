@@ -24,6 +24,8 @@ AGENT_TYPES = frozenset(
         "crosschecked",
         "aggregate",
         "aggregated",
+        "archive",
+        "archived",
         "purge",
         "purged",
         "heartbeat",

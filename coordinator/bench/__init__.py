@@ -388,9 +388,9 @@ def build_rows(m: Any) -> list[Row]:
 
         for key, label, anchor_s in (
             ("crosscheck_ms", "cross-check step (agent)", parts["crosscheck"]),
-            ("aggregate_ms", "aggregate step (daemon)", parts["aggregate"]),
+            ("aggregate_ms", "aggregate step (agent)", parts["aggregate"]),
             ("commit_ms", "commit step (daemon)", parts["commit"]),
-            ("archive_ms", "archive step (daemon)", parts["archive"]),
+            ("archive_ms", "archive step (agent)", parts["archive"]),
         ):
             rows.append(
                 Row(f"step_{key[:-3]}", label, "s", step_s(key), anchor_s, "its anchor above", "—")
