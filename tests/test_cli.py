@@ -112,7 +112,14 @@ def test_status_batches_and_show_print_what_their_json_holds(env, daemon):
     phases = timings[::3]
     assert sorted(f"{p}_ms" for p in phases) == sorted(row["timings"])
     assert phases[:3] == ["barrier_wait", "staging", "staging_node0"]  # pipeline order
-    assert phases[-3:] == ["commit", "archive", "cleanup"]
+    assert phases[-6:] == [
+        "aggregate",
+        "aggregate_node0",
+        "commit",
+        "archive",
+        "archive_node0",
+        "cleanup",
+    ]
     if "0" in row["placement"]:
         frac = 100 * row["placement"]["0"]["fraction"]
         assert re.search(rf"^    node0\s+{frac:.1f}% node-local", out, re.M), out
