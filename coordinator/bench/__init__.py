@@ -275,8 +275,9 @@ def build_rows(m: Any) -> list[Row]:
             "cp + sync of the same files",
             ">= 0.9x",
             lambda o, a, r: r is not None and r >= 0.9,
-            note="ours includes encoding aggregates.parquet; the anchor copies the file ours "
-            "wrote; `sync FILE...` fsyncs each copy and the folder, as the lake does",
+            note="Lake.archive as the aggregating agent runs it, copying the aggregates.parquet "
+            "the aggregation wrote; the anchor `cp`s the same 15 files and `sync FILE...` "
+            "fsyncs each copy and the folder, as the lake does",
         )
     )
 
@@ -335,7 +336,8 @@ def build_rows(m: Any) -> list[Row]:
                 "",
                 "<= 2 %",
                 lambda o, a, r: o <= 2,
-                note="the coordination alone; the rest of the process is its worker threads",
+                note="the coordination alone; the rest of the process is its worker threads "
+                "(reading the agent's rows file for the COPY, scans, the clean-up)",
             )
         )
     if m.idle:
