@@ -528,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_demo)
 
-    for mod in ("coordinator.topology", "coordinator.plan", "coordinator.bench"):
+    for mod in ("coordinator.topology", "coordinator.plan_render", "coordinator.bench"):
         try:
             module = __import__(mod, fromlist=["register_cli"])
         except ImportError:

@@ -1,4 +1,5 @@
-"""coordinator.plan: the seed's machine layout placed, checked and turned into configuration."""
+"""The seed's machine layout parsed (layout), placed and checked (plan) and turned into
+configuration (plan_render)."""
 
 from __future__ import annotations
 
@@ -19,13 +20,9 @@ from fakesysfs import write_fake_sysfs
 
 from coordinator import topology
 from coordinator.errors import LayoutError
-from coordinator.plan import (
-    Plan,
-    check_plan,
-    hardware_topology,
-    load_layout,
-    make_plan,
-    parse_layout,
+from coordinator.layout import hardware_topology, load_layout, parse_layout
+from coordinator.plan import Plan, check_plan, make_plan, totals
+from coordinator.plan_render import (
     plan_to_json,
     register_cli,
     render_domain_fragment,
@@ -33,7 +30,6 @@ from coordinator.plan import (
     render_k3s_config,
     render_report,
     render_systemd_dropins,
-    totals,
     write_plan,
 )
 from coordinator.topology import Core, format_cpulist, read_topology, synthetic_topology
