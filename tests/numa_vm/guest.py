@@ -14,8 +14,9 @@ socket (coordinator.protocol, no PostgreSQL in the guest) and starts, as the dae
 - refused: node 1's agent started bound to node 0, which must refuse to run (exit 3).
 
 It stages the batch on each in turn, reading the kernel's per-node Shmem counters before and
-after, purges, stops the agents, and writes everything to JOB_DIR/result.json. The checks are
-test_numa_vm.py's.
+after; has node0 and node1 cross-check their models and each aggregate the whole batch (the
+counters again around each aggregation); has node1 archive the batch; purges, stops the
+agents, and writes everything to JOB_DIR/result.json. The checks are test_numa_vm.py's.
 """
 
 from __future__ import annotations
@@ -206,6 +207,35 @@ async def drive(result: dict[str, Any], agents: dict[str, int]) -> None:
                 "shmem_kb_before": before,
                 "shmem_kb_delta": {n: after[n] - before[n] for n in after},
             }
+        # Each real node cross-checks its own models; then each aggregates the whole batch,
+        # with the counters around it (its rows files must land on its node only), and node 1
+        # archives the batch into the lake from its copies.
+        for label in ("node0", "node1"):
+            reply = await conns[label].request(
+                {"type": "crosscheck", "batch_id": batch, "models": SPEC["models"]}
+            )
+            result["crosscheck"][label] = {"reply": reply}
+        for label in ("node0", "node1"):
+            before = shmem_kb()
+            reply = await conns[label].request(
+                {"type": "aggregate", "batch_id": batch, "models": SPEC["models"]}
+            )
+            after = shmem_kb()
+            files = {}
+            for key in ("rows_csv", "parquet"):
+                if key in reply:
+                    files[key] = os.stat(reply[key]).st_size
+            result["aggregate"][label] = {
+                "reply": reply,
+                "file_bytes": files,
+                "shmem_kb_delta": {n: after[n] - before[n] for n in after},
+            }
+        reply = await conns["node1"].request(
+            {"type": "archive", "batch_id": batch, "date": "2026-11-28", "models": SPEC["models"]}
+        )
+        result["archive"] = {"reply": reply}
+        if "lake_path" in reply:
+            result["archive"]["files"] = sorted(os.listdir(reply["lake_path"]))
         for label in agents:
             before = shmem_kb()
             reply = await conns[label].request({"type": "purge", "batch_id": batch})
@@ -223,6 +253,8 @@ def main() -> int:
         "started_s": uptime(),
         "hello": {},
         "stage": {},
+        "crosscheck": {},
+        "aggregate": {},
         "purge": {},
         "exit": {},
     }

@@ -11,6 +11,7 @@ tests/numa_vm/.cache/.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -44,9 +45,14 @@ def guest() -> dict[str, Any]:
     return result
 
 
+def pages(sizes: Iterable[int]) -> int:
+    """Pages files of these sizes take in a tmpfs: each rounded up to whole pages."""
+    return sum(-(-size // (PAGE_KB * 1024)) for size in sizes)
+
+
 def batch_pages(guest: dict[str, Any]) -> int:
-    """Pages the batch's files take in a tmpfs: each file rounded up to whole pages."""
-    return sum(-(-size // (PAGE_KB * 1024)) for size in guest["files"].values())
+    """Pages the batch's files take in a tmpfs."""
+    return pages(guest["files"].values())
 
 
 def test_guest_has_two_numa_nodes_one_cpu_each_at_distance_21(guest: dict[str, Any]) -> None:
@@ -89,9 +95,37 @@ def test_kernel_counters_agree_with_the_agents_report(guest: dict[str, Any], nod
     delta = stage["shmem_kb_delta"]
     assert abs(delta[str(node)] - local_kb) <= SLACK_KB, delta
     assert abs(delta[str(1 - node)]) <= SLACK_KB, delta
-    # And the purge gave them back on the same node.
+    # And the purge gave them back on the same node, with the aggregation's files.
     freed = guest["purge"][f"node{node}"]["shmem_kb_delta"]
-    assert abs(freed[str(node)] + local_kb) <= SLACK_KB, freed
+    agg_kb = pages(guest["aggregate"][f"node{node}"]["file_bytes"].values()) * PAGE_KB
+    assert abs(freed[str(node)] + local_kb + agg_kb) <= SLACK_KB, freed
+
+
+@pytest.mark.parametrize("node", [0, 1])
+def test_the_aggregation_writes_its_rows_into_its_own_nodes_memory(
+    guest: dict[str, Any], node: int
+) -> None:
+    """aggregates.csv and aggregates.parquet grow Shmem on the aggregating agent's node by
+    their pages, and not on the other: node 0 by its bound policy on a plain tmpfs, node 1 by
+    its mount's mpol."""
+    agg = guest["aggregate"][f"node{node}"]
+    reply = agg["reply"]
+    assert reply["type"] == "aggregated", reply
+    assert reply["summary"]["rows"] == guest["rows"]
+    assert reply["summary"]["models"] == sorted(guest["models"])
+    kb = pages(agg["file_bytes"].values()) * PAGE_KB
+    assert kb > 100, agg["file_bytes"]  # enough pages for the delta to mean something
+    delta = agg["shmem_kb_delta"]
+    assert abs(delta[str(node)] - kb) <= SLACK_KB, (delta, kb)
+    assert abs(delta[str(1 - node)]) <= SLACK_KB, delta
+
+
+def test_the_archive_puts_the_whole_batch_in_the_lake(guest: dict[str, Any]) -> None:
+    archive = guest["archive"]
+    assert archive["reply"]["type"] == "archived", archive["reply"]
+    models = guest["models"]
+    expected = [f"{m}.parquet" for m in models] + [f"crosscheck_{m}.parquet" for m in models]
+    assert archive["files"] == sorted([*expected, "aggregates.parquet"])
 
 
 def test_a_copy_on_the_wrong_node_is_reported_as_remote(guest: dict[str, Any]) -> None:

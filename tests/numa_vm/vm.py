@@ -328,6 +328,8 @@ def boot(*, timeout: float = 420.0, rows: int = 100_000, keep: bool = False) -> 
         result["boot_s"] = round(elapsed, 1)
         result["kernel"] = kernel.version
         result["files"] = sizes
+        result["rows"] = rows
+        result["models"] = models
         if keep:
             result["job"] = str(job)
         return result
