@@ -112,8 +112,10 @@ def finished_run(d: Daemon, state: State = State.DONE) -> BatchRun:
         "crosscheck_node0_ms": 800.0,
         "crosscheck_node1_ms": 850.0,
         "aggregate_ms": 40.0,
+        "aggregate_node1_ms": 35.0,
         "commit_ms": 30.0,
         "archive_ms": 60.0,
+        "archive_node1_ms": 55.0,
         "cleanup_ms": 5.0,
     }
     run.staged_bytes = {"0": 1000, "1": 3000}
@@ -153,6 +155,10 @@ async def test_finished_batch_counts_its_state_phases_per_node_phases_and_bytes(
     assert value(s, f"{h}_sum", node="0", phase="staging") == pytest.approx(0.2)
     assert value(s, f"{h}_sum", node="1", phase="staging") == pytest.approx(0.24)
     assert value(s, f"{h}_sum", node="1", phase="crosscheck") == pytest.approx(0.85)
+    # The aggregating agent's steps: on its node only.
+    assert value(s, f"{h}_sum", node="1", phase="aggregate") == pytest.approx(0.035)
+    assert value(s, f"{h}_sum", node="1", phase="archive") == pytest.approx(0.055)
+    assert value(s, f"{h}_count", node="0", phase="aggregate") == 0
     # 0.85 s lies in the (0.5, 1] bucket: below 1 nothing, from 1 on the one observation.
     assert value(s, f"{h}_bucket", node="1", phase="crosscheck", le="0.5") == 0
     assert value(s, f"{h}_bucket", node="1", phase="crosscheck", le="1.0") == 1
