@@ -470,6 +470,11 @@ class Daemon:
         run.degraded = True
         run.error = f"went on at the deadline without {list(run.missing)}"
         log.warning("batch degraded", batch_id=run.batch_id, missing=list(run.missing))
+        # What goes on is what is there now: count it, as the barrier does.
+        scan = await anyio.to_thread.run_sync(
+            self.scanner.scan, run.batch_id, run.config.batch.models
+        )
+        run.counted = {m: scan.results[m].ident for m in run.present if m in scan.results}
         await self._fire(run, degraded=True)
 
     async def _look_at(self, batch_id: str) -> None:
@@ -612,6 +617,12 @@ class Daemon:
                 run.models = tuple(row["models_present"])
                 run.present = run.models
                 run.missing = tuple(row["models_missing"])
+                # The barrier's count survives the restart: a file rewritten meanwhile is
+                # still refused (quarantined, and never copied by an agent).
+                run.counted = {
+                    str(m): (int(v[0]), int(v[1]), int(v[2]))
+                    for m, v in (row.get("counted") or {}).items()
+                }
             self.batches[run.batch_id] = run
             step = resume_step(state)
             log.info("resuming batch", batch_id=run.batch_id, state=state.value, step=step)
@@ -632,6 +643,7 @@ class Daemon:
             ready_at=dt.datetime.fromtimestamp(now, dt.UTC),
             timings=run.timings,
             error=run.error or None,
+            counted={m: list(ident) for m, ident in run.counted.items()},
         )
         run.state = State.READY
         if hooks.hooks():

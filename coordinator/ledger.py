@@ -80,10 +80,15 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE {s}.aggregates DROP CONSTRAINT IF EXISTS aggregates_batch_id_fkey;
     ALTER TABLE {s}.model_agreement DROP CONSTRAINT IF EXISTS model_agreement_batch_id_fkey;
     """,
+    # 3: the identity (inode, size, mtime_ns) of each model's file as the barrier counted it,
+    # so a daemon restarted before the batch is staged still refuses content published after.
+    """
+    ALTER TABLE {s}.batches ADD COLUMN IF NOT EXISTS counted jsonb NOT NULL DEFAULT '{{}}';
+    """,
 )
 
 # Ledger columns a state change may set, with how each is encoded.
-_JSON_COLS = frozenset({"timings", "staged_bytes", "placement", "consensus_agreement"})
+_JSON_COLS = frozenset({"timings", "staged_bytes", "placement", "consensus_agreement", "counted"})
 _PLAIN_COLS = frozenset(
     {
         "models_present",

@@ -9,6 +9,7 @@ once (with the bytes that were published), nothing left in staging or node-local
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -388,6 +389,24 @@ def test_file_rewritten_before_the_agent_copies_it_is_never_staged(env, daemon):
     assert not (env.tmpfs / "node0" / "late-rewrite").exists()
 
 
+def test_file_rewritten_while_the_daemon_is_down_after_counting_is_never_staged(env, daemon):
+    """The barrier's count (inode, size, mtime per file) is in the ledger with `ready`, so a
+    daemon killed right after counting still refuses content published before it restarts."""
+    d = daemon(extra_env=hooks(crash_at="ready")).start()
+    publish_all(env, "down-rewrite", seed=703)
+    assert d.proc.wait(30) == -signal.SIGKILL, d.tail()
+    counted = json.loads(ledger(env, "down-rewrite")["counted"])
+    assert sorted(counted) == sorted(MODELS)
+    newer = publish(env, "down-rewrite", "slm-4", tables(799)["slm-4"])
+    d2 = daemon().start()
+    row = d2.wait_state("down-rewrite", FINAL, timeout=120)
+    assert row["state"] == "failed"
+    assert "rewritten" in row["error"] and "slm-4" in row["error"], row["error"]
+    assert row["rows"] is None
+    assert any(data == newer for data, _ in quarantined(env, "down-rewrite").values())
+    wait_until(lambda: files_under(env.tmpfs) == [], 10, "the node-local copies to go")
+
+
 def _republish_finished(env, d, bid, first):
     again = publish_all(env, bid, seed=899)
     wait_until(
@@ -448,6 +467,8 @@ def test_deadline_goes_on_degraded_with_a_quorum_and_fails_below_it(env, daemon)
     assert row5["degraded"] is True
     assert sorted(row5["models_present"]) == MODELS[:5]
     assert sorted(row5["models_missing"]) == ["slm-6", "slm-7"]
+    # Going on at the deadline counts the files it goes on with, as the barrier does.
+    assert sorted(json.loads(ledger(env, "quorum-5")["counted"])) == MODELS[:5]
     assert_exactly_once(env, "quorum-5", models=MODELS[:5], state="degraded", published=pub5)
 
     assert row3["state"] == "failed"
