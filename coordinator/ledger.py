@@ -9,7 +9,6 @@ failed transaction rather than a second row.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 import zlib
@@ -386,13 +385,13 @@ class Ledger:
         self,
         batch_id: str,
         agg: AggregateSummary,
-        rows: Path | bytes,
+        rows: Path,
         *,
         fields: Mapping[str, Any],
     ) -> State | None:
         """Write a batch's aggregates and agreement and move its ledger row to `committed`,
-        all in one transaction. `rows` is the batch's COPY CSV (a file, streamed as it is read,
-        or its bytes) and must hold exactly `agg.rows` rows. Return None when written;
+        all in one transaction. `rows` is the batch's COPY CSV file (streamed as it is read) and
+        must hold exactly `agg.rows` rows. Return None when written;
         otherwise write nothing and return the state found (the batch was already committed,
         or finished before). AgentError when the file is gone (nothing written)."""
         if not self.health.leader:
@@ -419,7 +418,7 @@ class Ledger:
                     status = await c.copy_to_table(
                         "aggregates",
                         schema_name=self.schema,
-                        source=rows if isinstance(rows, Path) else io.BytesIO(rows),
+                        source=rows,
                         columns=list(COPY_COLUMNS),
                         format="csv",
                         header=True,
@@ -432,7 +431,7 @@ class Ledger:
                 if inserted != agg.rows:
                     # Raising inside the transaction rolls the COPY back.
                     raise DatabaseError(
-                        f"batch {batch_id}: {rows if isinstance(rows, Path) else 'the rows'} "
+                        f"batch {batch_id}: {rows} "
                         f"held {inserted} rows, the aggregate counted {agg.rows}"
                     )
                 await c.executemany(
