@@ -30,6 +30,51 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = [f"slm-{i}" for i in range(1, 8)]
 
 
+def agent_config(root: Path, node_tmpfs: str, node: int, models: list[str]) -> Path:
+    """A coordinator.toml under `root` for one agent on `node` that cross-checks `models`
+    (for tests that call an Agent's handlers directly, without a daemon)."""
+    path = root / "coordinator.toml"
+    path.write_text(
+        f"""
+[paths]
+staging = "{root / "staging"}"
+lake = "{root / "lake"}"
+node_tmpfs = "{node_tmpfs}"
+state_dir = "{root / "state"}"
+runtime_dir = "{root / "run"}"
+
+[batch]
+models = {models}
+quorum = {len(models)}
+
+[[node]]
+id = {node}
+models = {models}
+"""
+    )
+    return path
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(size_k: int, prefix: str = "nc-tmpfs-") -> Iterator[Path]:
+    """A real tmpfs of `size_k` KiB on a fresh folder, unmounted and removed afterwards; the
+    test is skipped, with mount's own words, where this machine does not let us mount one."""
+    mnt = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_k}k", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        mnt.rmdir()
+        pytest.skip(f"this machine does not let this user mount a tmpfs: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        mnt.rmdir()
+
+
 def wait_until(pred: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
     """Poll `pred` until it returns something truthy; fail the test naming `what` on timeout."""
     t_end = time.monotonic() + timeout

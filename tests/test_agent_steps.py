@@ -14,6 +14,7 @@ from agents.agent import Agent
 from coordinator.config import load_config
 from coordinator.errors import CoordinatorError, LakeError
 from coordinator.summary import AggregateFiles
+from tests.conftest import agent_config
 
 MODELS = ["slm-1", "slm-2", "slm-3"]
 
@@ -33,25 +34,7 @@ def table(seed: int) -> pa.Table:
 @pytest.fixture
 def agent(tmp_path: Path) -> Agent:
     """Node 1's agent with batch b1 published, staged into its tmpfs and cross-checked."""
-    cfg = tmp_path / "coordinator.toml"
-    cfg.write_text(
-        f"""
-[paths]
-staging = "{tmp_path / "staging"}"
-lake = "{tmp_path / "lake"}"
-node_tmpfs = "{tmp_path / "shm"}/node{{node}}"
-state_dir = "{tmp_path / "state"}"
-runtime_dir = "{tmp_path / "run"}"
-
-[batch]
-models = {MODELS}
-quorum = 3
-
-[[node]]
-id = 1
-models = {MODELS}
-"""
-    )
+    cfg = agent_config(tmp_path, f"{tmp_path / 'shm'}/node{{node}}", 1, MODELS)
     a = Agent(load_config(cfg), 1)
     a.tmpfs.mkdir(parents=True)
     (a.config.paths.staging / "b1").mkdir(parents=True)

@@ -4,7 +4,6 @@ summary's wire form; which node aggregates; and the checks the coordinator makes
 from __future__ import annotations
 
 import io
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,17 +25,8 @@ from coordinator.summary import (
     rows_csv,
     summarise,
 )
-
-
-def result(rows: list[tuple[str, str | None, float | None]]) -> pa.Table:
-    return pa.table(
-        {
-            "item_id": pa.array([r[0] for r in rows], pa.string()),
-            "prediction": pa.array([r[1] for r in rows], pa.string()),
-            "score": pa.array([r[2] for r in rows], pa.float64()),
-        }
-    )
-
+from tests.conftest import mounted_tmpfs
+from tests.tables import result
 
 TABLES = {
     "slm-1": result([("i1", "cat", 0.9), ("i,2", 'say "hi"', 0.5), ("i3", None, None)]),
@@ -118,19 +108,10 @@ def test_a_bad_batch_id_is_refused_before_any_file_is_read(
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+def small_tmpfs() -> Iterator[Path]:
     """A real 64 KiB tmpfs, unmounted afterwards."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"this machine does not let this user mount a tmpfs: {done.stderr!r}")
-    try:
+    with mounted_tmpfs(64) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def test_a_full_node_tmpfs_is_no_space_and_leaves_no_temp_file(

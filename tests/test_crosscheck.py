@@ -10,20 +10,7 @@ from hypothesis import strategies as st
 from agents.crosscheck import CROSSCHECK_SCHEMA, DEFAULT_CROSSCHECK, crosscheck, load_crosscheck
 from coordinator.aggregate import aggregate
 from coordinator.errors import ConfigError, ParquetError
-
-Row = tuple[str, str | None, float | None]
-
-
-def result(rows: list[Row], *, with_score: bool = True) -> pa.Table:
-    """A model's result table from (item_id, prediction, score) rows."""
-    columns: dict[str, pa.Array] = {
-        "item_id": pa.array([r[0] for r in rows], pa.string()),
-        "prediction": pa.array([r[1] for r in rows], pa.string()),
-    }
-    if with_score:
-        columns["score"] = pa.array([r[2] for r in rows], pa.float64())
-    return pa.table(columns)
-
+from tests.tables import Row, result
 
 TABLES = {
     "m2": result([("i3", "x", 0.9), ("i1", "cat", 0.5), ("i2", None, None), ("i4", "y", None)]),

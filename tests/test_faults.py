@@ -15,7 +15,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from agents import slm
-from tests.conftest import MODELS, ROOT, Env, wait_until
+from tests.conftest import MODELS, ROOT, Env, mounted_tmpfs, wait_until
 from tests.faultlib import (
     FINAL,
     assert_exactly_once,
@@ -691,26 +690,12 @@ def test_batch_failing_after_staging_leaves_no_node_local_copies(env, daemon):
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
+def small_tmpfs():
     """A real tmpfs with room for ~1 MiB of batch data beyond the agent's free-space headroom."""
     from agents import staging
 
-    headroom = int(getattr(staging, "HEADROOM", 0))
-    mnt = Path(tempfile.mkdtemp(prefix="nc-full-", dir="/tmp"))
-    size_k = (headroom + (1 << 20)) // 1024
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size_k}k", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if r.returncode != 0:
-        os.rmdir(mnt)
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs((staging.HEADROOM + (1 << 20)) // 1024, prefix="nc-full-") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-        os.rmdir(mnt)
 
 
 def test_batch_larger_than_the_tmpfs_fails_with_the_reason_and_never_aggregates(

@@ -11,7 +11,6 @@ from typing import Any
 
 import anyio
 import asyncpg
-import pyarrow as pa
 import pytest
 
 from coordinator.aggregate import BatchAggregate, aggregate
@@ -19,6 +18,7 @@ from coordinator.batch import State
 from coordinator.errors import AgentError, DatabaseError, NotLeaderError
 from coordinator.ledger import MIGRATIONS, Ledger, lock_key
 from coordinator.summary import rows_csv, summarise
+from tests.tables import result
 
 pytestmark = pytest.mark.anyio
 
@@ -64,16 +64,6 @@ async def make_ledger(
     yield make
     for ledger in made:
         await ledger.close()
-
-
-def result(rows: list[tuple[str, str | None, float | None]]) -> pa.Table:
-    return pa.table(
-        {
-            "item_id": pa.array([r[0] for r in rows], pa.string()),
-            "prediction": pa.array([r[1] for r in rows], pa.string()),
-            "score": pa.array([r[2] for r in rows], pa.float64()),
-        }
-    )
 
 
 def small_aggregate() -> BatchAggregate:

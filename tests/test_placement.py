@@ -20,6 +20,7 @@ import pytest
 from agents import placement
 from agents.agent import Agent
 from coordinator.config import load_config
+from tests.conftest import agent_config
 
 PAGE = placement.PAGE
 SHM = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
@@ -236,25 +237,7 @@ MODELS = ["m1", "m2", "m3"]
 
 def agent_for(tmp_path: Path, shm: Path, node: int) -> Agent:
     """An Agent for `node` with a batch `b1` of MODELS in its staging (2, 3 and 4 pages)."""
-    cfg = tmp_path / "coordinator.toml"
-    cfg.write_text(
-        f"""
-[paths]
-staging = "{tmp_path / "staging"}"
-lake = "{tmp_path / "lake"}"
-node_tmpfs = "{shm}/node{{node}}"
-state_dir = "{tmp_path / "state"}"
-runtime_dir = "{tmp_path / "run"}"
-
-[batch]
-models = {MODELS}
-quorum = 3
-
-[[node]]
-id = {node}
-models = {MODELS}
-"""
-    )
+    cfg = agent_config(tmp_path, f"{shm}/node{{node}}", node, MODELS)
     agent = Agent(load_config(cfg), node)
     agent.tmpfs.mkdir(parents=True)
     batch = agent.config.paths.staging / "b1"

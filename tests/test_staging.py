@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from agents import staging
 from coordinator.errors import NoSpaceError, StagingError
+from tests.conftest import mounted_tmpfs
 
 
 def make_batch(folder: Path, sizes: dict[str, int]) -> dict[str, bytes]:
@@ -29,19 +29,10 @@ def files_in(folder: Path) -> list[str]:
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A real 2 MiB tmpfs, unmounted afterwards; skipped where mounting is not allowed."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    rc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True
-    ).returncode
-    if rc != 0:
-        pytest.skip("cannot mount a tmpfs here (not root?)")
-    try:
+def small_tmpfs() -> Iterator[Path]:
+    """A real 2 MiB tmpfs, unmounted afterwards."""
+    with mounted_tmpfs(2048) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 # --- copying -------------------------------------------------------------------------------
