@@ -231,14 +231,15 @@ async def serve(agent: Agent, sock_path: Path, bound: binding.Binding) -> None:
         async with send_lock:
             await stream.send(encode(msg))
 
+    handlers = {
+        "stage": agent.stage,
+        "crosscheck": agent.crosscheck,
+        "aggregate": agent.aggregate,
+        "archive": agent.archive,
+        "purge": agent.purge,
+    }
+
     async def handle(msg: dict[str, Any]) -> None:
-        handlers = {
-            "stage": agent.stage,
-            "crosscheck": agent.crosscheck,
-            "aggregate": agent.aggregate,
-            "archive": agent.archive,
-            "purge": agent.purge,
-        }
         kind = msg["type"]
         try:
             reply = await anyio.to_thread.run_sync(handlers[kind], msg)
@@ -294,7 +295,7 @@ async def serve(agent: Agent, sock_path: Path, bound: binding.Binding) -> None:
         reader = LineReader(stream)
         while (line := await reader.readline()) is not None:
             msg = decode(line, types=AGENT_TYPES)
-            if msg["type"] in ("stage", "crosscheck", "aggregate", "archive", "purge"):
+            if msg["type"] in handlers:
                 tg.start_soon(handle, msg)
         log.info("coordinator closed the connection")
         tg.cancel_scope.cancel()

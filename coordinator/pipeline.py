@@ -63,17 +63,15 @@ class Pipeline:
                 async with self.d.in_flight:
                     await self._retrying("stage", self.stage)
                     await self._retrying("crosscheck", self.crosscheck)
-                    agg = await self.aggregate()
-                    committed = await self.commit(agg)
-                    if committed is None:
-                        # The node-local rows went away before the COPY read them (their
-                        # agent's tmpfs was purged or lost): aggregate once more, then commit.
-                        agg = await self.aggregate(record=False)
+                    for _ in range(2):
+                        # A second round only when the node-local rows went away before the
+                        # COPY read them (their agent's tmpfs was purged or lost).
+                        agg = await self.aggregate(record=agg is None)
                         committed = await self.commit(agg)
-                    if committed is None:
-                        raise AgentError(
-                            f"node {agg.node}: the aggregated rows vanished twice before the commit"
-                        )
+                        if committed is not None:
+                            break
+                    else:
+                        raise AgentError("the aggregated rows vanished twice before the commit")
                     if not committed:
                         return
                 step = "archive"
@@ -241,10 +239,10 @@ class Pipeline:
             await self._set(State.AGGREGATING)
         t0 = time.perf_counter()
         attempt = 0
-        result: list[AggregateFiles] = []
+        agg: AggregateFiles | None = None
 
         async def step() -> None:
-            nonlocal attempt
+            nonlocal attempt, agg
             node = aggregate_node(run.batch_id, self.cfg.node_ids, attempt)
             attempt += 1
             reply = await self.d.hub.request(
@@ -253,10 +251,10 @@ class Pipeline:
                 within_s=self.cfg.agents.step_timeout_s,
             )
             local = self.cfg.paths.tmpfs_for(node) / run.batch_id
-            result.append(AggregateFiles.from_reply(reply, node, local))
+            agg = AggregateFiles.from_reply(reply, node, local)
 
         await self._retrying("aggregate", step)
-        agg = result[-1]
+        assert agg is not None  # _retrying returns only after a step that set it
         run.timings["aggregate_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         run.timings[f"aggregate_node{agg.node}_ms"] = round(agg.seconds * 1000, 3)
         return agg
