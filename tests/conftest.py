@@ -29,6 +29,74 @@ from coordinator.errors import ControlError
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = [f"slm-{i}" for i in range(1, 8)]
 
+# -- Skips under CI ------------------------------------------------------------------------------
+# `make test` installs every Debian package the suite uses, so on CI (CI=true) a skipped test is
+# one that did not run for a reason someone could fix: the run fails, naming each such skip. The
+# exception is a fact of the machine that no install can change (not root, a single CPU, no right
+# to mount a tmpfs): such a skip's reason starts with MACHINE_FACT, e.g.
+#     pytest.skip(f"{MACHINE_FACT} this user may not mount a tmpfs: {err}")
+# A missing command is never a machine fact; its skip names the Debian package instead. Outside
+# CI every skip is listed with its reason at the end of the run, and none fails it.
+MACHINE_FACT = "machine fact:"
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+def skip_reason(report: pytest.CollectReport | pytest.TestReport) -> str:
+    """The reason a skipped report gives (pytest's "Skipped: " prefix dropped)."""
+    longrepr = report.longrepr
+    text = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return text.removeprefix("Skipped: ")
+
+
+class SkipGuard:
+    """Counts the session's skips, lists them with their reasons, and under CI fails the run
+    when one of them is not a machine fact."""
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.skips: list[tuple[str, str]] = []
+
+    def _note(self, report: pytest.CollectReport | pytest.TestReport) -> None:
+        if report.skipped and not hasattr(report, "wasxfail"):
+            self.skips.append((report.nodeid, skip_reason(report)))
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self._note(report)
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        self._note(report)
+
+    def unexcused(self) -> list[tuple[str, str]]:
+        return [(n, r) for n, r in self.skips if not r.startswith(MACHINE_FACT)]
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.strict and self.unexcused() and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.skips:
+            return
+        bad = self.unexcused()
+        tr = terminalreporter
+        tr.section(f"{len(self.skips)} skipped, {len(self.skips) - len(bad)} of them machine facts")
+        for nodeid, reason in self.skips:
+            tr.line(f"{nodeid}: {reason}")
+        if self.strict and bad:
+            tr.line(
+                f"CI=true: {len(bad)} skip(s) above are not machine facts, so this run fails. "
+                "Install what they name (make test does, as root), or, for what no install "
+                f"can change, start the skip reason with {MACHINE_FACT!r} (tests/conftest.py).",
+                red=True,
+                bold=True,
+            )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(SkipGuard(strict=in_ci()), "numa-coordinator-skip-guard")
+
 
 def agent_config(root: Path, node_tmpfs: str, node: int, models: list[str]) -> Path:
     """A coordinator.toml under `root` for one agent on `node` that cross-checks `models`
@@ -67,7 +135,7 @@ def mounted_tmpfs(size_k: int, prefix: str = "nc-tmpfs-") -> Iterator[Path]:
     )
     if done.returncode != 0:
         mnt.rmdir()
-        pytest.skip(f"this machine does not let this user mount a tmpfs: {done.stderr.strip()}")
+        pytest.skip(f"{MACHINE_FACT} this user may not mount a tmpfs: {done.stderr.strip()}")
     try:
         yield mnt
     finally:

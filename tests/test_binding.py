@@ -16,7 +16,9 @@ from coordinator.errors import BindingError
 
 ROOT = Path(__file__).resolve().parent.parent
 
-needs_numactl = pytest.mark.skipif(shutil.which("numactl") is None, reason="numactl not installed")
+needs_numactl = pytest.mark.skipif(
+    shutil.which("numactl") is None, reason="numactl not installed (Debian numactl)"
+)
 
 # Runs check() in a child and reports the outcome as one JSON line; exit 0 ok, 3 BindingError.
 PROBE = """
@@ -166,7 +168,7 @@ def test_a_configured_cpu_list_overrides_the_node_cpus() -> None:
 
 
 @needs_numactl
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="machine fact: fewer than two CPUs")
 def test_a_mask_wider_than_the_configured_cpus_is_refused() -> None:
     first, *rest = sorted(os.sched_getaffinity(0))
     rc, out = probe(["--membind=0"], cpus=str(first))

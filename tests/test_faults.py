@@ -132,7 +132,7 @@ def inotify_queue():
     read when an instance is created, so it is restored as soon as the daemon has armed its
     watcher (other processes on the machine keep the normal queue), and again at teardown."""
     if not os.access(MAX_QUEUED, os.W_OK):
-        pytest.skip("needs root to lower fs.inotify.max_queued_events")
+        pytest.skip("machine fact: this user may not lower fs.inotify.max_queued_events")
     old = MAX_QUEUED.read_text()
 
     class Q:
