@@ -35,10 +35,12 @@ from coordinator.errors import (
     CoordinatorError,
     NoSpaceError,
     ParquetError,
+    StagingError,
 )
 from coordinator.lake import Lake
 from coordinator.logs import configure
 from coordinator.protocol import AGENT_TYPES, LineReader, decode, encode
+from coordinator.roots import Dir, LinkRefused, Root, fd_path
 from coordinator.summary import PARQUET_NAME
 
 log = structlog.get_logger("agents.agent")
@@ -58,21 +60,28 @@ class Agent:
         self.models = config.node(node).models
         self.crosscheck_fn = load_crosscheck(config.crosscheck_function)
         self.lake = Lake(config.paths.lake)
+        # Every file under these is reached from their descriptors, never followed through a
+        # link (coordinator.roots): staging is shared with the models' writers.
+        self.staging = Root(config.paths.staging)
+        self.local = Root(self.tmpfs, create=True)
 
     def batch_dir(self, batch_id: str) -> Path:
         """The node-local folder of one batch."""
-        slm.check_name("batch_id", batch_id)
-        return self.tmpfs / batch_id
+        return self.tmpfs / self.batch_id(batch_id)
+
+    @staticmethod
+    def batch_id(batch_id: str) -> str:
+        """`batch_id` if it is a valid batch id (so, one plain name), else ValueError."""
+        return slm.check_name("batch_id", str(batch_id))
 
     def stage(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Copy the batch's files into node-local tmpfs."""
-        batch_id = msg["batch_id"]
+        batch_id = self.batch_id(msg["batch_id"])
         names = [str(n) for n in msg["files"]]
         for n in names:
             if "/" in n or n.startswith("."):
                 raise CoordinatorError(f"stage: bad file name {n!r}")
         t0 = time.perf_counter()
-        local = self.batch_dir(batch_id)
         # Measured every time, also for copies staged by an earlier request: the kernel may
         # have moved pages since, and the reply is what the ledger records for this attempt.
         # Each copy is measured in a second thread while the next one is made, so the check
@@ -81,13 +90,22 @@ class Agent:
         with ThreadPoolExecutor(1, thread_name_prefix="placement") as pool:
 
             def check(name: str, path: Path) -> None:
-                measured[name] = pool.submit(placement.measure, {name: path}, self.node)
+                # The copy's folder, held open for the measurement (stage closes its own).
+                fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
-            idents = msg.get("idents") or {}
-            expected = {str(k): [int(x) for x in v] for k, v in idents.items()}
-            files = stg.stage(
-                self.config.paths.staging / batch_id, local, names, check, expected=expected
-            )
+                def measure() -> placement.BatchPlacement:
+                    try:
+                        return placement.measure({name: Path(fd_path(fd)) / name}, self.node)
+                    finally:
+                        os.close(fd)
+
+                measured[name] = pool.submit(measure)
+
+            with self.staging.sub(batch_id) as src:
+                files = stg.stage(
+                    src, self.local.dir(), batch_id, names, check, expected=_idents(msg)
+                )
+            hooks.pause("staged")  # tests change staging here, between stage and cross-check
             seconds = time.perf_counter() - t0
             reply: dict[str, Any] = {
                 "type": "staged",
@@ -123,26 +141,32 @@ class Agent:
         batch_id = msg["batch_id"]
         present = [str(m) for m in msg["models"]]
         mine = [m for m in present if m in self.models]
-        local = self.batch_dir(batch_id)
         t0 = time.perf_counter()
-        tables = slm.read_results(local, present)
+        with self.local.sub(self.batch_id(batch_id)) as local:
+            tables = slm.read_results(local, present)
         outputs = {}
+        idents = {}
         for model in mine:
             table = self.crosscheck_fn(model, tables)
-            path = slm.publish_crosscheck(
-                self.config.paths.staging,
-                batch_id,
-                model,
-                table,
-                compression=self.config.parquet.compression,
-                level=self.config.parquet.level,
-            )
-            outputs[model] = path.name
+            # Opened anew for each file: a batch folder swapped for a link meanwhile is refused.
+            with self.staging.sub(batch_id) as folder:
+                st = slm.write_parquet_at(
+                    folder,
+                    f"crosscheck_{model}.parquet",
+                    table,
+                    compression=self.config.parquet.compression,
+                    level=self.config.parquet.level,
+                )
+            outputs[model] = f"crosscheck_{model}.parquet"
+            # The second barrier counts exactly these files: another file under the name is
+            # a rewrite (quarantined), never aggregated.
+            idents[model] = [st.st_ino, st.st_size, st.st_mtime_ns]
             hooks.pause("crosscheck")  # tests kill the agent here, mid-cross-check
         return {
             "type": "crosschecked",
             "batch_id": batch_id,
             "outputs": outputs,
+            "idents": idents,
             "seconds": time.perf_counter() - t0,
         }
 
@@ -151,15 +175,21 @@ class Agent:
         (aggregates.csv and aggregates.parquet) and only the summary goes back."""
         batch_id = msg["batch_id"]
         models = [str(m) for m in msg["models"]]
-        out = aggregation.aggregate_batch(
-            self.config.paths.staging,
-            self.batch_dir(batch_id),
-            batch_id,
-            models,
-            self.node,
-            compression=self.config.parquet.compression,
-            level=self.config.parquet.level,
-        )
+        with (
+            self.staging.sub(self.batch_id(batch_id)) as src,
+            self.local.sub(batch_id, create=True) as local,
+        ):
+            out = aggregation.aggregate_batch(
+                src,
+                local,
+                self.batch_dir(batch_id),
+                batch_id,
+                models,
+                self.node,
+                expected=_idents(msg),
+                compression=self.config.parquet.compression,
+                level=self.config.parquet.level,
+            )
         hooks.pause("aggregate")  # tests kill the agent here, its files written, unanswered
         return {
             "type": "aggregated",
@@ -179,16 +209,34 @@ class Agent:
         if not DATE_RE.fullmatch(date):
             raise CoordinatorError(f"archive of {batch_id}: date {date!r} is not YYYY-MM-DD")
         models = [slm.check_name("model", str(m)) for m in msg["models"]]
-        local = self.batch_dir(batch_id)
-        staging = self.config.paths.staging / batch_id
-        files = []
-        for m in models:
-            own = local / f"{m}.parquet"
-            files.append(own if own.is_file() else staging / own.name)
-        files += [staging / f"crosscheck_{m}.parquet" for m in models]
-        files.append(local / PARQUET_NAME)
+        counted = _idents(msg)
         t0 = time.perf_counter()
-        path, nbytes = self.lake.archive(batch_id, date, files)
+        fds: list[tuple[str, int]] = []
+        try:
+            with self.local.sub(self.batch_id(batch_id)) as local:
+                # The models' results from this node's copies (the content the barrier
+                # counted); from staging only where a copy is gone, and then only the counted
+                # file. The cross-check results and the aggregates are the node-local copies
+                # the aggregation read: what reaches the lake is what was verified, opened
+                # once, by descriptor.
+                for m in models:
+                    name = f"{m}.parquet"
+                    if local.exists(name):
+                        fds.append((name, _open_checked(local, name, None)))
+                    else:
+                        with self.staging.sub(batch_id) as src:
+                            fds.append((name, _open_checked(src, name, counted.get(name))))
+                for name in [f"crosscheck_{m}.parquet" for m in models] + [PARQUET_NAME]:
+                    if not local.exists(name):
+                        raise StagingError(
+                            f"archive of {batch_id}: {local.where(name)} is gone from node "
+                            "memory; the batch is aggregated again"
+                        )
+                    fds.append((name, _open_checked(local, name, None)))
+            path, nbytes = self.lake.archive_fds(batch_id, date, fds)
+        finally:
+            for _, fd in fds:
+                os.close(fd)
         return {
             "type": "archived",
             "batch_id": batch_id,
@@ -199,27 +247,47 @@ class Agent:
 
     def purge(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Drop the batch's node-local copies."""
-        batch_id = msg["batch_id"]
-        freed = stg.purge(self.batch_dir(batch_id))
+        batch_id = self.batch_id(msg["batch_id"])
+        freed = stg.purge(self.local.dir(), batch_id)
         return {"type": "purged", "batch_id": batch_id, "bytes": freed}
 
     def staged_batches(self) -> list[str]:
         """Batch folders in this node's tmpfs."""
-        if not self.tmpfs.is_dir():
+        try:
+            entries = self.local.dir().entries()
+        except FileNotFoundError:
             return []
-        return sorted(p.name for p in self.tmpfs.iterdir() if p.is_dir() and not p.is_symlink())
+        return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
 
     def tmpfs_usage(self) -> dict[str, int]:
         """Used and free bytes of the node-local tmpfs."""
-        s = os.statvfs(self.tmpfs)
+        root = self.local.dir()
         used = 0
-        for d in self.tmpfs.iterdir():
+        for d in root.entries():
             try:
-                if d.is_dir():
-                    used += sum(f.lstat().st_size for f in d.iterdir())
+                if d.is_dir(follow_symlinks=False):
+                    with root.sub(d.name) as batch:
+                        used += sum(e.stat(follow_symlinks=False).st_size for e in batch.entries())
             except FileNotFoundError:
                 pass  # a batch purged, or a temp file renamed, while we looked: next beat
-        return {"tmpfs_used": used, "tmpfs_free": s.f_bavail * s.f_frsize}
+        return {"tmpfs_used": used, "tmpfs_free": root.free_bytes()}
+
+
+def _idents(msg: dict[str, Any]) -> dict[str, list[int]]:
+    """A request's `idents`: file name -> (inode, size, mtime_ns) as the barrier counted it."""
+    return {str(k): [int(x) for x in v] for k, v in (msg.get("idents") or {}).items()}
+
+
+def _open_checked(folder: Dir, name: str, expected: list[int] | None) -> int:
+    """Open `folder/name` for reading (never through a link) and check it is a single-linked
+    regular file, and the counted one where `expected` is given; return the descriptor."""
+    fd = folder.open_file(name)
+    try:
+        stg.check_source(folder.where(name), os.fstat(fd), expected)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 async def serve(agent: Agent, sock_path: Path, bound: binding.Binding) -> None:
@@ -244,13 +312,14 @@ async def serve(agent: Agent, sock_path: Path, bound: binding.Binding) -> None:
         try:
             reply = await anyio.to_thread.run_sync(handlers[kind], msg)
         except Exception as e:
-            # nospace: wait for space and retry; invalid: the batch's data cannot be used, so
-            # retrying is pointless; failed: anything else, retried a few times.
+            # nospace: wait for space and retry; invalid: the batch's data cannot be used (not
+            # Parquet, or a link planted in staging), so retrying is pointless; failed:
+            # anything else, retried a few times.
             code = (
                 "nospace"
                 if isinstance(e, NoSpaceError)
                 else "invalid"
-                if isinstance(e, ParquetError)
+                if isinstance(e, ParquetError | LinkRefused)
                 else "failed"
             )
             log.error("step failed", step=kind, batch_id=msg.get("batch_id"), error=str(e))
@@ -370,12 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"staging-agent: error: {e}", file=sys.stderr)
         return 1
-    agent.tmpfs.mkdir(parents=True, exist_ok=True)
-    removed = stg.remove_partials(agent.tmpfs)
+    removed = stg.remove_partials(agent.local.dir())
     if removed:
-        log.warning(
-            "removed partial copies left by a previous agent", files=[str(p) for p in removed]
-        )
+        log.warning("removed partial copies left by a previous agent", files=removed)
     # Bulk copies and cross-checks yield to the coordinator's event loop when CPUs are short.
     os.nice(5)
     log.info("agent started", pid=os.getpid(), **bound.as_dict())

@@ -1,10 +1,11 @@
 """The aggregation step, run by one staging agent for the whole batch.
 
-Reads the batch's cross-check results (the second barrier's files in staging: only the three
-columns the vote needs), aggregates them (`coordinator.aggregate`), and writes the rows into the
-agent's node-local folder of the batch: `aggregates.csv` (what the coordinator COPYs into
-PostgreSQL) and `aggregates.parquet` (what it archives). Both are written under a dot-temp name
-and renamed when complete, so a killed agent never leaves a file that looks whole.
+Copies the batch's cross-check results (the second barrier's files in staging) into the
+agent's node-local folder of the batch, reads those copies (only the three columns the vote
+needs), aggregates them (`coordinator.aggregate`), and writes the rows there too:
+`aggregates.csv` (what the coordinator COPYs into PostgreSQL) and `aggregates.parquet` (what
+the archive takes to the lake, with the copies). Each is written under a dot-temp name and
+renamed when complete, so a killed agent never leaves a file that looks whole.
 
 The coordinator only gets the summary back (agreement, kappa, a row count), so the two million
 items of a batch are decoded, voted on and encoded in one process bound to one node, and the
@@ -13,14 +14,18 @@ coordinator's event loop and CPU stay free for coordinating.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from agents import slm
+from agents.staging import copy_file
 from coordinator.aggregate import aggregate
-from coordinator.errors import NoSpaceError
+from coordinator.errors import NoSpaceError, ParquetError
+from coordinator.roots import Dir
 from coordinator.summary import CSV_NAME, PARQUET_NAME, AggregateFiles, rows_csv, summarise
 
 __all__ = ["AGGREGATE_COLUMNS", "aggregate_batch"]
@@ -28,54 +33,74 @@ __all__ = ["AGGREGATE_COLUMNS", "aggregate_batch"]
 AGGREGATE_COLUMNS = ("item_id", "prediction", "score")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+def _write_atomic(folder: Dir, name: str, data: bytes) -> None:
+    tmp = f".{name}.tmp"
     try:
-        with open(tmp, "wb") as f:
+        fd = folder.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.rename(tmp, path)
+        folder.rename(tmp, folder, name)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        folder.unlink(tmp, missing_ok=True)
         raise
 
 
 def aggregate_batch(
-    staging: Path,
-    local: Path,
+    staging: Dir,
+    local: Dir,
+    local_path: Path,
     batch_id: str,
     models: list[str],
     node: int,
     *,
+    expected: Mapping[str, Sequence[int]] | None = None,
     compression: str = "zstd",
     level: int | None = 3,
 ) -> AggregateFiles:
-    """Aggregate `models`' cross-check files in `staging/<batch_id>` into `local`.
+    """Aggregate `models`' cross-check files of the batch folder `staging` into `local` (the
+    batch's node-local folder, at `local_path`).
+
+    Each cross-check file is first copied into `local`, by descriptor, never through a link,
+    and checked against `expected` (file name -> the (inode, size, mtime_ns) the second
+    barrier counted) where given; the vote reads those copies, and the archive takes the same
+    copies to the lake, so what is archived is exactly what was aggregated.
 
     Raises ParquetError naming the model and column when a result cannot be aggregated
-    (a missing column, a duplicate item id), NoSpaceError when the node's tmpfs is full.
+    (a missing column, a duplicate item id) or a file is gone, LinkRefused when a file is a
+    link, StagingError when it is not the counted one, NoSpaceError when the node's tmpfs is full.
     """
     slm.check_name("batch_id", batch_id)
     for m in models:
         slm.check_name("model", m)
     t0 = time.perf_counter()
-    tables = slm.read_results(
-        staging / batch_id, models, prefix="crosscheck_", columns=AGGREGATE_COLUMNS
-    )
-    agg = aggregate(tables)
-    del tables
-    local.mkdir(parents=True, exist_ok=True)
-    csv_path, parquet_path = local / CSV_NAME, local / PARQUET_NAME
+    names = [f"crosscheck_{m}.parquet" for m in models]
     try:
-        _write_atomic(csv_path, rows_csv(agg.items, batch_id))
-        slm.write_parquet_atomic(parquet_path, agg.items, compression=compression, level=level)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise NoSpaceError(f"{local}: no space left for the batch's aggregates") from e
+        for name in names:
+            tmp = f".{name}.tmp"
+            try:
+                copy_file(staging, name, local, tmp, (expected or {}).get(name))
+            except FileNotFoundError:
+                raise ParquetError(f"{staging.where(name)}: missing") from None
+            except BaseException:
+                local.unlink(tmp, missing_ok=True)
+                raise
+            local.rename(tmp, local, name)
+        tables = slm.read_results(local, models, prefix="crosscheck_", columns=AGGREGATE_COLUMNS)
+        agg = aggregate(tables)
+        del tables
+        _write_atomic(local, CSV_NAME, rows_csv(agg.items, batch_id))
+        slm.write_parquet_at(local, PARQUET_NAME, agg.items, compression=compression, level=level)
+    except BaseException as e:
+        for name in names:  # the copies serve the archive of a whole aggregate only
+            with contextlib.suppress(OSError):
+                local.unlink(name, missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise NoSpaceError(f"{local.label}: no space left for the batch's aggregates") from e
         raise
     return AggregateFiles(
         summary=summarise(agg),
         node=node,
-        rows_csv=csv_path,
-        parquet=parquet_path,
+        rows_csv=local_path / CSV_NAME,
+        parquet=local_path / PARQUET_NAME,
         seconds=time.perf_counter() - t0,
     )

@@ -1,13 +1,15 @@
 """The SLM publishing SDK: how a model puts its result into staging, and how results are read back.
 
-Publishing is atomic (DESIGN.md, "The staging contract"): the table is written to
+Publishing is atomic (docs/protocol.md, "The staging contract"): the table is written to
 `.<name>.tmp` in the batch folder, fsynced, renamed to its final name, and the folder is fsynced,
 so the coordinator never sees a half-written file under a final name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from coordinator.config import NAME_RE
-from coordinator.errors import ParquetError
+from coordinator.errors import BatchFinishedError, ParquetError
+from coordinator.roots import Dir, fd_path
 
 RESULT_COLUMNS = ("item_id", "prediction")
 
@@ -56,20 +59,33 @@ def write_parquet_atomic(
     path: Path, table: pa.Table, *, compression: str = "zstd", level: int | None = 3
 ) -> int:
     """Write `table` to `path` atomically (dot-temp, fsync, rename, fsync folder); return bytes."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    with Dir.open(path.parent) as folder:
+        st = write_parquet_at(folder, path.name, table, compression=compression, level=level)
+    return st.st_size
+
+
+def write_parquet_at(
+    folder: Dir, name: str, table: pa.Table, *, compression: str = "zstd", level: int | None = 3
+) -> os.stat_result:
+    """Write `table` as `folder/name` atomically: to `.<name>.tmp` opened in the folder (never
+    through a link), fsync, rename in the folder, fsync the folder; return the written file's
+    stat (its inode, size and mtime are what a reader can check it by)."""
+    tmp = f".{name}.tmp"
     kwargs = write_options(table, compression=compression, level=level)
+    fd = folder.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             pq.write_table(table, f, **kwargs)
             f.flush()
             os.fsync(f.fileno())
-            size = f.tell()
-        os.rename(tmp, path)
+            st = os.fstat(f.fileno())
+        folder.rename(tmp, folder, name)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            folder.unlink(tmp, missing_ok=True)
         raise
-    fsync_dir(path.parent)
-    return size
+    folder.fsync()
+    return st
 
 
 def publish(
@@ -81,29 +97,40 @@ def publish(
     compression: str = "zstd",
     level: int | None = 3,
 ) -> Path:
-    """Publish one model's result for a batch into staging, atomically; return the final path."""
+    """Publish one model's result for a batch into staging, atomically; return the final path.
+
+    Raises BatchFinishedError when the coordinator removed the batch's folder while the file
+    was written (it does that only to a finished batch), and LinkRefused (an OSError) when the
+    batch folder is a symbolic link: nothing is written through a link.
+    """
     check_name("batch_id", batch_id)
     check_name("model", model)
     missing = [c for c in RESULT_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"model {model}: result table lacks column(s) {missing}")
-    folder = Path(staging) / batch_id
-    final = folder / f"{model}.parquet"
-    for attempt in range(5):
-        created = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            write_parquet_atomic(final, table, compression=compression, level=level)
-        except FileNotFoundError:
-            # The coordinator removes the folder of a batch it finds already finished (its
-            # files go to quarantine); a publish that raced that removal makes it again.
-            if folder.exists() or attempt == 4:
-                raise
-            continue
+    name = f"{model}.parquet"
+    with Dir.open(staging, create=True) as root:
+        created = not root.exists(batch_id)
+        with root.sub(batch_id, create=True) as folder:
+            try:
+                write_parquet_at(folder, name, table, compression=compression, level=level)
+            except FileNotFoundError as e:
+                raise _finished(staging, batch_id, model) from e
+            if folder.gone:
+                # Renamed into a folder that was being removed: the coordinator took it away
+                # with the rest of a finished batch (into its quarantine).
+                raise _finished(staging, batch_id, model)
         if created:  # after the file, so the folder is not left empty for that long
-            fsync_dir(folder.parent)
-        return final
-    raise AssertionError("unreachable")
+            root.fsync()
+    return Path(staging) / batch_id / name
+
+
+def _finished(staging: str | os.PathLike[str], batch_id: str, model: str) -> BatchFinishedError:
+    return BatchFinishedError(
+        f"batch {batch_id} is finished: the coordinator removed {Path(staging) / batch_id} "
+        f"while {model}'s result was being published, so it was not taken (a finished batch "
+        "is never used twice; publish under a new batch id)"
+    )
 
 
 def publish_crosscheck(
@@ -118,9 +145,10 @@ def publish_crosscheck(
     """Publish a model's cross-check result as `crosscheck_<model>.parquet`, atomically."""
     check_name("batch_id", batch_id)
     check_name("model", model)
-    final = Path(staging) / batch_id / f"crosscheck_{model}.parquet"
-    write_parquet_atomic(final, table, compression=compression, level=level)
-    return final
+    name = f"crosscheck_{model}.parquet"
+    with Dir.open(staging) as root, root.sub(batch_id) as folder:
+        write_parquet_at(folder, name, table, compression=compression, level=level)
+    return Path(staging) / batch_id / name
 
 
 def check_parquet(path: str | os.PathLike[str]) -> pq.FileMetaData:
@@ -166,13 +194,31 @@ def read_result(
     return table
 
 
+def read_result_at(folder: Dir, name: str, *, columns: Sequence[str] | None = None) -> pa.Table:
+    """`read_result` of `folder/name`, opened in the folder (never through a link)."""
+    try:
+        fd = folder.open_file(name)
+    except OSError as e:
+        raise ParquetError(f"{folder.where(name)}: not a readable Parquet file: {e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ParquetError(f"{folder.where(name)}: not a regular file")
+        return read_result(fd_path(fd), columns=columns)
+    except ParquetError as e:
+        raise ParquetError(str(e).replace(fd_path(fd), folder.where(name))) from None
+    finally:
+        os.close(fd)
+
+
 def read_results(
-    folder: str | os.PathLike[str],
+    folder: str | os.PathLike[str] | Dir,
     models: Iterable[str],
     *,
     prefix: str = "",
     columns: Sequence[str] | None = None,
 ) -> Mapping[str, pa.Table]:
     """Read `<prefix><model>.parquet` for each model in `folder` into a {model: table} mapping."""
+    if isinstance(folder, Dir):
+        return {m: read_result_at(folder, f"{prefix}{m}.parquet", columns=columns) for m in models}
     base = Path(folder)
     return {m: read_result(base / f"{prefix}{m}.parquet", columns=columns) for m in models}

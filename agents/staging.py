@@ -2,14 +2,14 @@
 
 Runs inside the staging agent, whose memory policy binds every page it allocates (tmpfs pages
 included) to its node. A copy goes to `.<name>.tmp` and is renamed when complete, so a killed
-agent leaves only temp files, which the next agent removes at start.
+agent leaves only temp files, which the next agent removes at start. Both sides are reached
+through open folders (`coordinator.roots`): a link in staging is refused, never followed.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from coordinator import hooks
 from coordinator.errors import NoSpaceError, StagingError
+from coordinator.roots import Dir, LinkRefused, fd_path
 
 CHUNK = 1 << 30  # copy_file_range length per call; the kernel copies at most ~2 GiB at once.
 # Keep a margin free so the node's tmpfs never fills to the last page.
@@ -33,54 +34,63 @@ class StagedFile:
     seconds: float
 
 
-def copy_file(src: Path, dst: Path, expected: Sequence[int] | None = None) -> int:
-    """Copy `src` to `dst` with copy_file_range (sendfile as a fallback); return bytes copied.
+def copy_file(
+    src: Dir, name: str, dst: Dir, dst_name: str, expected: Sequence[int] | None = None
+) -> int:
+    """Copy `src/name` to `dst/dst_name` in the kernel (copy_file_range, sendfile as a
+    fallback); return bytes copied. Both names are opened relative to their folder's
+    descriptor; a link is never followed (LinkRefused).
 
-    `src` must be a regular file with a single link; symlinks are never followed. With
-    `expected` (inode, size, mtime_ns) — the file as the barrier counted it — the open file must
-    be that one: checked on the descriptor the copy reads, so a rewrite cannot slip in between.
+    The source must be a regular file with a single link. With `expected` (inode, size,
+    mtime_ns) — the file as the barrier counted it — the open file must be that one: checked on
+    the descriptor the copy reads, so a rewrite cannot slip in between.
     """
-    fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd_in = src.open_file(name)
     try:
         st = os.fstat(fd_in)
-        if expected is not None and (st.st_ino, st.st_size, st.st_mtime_ns) != tuple(expected):
-            raise StagingError(
-                f"{src}: rewritten after the batch counted it (inode, size, mtime "
-                f"{(st.st_ino, st.st_size, st.st_mtime_ns)} != counted {tuple(expected)})"
-            )
-        if not stat.S_ISREG(st.st_mode):
-            raise StagingError(f"{src}: not a regular file")
-        if st.st_nlink != 1:
-            raise StagingError(f"{src}: has {st.st_nlink} hard links; refusing to copy")
-        fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+        check_source(src.where(name), st, expected)
+        fd_out = dst.open_file(dst_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
-            done = 0
-            use_cfr = True
-            while done < st.st_size:
-                n = min(CHUNK, st.st_size - done)
-                if use_cfr:
-                    try:
-                        k = os.copy_file_range(fd_in, fd_out, n)
-                    except OSError as e:
-                        if e.errno not in (
-                            errno.EXDEV,
-                            errno.ENOSYS,
-                            errno.EOPNOTSUPP,
-                            errno.EINVAL,
-                        ):
-                            raise
-                        use_cfr = False
-                        continue
-                else:
-                    k = os.sendfile(fd_out, fd_in, done, n)
-                if k == 0:
-                    raise StagingError(f"{src}: shrank while copying ({done} of {st.st_size})")
-                done += k
-            return done
+            return copy_fd(fd_in, fd_out, st.st_size, src.where(name))
         finally:
             os.close(fd_out)
     finally:
         os.close(fd_in)
+
+
+def check_source(where: str, st: os.stat_result, expected: Sequence[int] | None) -> None:
+    """Refuse a source that is not a single-linked regular file, or not the counted one."""
+    if expected is not None and (st.st_ino, st.st_size, st.st_mtime_ns) != tuple(expected):
+        raise StagingError(
+            f"{where}: rewritten after the batch counted it (inode, size, mtime "
+            f"{(st.st_ino, st.st_size, st.st_mtime_ns)} != counted {tuple(expected)})"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise StagingError(f"{where}: not a regular file")
+    if st.st_nlink != 1:
+        raise StagingError(f"{where}: has {st.st_nlink} hard links; refusing to copy")
+
+
+def copy_fd(fd_in: int, fd_out: int, size: int, where: str) -> int:
+    """Copy `size` bytes from the start of `fd_in` to `fd_out` in the kernel."""
+    done = 0
+    use_cfr = True
+    while done < size:
+        n = min(CHUNK, size - done)
+        if use_cfr:
+            try:
+                k = os.copy_file_range(fd_in, fd_out, n, done)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                use_cfr = False
+                continue
+        else:
+            k = os.sendfile(fd_out, fd_in, done, n)
+        if k == 0:
+            raise StagingError(f"{where}: shrank while copying ({done} of {size})")
+        done += k
+    return done
 
 
 def free_bytes(path: Path) -> int:
@@ -90,90 +100,126 @@ def free_bytes(path: Path) -> int:
 
 
 def stage(
-    staging_dir: Path,
-    dest_dir: Path,
+    src: Dir,
+    tmpfs: Dir,
+    batch_id: str,
     names: Sequence[str],
     on_staged: Callable[[str, Path], None] | None = None,
     expected: Mapping[str, Sequence[int]] | None = None,
 ) -> list[StagedFile]:
-    """Copy `names` from a staging batch folder into node-local `dest_dir`.
+    """Copy `names` from a staging batch folder `src` into `tmpfs/<batch_id>`.
 
-    Checks free space first; on any failure removes what this call copied and re-raises
-    (NoSpaceError for a full tmpfs), so a batch is never left half-staged. `on_staged(name,
-    path)` is called as soon as each file is in place (copied now, or found staged before), so
-    a caller can inspect one copy while the next is being made. `expected` maps a name to the
-    (inode, size, mtime_ns) the barrier counted; a file that differs is refused.
+    Checks free space first; on any failure removes the batch's node-local folder and
+    re-raises (NoSpaceError for a full tmpfs), so a batch is never left half-staged.
+    `on_staged(name, path)` is called as soon as each file is in place (copied now, or found
+    staged before), with a path that names it through the open folder, so a caller can inspect
+    one copy while the next is being made. `expected` maps a name to the (inode, size,
+    mtime_ns) the barrier counted; a file that differs is refused.
     """
-    dest_dir.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for name in names:
         try:
-            st = os.lstat(staging_dir / name)
+            st = src.lstat(name)
         except FileNotFoundError:
             raise StagingError(
-                f"{staging_dir / name}: vanished before staging (removed, or quarantined as "
+                f"{src.where(name)}: vanished before staging (removed, or quarantined as "
                 "rewritten after the batch counted it)"
             ) from None
+        if stat.S_ISLNK(st.st_mode):
+            raise LinkRefused(src.where(name))
         sizes[name] = st.st_size
+    dest = tmpfs.sub(batch_id, create=True)
+    try:
+        return _stage_into(src, dest, names, sizes, on_staged, expected or {})
+    except BaseException:
+        dest.close()
+        tmpfs.rmtree(batch_id)
+        raise
+    finally:
+        dest.close()
+
+
+def _stage_into(
+    src: Dir,
+    dest: Dir,
+    names: Sequence[str],
+    sizes: Mapping[str, int],
+    on_staged: Callable[[str, Path], None] | None,
+    expected: Mapping[str, Sequence[int]],
+) -> list[StagedFile]:
+    def size_of(name: str) -> int | None:
+        try:
+            st = dest.lstat(name)
+        except FileNotFoundError:
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
     need = sum(sizes.values())
-    have_already = sum((dest_dir / n).stat().st_size for n in names if (dest_dir / n).exists())
-    free = free_bytes(dest_dir)
+    have_already = sum(s for n in names if (s := size_of(n)) is not None)
+    free = free_bytes(Path(fd_path(dest.fd)))
     if need - have_already + HEADROOM > free:
         raise NoSpaceError(
-            f"{dest_dir}: {free} bytes free, batch needs {need - have_already} + "
+            f"{dest.label}: {free} bytes free, batch needs {need - have_already} + "
             f"{HEADROOM} headroom"
         )
+    here = Path(fd_path(dest.fd))
     out: list[StagedFile] = []
-    try:
-        for name in names:
-            final = dest_dir / name
-            if final.exists() and final.stat().st_size == sizes[name]:
-                # Staged earlier (a retried step); the staging copy is immutable once counted.
-                out.append(StagedFile(name, 0, 0.0))
-                if on_staged is not None:
-                    on_staged(name, final)
-                continue
-            tmp = dest_dir / f".{name}.tmp"
-            t0 = time.perf_counter()
-            try:
-                n = copy_file(staging_dir / name, tmp, (expected or {}).get(name))
-            except OSError as e:
-                tmp.unlink(missing_ok=True)
-                if e.errno == errno.ENOSPC:
-                    raise NoSpaceError(f"{dest_dir}: no space left while copying {name}") from e
-                raise StagingError(f"{staging_dir / name}: copy failed: {e}") from e
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            hooks.pause("stage")  # tests kill the agent here, mid-copy
-            os.rename(tmp, final)
-            out.append(StagedFile(name, n, time.perf_counter() - t0))
+    for name in names:
+        if size_of(name) == sizes[name]:
+            # Staged earlier (a retried step); the staging copy is immutable once counted.
+            out.append(StagedFile(name, 0, 0.0))
             if on_staged is not None:
-                on_staged(name, final)
-    except BaseException:
-        shutil.rmtree(dest_dir, ignore_errors=True)
-        raise
+                on_staged(name, here / name)
+            continue
+        tmp = f".{name}.tmp"
+        t0 = time.perf_counter()
+        try:
+            n = copy_file(src, name, dest, tmp, expected.get(name))
+        except LinkRefused:
+            dest.unlink(tmp, missing_ok=True)
+            raise
+        except OSError as e:
+            dest.unlink(tmp, missing_ok=True)
+            if e.errno == errno.ENOSPC:
+                raise NoSpaceError(f"{dest.label}: no space left while copying {name}") from e
+            raise StagingError(f"{src.where(name)}: copy failed: {e}") from e
+        except BaseException:
+            dest.unlink(tmp, missing_ok=True)
+            raise
+        hooks.pause("stage")  # tests kill the agent here, mid-copy
+        dest.rename(tmp, dest, name)
+        out.append(StagedFile(name, n, time.perf_counter() - t0))
+        if on_staged is not None:
+            on_staged(name, here / name)
     return out
 
 
-def purge(dest_dir: Path) -> int:
+def purge(tmpfs: Dir, batch_id: str) -> int:
     """Remove a batch's node-local copies; return the bytes freed."""
-    if not dest_dir.exists():
+    try:
+        dest = tmpfs.sub(batch_id)
+    except FileNotFoundError:
         return 0
-    freed = sum(p.stat().st_size for p in dest_dir.iterdir() if p.is_file())
-    shutil.rmtree(dest_dir, ignore_errors=True)
+    with dest:
+        freed = sum(
+            e.stat(follow_symlinks=False).st_size
+            for e in dest.entries()
+            if e.is_file(follow_symlinks=False)
+        )
+    tmpfs.rmtree(batch_id)
     return freed
 
 
-def remove_partials(tmpfs_root: Path) -> list[Path]:
-    """Remove temp files a killed agent left in its tmpfs; return what was removed."""
-    removed: list[Path] = []
-    if not tmpfs_root.is_dir():
-        return removed
-    for batch in tmpfs_root.iterdir():
-        if batch.is_dir() and not batch.is_symlink():
-            for f in batch.iterdir():
-                if f.name.startswith("."):
-                    f.unlink(missing_ok=True)
-                    removed.append(f)
+def remove_partials(tmpfs: Dir) -> list[str]:
+    """Remove temp files a killed agent left in its tmpfs; return what was removed
+    (`<batch>/<name>`)."""
+    removed: list[str] = []
+    for batch in tmpfs.entries():
+        if not batch.is_dir(follow_symlinks=False):
+            continue
+        with tmpfs.sub(batch.name) as d:
+            for name in d.names():
+                if name.startswith("."):
+                    d.unlink(name, missing_ok=True)
+                    removed.append(f"{batch.name}/{name}")
     return removed

@@ -188,6 +188,18 @@ def render_status(s: dict[str, Any], *, now: float | None = None) -> str:
             lines.append(
                 f"          {label}: " + ", ".join(f"{k} {v}" for k, v in sorted(w[label].items()))
             )
+    if w.get("quarantine_refused"):
+        lines.append(f"          QUARANTINE REFUSED: {w['quarantine_refused']}")
+    trouble = [
+        f"{w[k]} {text}"
+        for k, text in (
+            ("quarantine_failed", "files could not be quarantined"),
+            ("scan_errors", "batch looks failed"),
+        )
+        if w.get(k)
+    ]
+    if trouble:
+        lines.append(f"          {'; '.join(trouble)} (see the log)")
 
     where = "embedded" if db["embedded"] else "external"
     flags = [

@@ -53,6 +53,9 @@ class BatchRun:
     running: bool = False
     crosschecks: tuple[str, ...] = ()
     counted: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # model -> ident
+    # The cross-check files as the second barrier counted them: model -> ident. The
+    # aggregating agent copies exactly these (checked on the open file) or refuses.
+    cc_counted: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     cc_event: anyio.Event = field(default_factory=anyio.Event)
     timings: dict[str, float] = field(default_factory=dict)
     staged_bytes: dict[str, int] = field(default_factory=dict)
@@ -426,8 +429,25 @@ class Daemon:
                 # A batch that completes in a reconciliation pass without an event naming it
                 # was recovered from a lost event.
                 self._recovering = reconciling and bid not in from_events
-                await self._look_at(bid)
+                await self._look_at_guarded(bid)
             self._recovering = False
+
+    async def _look_at_guarded(self, batch_id: str) -> None:
+        """Look at one batch; an error about its files is that batch's, never the daemon's:
+        it is logged (and shown in status), and the batch is looked at again at the next
+        event or reconciliation, or fails at its deadline."""
+        try:
+            await self._look_at(batch_id)
+        except (OSError, ValueError, UnicodeError, CoordinatorError) as e:
+            self.scanner.stats.scan_errors += 1
+            run = self.batches.get(batch_id)
+            if run is not None and run.state is State.WAITING:
+                run.error = f"could not look at its folder: {type(e).__name__}: {e}"
+            log.error(
+                "could not look at a batch folder; will look again",
+                batch_id=batch_id,
+                error=f"{type(e).__name__}: {e}",
+            )
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -443,7 +463,10 @@ class Daemon:
             now = time.time()
             for run in list(self.batches.values()):
                 if run.state is State.WAITING and not run.running and now >= run.deadline:
-                    await self._deadline(run)
+                    try:
+                        await self._deadline(run)
+                    except OSError as e:  # its folder could not be read: try at the next turn
+                        log.error("deadline check failed", batch_id=run.batch_id, error=str(e))
 
     async def _deadline(self, run: BatchRun) -> None:
         assert self.ledger is not None
@@ -482,9 +505,9 @@ class Daemon:
             return
         if batch_id in self.finished_ids and batch_id not in self.batches:
             # The daemon removed this folder itself: a new one is the batch published again.
-            if (self.config.paths.staging / batch_id).is_dir():
+            if await anyio.to_thread.run_sync(self.scanner.is_folder, batch_id):
                 await anyio.to_thread.run_sync(
-                    self._quarantine_all, batch_id, self.finished_ids[batch_id]
+                    self.quarantine_all, batch_id, self.finished_ids[batch_id]
                 )
             return
         run = self.batches.get(batch_id)
@@ -518,10 +541,23 @@ class Daemon:
             if b.complete and not run.running:
                 run.counted = {m: scan.results[m].ident for m in b.present}
                 await self._fire(run, degraded=False)
-        cc = tuple(scan.valid_crosschecks())
-        if cc != run.crosschecks:
-            run.crosschecks = cc
-            if run.models and set(run.models) <= set(cc):
+        run.crosschecks = tuple(scan.valid_crosschecks())
+        for model, ident in run.cc_counted.items():
+            # The agents reported the files they wrote: another file under such a name is a
+            # rewrite, quarantined and never aggregated (a link is reported and left).
+            e = scan.crosschecks.get(model)
+            if e is not None and e.ident != ident and e.ident != (0, 0, 0):
+                await anyio.to_thread.run_sync(
+                    self.scanner.quarantine,
+                    batch_id,
+                    e.name,
+                    "rewritten: the cross-check file changed after its agent wrote it",
+                )
+        if run.cc_counted and not run.cc_event.is_set():
+            ready = scan.counted_crosschecks(run.models, run.cc_counted)
+            if run.models and len(ready) == len(run.models):
+                # The second barrier: counted once, as the first one counts the results.
+                run.cc_counted = {m: scan.crosschecks[m].ident for m in run.models}
                 run.cc_event.set()
 
     async def _adopt(self, batch_id: str) -> BatchRun | None:
@@ -552,7 +588,7 @@ class Daemon:
                 self.ignored.add(batch_id)
                 return None
             # A finished batch published again: never used twice; kept in quarantine.
-            await anyio.to_thread.run_sync(self._quarantine_all, batch_id, state)
+            await anyio.to_thread.run_sync(self.quarantine_all, batch_id, state)
             return None
         if state is not State.WAITING:
             return None  # resumed from the ledger at start; nothing new here
@@ -584,19 +620,11 @@ class Daemon:
 
         self._tg.start_soon(purge)
 
-    def _quarantine_all(self, batch_id: str, state: State) -> None:
-        folder = self.config.paths.staging / batch_id
-        if not folder.is_dir():
-            return
-        for entry in os.scandir(folder):
-            if not entry.name.startswith("."):
-                self.scanner.quarantine(
-                    batch_id, entry.name, f"finished: batch {batch_id} is already {state.value}"
-                )
-        try:
-            folder.rmdir()
-        except OSError:
-            pass  # a temp file is still being written: the next look moves the rest
+    def quarantine_all(self, batch_id: str, state: State) -> None:
+        """Move a finished batch's new folder into the quarantine (blocking)."""
+        self.scanner.quarantine_batch(
+            batch_id, f"finished: batch {batch_id} is already {state.value}"
+        )
 
     async def _resume(self) -> None:
         """Pick up every batch the ledger says is unfinished (after a crash or restart)."""
@@ -715,6 +743,9 @@ class Daemon:
                 "watcher_restarts": st.watcher_restarts,
                 "rejected": dict(st.rejected),
                 "quarantined": dict(st.quarantined),
+                "quarantine_failed": st.quarantine_failed,
+                "quarantine_refused": st.quarantine_refused or None,
+                "scan_errors": st.scan_errors,
             },
             "agents": [
                 {**a, "last_placement": self.last_placement.get(a["node"])}

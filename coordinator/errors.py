@@ -8,6 +8,7 @@
     ├── StagingError         a batch could not be copied to node-local memory
     │   └── NoSpaceError     the node-local tmpfs has too little free space
     ├── ParquetError         a file that should be Parquet is not readable as Parquet
+    ├── BatchFinishedError   a publish into a batch whose folder the coordinator removed
     ├── ProtocolError        a malformed message on the agent or control socket
     ├── AgentError           an agent reported an error or went away mid-step
     ├── DatabaseError        PostgreSQL is unreachable or refused a write
@@ -53,6 +54,11 @@ class NoSpaceError(StagingError):
 
 class ParquetError(CoordinatorError):
     """A file is not a readable Parquet file."""
+
+
+class BatchFinishedError(CoordinatorError):
+    """A model published into a batch that had finished: the coordinator removed its folder
+    while the file was being written, so the result was not taken."""
 
 
 class ProtocolError(CoordinatorError):

@@ -28,6 +28,7 @@ from coordinator.errors import LakeError
 CHUNK = 8 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 _FALLBACK = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -48,30 +49,27 @@ def start_writeback(fd: int) -> None:
         _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
-def copy_fd(src: Path, fd_out: int) -> int:
-    """Copy `src` into the open file `fd_out` in the kernel; return the bytes copied."""
-    fd_in = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd_in).st_size
-        done = 0
-        use_cfr = True
-        while done < size:
-            if use_cfr:
-                try:
-                    n = os.copy_file_range(fd_in, fd_out, size - done)
-                except OSError as e:
-                    if e.errno not in _FALLBACK:
-                        raise
-                    use_cfr = False
-                    continue
-            else:
-                n = os.sendfile(fd_out, fd_in, done, size - done)
-            if n == 0:
-                break  # the source shrank: what was there is copied
-            done += n
-        return done
-    finally:
-        os.close(fd_in)
+def copy_fd(fd_in: int, fd_out: int) -> int:
+    """Copy the open file `fd_in`, from its start, into `fd_out` in the kernel; return the
+    bytes copied (explicit offsets: the source descriptor's position is left alone)."""
+    size = os.fstat(fd_in).st_size
+    done = 0
+    use_cfr = True
+    while done < size:
+        if use_cfr:
+            try:
+                n = os.copy_file_range(fd_in, fd_out, size - done, done)
+            except OSError as e:
+                if e.errno not in _FALLBACK:
+                    raise
+                use_cfr = False
+                continue
+        else:
+            n = os.sendfile(fd_out, fd_in, done, size - done)
+        if n == 0:
+            break  # the source shrank: what was there is copied
+        done += n
+    return done
 
 
 class Lake:
@@ -89,19 +87,37 @@ class Lake:
         return f"{self.root}/batches/date={date}/batch={batch_id}"
 
     def archive(self, batch_id: str, date: str, files: Sequence[Path]) -> tuple[str, int]:
-        """Copy `files` into the batch's lake folder; return the folder and bytes written. Each
-        file appears whole (temp name, fsync, rename) and in the given order, so the last one
+        """`archive_fds` of the files at these paths (each opened once, never through a link
+        in its last component)."""
+        fds: list[tuple[str, int]] = []
+        try:
+            for src in files:
+                try:
+                    fds.append((src.name, os.open(src, _READ)))
+                except OSError as e:
+                    raise LakeError(f"lake: cannot read {src}: {e.strerror}") from e
+            return self.archive_fds(batch_id, date, fds)
+        finally:
+            for _, fd in fds:
+                os.close(fd)
+
+    def archive_fds(
+        self, batch_id: str, date: str, sources: Sequence[tuple[str, int]]
+    ) -> tuple[str, int]:
+        """Copy the open files `sources` ((name, descriptor) pairs: what the caller verified)
+        into the batch's lake folder; return the folder and bytes written. Each file appears
+        whole (temp name, fsync, rename) and in the given order, so the last one
         (aggregates.parquet) says the folder is complete. Re-running it rewrites the same
         files (it is idempotent)."""
         folder = self.batch_path(batch_id, date)
         try:
             if self.local:
-                return folder, self._archive_local(folder, files)
-            return folder, self._archive_fs(folder, files)
+                return folder, self._archive_local(folder, sources)
+            return folder, self._archive_fs(folder, sources)
         except (OSError, pa.ArrowException) as e:
             raise LakeError(f"lake {folder}: {e}") from e
 
-    def _archive_local(self, folder: str, files: Sequence[Path]) -> int:
+    def _archive_local(self, folder: str, sources: Sequence[tuple[str, int]]) -> int:
         os.makedirs(folder, exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         pending: list[tuple[int, str, str]] = []  # (fd, temp, final) of the copies, in order
@@ -109,11 +125,11 @@ class Lake:
         try:
             # The copies are the kernel's (copy_file_range); each one's writeback starts at
             # once, so the fsyncs below mostly find the data on its way to the disk.
-            for src in files:
-                tmp, final = f"{folder}/.{src.name}.tmp", f"{folder}/{src.name}"
+            for name, fd_in in sources:
+                tmp, final = f"{folder}/.{name}.tmp", f"{folder}/{name}"
                 fd = os.open(tmp, flags, 0o644)
                 pending.append((fd, tmp, final))
-                total += copy_fd(src, fd)
+                total += copy_fd(fd_in, fd)
                 start_writeback(fd)
             for fd, _, _ in pending:
                 os.fsync(fd)
@@ -147,21 +163,20 @@ class Lake:
         self.fs.move(tmp, final)
         return n
 
-    def _archive_fs(self, folder: str, files: Sequence[Path]) -> int:
+    def _archive_fs(self, folder: str, sources: Sequence[tuple[str, int]]) -> int:
         """The same through pyarrow.fs (an object store: no fsync, the move is the store's)."""
         total = 0
         self.fs.create_dir(folder, recursive=True)
-        for src in files:
+        for name, fd_in in sources:
 
-            def copy(out: pa.NativeFile, src: Path = src) -> int:
+            def copy(out: pa.NativeFile, fd_in: int = fd_in) -> int:
                 n = 0
-                with open(src, "rb") as f:
-                    while chunk := f.read(CHUNK):
-                        out.write(chunk)
-                        n += len(chunk)
+                while chunk := os.pread(fd_in, CHUNK, n):
+                    out.write(chunk)
+                    n += len(chunk)
                 return n
 
-            total += self._put(folder, src.name, copy)
+            total += self._put(folder, name, copy)
         return total
 
     def list_batch(self, batch_id: str, date: str) -> list[str]:

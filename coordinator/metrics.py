@@ -447,6 +447,24 @@ class _StateCollector(Collector):
                 "Changes found by a reconciliation scan that no watcher event had reported.",
                 d.scanner.stats.recovered_by_reconcile,
             ),
+            _family(
+                G,
+                "quarantine_usable",
+                "0 while staging/.quarantine is refused (a link, or cannot be made).",
+                float(not w["quarantine_refused"]),
+            ),
+            _family(
+                C,
+                "quarantine_failures",
+                "Files that had to be quarantined but could not be moved (logged).",
+                w["quarantine_failed"],
+            ),
+            _family(
+                C,
+                "scan_errors",
+                "Looks at a batch folder that failed with an error (logged; looked at again).",
+                w["scan_errors"],
+            ),
         ]
         for kind, doc in (
             ("rejected", "Names in staging that were ignored, by reason."),

@@ -6,17 +6,14 @@ step is idempotent, so a batch resumed after a crash just runs again from its le
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import asyncpg
 import structlog
 
-from agents import slm
 from coordinator import hooks
 from coordinator.batch import State, aggregate_node
 from coordinator.errors import (
@@ -46,10 +43,6 @@ class Pipeline:
         assert daemon.ledger is not None
         self.ledger = daemon.ledger
         self.log = log.bind(batch_id=run.batch_id)
-
-    @property
-    def folder(self) -> Path:
-        return self.cfg.paths.staging / self.run_.batch_id
 
     async def run(self, step: str) -> None:
         """Run from `step` ('stage', 'archive' or 'cleanup') to the end; on an unrecoverable
@@ -209,14 +202,19 @@ class Pipeline:
         await self._set(State.CROSSCHECKING)
         t0 = time.perf_counter()
         models = list(run.models)
-        run.cc_event = anyio.Event()
+        run.cc_counted = {}  # an earlier attempt's files are rewritten now, legitimately
         replies = await self._on_nodes(
             lambda n: {"type": "crosscheck", "batch_id": run.batch_id, "models": models}
         )
+        counted: dict[str, tuple[int, int, int]] = {}
         for n, r in replies.items():
             run.timings[f"crosscheck_node{n}_ms"] = round(float(r["seconds"]) * 1000, 3)
-        # The agents publish before they reply, so the watcher has the files or will have
-        # them shortly; a direct scan stands in if its events were lost.
+            counted |= reported_idents(r, n)
+        # The agents publish before they reply, so every file is final now, and the barrier
+        # counts exactly the files they wrote: any other file under those names (a look
+        # before the replies may have seen an earlier attempt's) is a rewrite.
+        run.cc_counted = counted
+        run.cc_event = anyio.Event()
         self.d._mark({run.batch_id})
         with anyio.move_on_after(self.cfg.barrier.reconcile_s):
             await run.cc_event.wait()
@@ -224,9 +222,12 @@ class Pipeline:
             scan = await anyio.to_thread.run_sync(
                 self.d.scanner.scan, run.batch_id, self.cfg.batch.models
             )
-            missing = set(models) - set(scan.valid_crosschecks())
+            missing = set(models) - set(scan.counted_crosschecks(models, run.cc_counted))
             if missing:
-                raise AgentError(f"cross-check files missing after the step: {sorted(missing)}")
+                raise AgentError(
+                    f"cross-check files missing or rewritten after the step: {sorted(missing)}"
+                )
+            run.cc_counted = {m: scan.crosschecks[m].ident for m in models}
         run.timings["crosscheck_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         await self._set(State.CROSSCHECKED, timings=run.timings)
 
@@ -245,9 +246,20 @@ class Pipeline:
             nonlocal attempt, agg
             node = aggregate_node(run.batch_id, self.cfg.node_ids, attempt)
             attempt += 1
+            # The agent copies the cross-check files the second barrier counted, or refuses.
+            idents = {
+                f"crosscheck_{m}.parquet": list(run.cc_counted[m])
+                for m in run.models
+                if m in run.cc_counted
+            }
             reply = await self.d.hub.request(
                 node,
-                {"type": "aggregate", "batch_id": run.batch_id, "models": list(run.models)},
+                {
+                    "type": "aggregate",
+                    "batch_id": run.batch_id,
+                    "models": list(run.models),
+                    "idents": idents,
+                },
                 within_s=self.cfg.agents.step_timeout_s,
             )
             local = self.cfg.paths.tmpfs_for(node) / run.batch_id
@@ -287,7 +299,7 @@ class Pipeline:
             self.log.warning(
                 "batch had already finished; its files are quarantined", state=found.value
             )
-            await anyio.to_thread.run_sync(self.d._quarantine_all, run.batch_id, found)
+            await anyio.to_thread.run_sync(self.d.quarantine_all, run.batch_id, found)
             await self._purge()
             run.state = found
             self.d._finish(run, count=False)  # counted when it finished the first time
@@ -317,6 +329,9 @@ class Pipeline:
                 "batch_id": run.batch_id,
                 "date": run.date,
                 "models": list(run.models),
+                # Where a node copy is gone, staging's file is archived only if it is the
+                # one the barrier counted.
+                "idents": {f"{m}.parquet": list(run.counted[m]) for m in run.counted},
             },
             within_s=self.cfg.agents.step_timeout_s,
         )
@@ -336,10 +351,11 @@ class Pipeline:
         for as long as it takes (status shows the error meanwhile); never fail the batch.
         Without the agent's aggregates.parquet (a resumed batch, a purged tmpfs) the batch is
         aggregated again from its cross-check files, which stay in staging until cleanup."""
+        run = self.run_
         delay = 1.0
         while True:
             try:
-                if agg is None or not agg.parquet.exists():
+                if agg is None or not _archivable(agg, run.models):
                     if agg is not None:
                         self.log.warning("aggregates gone from node memory; aggregating again")
                     agg = await self.aggregate(record=False)
@@ -368,13 +384,7 @@ class Pipeline:
         run = self.run_
         t0 = time.perf_counter()
         await self._purge()
-        folder = self.folder
-
-        def remove() -> None:
-            shutil.rmtree(folder, ignore_errors=True)
-            slm.fsync_dir(self.cfg.paths.staging)
-
-        await anyio.to_thread.run_sync(remove)
+        await anyio.to_thread.run_sync(self.d.scanner.remove_batch, run.batch_id)
         run.timings["cleanup_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         final = State.DEGRADED if run.degraded else State.DONE
         await self._set(
@@ -382,3 +392,25 @@ class Pipeline:
         )
         self.log.info("batch finished", state=final.value, timings=run.timings)
         self.d._finish(run)
+
+
+def _archivable(agg: AggregateFiles, models: tuple[str, ...]) -> bool:
+    """True while the aggregating node still holds what its archive copies: the aggregates
+    and the cross-check copies the vote read."""
+    folder = agg.parquet.parent
+    names = [agg.parquet.name, *(f"crosscheck_{m}.parquet" for m in models)]
+    return all((folder / n).exists() for n in names)
+
+
+def reported_idents(reply: dict[str, Any], node: int) -> dict[str, tuple[int, int, int]]:
+    """The (inode, size, mtime_ns) an agent's `crosschecked` reply gives for each file it
+    wrote; ProtocolError naming the model when one is malformed."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for model, ident in (reply.get("idents") or {}).items():
+        if not (isinstance(ident, list) and len(ident) == 3 and all(type(x) is int for x in ident)):
+            raise ProtocolError(
+                f"agent on node {node}: crosschecked reply: idents[{model!r}] is {ident!r}, "
+                "expected [inode, size, mtime_ns]"
+            )
+        out[str(model)] = (ident[0], ident[1], ident[2])
+    return out

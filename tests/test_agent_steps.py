@@ -3,6 +3,7 @@ node-local folder, then archive the batch into the lake from there."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,7 +13,7 @@ import pytest
 from agents import slm
 from agents.agent import Agent
 from coordinator.config import load_config
-from coordinator.errors import CoordinatorError, LakeError
+from coordinator.errors import CoordinatorError, StagingError
 from coordinator.summary import AggregateFiles
 from tests.conftest import agent_config
 
@@ -85,11 +86,14 @@ def test_without_its_node_copy_the_archive_falls_back_to_staging(agent: Agent) -
     assert (Path(archived["lake_path"]) / "slm-3.parquet").read_bytes() == in_staging
 
 
-def test_an_archive_without_the_aggregates_is_a_lake_error_and_writes_nothing(
-    agent: Agent,
+@pytest.mark.parametrize("gone", ["aggregates.parquet", "crosscheck_slm-2.parquet"])
+def test_an_archive_without_what_was_aggregated_is_refused_and_writes_nothing(
+    agent: Agent, gone: str
 ) -> None:
     """The coordinator aggregates again when this happens; the lake shows no half batch."""
-    with pytest.raises(LakeError, match=r"aggregates\.parquet"):
+    agent.aggregate({"batch_id": "b1", "models": MODELS})
+    (agent.tmpfs / "b1" / gone).unlink()
+    with pytest.raises(StagingError, match=rf"{re.escape(gone)} is gone from node memory"):
         agent.archive({"batch_id": "b1", "date": "2026-11-28", "models": MODELS})
     assert agent.lake.list_batch("b1", "2026-11-28") == []
 

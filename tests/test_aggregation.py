@@ -12,12 +12,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from agents import slm
-from agents.aggregation import aggregate_batch
+from agents import aggregation, slm
 from agents.crosscheck import crosscheck
 from coordinator.aggregate import PairAgreement, aggregate
 from coordinator.batch import aggregate_node
 from coordinator.errors import NoSpaceError, ParquetError, ProtocolError
+from coordinator.roots import Dir
 from coordinator.summary import (
     COPY_COLUMNS,
     AggregateFiles,
@@ -33,6 +33,15 @@ TABLES = {
     "slm-2": result([("i1", "cat", 0.8), ("i,2", "dog", 0.6), ("i3", None, None)]),
     "slm-3": result([("i1", "dog", 0.4), ("i,2", 'say "hi"', 0.3), ("i4", "x", 0.1)]),
 }
+
+
+def aggregate_batch(
+    staging: Path, local: Path, batch_id: str, models: list[str], node: int
+) -> AggregateFiles:
+    """The agent's call: staging's folder b1 and the node-local folder, opened as folders."""
+    local.mkdir(parents=True, exist_ok=True)
+    with Dir.open(staging / "b1") as src, Dir.open(local) as dst:
+        return aggregation.aggregate_batch(src, dst, local, batch_id, models, node)
 
 
 @pytest.fixture
@@ -61,7 +70,12 @@ def test_aggregate_batch_writes_the_rows_node_locally_and_returns_only_a_summary
     assert out.rows_csv.read_bytes() == rows_csv(expected.items, "b1")
     assert pq.read_table(out.parquet).equals(expected.items)
     assert pq.read_metadata(out.parquet).row_group(0).column(0).compression == "ZSTD"
-    assert sorted(p.name for p in local.iterdir()) == ["aggregates.csv", "aggregates.parquet"]
+    copies = [f"crosscheck_{m}.parquet" for m in TABLES]
+    assert sorted(p.name for p in local.iterdir()) == sorted(
+        ["aggregates.csv", "aggregates.parquet", *copies]
+    )
+    for name in copies:  # what the archive takes to the lake: the bytes the vote read
+        assert (local / name).read_bytes() == (staged / "b1" / name).read_bytes()
 
 
 def test_the_rows_csv_reads_back_as_the_aggregate_with_batch_id_first(staged: Path) -> None:

@@ -343,7 +343,8 @@ staging = agent.config.paths.staging
 agent.stage({"batch_id": "b1", "files": [f"{m}.parquet" for m in models]})
 if variant == "reader-on-staging":
     # Controls: a reader pointed at staging instead of the node-local copies ...
-    agent.batch_dir = lambda batch_id: staging / batch_id
+    from coordinator.roots import Root
+    agent.local = Root(staging)
 elif variant == "plugin-opens-staging":
     # ... or a cross-check plug-in that peeks at a staging file with open().
     real = agent.crosscheck_fn

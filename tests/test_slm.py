@@ -56,12 +56,14 @@ def test_publish_shows_only_a_temp_name_until_the_file_is_complete(
         real_write(table, where, **kw)
         seen_during_write.append(listing(folder))
 
-    def watching_rename(src: Any, dst: Any) -> None:
-        src, dst = Path(src), Path(dst)
-        if src.parent == folder:
-            rows = slm.check_parquet(src).num_rows  # complete and readable before it is named
-            seen_at_rename.append((src.name, dst.name, rows, dst.exists()))
-        real_rename(src, dst)
+    def watching_rename(src: Any, dst: Any, **kw: Any) -> None:
+        # Renamed within the batch folder's descriptor (never by a path resolved again).
+        assert kw["src_dir_fd"] == kw["dst_dir_fd"]
+        here = Path(f"/proc/self/fd/{kw['src_dir_fd']}")
+        assert here.resolve() == folder
+        rows = slm.check_parquet(here / src).num_rows  # complete and readable before it is named
+        seen_at_rename.append((src, dst, rows, (here / dst).exists()))
+        real_rename(src, dst, **kw)
 
     monkeypatch.setattr(pq, "write_table", watching_write)
     monkeypatch.setattr(os, "rename", watching_rename)

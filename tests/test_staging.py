@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from agents import staging
 from coordinator.errors import NoSpaceError, StagingError
+from coordinator.roots import Dir, LinkRefused
 from tests.conftest import mounted_tmpfs
 
 
@@ -22,6 +23,18 @@ def make_batch(folder: Path, sizes: dict[str, int]) -> dict[str, bytes]:
         (folder / name).write_bytes(data)
         out[name] = data
     return out
+
+
+def stage(
+    src: Path,
+    dest: Path,
+    names: list[str],
+    on_staged: Callable[[str, Path], None] | None = None,
+) -> list[staging.StagedFile]:
+    """staging.stage from the folder `src` into `dest` (a batch folder in its tmpfs root)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with Dir.open(src) as s, Dir.open(dest.parent) as t:
+        return staging.stage(s, t, dest.name, names, on_staged)
 
 
 def files_in(folder: Path) -> list[str]:
@@ -42,7 +55,7 @@ def test_stage_copies_byte_identical_files_and_leaves_no_temp(tmp_path: Path) ->
     src = tmp_path / "staging" / "b1"
     want = make_batch(src, {"slm-1.parquet": 300_001, "slm-2.parquet": 0, "x.parquet": 5})
     dest = tmp_path / "node0" / "b1"
-    staged = staging.stage(src, dest, list(want))
+    staged = stage(src, dest, list(want))
     assert [(s.name, s.bytes) for s in staged] == [(n, len(d)) for n, d in want.items()]
     assert files_in(dest) == sorted(want)
     for name, data in want.items():
@@ -54,7 +67,7 @@ def test_stage_copies_only_the_names_asked_for(tmp_path: Path) -> None:
     src = tmp_path / "b1"
     make_batch(src, {"a.parquet": 10, "b.parquet": 10})
     dest = tmp_path / "node0" / "b1"
-    staging.stage(src, dest, ["b.parquet"])
+    stage(src, dest, ["b.parquet"])
     assert files_in(dest) == ["b.parquet"]
 
 
@@ -62,8 +75,8 @@ def test_restaging_skips_files_already_complete(tmp_path: Path) -> None:
     src = tmp_path / "b1"
     want = make_batch(src, {"a.parquet": 5000, "b.parquet": 7000})
     dest = tmp_path / "node0" / "b1"
-    staging.stage(src, dest, ["a.parquet"])
-    again = staging.stage(src, dest, ["a.parquet", "b.parquet"])
+    stage(src, dest, ["a.parquet"])
+    again = stage(src, dest, ["a.parquet", "b.parquet"])
     assert [(s.name, s.bytes) for s in again] == [("a.parquet", 0), ("b.parquet", 7000)]
     assert (dest / "b.parquet").read_bytes() == want["b.parquet"]
 
@@ -74,7 +87,7 @@ def test_restaging_replaces_a_copy_of_the_wrong_size(tmp_path: Path) -> None:
     dest = tmp_path / "node0" / "b1"
     dest.mkdir(parents=True)
     (dest / "a.parquet").write_bytes(b"stale")
-    staged = staging.stage(src, dest, ["a.parquet"])
+    staged = stage(src, dest, ["a.parquet"])
     assert staged[0].bytes == 5000
     assert (dest / "a.parquet").read_bytes() == want["a.parquet"]
 
@@ -89,8 +102,8 @@ def test_stage_refuses_a_symlink_and_leaves_no_partial_dest(tmp_path: Path) -> N
     target.write_bytes(b"PAR1 secret PAR1")
     (src / "b.parquet").symlink_to(target)
     dest = tmp_path / "node0" / "b1"
-    with pytest.raises(StagingError, match=r"b\.parquet"):
-        staging.stage(src, dest, ["a.parquet", "b.parquet"])
+    with pytest.raises(LinkRefused, match=r"b\.parquet is a symbolic link"):
+        stage(src, dest, ["a.parquet", "b.parquet"])
     assert files_in(dest) == []  # a.parquet, copied first, was removed again
 
 
@@ -100,7 +113,7 @@ def test_stage_refuses_a_hard_linked_source_and_leaves_no_partial_dest(tmp_path:
     os.link(src / "b.parquet", tmp_path / "second-name")
     dest = tmp_path / "node0" / "b1"
     with pytest.raises(StagingError, match="hard links"):
-        staging.stage(src, dest, ["a.parquet", "b.parquet"])
+        stage(src, dest, ["a.parquet", "b.parquet"])
     assert files_in(dest) == []
 
 
@@ -110,7 +123,7 @@ def test_stage_refuses_a_folder_in_place_of_a_file(tmp_path: Path) -> None:
     (src / "b.parquet").mkdir()
     dest = tmp_path / "node0" / "b1"
     with pytest.raises(StagingError):
-        staging.stage(src, dest, ["a.parquet", "b.parquet"])
+        stage(src, dest, ["a.parquet", "b.parquet"])
     assert files_in(dest) == []
 
 
@@ -119,7 +132,7 @@ def test_stage_of_a_vanished_file_is_a_staging_error(tmp_path: Path) -> None:
     make_batch(src, {"a.parquet": 10})
     dest = tmp_path / "node0" / "b1"
     with pytest.raises(StagingError, match="vanished"):
-        staging.stage(src, dest, ["a.parquet", "gone.parquet"])
+        stage(src, dest, ["a.parquet", "gone.parquet"])
     assert files_in(dest) == []
 
 
@@ -134,10 +147,10 @@ def test_no_space_error_when_free_space_is_below_need_plus_headroom(
     dest = tmp_path / "node0" / "b1"
     monkeypatch.setattr(staging, "free_bytes", lambda _p: 3000 + staging.HEADROOM - 1)
     with pytest.raises(NoSpaceError):
-        staging.stage(src, dest, ["a.parquet", "b.parquet"])
+        stage(src, dest, ["a.parquet", "b.parquet"])
     assert files_in(dest) == []
     monkeypatch.setattr(staging, "free_bytes", lambda _p: 3000 + staging.HEADROOM)
-    assert len(staging.stage(src, dest, ["a.parquet", "b.parquet"])) == 2
+    assert len(stage(src, dest, ["a.parquet", "b.parquet"])) == 2
 
 
 def test_a_no_space_error_is_a_staging_error() -> None:
@@ -156,7 +169,7 @@ def test_a_real_small_tmpfs_refuses_a_batch_larger_than_its_free_space(
     make_batch(src, {"a.parquet": 1 << 20, "b.parquet": 1_500_000})
     dest = small_tmpfs / "b1"
     with pytest.raises(NoSpaceError):
-        staging.stage(src, dest, ["a.parquet", "b.parquet"])
+        stage(src, dest, ["a.parquet", "b.parquet"])
     assert files_in(dest) == []
 
 
@@ -169,7 +182,7 @@ def test_running_out_of_space_mid_copy_is_a_no_space_error_with_nothing_left(
     make_batch(src, {"a.parquet": 1 << 20, "b.parquet": 1_500_000})
     dest = small_tmpfs / "b1"
     with pytest.raises(NoSpaceError, match="no space"):
-        staging.stage(src, dest, ["a.parquet", "b.parquet"])
+        stage(src, dest, ["a.parquet", "b.parquet"])
     assert files_in(dest) == []
     assert staging.free_bytes(small_tmpfs) > 1_900_000  # every partial page was given back
 
@@ -188,26 +201,24 @@ def test_remove_partials_removes_dot_files_in_batch_folders_only(tmp_path: Path)
     outside.mkdir()
     (outside / ".keep.tmp").write_bytes(b"x")
     (root / "linked").symlink_to(outside)  # never followed
-    removed = staging.remove_partials(root)
-    assert sorted(removed) == [root / "b1/.a.parquet.tmp", root / "b2/.b.parquet.tmp"]
+    with Dir.open(root) as d:
+        removed = staging.remove_partials(d)
+    assert sorted(removed) == ["b1/.a.parquet.tmp", "b2/.b.parquet.tmp"]
     assert files_in(root / "b1") == ["a.parquet"]
     assert files_in(root / "b2") == ["b.parquet"]
     assert (root / ".top-level").exists()
     assert (outside / ".keep.tmp").exists()
 
 
-def test_remove_partials_of_a_missing_root_removes_nothing(tmp_path: Path) -> None:
-    assert staging.remove_partials(tmp_path / "absent") == []
-
-
 def test_purge_removes_the_batch_and_returns_the_bytes_freed(tmp_path: Path) -> None:
     src = tmp_path / "b1"
     make_batch(src, {"a.parquet": 1234, "b.parquet": 4321})
     dest = tmp_path / "node0" / "b1"
-    staging.stage(src, dest, ["a.parquet", "b.parquet"])
-    assert staging.purge(dest) == 1234 + 4321
-    assert not dest.exists()
-    assert staging.purge(dest) == 0
+    stage(src, dest, ["a.parquet", "b.parquet"])
+    with Dir.open(dest.parent) as tmpfs:
+        assert staging.purge(tmpfs, "b1") == 1234 + 4321
+        assert not dest.exists()
+        assert staging.purge(tmpfs, "b1") == 0
 
 
 def test_on_staged_sees_each_copy_complete_in_order_also_one_staged_before(
@@ -216,7 +227,7 @@ def test_on_staged_sees_each_copy_complete_in_order_also_one_staged_before(
     src = tmp_path / "staging" / "b1"
     want = make_batch(src, {"slm-1.parquet": 10_000, "slm-2.parquet": 20_000})
     dest = tmp_path / "node0" / "b1"
-    staging.stage(src, dest, ["slm-1.parquet"])
+    stage(src, dest, ["slm-1.parquet"])
     seen: list[tuple[str, bytes]] = []
-    staging.stage(src, dest, list(want), lambda name, path: seen.append((name, path.read_bytes())))
+    stage(src, dest, list(want), lambda name, path: seen.append((name, path.read_bytes())))
     assert seen == list(want.items())

@@ -208,7 +208,8 @@ async def drive(result: dict[str, Any], agents: dict[str, int]) -> None:
                 "shmem_kb_delta": {n: after[n] - before[n] for n in after},
             }
         # Each real node cross-checks its own models; then each aggregates the whole batch,
-        # with the counters around it (its rows files must land on its node only), and node 1
+        # with the counters around it (its copies of the cross-check files and its rows files
+        # must land on its node only), and node 1
         # archives the batch into the lake from its copies.
         for label in ("node0", "node1"):
             reply = await conns[label].request(
@@ -225,6 +226,11 @@ async def drive(result: dict[str, Any], agents: dict[str, int]) -> None:
             for key in ("rows_csv", "parquet"):
                 if key in reply:
                     files[key] = os.stat(reply[key]).st_size
+            if "parquet" in reply:  # and the cross-check copies the vote read, node-local too
+                local = os.path.dirname(reply["parquet"])
+                for m in SPEC["models"]:
+                    name = f"crosscheck_{m}.parquet"
+                    files[name] = os.stat(os.path.join(local, name)).st_size
             result["aggregate"][label] = {
                 "reply": reply,
                 "file_bytes": files,

@@ -105,9 +105,9 @@ def test_kernel_counters_agree_with_the_agents_report(guest: dict[str, Any], nod
 def test_the_aggregation_writes_its_rows_into_its_own_nodes_memory(
     guest: dict[str, Any], node: int
 ) -> None:
-    """aggregates.csv and aggregates.parquet grow Shmem on the aggregating agent's node by
-    their pages, and not on the other: node 0 by its bound policy on a plain tmpfs, node 1 by
-    its mount's mpol."""
+    """The copies of the cross-check files, aggregates.csv and aggregates.parquet grow Shmem on
+    the aggregating agent's node by their pages, and not on the other: node 0 by its bound
+    policy on a plain tmpfs, node 1 by its mount's mpol."""
     agg = guest["aggregate"][f"node{node}"]
     reply = agg["reply"]
     assert reply["type"] == "aggregated", reply
