@@ -111,9 +111,9 @@ class Scanner:
             entries = self.root.dir().entries()
         except FileNotFoundError:
             return out
-        except OSError as e:  # staging itself unreadable: said, and tried again next time
+        except OSError as err:  # staging itself unreadable: said, and tried again next time
             self.stats.scan_errors += 1
-            log.error("cannot list staging", staging=str(self.staging), error=str(e))
+            log.error("cannot list staging", staging=str(self.staging), error=str(err))
             return out
         for e in entries:
             if e.name.startswith("."):
