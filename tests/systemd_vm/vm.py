@@ -51,10 +51,7 @@ CACHE = HERE / ".cache"
 QEMU = numa_vm.QEMU
 BUSYBOX = numa_vm.BUSYBOX
 VMError = numa_vm.VMError
-# x86-64-v2 (what the pyarrow and numpy wheels need), without AVX: QEMU's TCG emulates the
-# AVX/AVX2 code paths that glibc and the wheels pick on `-cpu max` several times slower
-# (importing the daemon: 30 s on max, 5 s on qemu64; plain qemu64 dies of SIGILL in pyarrow).
-CPU = "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt"
+CPU = "max"
 GUEST_NET = "10.0.2.15"
 HOST_FROM_GUEST = "10.0.2.2"
 
