@@ -108,12 +108,28 @@ reconcile_s = 2.0
     return path
 
 
-def wait_ready(sock: Path, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
-    """Wait until the daemon answers on its control socket."""
+def _tail(log: Path | None, lines: int = 20) -> str:
+    """The last lines of the daemon's log, for an error message (the log may be removed)."""
+    if log is None:
+        return ""
+    try:
+        text = log.read_text(errors="replace").strip()
+    except OSError:
+        return ""
+    return "\n" + "\n".join(text.splitlines()[-lines:]) if text else ""
+
+
+def wait_ready(
+    sock: Path, proc: subprocess.Popen[bytes], timeout: float = 120.0, log: Path | None = None
+) -> None:
+    """Wait until the daemon answers on its control socket; a daemon that exits first is an
+    error that carries the end of its log (`log`), since the demo's folders may be removed."""
     t_end = time.monotonic() + timeout
     while time.monotonic() < t_end:
         if proc.poll() is not None:
-            raise CoordinatorError(f"coordinatord exited with {proc.returncode} during start-up")
+            raise CoordinatorError(
+                f"coordinatord exited with {proc.returncode} during start-up{_tail(log)}"
+            )
         try:
             if call(sock, "status", timeout=5)["daemon"]["ready"]:
                 return
@@ -158,9 +174,13 @@ async def _consensus(dsn: str, schema: str, batch_id: str) -> dict[str, str]:
 def run_demo(
     batches: int = 3, rows: int = 10_000, state_dir: str | None = None, timeout: float = 300.0
 ) -> dict[str, Any]:
-    """Run the demo end to end and return its summary (see DESIGN.md for the keys)."""
+    """Run the demo end to end and return its summary (`coordinatorctl demo --json`; the keys
+    and their meaning are tested in tests/test_demo.py). `consensus_accuracy` is None for a
+    batch with no consensus in PostgreSQL (a failed one)."""
     import anyio
 
+    if batches < 1 or rows < 1:
+        raise CoordinatorError(f"demo: --batches and --rows must be at least 1 ({batches}, {rows})")
     keep = state_dir is not None
     state = Path(state_dir or tempfile.mkdtemp(prefix="numa-demo-")).resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -181,7 +201,7 @@ def run_demo(
     sock = run / "control.sock"
     out: dict[str, Any] = {"batches": [], "nodes": nodes, "state_dir": str(state)}
     try:
-        wait_ready(sock, proc)
+        wait_ready(sock, proc, log=log_path)
         status = call(sock, "status")
         dsn = status["database"]["dsn"]
         schema = status["database"]["schema"]
@@ -210,7 +230,7 @@ def run_demo(
                     "state": row["state"],
                     "rows": row["rows"] or 0,
                     "rows_in_database": len(consensus),
-                    "consensus_accuracy": round(hits / len(truth), 4),
+                    "consensus_accuracy": round(hits / len(truth), 4) if consensus else None,
                     "model_accuracy": model_acc,
                     "fleiss_kappa": row["fleiss_kappa"],
                     "timings_ms": row["timings"],
@@ -260,13 +280,16 @@ def render(summary: dict[str, Any]) -> str:
             f"\n● {b['batch_id']}  state={b['state']}  rows={b['rows']} "
             f"(in PostgreSQL: {b['rows_in_database']})"
         )
-        kappa = b["fleiss_kappa"]
-        lines.append(
-            f"    consensus accuracy {b['consensus_accuracy']:.4f}  (best single model "
-            f"{best:.4f})  Fleiss' kappa {kappa:.4f}"
-            if kappa is not None
-            else f"    consensus accuracy {b['consensus_accuracy']:.4f}"
-        )
+        kappa, acc = b["fleiss_kappa"], b["consensus_accuracy"]
+        if acc is None:
+            lines.append(f"    no consensus in PostgreSQL (best single model {best:.4f})")
+        elif kappa is not None:
+            lines.append(
+                f"    consensus accuracy {acc:.4f}  (best single model {best:.4f})  "
+                f"Fleiss' kappa {kappa:.4f}"
+            )
+        else:
+            lines.append(f"    consensus accuracy {acc:.4f}")
         lines.append(
             "    models: " + "  ".join(f"{m}={a:.3f}" for m, a in b["model_accuracy"].items())
         )
