@@ -191,8 +191,11 @@ class Env:
     def socket(self) -> Path:
         return self.run / "control.sock"
 
-    def write_config(self, **sections: dict[str, Any]) -> Path:
-        """(Re)write coordinator.toml; `sections` override keys, e.g. batch={'quorum': 5}."""
+    def write_config(
+        self, nodes: dict[int, list[str]] | None = None, **sections: dict[str, Any]
+    ) -> Path:
+        """(Re)write coordinator.toml; `sections` override keys, e.g. batch={'quorum': 5};
+        `nodes` maps each [[node]] id to its models (default: node 0 with every model)."""
         base: dict[str, dict[str, Any]] = {
             "paths": {
                 "staging": str(self.staging),
@@ -214,7 +217,8 @@ class Env:
             lines.append(f"[{sec}]")
             lines += [f"{k} = {_toml(v)}" for k, v in vals.items()]
             lines.append("")
-        lines += ["[[node]]", "id = 0", f"models = {_toml(MODELS)}", ""]
+        for node, models in (nodes or {0: MODELS}).items():
+            lines += ["[[node]]", f"id = {node}", f"models = {_toml(models)}", ""]
         self.config.write_text("\n".join(lines))
         return self.config
 
@@ -275,6 +279,8 @@ def _stop_pg_and_remove(state: Path) -> None:
 class Daemon:
     """A real coordinatord process (with its agents) for one test."""
 
+    module = "coordinator.daemon"  # what `python -m` runs (a launcher may wrap the daemon)
+
     def __init__(
         self, env: Env, *, with_agents: bool = True, extra_env: dict[str, str] | None = None
     ):
@@ -285,7 +291,7 @@ class Daemon:
         self.log = env.root / "coordinatord.log"
 
     def start(self, *, wait: bool = True) -> Daemon:
-        cmd = [sys.executable, "-m", "coordinator.daemon", "--config", str(self.env.config)]
+        cmd = [sys.executable, "-m", self.module, "--config", str(self.env.config)]
         if self.with_agents:
             cmd.append("--with-agents")
         logf = open(self.log, "ab")
