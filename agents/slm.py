@@ -111,7 +111,11 @@ def publish(
     name = f"{model}.parquet"
     with Dir.open(staging, create=True) as root:
         created = not root.exists(batch_id)
-        with root.sub(batch_id, create=True) as folder:
+        try:
+            folder = root.sub(batch_id, create=True)
+        except FileNotFoundError as e:  # made, and removed at once as a finished batch's
+            raise _finished(staging, batch_id, model) from e
+        with folder:
             try:
                 write_parquet_at(folder, name, table, compression=compression, level=level)
             except FileNotFoundError as e:

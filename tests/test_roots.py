@@ -296,6 +296,22 @@ def test_a_publish_whose_folder_is_removed_meanwhile_says_the_batch_is_finished(
         slm.publish(staging, "b1", "m2", result(3))
 
 
+def test_a_publish_whose_new_folder_is_removed_at_once_says_the_batch_is_finished(
+    staging: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon removes a finished batch's new, empty folder as soon as it sees it."""
+    real = os.mkdir
+
+    def made_and_removed(name: Any, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        real(name, mode, dir_fd=dir_fd)
+        if name == "b1":
+            os.rmdir(name, dir_fd=dir_fd)
+
+    monkeypatch.setattr(roots.os, "mkdir", made_and_removed)
+    with pytest.raises(BatchFinishedError, match=r"batch b1 is finished"):
+        slm.publish(staging, "b1", "m1", result(3))
+
+
 def test_a_publish_taken_into_the_quarantine_right_after_its_rename_says_so(
     staging: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
