@@ -51,7 +51,11 @@ def copy_file(
         check_source(src.where(name), st, expected)
         fd_out = dst.open_file(dst_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
-            return copy_fd(fd_in, fd_out, st.st_size, src.where(name))
+            n = copy_fd(fd_in, fd_out, st.st_size, src.where(name))
+            # The copy carries its source's mtime: with the size it tells, later, which
+            # counted file a copy was made from (`stage` reuses a copy only if they match).
+            os.utime(fd_out, ns=(st.st_atime_ns, st.st_mtime_ns))
+            return n
         finally:
             os.close(fd_out)
     finally:
@@ -154,6 +158,19 @@ def _stage_into(
             return None
         return st.st_size if stat.S_ISREG(st.st_mode) else None
 
+    def staged_before(name: str) -> bool:
+        # A copy from an earlier request is reused only if it is a copy of the file counted
+        # now: same size and (where the count is given) the same mtime, which copies carry.
+        # A count lost to a crash and taken again after a rewrite never reuses the old copy.
+        try:
+            st = dest.lstat(name)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size != sizes[name]:
+            return False
+        want = expected.get(name)
+        return want is None or (st.st_size, st.st_mtime_ns) == (int(want[1]), int(want[2]))
+
     need = sum(sizes.values())
     have_already = sum(s for n in names if (s := size_of(n)) is not None)
     free = free_bytes(Path(fd_path(dest.fd)))
@@ -165,8 +182,7 @@ def _stage_into(
     here = Path(fd_path(dest.fd))
     out: list[StagedFile] = []
     for name in names:
-        if size_of(name) == sizes[name]:
-            # Staged earlier (a retried step); the staging copy is immutable once counted.
+        if staged_before(name):
             out.append(StagedFile(name, 0, 0.0))
             if on_staged is not None:
                 on_staged(name, here / name)

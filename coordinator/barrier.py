@@ -75,7 +75,8 @@ class Stats:
     armed: bool = False
     events: int = 0
     last_event: float = 0.0
-    reconcile_scans: int = 0
+    reconcile_scans: int = 0  # reconciliation passes begun
+    reconciled: int = 0  # reconciliation passes whose every look has completed
     last_reconcile: float = 0.0
     recovered_by_reconcile: int = 0
     watcher_restarts: int = 0

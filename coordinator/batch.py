@@ -41,13 +41,46 @@ COMMITTED_OR_LATER = frozenset({State.COMMITTED, State.ARCHIVED, State.DONE, Sta
 _RESULT_RE = re.compile(rf"(?P<cc>crosscheck_)?(?P<model>{NAME_RE.pattern})\.parquet")
 
 
-def can_advance(current: State, new: State) -> bool:
-    """True if the ledger may move from `current` to `new` (forward only; failed from anywhere)."""
+PRE_COMMIT = frozenset(
+    {
+        State.WAITING,
+        State.READY,
+        State.STAGING,
+        State.STAGED,
+        State.CROSSCHECKING,
+        State.CROSSCHECKED,
+        State.AGGREGATING,
+    }
+)
+
+
+def may_move(current: State, new: State) -> bool:
+    """The one rule for a batch's states: the ledger's UPDATE allows exactly these moves, and
+    the pipeline checks each step against it.
+
+    - Nothing moves out of a final state (done, degraded, failed).
+    - `failed` is reachable from every other state.
+    - Before the commit a step may be redone after a retry or a restart, so any state up to
+      `aggregating` may follow any other (staging again after crosschecked), but nothing goes
+      back to `waiting`.
+    - Only the commit leads past the steps: `committed` may follow any state before it.
+    - After the commit, only forward: committed, archived, then done or degraded.
+    - Staying in a state (to record more of it) is a move too, except in a final state.
+    """
     if current in FINAL:
         return False
-    if new is State.FAILED:
+    if new is State.FAILED or new is current:
         return True
+    if current in PRE_COMMIT:
+        if new in PRE_COMMIT:
+            return new is not State.WAITING
+        return new is State.COMMITTED
     return ORDER[new] > ORDER[current]
+
+
+def moves_into(new: State) -> frozenset[State]:
+    """The states a batch may be in for `may_move(state, new)`: the ledger's guard."""
+    return frozenset(s for s in State if may_move(s, new))
 
 
 def resume_step(state: State) -> str:

@@ -61,6 +61,7 @@ class BatchRun:
     staged_bytes: dict[str, int] = field(default_factory=dict)
     placement: dict[str, Any] = field(default_factory=dict)
     placement_flag: str = ""
+    looks: int = 0  # scans of its folder so far (status: proof that the daemon looked again)
 
     @property
     def date(self) -> str:
@@ -82,6 +83,7 @@ class BatchRun:
                 n: p.get("fraction") for n, p in self.placement.items() if isinstance(p, dict)
             },
             "placement_flag": self.placement_flag,
+            "looks": self.looks,
         }
 
 
@@ -431,6 +433,8 @@ class Daemon:
                 self._recovering = reconciling and bid not in from_events
                 await self._look_at_guarded(bid)
             self._recovering = False
+            if reconciling:
+                self.scanner.stats.reconciled += 1
 
     async def _look_at_guarded(self, batch_id: str) -> None:
         """Look at one batch; an error about its files is that batch's, never the daemon's:
@@ -438,6 +442,8 @@ class Daemon:
         event or reconciliation, or fails at its deadline."""
         try:
             await self._look_at(batch_id)
+            if (looked := self.batches.get(batch_id)) is not None:
+                looked.looks += 1  # a whole look, its decisions made
         except (OSError, ValueError, UnicodeError, CoordinatorError) as e:
             self.scanner.stats.scan_errors += 1
             run = self.batches.get(batch_id)
@@ -674,8 +680,6 @@ class Daemon:
             counted={m: list(ident) for m, ident in run.counted.items()},
         )
         run.state = State.READY
-        if hooks.hooks():
-            await self.ledger.flush(run.batch_id)
         hooks.crash_point("ready")
         log.info("batch ready", batch_id=run.batch_id, models=list(run.models), degraded=degraded)
         if self._recovering:
@@ -739,6 +743,7 @@ class Daemon:
                 "events": st.events,
                 "last_event": st.last_event or None,
                 "reconcile_scans": st.reconcile_scans,
+                "reconciled": st.reconciled,
                 "last_reconcile": st.last_reconcile or None,
                 "watcher_restarts": st.watcher_restarts,
                 "rejected": dict(st.rejected),

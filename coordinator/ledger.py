@@ -21,7 +21,7 @@ import anyio
 import asyncpg
 import structlog
 
-from coordinator.batch import COMMITTED_OR_LATER, State
+from coordinator.batch import COMMITTED_OR_LATER, State, may_move, moves_into
 from coordinator.errors import AgentError, DatabaseError, NotLeaderError
 from coordinator.summary import COPY_COLUMNS, AggregateSummary
 
@@ -332,10 +332,9 @@ class Ledger:
                 sets.append(f"{key} = ${len(args)}")
             else:
                 raise ValueError(f"unknown ledger column {key!r}")
-        # Never move a finished batch, nor a committed one back before its commit.
-        guard = "state NOT IN ('done', 'degraded', 'failed')"
-        if state not in COMMITTED_OR_LATER and state is not State.FAILED:
-            guard += " AND state NOT IN ('committed', 'archived')"
+        # The one transition rule (batch.may_move): a move it does not allow changes nothing.
+        args.append(sorted(s.value for s in moves_into(state)))
+        guard = f"state = ANY(${len(args)}::text[])"
         sql = f"UPDATE {self._s}.batches SET {', '.join(sets)} WHERE batch_id = $1 AND {guard}"
 
         async def op(c: asyncpg.Connection) -> None:
@@ -407,8 +406,9 @@ class Ledger:
                 )
                 if state is None:
                     raise DatabaseError(f"batch {batch_id}: no ledger row to commit")
-                if State(state) in COMMITTED_OR_LATER or State(state) is State.FAILED:
-                    return State(state)
+                found = State(state)
+                if found in COMMITTED_OR_LATER or not may_move(found, State.COMMITTED):
+                    return found  # committed before, finished, failed, or never counted
                 # The row lock and the state check above mean no row of this batch is in
                 # `aggregates`: COPY straight into it (a temp table and INSERT ... ON CONFLICT
                 # would read every row twice and make a speculative insert of each).

@@ -15,7 +15,7 @@ import asyncpg
 import structlog
 
 from coordinator import hooks
-from coordinator.batch import State, aggregate_node
+from coordinator.batch import State, aggregate_node, may_move
 from coordinator.errors import (
     AgentError,
     CoordinatorError,
@@ -144,14 +144,18 @@ class Pipeline:
     async def _set(self, state: State, *, durable: bool = False, **fields: Any) -> None:
         """Record a state: intermediate ones through the write-behind queue (the steps before
         the commit are redone on resume), the ones after the commit durably."""
+        if not may_move(self.run_.state, state):
+            raise CoordinatorError(
+                f"{self.run_.state.value} -> {state.value} is not a move a batch makes"
+            )
         self.run_.state = state
         if durable:
             await self.ledger.flush(self.run_.batch_id)
             await self.ledger.set_state(self.run_.batch_id, state, **fields)
         else:
+            # Written behind (a crash before the write resumes from the state before:
+            # docs/reliability.md, "What a crash can lose").
             self.ledger.set_state_soon(self.run_.batch_id, state, **fields)
-            if hooks.hooks():
-                await self.ledger.flush(self.run_.batch_id)
         hooks.crash_point(state.value)
 
     async def stage(self) -> None:

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from agents import slm
-from tests.conftest import MODELS, Env
+from tests.conftest import MODELS, Env, wait_until
 
 ROWS = 200
 HOOKS_ENV = "NUMA_COORDINATOR_TEST_HOOKS"
@@ -174,3 +174,27 @@ def quarantined(env: Env, batch_id: str) -> dict[str, tuple[bytes, str]]:
         reason = reason_file.read_text().strip() if reason_file.exists() else ""
         out[p.name] = (p.read_bytes(), reason)
     return out
+
+
+def looked_again(d: Any, batch_id: str, times: int = 2, timeout: float = 20.0) -> None:
+    """Wait until the daemon has looked at the batch's folder `times` more times, each look
+    whole: the last of them began after this call, so it saw whatever was done before it."""
+
+    def looks() -> int:
+        b = next((b for b in d.status()["batches"] if b["batch_id"] == batch_id), None)
+        assert b is not None, f"{batch_id} is not in flight"
+        return int(b["looks"])
+
+    start = looks()
+    wait_until(lambda: looks() >= start + times, timeout, f"{times} more looks at {batch_id}")
+
+
+def reconciled(d: Any, times: int = 2, timeout: float = 20.0) -> None:
+    """Wait until `times` more reconciliation passes over all of staging have completed: the
+    last one began after this call."""
+    start = d.status()["watcher"]["reconciled"]
+    wait_until(
+        lambda: d.status()["watcher"]["reconciled"] >= start + times,
+        timeout,
+        f"{times} reconciliation passes",
+    )

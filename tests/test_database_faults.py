@@ -8,11 +8,11 @@ import time
 
 import asyncpg
 
-from agents import slm
 from coordinator import embedded
 from coordinator.ledger import lock_key
-from tests.conftest import MODELS, Env, wait_until
-from tests.test_flow import ROWS, publish_all, tables
+from tests.conftest import Env, wait_until
+from tests.faultlib import hooks
+from tests.test_flow import ROWS, publish_all
 
 
 def count_rows(dsn: str, schema: str) -> dict[str, tuple[int, int]]:
@@ -127,7 +127,10 @@ def test_second_coordinator_waits_in_standby_and_takes_over_when_the_leader_stop
 
 
 def test_losing_the_lock_connection_to_another_holder_stops_writes(env, daemon):
-    d = daemon().start()
+    # A batch is in flight (held mid-copy) when the lock is lost.
+    d = daemon(extra_env=hooks(stage_pause_s=1.0)).start()
+    publish_all(env, "in-flight", seed=303)
+    d.wait_state("in-flight", {"staging"}, timeout=30)
 
     async def steal() -> asyncpg.Connection:
         conn = await asyncpg.connect(env.dsn)
@@ -149,9 +152,12 @@ def test_losing_the_lock_connection_to_another_holder_stops_writes(env, daemon):
         rc = d.proc.wait(30)
         assert rc == 1
         assert "another coordinator holds the leader lock" in d.log.read_text()
-        t = tables(303)
-        slm.publish(env.staging, "after-loss", MODELS[0], t[MODELS[0]])
-        assert "after-loss" not in count_rows(env.dsn, env.schema)
+        # The batch in flight was not committed by the daemon that lost the lock ...
+        assert "in-flight" not in count_rows(env.dsn, env.schema)
     finally:
         loop.run_until_complete(thief.close())
         loop.close()
+    # ... and once the lock is free, the next leader finishes it, exactly once.
+    d2 = daemon().start()
+    assert d2.wait_state("in-flight", {"done", "failed"}, timeout=90)["state"] == "done"
+    assert count_rows(env.dsn, env.schema) == {"in-flight": (ROWS, ROWS)}

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from agents import slm
 from tests.conftest import MODELS, ROOT, Env, wait_until
+from tests.faultlib import looked_again
 
 ROWS = 300
 
@@ -93,10 +94,9 @@ def test_batch_with_a_missing_model_waits_then_fires_when_it_arrives(env, daemon
         20,
         "the batch to be seen",
     )
-    # Several reconciliation periods (1 s each) pass: it must not fire without slm-7.
-    import time
-
-    time.sleep(3.0)
+    # The daemon looks at the folder again (reconciliation, every 1 s): it must not fire
+    # without slm-7.
+    looked_again(d, "b-miss", times=3)
     status = d.status()
     [b] = [b for b in status["batches"] if b["batch_id"] == "b-miss"]
     assert b["state"] == "waiting"
@@ -131,9 +131,7 @@ def test_temp_files_and_unknown_names_never_count(env, daemon):
     # The last model's file exists only under its dot-temp name, plus a stray unknown file.
     pq.write_table(t["slm-7"], folder / ".slm-7.parquet.tmp")
     (folder / "notes.txt").write_text("not a result")
-    import time
-
-    time.sleep(2.5)
+    looked_again(d, "b-tmp")
     assert d.show("b-tmp")["state"] == "waiting"
     assert d.status()["watcher"]["rejected"]
     (folder / ".slm-7.parquet.tmp").rename(folder / "slm-7.parquet")

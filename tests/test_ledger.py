@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from coordinator.aggregate import BatchAggregate, aggregate
-from coordinator.batch import State
+from coordinator.batch import State, may_move
 from coordinator.errors import AgentError, DatabaseError, NotLeaderError
 from coordinator.ledger import MIGRATIONS, Ledger, lock_key
 from coordinator.summary import rows_csv, summarise
@@ -95,6 +95,13 @@ async def seen(ledger: Ledger, batch_id: str, *, present: list[str] | None = Non
         models_missing=["slm-2"],
         first_seen=now,
         deadline_at=now + timedelta(minutes=10),
+    )
+
+
+async def force(admin: asyncpg.Connection, schema: str, batch_id: str, state: State) -> None:
+    """Put a batch in `state` whatever the rule says (the test's setup, not a move)."""
+    await admin.execute(
+        f'UPDATE "{schema}".batches SET state = $2 WHERE batch_id = $1', batch_id, state.value
     )
 
 
@@ -202,10 +209,12 @@ async def test_set_state_refuses_an_unknown_column(make_ledger: MakeLedger) -> N
     assert (await ledger.get("b1") or {})["state"] == "waiting"
 
 
-async def test_set_state_never_moves_a_finished_batch(make_ledger: MakeLedger) -> None:
+async def test_set_state_never_moves_a_finished_batch(
+    make_ledger: MakeLedger, admin: asyncpg.Connection, schema: str
+) -> None:
     ledger = await make_ledger()
     await seen(ledger, "b1")
-    await ledger.set_state("b1", State.DONE)
+    await force(admin, schema, "b1", State.DONE)
     await ledger.set_state("b1", State.STAGING)
     await ledger.set_state("b1", State.FAILED, error="late")
     row = await ledger.get("b1")
@@ -221,6 +230,24 @@ async def test_set_state_never_moves_a_committed_batch_back(make_ledger: MakeLed
     assert (await ledger.get("b1") or {})["state"] == "committed"
     await ledger.set_state("b1", State.ARCHIVED, lake_path="/lake/b1")
     assert (await ledger.get("b1") or {})["state"] == "archived"
+
+
+@pytest.mark.parametrize("current", list(State))
+async def test_set_state_makes_exactly_the_moves_the_rule_allows(
+    make_ledger: MakeLedger, admin: asyncpg.Connection, schema: str, current: State
+) -> None:
+    """The ledger's guard is batch.may_move, pair by pair: an allowed move happens (with its
+    fields), any other leaves the row as it was."""
+    ledger = await make_ledger()
+    for new in State:
+        bid = f"b-{current.value}-{new.value}"
+        await seen(ledger, bid)
+        await force(admin, schema, bid, current)
+        await ledger.set_state(bid, new, error="moved")
+        row = await ledger.get(bid)
+        assert row is not None
+        want = (new.value, "moved") if may_move(current, new) else (current.value, None)
+        assert (row["state"], row["error"]) == want, (current, new)
 
 
 async def test_queued_state_changes_are_written_in_order_by_flush(make_ledger: MakeLedger) -> None:
@@ -248,11 +275,13 @@ async def test_commit_writes_queued_state_changes_first(make_ledger: MakeLedger)
     assert ledger.queued == 0
 
 
-async def test_open_batches_leaves_out_final_states(make_ledger: MakeLedger) -> None:
+async def test_open_batches_leaves_out_final_states(
+    make_ledger: MakeLedger, admin: asyncpg.Connection, schema: str
+) -> None:
     ledger = await make_ledger()
     for b, state in [("b1", State.STAGED), ("b2", State.DONE), ("b3", State.FAILED)]:
         await seen(ledger, b)
-        await ledger.set_state(b, state)
+        await force(admin, schema, b, state)
     await seen(ledger, "b4")
     assert sorted(r["batch_id"] for r in await ledger.open_batches()) == ["b1", "b4"]
     assert await ledger.final_states() == {"staged": 1, "done": 1, "failed": 1, "waiting": 1}
@@ -313,7 +342,7 @@ async def test_commit_after_committed_states_writes_nothing(
 ) -> None:
     ledger = await make_ledger(leader=True)
     await seen(ledger, "b1")
-    await ledger.set_state("b1", state)
+    await force(admin, schema, "b1", state)
     assert await commit(ledger, "b1", small_aggregate(), fields={}) is state
     assert await count(admin, schema, "aggregates", "b1") == 0
     assert (await ledger.get("b1") or {})["state"] == state.value

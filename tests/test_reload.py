@@ -128,8 +128,13 @@ def test_a_change_under_conf_d_reloads_without_a_signal_and_other_files_do_not(e
     generation = c["generation"]
     (confd(env) / "README").write_text("changed notes\n")
     (confd(env) / "50-quorum.toml.bak").write_text("[batch]\nquorum = 1\n")
-    time.sleep(2.0)  # several debounce periods (0.3 s): nothing to reload for
-    assert config_of(d)["generation"] == generation
+    # A real change after them: once it is in force, the watcher has seen the two files
+    # before it, and they must have caused no reload of their own (one generation more).
+    drop_in(env, "60-deadline.toml", "[batch]\ndeadline_s = 33\n")
+    c = wait_until(lambda: (c := config_of(d))["deadline_s"] == 33 and c, 30, "the later drop-in")
+    assert c["generation"] == generation + 1
+    assert c["quorum"] == 6
+    assert str(confd(env) / "50-quorum.toml.bak") not in c["files"]
 
 
 def test_of_two_drop_ins_setting_one_key_the_later_wins(env, daemon):

@@ -81,6 +81,27 @@ def test_restaging_skips_files_already_complete(tmp_path: Path) -> None:
     assert (dest / "b.parquet").read_bytes() == want["b.parquet"]
 
 
+def test_a_copy_of_another_counted_file_of_the_same_size_is_made_again(tmp_path: Path) -> None:
+    """A count lost to a crash and taken again after a rewrite of the same size: the old copy
+    is not the counted file (its mtime, which copies carry, says so) and is replaced."""
+    src = tmp_path / "b1"
+    make_batch(src, {"a.parquet": 5000})
+    dest = tmp_path / "node0" / "b1"
+    assert stage(src, dest, ["a.parquet"])[0].bytes == 5000
+    assert (dest / "a.parquet").stat().st_mtime_ns == (src / "a.parquet").stat().st_mtime_ns
+    rewritten = os.urandom(5000)
+    (src / "a.parquet").write_bytes(rewritten)
+    os.utime(src / "a.parquet", ns=(1, 2_000_000_000))
+    st = (src / "a.parquet").stat()
+    counted = {"a.parquet": [st.st_ino, st.st_size, st.st_mtime_ns]}
+    with Dir.open(src) as s, Dir.open(dest.parent) as t:
+        again = staging.stage(s, t, "b1", ["a.parquet"], expected=counted)
+        assert again[0].bytes == 5000  # copied again, not reused
+        assert (dest / "a.parquet").read_bytes() == rewritten
+        # The copy of the counted file now is reused as it is.
+        assert staging.stage(s, t, "b1", ["a.parquet"], expected=counted)[0].bytes == 0
+
+
 def test_restaging_replaces_a_copy_of_the_wrong_size(tmp_path: Path) -> None:
     src = tmp_path / "b1"
     want = make_batch(src, {"a.parquet": 5000})
