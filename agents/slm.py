@@ -110,11 +110,20 @@ def publish(
         raise ValueError(f"model {model}: result table lacks column(s) {missing}")
     name = f"{model}.parquet"
     with Dir.open(staging, create=True) as root:
-        created = not root.exists(batch_id)
         try:
-            folder = root.sub(batch_id, create=True)
+            os.mkdir(batch_id, 0o770, dir_fd=root.fd)
+            created = True
+        except FileExistsError:
+            created = False
+        try:
+            folder = root.sub(batch_id)
         except FileNotFoundError as e:  # made, and removed at once as a finished batch's
             raise _finished(staging, batch_id, model) from e
+        if created:
+            # The agents (the service's group) write their cross-check files into it, whatever
+            # this producer's umask: group rwx, and the setgid bit staging has, so the group
+            # stays the service's.
+            os.fchmod(folder.fd, 0o770 | (os.fstat(root.fd).st_mode & stat.S_ISGID))
         with folder:
             try:
                 write_parquet_at(folder, name, table, compression=compression, level=level)

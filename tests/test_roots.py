@@ -330,6 +330,24 @@ def test_a_publish_taken_into_the_quarantine_right_after_its_rename_says_so(
     assert not (staging / "b1").exists()
 
 
+@pytest.mark.parametrize("setgid", [False, True])
+def test_a_batch_folder_the_sdk_makes_is_the_groups_whatever_the_umask(
+    staging: Path, setgid: bool
+) -> None:
+    """The agents, in the service's group, write their cross-check files into it."""
+    if setgid:
+        staging.chmod(0o2770)
+    old = os.umask(0o077)
+    try:
+        slm.publish(staging, "b1", "m1", result(3))
+    finally:
+        os.umask(old)
+    mode = (staging / "b1").stat().st_mode
+    assert mode & 0o770 == 0o770
+    assert bool(mode & 0o2000) is setgid
+    assert mode & 0o007 == 0  # and nobody else's
+
+
 def test_a_publish_into_a_batch_folder_that_is_a_link_writes_nothing_through_it(
     staging: Path, outside: Path
 ) -> None:
