@@ -23,7 +23,7 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pyarrow as pa
@@ -73,10 +73,10 @@ def _daemon(argv: list[str]) -> int:
 
     real = topology.check_nodes
 
-    def check_nodes(topo: topology.Topology, node_ids: object) -> None:
-        real(topo, [n for n in node_ids if n in topo.node_ids])  # type: ignore[attr-defined]
+    def check_nodes(topo: topology.Topology, node_ids: Iterable[int]) -> None:
+        real(topo, [n for n in node_ids if n in topo.node_ids])
 
-    topology.check_nodes = check_nodes  # type: ignore[assignment]
+    topology.check_nodes = check_nodes
     return daemon.main(argv)
 
 
@@ -88,7 +88,7 @@ def _agent(argv: list[str]) -> int:
     def check(node: int, *, cpus: str = "", sysfs_root: str | Path = "/") -> binding.Binding:
         return real(HOST_NODE, cpus=cpus, sysfs_root=sysfs_root)
 
-    binding.check = check  # type: ignore[assignment]
+    binding.check = check
     return agent.main(argv)
 
 
