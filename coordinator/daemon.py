@@ -24,7 +24,7 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
 from coordinator import __version__, embedded, hooks, notify
-from coordinator.barrier import Scan, Scanner, watch, watch_watchfiles
+from coordinator.barrier import watch, watch_watchfiles
 from coordinator.batch import FINAL, State, barrier, deadline_verdict, resume_step
 from coordinator.config import Config, load_config, locate, redact_dsn
 from coordinator.errors import ConfigError, CoordinatorError, DatabaseError
@@ -32,6 +32,7 @@ from coordinator.hub import Hub, supervise
 from coordinator.lake import Lake
 from coordinator.ledger import Ledger
 from coordinator.logs import configure
+from coordinator.scanner import Scan, Scanner
 
 log = structlog.get_logger("coordinator.daemon")
 

@@ -16,9 +16,9 @@ import pytest
 
 from agents import slm
 from coordinator import roots
-from coordinator.barrier import QUARANTINE, Scanner
 from coordinator.errors import BatchFinishedError
 from coordinator.roots import Dir, LinkRefused, Root, fit_name
+from coordinator.scanner import QUARANTINE, Scanner
 from tests.tables import result as table
 
 MODELS = ["m1", "m2"]
@@ -248,7 +248,7 @@ def failing(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str, int], No
             under_root = any(k in kw for k in ("dir_fd", "src_dir_fd")) or (
                 a and isinstance(a[0], int)
             )
-            if under_root and caller in ("coordinator.roots", "coordinator.barrier"):
+            if under_root and caller in ("coordinator.roots", "coordinator.scanner"):
                 raise OSError(err, os.strerror(err))
             return real(*a, **kw)
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from coordinator.barrier import Inotify, Stats, watch
+from coordinator.barrier import Inotify, watch
 from coordinator.config import BarrierConfig
+from coordinator.scanner import Stats
 
 CFG = BarrierConfig(debounce_ms=20, step_ms=2, reconcile_s=5.0, settle_s=5.0)
 
