@@ -59,7 +59,8 @@ def may_move(current: State, new: State) -> bool:
     the pipeline checks each step against it.
 
     - Nothing moves out of a final state (done, degraded, failed).
-    - `failed` is reachable from every other state.
+    - `failed` is reachable from every state before the commit; a committed batch never fails
+      (its rows are in: it is archived and cleaned up, if need be after a restart).
     - Before the commit a step may be redone after a retry or a restart, so any state up to
       `aggregating` may follow any other (staging again after crosschecked), but nothing goes
       back to `waiting`.
@@ -69,8 +70,10 @@ def may_move(current: State, new: State) -> bool:
     """
     if current in FINAL:
         return False
-    if new is State.FAILED or new is current:
+    if new is current:
         return True
+    if new is State.FAILED:
+        return current in PRE_COMMIT
     if current in PRE_COMMIT:
         if new in PRE_COMMIT:
             return new is not State.WAITING

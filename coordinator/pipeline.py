@@ -77,6 +77,13 @@ class Pipeline:
             # Anything but cancellation fails this batch alone, never the daemon; the files
             # stay in staging and the reason is in the ledger.
             run.error = str(e) if isinstance(e, CoordinatorError) else f"{type(e).__name__}: {e}"
+            if not may_move(run.state, State.FAILED):
+                # Its rows are in PostgreSQL: it never fails. It stays in status with the
+                # error, and the next start resumes it from the ledger (archive, clean-up).
+                self.log.error(
+                    "step after the commit failed; resumed at the next start", error=run.error
+                )
+                return
             run.state = State.FAILED
             self.log.error("batch failed", error=run.error)
             await self._purge()  # node-local copies are never left behind

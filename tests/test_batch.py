@@ -121,8 +121,8 @@ STEPS = ["ready", "staging", "staged", "crosschecking", "crosschecked", "aggrega
 ALLOWED: dict[str, set[str]] = {
     "waiting": {"waiting", *STEPS, "committed", "failed"},
     **{s: {*STEPS, "committed", "failed"} for s in STEPS},
-    "committed": {"committed", "archived", "done", "degraded", "failed"},
-    "archived": {"archived", "done", "degraded", "failed"},
+    "committed": {"committed", "archived", "done", "degraded"},
+    "archived": {"archived", "done", "degraded"},
     "done": set(),
     "degraded": set(),
     "failed": set(),
