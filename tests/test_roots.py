@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from agents import slm
-from coordinator import roots
+from coordinator import roots, scanner
 from coordinator.errors import BatchFinishedError
 from coordinator.roots import Dir, LinkRefused, Root, fit_name
 from coordinator.scanner import QUARANTINE, Scanner
@@ -214,6 +214,82 @@ def test_a_quarantine_folder_that_is_a_link_is_refused_loudly_and_nothing_moves(
     os.unlink(staging / QUARANTINE if where == "quarantine" else staging / QUARANTINE / "b1")
     assert sc.quarantine("b1", "m1.parquet", "corrupt: test") is not None
     assert sc.stats.quarantine_refused == ""
+
+
+def test_the_scanner_gives_every_entry_its_verdict_once_and_reads_a_file_once(
+    staging: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish_all(staging, "b1")
+    folder = staging / "b1"
+    os.link(folder / "m2.parquet", tmp_path / "second-name")  # m2: two links
+    (folder / "crosscheck_m1.parquet").mkdir()  # a folder where a file belongs
+    (folder / "crosscheck_m2.parquet").write_bytes(b"PAR1" + b"\0" * 40 + b"PAR1")  # corrupt
+    (folder / ".m3.parquet.tmp").write_bytes(b"being written")  # a temp: silently skipped
+    (folder / "notes.txt").write_text("x")
+    (staging / ".hidden").mkdir()
+    (staging / "bad name!").mkdir()
+    (staging / "stray.parquet").write_bytes(b"x")
+    sc = Scanner(staging, settle_s=0)
+    reads: list[str] = []
+    monkeypatch.setattr(scanner, "check_parquet", lambda p: reads.append(p) or slm.check_parquet(p))
+    for _ in range(2):  # the second look reads nothing again and reports nothing again
+        assert sc.batch_ids() == ["b1"]
+        scan = sc.scan("b1", MODELS)
+    assert scan.valid_models() == ["m1"]
+    assert scan.results["m2"].reason == "rejected: hard link (more than one link)"
+    assert scan.crosschecks["m1"].reason == "rejected: not a regular file"
+    assert not scan.crosschecks["m2"].valid
+    assert [n for n, _ in scan.settled_bad] == ["crosscheck_m2.parquet"]
+    assert len(reads) == 2  # m1 and the corrupt file, once each
+    assert sc.stats.rejected == {
+        "bad batch folder name": 1,
+        "not a folder (symlinks are never followed)": 1,
+        "hard link (more than one link)": 1,
+        "not a regular file": 1,
+        "name does not match <model>.parquet": 1,
+    }
+    # A rewrite is read again; a batch forgotten is reported again.
+    slm.publish(staging, "b1", "m1", result(7))
+    assert sc.scan("b1", MODELS).results["m1"].size == (folder / "m1.parquet").stat().st_size
+    assert len(reads) == 3
+    sc.forget("b1")
+    sc.scan("b1", MODELS)
+    assert sc.stats.rejected["hard link (more than one link)"] == 2
+
+
+def test_an_unreadable_file_counts_as_corrupt_only_once_unchanged_for_settle_s(
+    staging: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish_all(staging, "b1")
+    (staging / "b1" / "m2.parquet").write_bytes(b"PAR1 half written")
+    now = [1000.0]
+    monkeypatch.setattr("coordinator.scanner.time.monotonic", lambda: now[0])
+    sc = Scanner(staging, settle_s=5.0)
+    assert sc.scan("b1", MODELS).settled_bad == []
+    now[0] += 4.9
+    assert sc.scan("b1", MODELS).settled_bad == []
+    now[0] += 0.1
+    [(name, reason)] = sc.scan("b1", MODELS).settled_bad
+    assert name == "m2.parquet" and "m2.parquet" in reason
+    # Changed again: the clock starts over for the new content.
+    (staging / "b1" / "m2.parquet").write_bytes(b"PAR1 still being written")
+    assert sc.scan("b1", MODELS).settled_bad == []
+
+
+def test_is_folder_says_no_for_a_link_a_file_a_bad_name_and_nothing(
+    staging: Path, outside: Path
+) -> None:
+    (staging / "b1").mkdir()
+    (staging / "b2").symlink_to(outside)
+    (staging / "b3").write_text("x")
+    sc = Scanner(staging)
+    assert [sc.is_folder(b) for b in ("b1", "b2", "b3", "b4", "../b1")] == [
+        True,
+        False,
+        False,
+        False,
+        False,
+    ]
 
 
 # Every errno the scanner and the quarantine can meet, thrown at each system call they make on
