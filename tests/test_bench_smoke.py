@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +107,35 @@ def test_results_json_round_trips_into_the_table_and_the_docs_block(
     assert all(r.figure[:40] in text for r in rows)
     docs = render_docs(again)
     assert "| figure | ours |" in docs and again["machine"]["kernel"] in docs
+
+
+def bench_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    """`python -m coordinator.bench ...` as a user runs it (the same as coordinatorctl bench)."""
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator.bench", *argv],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=120,
+    )
+
+
+def test_the_bench_command_renders_a_results_file_for_the_docs(
+    quick_run: tuple[dict[str, Any], list[Any]], tmp_path: Path
+) -> None:
+    doc, rows = quick_run
+    results = tmp_path / "results.json"
+    write_results(results, doc)
+    done = bench_cli("--render", str(results))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == render_docs(json.loads(results.read_text())).strip()
+    assert all(r.figure[:40] in done.stdout for r in rows)
+
+
+def test_the_bench_command_refuses_an_unknown_phase_naming_the_ones_it_takes() -> None:
+    done = bench_cli("--only", "barrier,warp")
+    assert done.returncode == 2
+    assert "--only takes codecs,archive,staging,barrier,idle,full,lag,ingest" in done.stderr
 
 
 def test_the_bench_subcommand_takes_the_documented_options() -> None:
