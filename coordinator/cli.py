@@ -1,6 +1,7 @@
 """coordinatorctl: inspect and steer a running coordinatord, check configs, run the demo.
 
-Exit codes (DESIGN.md): 0 ok, 1 error, 2 usage, 3 daemon not running, 4 state unknown.
+Exit codes (docs/operations.md, "Exit codes"): 0 ok, 1 error, 2 usage, 3 daemon not running,
+4 state unknown.
 This is the only place that maps errors to exit codes.
 """
 

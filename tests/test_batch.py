@@ -19,7 +19,7 @@ from coordinator.batch import (
 
 MODELS = [f"slm-{i}" for i in range(1, 8)]
 
-# The lifecycle as DESIGN.md writes it, spelled out here rather than taken from the module.
+# The lifecycle as docs/protocol.md §2 writes it, spelled out rather than taken from the module.
 PIPELINE = [
     "waiting",
     "ready",

@@ -1,5 +1,5 @@
 """coordinatorctl: status/batches/show against a real daemon, check-config without one, and the
-exit codes of DESIGN.md (0 ok, 1 error, 2 usage, 3 daemon not running, 4 state unknown)."""
+exit codes of docs/operations.md (0 ok, 1 error, 2 usage, 3 daemon not running, 4 state unknown)."""
 
 from __future__ import annotations
 
