@@ -25,7 +25,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from coordinator import __version__, embedded, hooks, notify
 from coordinator.barrier import watch, watch_watchfiles
-from coordinator.batch import FINAL, State, barrier, deadline_verdict, resume_step
+from coordinator.batch import FINAL, FileEntry, State, barrier, deadline_verdict, resume_step
 from coordinator.config import Config, load_config, locate, redact_dsn
 from coordinator.errors import ConfigError, CoordinatorError, DatabaseError
 from coordinator.hub import Hub, supervise
@@ -530,18 +530,14 @@ class Daemon:
             await anyio.to_thread.run_sync(
                 self.scanner.quarantine, batch_id, name, f"corrupt: {reason}"
             )
-        if run.counted:
-            # The batch's file set is frozen once counted: a rewrite is quarantined, never
-            # used (the batch goes on with the copies staged from the counted content).
-            for model, ident in run.counted.items():
-                e = scan.results.get(model)
-                if e is not None and e.ident != ident and e.ident != (0, 0, 0):
-                    await anyio.to_thread.run_sync(
-                        self.scanner.quarantine,
-                        batch_id,
-                        e.name,
-                        "rewritten: the file changed after the batch counted it",
-                    )
+        # The batch's file set is frozen once counted: a rewrite is quarantined, never used
+        # (the batch goes on with the copies staged from the counted content).
+        await self._quarantine_rewrites(
+            batch_id,
+            run.counted,
+            scan.results,
+            "rewritten: the file changed after the batch counted it",
+        )
         if run.state is State.WAITING and scan.exists:
             b = barrier(run.config.batch.models, scan.valid_models())
             run.present, run.missing = b.present, b.missing
@@ -549,23 +545,34 @@ class Daemon:
                 run.counted = {m: scan.results[m].ident for m in b.present}
                 await self._fire(run, degraded=False)
         run.crosschecks = tuple(scan.valid_crosschecks())
-        for model, ident in run.cc_counted.items():
-            # The agents reported the files they wrote: another file under such a name is a
-            # rewrite, quarantined and never aggregated (a link is reported and left).
-            e = scan.crosschecks.get(model)
-            if e is not None and e.ident != ident and e.ident != (0, 0, 0):
-                await anyio.to_thread.run_sync(
-                    self.scanner.quarantine,
-                    batch_id,
-                    e.name,
-                    "rewritten: the cross-check file changed after its agent wrote it",
-                )
+        # The agents reported the files they wrote: another file under such a name is a
+        # rewrite, quarantined and never aggregated.
+        await self._quarantine_rewrites(
+            batch_id,
+            run.cc_counted,
+            scan.crosschecks,
+            "rewritten: the cross-check file changed after its agent wrote it",
+        )
         if run.cc_counted and not run.cc_event.is_set():
             ready = scan.counted_crosschecks(run.models, run.cc_counted)
             if run.models and len(ready) == len(run.models):
                 # The second barrier: counted once, as the first one counts the results.
                 run.cc_counted = {m: scan.crosschecks[m].ident for m in run.models}
                 run.cc_event.set()
+
+    async def _quarantine_rewrites(
+        self,
+        batch_id: str,
+        counted: dict[str, tuple[int, int, int]],
+        found: dict[str, FileEntry],
+        reason: str,
+    ) -> None:
+        """Quarantine each counted file that is now another file (a link, which has no
+        identity, is reported by the scan and left where it is)."""
+        for model, ident in counted.items():
+            e = found.get(model)
+            if e is not None and e.ident != ident and e.ident != (0, 0, 0):
+                await anyio.to_thread.run_sync(self.scanner.quarantine, batch_id, e.name, reason)
 
     async def _adopt(self, batch_id: str) -> BatchRun | None:
         """First sight of a batch folder: create its ledger row, or find it finished."""
