@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,6 +170,24 @@ def pg_dsn() -> Iterator[str]:
     finally:
         embedded.stop(state, mode="immediate")
         shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture
+def schema() -> str:
+    """A schema name of this test's own on the session's PostgreSQL."""
+    return f"t_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def admin(pg_dsn: str, schema: str, anyio_backend: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection for looking at (and meddling with) the database behind a ledger on
+    `schema`; the schema is dropped afterwards."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        yield conn
+    finally:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await conn.close()
 
 
 @dataclass

@@ -51,22 +51,6 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def schema() -> str:
-    return f"t_{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-async def admin(pg_dsn: str, schema: str, anyio_backend: str) -> AsyncIterator[asyncpg.Connection]:
-    """A plain connection that holds the row lock and reads the outcome."""
-    conn = await asyncpg.connect(pg_dsn)
-    try:
-        yield conn
-    finally:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await conn.close()
-
-
-@pytest.fixture
 async def holder(pg_dsn: str, anyio_backend: str) -> AsyncIterator[asyncpg.Connection]:
     """The third connection, which holds the batch's row (or an advisory lock) while the
     contenders line up behind it. (Not `admin`: pg_stat_activity is read as one snapshot per

@@ -32,6 +32,7 @@ import pytest
 
 from coordinator.errors import LakeError
 from coordinator.lake import CHUNK, Lake
+from tests.test_lake import aggregates
 
 DATE = "2024-05-01"
 HOST = "127.0.0.1"
@@ -140,18 +141,6 @@ def bucket(moto: Moto, monkeypatch: pytest.MonkeyPatch) -> str:
 def lake_for(moto: Moto, bucket: str) -> Lake:
     return Lake(
         f"s3://{bucket}/lake?endpoint_override={HOST}:{moto.port}&scheme=http&region={REGION}"
-    )
-
-
-def aggregates(n: int = 3) -> pa.Table:
-    return pa.table(
-        {
-            "item_id": [f"i{k}" for k in range(n)],
-            "consensus": ["cat"] * n,
-            "votes": pa.array([2] * n, pa.int32()),
-            "n_models": pa.array([3] * n, pa.int32()),
-            "confidence": [2 / 3] * n,
-        }
     )
 
 

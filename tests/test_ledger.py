@@ -31,22 +31,6 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def schema() -> str:
-    return f"t_{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-async def admin(pg_dsn: str, schema: str, anyio_backend: str) -> AsyncIterator[asyncpg.Connection]:
-    """A plain connection for looking at (and meddling with) the database behind the ledger."""
-    conn = await asyncpg.connect(pg_dsn)
-    try:
-        yield conn
-    finally:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await conn.close()
-
-
-@pytest.fixture
 async def make_ledger(
     pg_dsn: str, schema: str, admin: asyncpg.Connection, anyio_backend: str
 ) -> AsyncIterator[MakeLedger]:

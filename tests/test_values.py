@@ -19,7 +19,6 @@ The data mixes hand-made cases for each rule with a few hundred random items.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import random
@@ -32,8 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import MODELS, Env
-from tests.faultlib import FINAL, lake_dirs, ledger, publish
+from tests.conftest import MODELS
+from tests.faultlib import FINAL, db_rows, lake_dirs, ledger, publish
 
 Vote = tuple[str | None, float | None]  # (prediction, score) of one model for one item
 Batch = dict[str, dict[str, Vote]]  # model -> item_id -> vote
@@ -212,17 +211,6 @@ def expected_kappa(batch: Batch) -> float | None:
     return 1.0 if p_e == 1.0 else (p_bar - p_e) / (1 - p_e)
 
 
-def db(env: Env, sql: str, *args: object) -> list[dict[str, Any]]:
-    async def q() -> list[dict[str, Any]]:
-        conn = await env.db()
-        try:
-            return [dict(r) for r in await conn.fetch(sql.format(s=f'"{env.schema}"'), *args)]
-        finally:
-            await conn.close()
-
-    return asyncio.run(q())
-
-
 @pytest.fixture
 def batch() -> Iterator[Batch]:
     yield merged(handmade(), random_items(1871))
@@ -245,7 +233,7 @@ def test_the_committed_consensus_is_an_independent_majority_vote_over_the_publis
         publish(env, "values", model, to_table(model, batch[model]))
     assert d.wait_state("values", FINAL, timeout=90)["state"] == "done", d.tail()
 
-    rows = db(
+    rows = db_rows(
         env,
         "SELECT item_id, consensus, votes, n_models, confidence FROM {s}.aggregates"
         " WHERE batch_id = $1 ORDER BY item_id",
@@ -262,7 +250,7 @@ def test_the_committed_consensus_is_an_independent_majority_vote_over_the_publis
             wrong.append((item, how, (consensus, votes, n_models, confidence), r))
     assert not wrong, f"{len(wrong)} of {len(want)} items differ, e.g. {wrong[:5]}"
 
-    pairs = db(
+    pairs = db_rows(
         env,
         "SELECT model_a, model_b, agreement, n_common FROM {s}.model_agreement WHERE batch_id = $1",
         "values",
