@@ -284,6 +284,41 @@ def qemu_command(kernel: Kernel, initramfs: Path, job: Path) -> list[str]:
     ]
 
 
+def run_guest(command: list[str], job: Path, timeout: float, *, tail: int) -> dict[str, Any]:
+    """Run a guest to its end; return the result.json it wrote into `job`, with the last `tail`
+    characters of its console (`console`) and its wall time (`boot_s`). VMError if it ran past
+    `timeout` or wrote no result, with the console and the job's *.log files."""
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(
+            command,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+        )
+        console = proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else ""
+        raise VMError(f"the guest ran past {timeout:.0f} s; console:\n{out[-tail:]}") from None
+    elapsed = time.monotonic() - t0
+    result_file = job / "result.json"
+    if not result_file.is_file():
+        logs = "".join(
+            f"\n--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+            for p in sorted(job.glob("*.log"))
+        )
+        raise VMError(
+            f"the guest wrote no result (qemu exit {proc.returncode}); console:\n"
+            f"{console[-tail:]}{logs}"
+        )
+    result: dict[str, Any] = json.loads(result_file.read_text())
+    result["console"] = console[-tail:]
+    result["boot_s"] = round(elapsed, 1)
+    return result
+
+
 def boot(*, timeout: float = 420.0, rows: int = 100_000, keep: bool = False) -> dict[str, Any]:
     """Boot the guest on a fresh batch and return what guest.py found (plus `console` and
     `boot_s`); VMError if it did not report."""
@@ -298,34 +333,7 @@ def boot(*, timeout: float = 420.0, rows: int = 100_000, keep: bool = False) -> 
         (job / "job.json").write_text(
             json.dumps({"root": str(ROOT), "batch_id": batch_id, "models": models})
         )
-        t0 = time.monotonic()
-        try:
-            proc = subprocess.run(
-                qemu_command(kernel, initramfs, job),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                errors="replace",
-                timeout=timeout,
-            )
-            console = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as e:
-            out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else ""
-            raise VMError(f"the guest ran past {timeout:.0f} s; console:\n{out[-6000:]}") from None
-        elapsed = time.monotonic() - t0
-        result_file = job / "result.json"
-        if not result_file.is_file():
-            logs = "".join(
-                f"\n--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-                for p in sorted(job.glob("*.log"))
-            )
-            raise VMError(
-                f"the guest wrote no result (qemu exit {proc.returncode}); console:\n"
-                f"{console[-6000:]}{logs}"
-            )
-        result: dict[str, Any] = json.loads(result_file.read_text())
-        result["console"] = console[-6000:]
-        result["boot_s"] = round(elapsed, 1)
+        result = run_guest(qemu_command(kernel, initramfs, job), job, timeout, tail=6000)
         result["kernel"] = kernel.version
         result["files"] = sizes
         result["rows"] = rows

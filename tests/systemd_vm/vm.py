@@ -33,10 +33,8 @@ import lzma
 import os
 import shutil
 import stat
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -309,30 +307,7 @@ def boot(spec: dict[str, Any], *, timeout: float = 600.0, keep: bool = False) ->
     try:
         (job / "job.json").write_text(json.dumps({"root": str(ROOT), **spec}))
         write_tree(job, python)
-        t0 = time.monotonic()
-        try:
-            proc = subprocess.run(
-                qemu_command(kernel, initramfs, job),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                errors="replace",
-                timeout=timeout,
-            )
-            console = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as e:
-            out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else ""
-            raise VMError(f"the guest ran past {timeout:.0f} s; console:\n{out[-8000:]}") from None
-        elapsed = time.monotonic() - t0
-        result_file = job / "result.json"
-        if not result_file.is_file():
-            raise VMError(
-                f"the guest wrote no result (qemu exit {proc.returncode}); console:\n"
-                f"{console[-8000:]}"
-            )
-        result: dict[str, Any] = json.loads(result_file.read_text())
-        result["console"] = console[-8000:]
-        result["boot_s"] = round(elapsed, 1)
+        result = numa_vm.run_guest(qemu_command(kernel, initramfs, job), job, timeout, tail=8000)
         result["kernel"] = kernel.version
         if keep:
             result["job"] = str(job)
