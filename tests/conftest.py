@@ -25,6 +25,7 @@ import pytest
 
 from coordinator.control import call
 from coordinator.errors import ControlError
+from tests import early
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = [f"slm-{i}" for i in range(1, 8)]
@@ -96,6 +97,19 @@ class SkipGuard:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(SkipGuard(strict=in_ci()), "numa-coordinator-skip-guard")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests of modules with early work (tests/early.py: the QEMU guests) go last, and that work
+    starts now, so that it runs while the rest of the suite does."""
+    late = [i for i in items if early.registered(module_name(i))]
+    items[:] = [i for i in items if not early.registered(module_name(i))] + late
+    early.start({module_name(i) for i in late})
+
+
+def module_name(item: pytest.Item) -> str:
+    module = getattr(item, "module", None)
+    return module.__name__ if module is not None else ""
 
 
 def agent_config(root: Path, node_tmpfs: str, node: int, models: list[str]) -> Path:

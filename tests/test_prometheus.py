@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from agents import slm
+from coordinator.errors import BatchFinishedError
 from tests.conftest import MODELS, ROOT, Daemon, Env, wait_until
 from tests.test_flow import ROWS, db_rows, publish_all, tables
 from tests.test_metrics import METRIC_NAME, dashboard_exprs, free_port
@@ -251,7 +252,18 @@ def batch_scraped(
     row = d.wait_state("p-001", {"done", "failed", "degraded"})
     assert row["state"] == "done", row["error"]
     if mishaps:
-        slm.publish(env.staging, "p-001", MODELS[0], tables(32)[MODELS[0]])
+        # Published again after the batch is done: the daemon quarantines it. A publish that
+        # meets the daemon removing the finished batch's folder is refused (BatchFinishedError,
+        # nothing taken); publish again until one is taken, as a producer would.
+        again = tables(32)[MODELS[0]]
+        for _ in range(10):
+            try:
+                slm.publish(env.staging, "p-001", MODELS[0], again)
+                break
+            except BatchFinishedError:
+                continue
+        else:
+            pytest.fail("every publish into the finished batch was refused")
         for family in ("rejected", "quarantined"):
             wait_until(
                 lambda f=family: prom.vector(f"numa_coordinator_files_{f}_total"),

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests import early
 from tests.numa_vm import vm
 
 pytestmark = [
@@ -34,11 +35,18 @@ MIN_FRACTION = 0.99
 SLACK_KB = 64
 
 
+def boot() -> dict[str, Any]:
+    return vm.boot(timeout=600)
+
+
+early.register(__name__, boot)  # boots while the rest of the suite runs
+
+
 @pytest.fixture(scope="module")
 def guest() -> dict[str, Any]:
     """One boot for the whole module: the guest's findings (see guest.py)."""
     try:
-        result = vm.boot(timeout=600)
+        result: dict[str, Any] = early.result(__name__)
     except vm.VMError as e:
         pytest.fail(str(e))
     assert "error" not in result, result["error"] + "\n" + result["console"]

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
+from tests import early
 from tests.systemd_vm import pg, vm
 
 pytestmark = [
@@ -64,19 +64,27 @@ async def refused_without_password(dsn: str) -> str:
     return ""
 
 
-@pytest.fixture(scope="module")
-def guest() -> Iterator[dict[str, Any]]:
-    """One boot for the whole module: the guest's findings, plus the host's view of the
-    external database afterwards."""
+def boot() -> dict[str, Any]:
+    """The guest's findings, plus the host's view of the external database afterwards."""
     with pg.server() as server:
-        try:
-            result = vm.boot({"pg": server, "rows": ROWS}, timeout=840)
-        except vm.VMError as e:
-            pytest.fail(str(e))
+        result = vm.boot({"pg": server, "rows": ROWS}, timeout=840)
         result["host_ledger"] = asyncio.run(ledger_rows(server["local_dsn"]))
         result["host_no_password"] = asyncio.run(refused_without_password(server["nopassword_dsn"]))
         result["pg_password"] = server["password"]
-        yield result
+        return result
+
+
+early.register(__name__, boot)  # boots while the rest of the suite runs
+
+
+@pytest.fixture(scope="module")
+def guest() -> dict[str, Any]:
+    """One boot for the whole module (see boot)."""
+    try:
+        result: dict[str, Any] = early.result(__name__)
+    except vm.VMError as e:
+        pytest.fail(str(e))
+    return result
 
 
 def step(guest: dict[str, Any], name: str) -> dict[str, Any]:
