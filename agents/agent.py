@@ -27,9 +27,11 @@ from anyio.abc import SocketStream
 from agents import aggregation, binding, placement, slm
 from agents import staging as stg
 from agents.crosscheck import load_crosscheck
-from coordinator import __version__, hooks
-from coordinator.config import Config, load_config
-from coordinator.errors import (
+from agents.lake import Lake
+from coordinator import __version__
+from coordinator.core import hooks
+from coordinator.core.config import Config, load_config
+from coordinator.core.errors import (
     BindingError,
     ConfigError,
     CoordinatorError,
@@ -37,11 +39,10 @@ from coordinator.errors import (
     ParquetError,
     StagingError,
 )
-from coordinator.lake import Lake
-from coordinator.logs import configure
-from coordinator.protocol import AGENT_TYPES, LineReader, decode, encode
-from coordinator.roots import Dir, LinkRefused, Root, fd_path
-from coordinator.summary import PARQUET_NAME
+from coordinator.core.logs import configure
+from coordinator.core.protocol import AGENT_TYPES, LineReader, decode, encode
+from coordinator.core.roots import Dir, LinkRefused, Root, fd_path
+from coordinator.core.summary import PARQUET_NAME
 
 log = structlog.get_logger("agents.agent")
 
@@ -61,7 +62,7 @@ class Agent:
         self.crosscheck_fn = load_crosscheck(config.crosscheck_function)
         self.lake = Lake(config.paths.lake)
         # Every file under these is reached from their descriptors, never followed through a
-        # link (coordinator.roots): staging is shared with the models' writers.
+        # link (coordinator.core.roots): staging is shared with the models' writers.
         self.staging = Root(config.paths.staging)
         self.local = Root(self.tmpfs, create=True)
 

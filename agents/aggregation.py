@@ -2,7 +2,7 @@
 
 Copies the batch's cross-check results (the second barrier's files in staging) into the
 agent's node-local folder of the batch, reads those copies (only the three columns the vote
-needs), aggregates them (`coordinator.aggregate`), and writes the rows there too:
+needs), aggregates them (`agents.consensus`), and writes the rows there too:
 `aggregates.csv` (what the coordinator COPYs into PostgreSQL) and `aggregates.parquet` (what
 the archive takes to the lake, with the copies). Each is written under a dot-temp name and
 renamed when complete, so a killed agent never leaves a file that looks whole.
@@ -22,11 +22,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from agents import slm
+from agents.consensus import aggregate
 from agents.staging import copy_file
-from coordinator.aggregate import aggregate
-from coordinator.errors import NoSpaceError, ParquetError
-from coordinator.roots import Dir
-from coordinator.summary import CSV_NAME, PARQUET_NAME, AggregateFiles, rows_csv, summarise
+from coordinator.core.errors import NoSpaceError, ParquetError
+from coordinator.core.roots import Dir
+from coordinator.core.summary import CSV_NAME, PARQUET_NAME, AggregateFiles, rows_csv, summarise
 
 __all__ = ["AGGREGATE_COLUMNS", "aggregate_batch"]
 

@@ -12,8 +12,8 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.errors import BindingError
-from coordinator.topology import parse_cpulist
+from coordinator.core.errors import BindingError
+from coordinator.core.topology import parse_cpulist
 
 # get_mempolicy(2) syscall numbers; glibc has no wrapper (libnuma does, but is not required).
 _SYS_GET_MEMPOLICY = {"x86_64": 239, "aarch64": 236, "ppc64le": 260, "s390x": 269}

@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import pyarrow as pa
 
-from coordinator.aggregate import NO_VOTE, normalise_result, vote_matrix
-from coordinator.errors import ConfigError
+from agents.consensus import NO_VOTE, normalise_result, vote_matrix
+from coordinator.core.errors import ConfigError
 
 __all__ = [
     "CROSSCHECK_SCHEMA",

@@ -17,9 +17,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from coordinator.config import NAME_RE
-from coordinator.errors import BatchFinishedError, ParquetError
-from coordinator.roots import Dir, fd_path
+from coordinator.core.config import NAME_RE
+from coordinator.core.errors import BatchFinishedError, ParquetError
+from coordinator.core.roots import Dir, fd_path
 
 RESULT_COLUMNS = ("item_id", "prediction")
 

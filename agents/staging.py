@@ -3,7 +3,7 @@
 Runs inside the staging agent, whose memory policy binds every page it allocates (tmpfs pages
 included) to its node. A copy goes to `.<name>.tmp` and is renamed when complete, so a killed
 agent leaves only temp files, which the next agent removes at start. Both sides are reached
-through open folders (`coordinator.roots`): a link in staging is refused, never followed.
+through open folders (`coordinator.core.roots`): a link in staging is refused, never followed.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator import hooks
-from coordinator.errors import NoSpaceError, StagingError
-from coordinator.roots import Dir, LinkRefused, fd_path
+from coordinator.core import hooks
+from coordinator.core.errors import NoSpaceError, StagingError
+from coordinator.core.roots import Dir, LinkRefused, fd_path
 
 CHUNK = 1 << 30  # copy_file_range length per call; the kernel copies at most ~2 GiB at once.
 # Keep a margin free so the node's tmpfs never fills to the last page.

@@ -23,8 +23,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from coordinator.control import call
-from coordinator.errors import ControlError
+from coordinator.core.errors import ControlError
+from coordinator.daemon.control import call
 from tests import early
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,14 +175,14 @@ def pg_dsn() -> Iterator[str]:
     if os.environ.get("TEST_DSN"):
         yield os.environ["TEST_DSN"]
         return
-    from coordinator import embedded
+    from coordinator.daemon import embedded_pg
 
     state = Path(tempfile.mkdtemp(prefix="nc-pg-"))
-    dsn, _ = embedded.start(state)
+    dsn, _ = embedded_pg.start(state)
     try:
         yield dsn
     finally:
-        embedded.stop(state, mode="immediate")
+        embedded_pg.stop(state, mode="immediate")
         shutil.rmtree(state, ignore_errors=True)
 
 
@@ -301,10 +301,10 @@ def env(tmp_path: Path, pg_dsn: str) -> Iterator[Env]:
 
 
 def _stop_pg_and_remove(state: Path) -> None:
-    from coordinator import embedded
+    from coordinator.daemon import embedded_pg
 
     with contextlib.suppress(Exception):
-        embedded.stop(state, mode="immediate")
+        embedded_pg.stop(state, mode="immediate")
     shutil.rmtree(state, ignore_errors=True)
 
 

@@ -1,6 +1,6 @@
 """Write a fake sysfs tree shaped like the seed's dual-socket machine.
 
-Kept independent of ``coordinator.topology`` on purpose: it writes the files the kernel writes,
+Kept independent of ``coordinator.core.topology`` on purpose: it writes the files the kernel writes,
 in the kernel's formats, so reading them back is a real test of the reader. Numbering follows the
 seed: node n holds global cores ``n * cores_per_node ...``, and core N has threads
 ``N, N + total_cores, ...`` (on the seed, node 0 = threads 0-17 and 36-53, core N -> N and N+36).

@@ -1,4 +1,4 @@
-"""Helpers of the fault-injection suite (tests/test_faults.py): publishing with known bytes,
+"""Helpers of the fault-injection suite (tests/system/test_faults.py): publishing with known bytes,
 reading PostgreSQL, and the one check every fault ends with — the batch landed exactly once."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def hooks(**kw: Any) -> dict[str, str]:
 
 
 def tables(seed: int, rows: int = ROWS) -> dict[str, pa.Table]:
-    from coordinator.demo import synthetic_batch
+    from coordinator.ctl.demo import synthetic_batch
 
     return synthetic_batch(rows, seed)[1]
 

@@ -69,7 +69,8 @@ def recording_crosscheck(model: str, tables: Mapping[str, pa.Table]) -> pa.Table
 
 
 def _daemon(argv: list[str]) -> int:
-    from coordinator import daemon, topology
+    from coordinator.core import topology
+    from coordinator.daemon import service as daemon
 
     real = topology.check_nodes
 

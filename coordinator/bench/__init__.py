@@ -465,7 +465,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         print(render_docs(json.loads(Path(args.render).read_text())))
         return 0
-    from coordinator.logs import configure
+    from coordinator.core.logs import configure
 
     configure("error", "console")  # the Hub and Ledger used in-process: errors, on stderr
     argv = ["coordinatorctl", "bench"]

@@ -28,12 +28,12 @@ import pyarrow.parquet as pq
 
 from agents import slm
 from agents.aggregation import AGGREGATE_COLUMNS
+from agents.consensus import BatchAggregate, aggregate
 from agents.crosscheck import crosscheck
-from coordinator.aggregate import BatchAggregate, aggregate
-from coordinator.hub import Hub
-from coordinator.lake import Lake
-from coordinator.ledger import Ledger
-from coordinator.summary import COPY_COLUMNS, rows_csv, summarise
+from agents.lake import Lake
+from coordinator.core.summary import COPY_COLUMNS, rows_csv, summarise
+from coordinator.daemon.hub import Hub
+from coordinator.daemon.ledger import Ledger
 
 AGG_COLUMNS = list(COPY_COLUMNS)
 

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator import embedded
 from coordinator.bench import anchors
 from coordinator.bench.report import percentile
-from coordinator.control import call
-from coordinator.demo import MODELS, synthetic_batch
-from coordinator.errors import ControlError, CoordinatorError
+from coordinator.core.errors import ControlError, CoordinatorError
+from coordinator.ctl.demo import MODELS, synthetic_batch
+from coordinator.daemon import embedded_pg
+from coordinator.daemon.control import call
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -518,7 +518,7 @@ def run(p: Params, *, dsn: str = "") -> Measured:
 
         if not dsn:
             say("starting embedded PostgreSQL")
-            dsn, _ = embedded.start(d.state)
+            dsn, _ = embedded_pg.start(d.state)
             started_pg = True
         schema = f"bench_{os.getpid()}"
         cfg = d.root / "coordinator.toml"
@@ -566,7 +566,7 @@ def run(p: Params, *, dsn: str = "") -> Measured:
         if daemon is not None:
             daemon.stop()
         if started_pg:
-            embedded.stop(d.state)
+            embedded_pg.stop(d.state)
         if os.environ.get("BENCH_KEEP"):
             say(f"kept {d.root} {d.tmpfs} {d.run}")
         else:

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import anyio
 
-from coordinator.batch import State
-from coordinator.config import load_config
-from coordinator.daemon import Daemon
-from coordinator.logs import configure
+from coordinator.core.batch import State
+from coordinator.core.config import load_config
+from coordinator.core.logs import configure
+from coordinator.daemon.service import Daemon
 
 TICK_S = 0.001
 # What a sample is tagged with: the latest step any batch in flight is in.

@@ -4,7 +4,7 @@
 
 JOB_DIR (a writable 9p share) holds job.json ({root, batch_id, models}) and staging/<batch_id>/
 with the models' Parquet files. This script stands in for the coordinator's side of the agent
-socket (coordinator.protocol, no PostgreSQL in the guest) and starts, as the daemon does,
+socket (coordinator.core.protocol, no PostgreSQL in the guest) and starts, as the daemon does,
 `numactl --membind=N --cpunodebind=N python -m agents.agent --node N ...` for:
 
 - node0: node 0's agent; its tmpfs is a plain tmpfs, so the agent's bound policy places pages;
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 import anyio  # noqa: E402
 from anyio.abc import SocketStream  # noqa: E402
 
-from coordinator.protocol import AGENT_TYPES, LineReader, decode, encode  # noqa: E402
+from coordinator.core.protocol import AGENT_TYPES, LineReader, decode, encode  # noqa: E402
 
 WORK = Path("/run/nvm")
 SOCKET = WORK / "agents.sock"

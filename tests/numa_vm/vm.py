@@ -248,7 +248,7 @@ def publish_batch(job: Path, batch_id: str, rows: int) -> list[str]:
     """A real batch (7 models' results, zstd Parquet, through the SDK) in the job's staging."""
     sys.path.insert(0, str(ROOT))
     from agents import slm
-    from coordinator.demo import synthetic_batch
+    from coordinator.ctl.demo import synthetic_batch
 
     _, tables = synthetic_batch(rows, seed=5)
     for model, table in tables.items():

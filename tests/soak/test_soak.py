@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 from agents import slm
-from coordinator import embedded
+from coordinator.daemon import embedded_pg
 from tests.conftest import MODELS, Env, wait_until
-from tests.test_database_faults import count_rows
-from tests.test_flow import tables
+from tests.system.test_database_faults import count_rows
+from tests.system.test_flow import tables
 
 BATCHES = int(os.environ.get("SOAK_BATCHES", "50"))
 ROWS = 120
@@ -71,9 +71,9 @@ def test_soak_under_chaos_loses_nothing_and_duplicates_nothing(env: Env, daemon)
                     except ProcessLookupError:
                         continue
             else:
-                embedded.stop(env.state, mode="immediate")
+                embedded_pg.stop(env.state, mode="immediate")
                 time.sleep(rng.uniform(0.0, 1.0))
-                embedded.start(env.state)
+                embedded_pg.start(env.state)
             chaos_log[action] += 1
     finally:
         pub.join()

@@ -34,7 +34,7 @@ SPEC = json.loads((JOB / "job.json").read_text())
 ROOT = Path(SPEC["root"])
 sys.path.insert(0, str(ROOT))
 
-from coordinator.control import call  # noqa: E402
+from coordinator.daemon.control import call  # noqa: E402
 
 UNITS = ROOT / "systemd"
 OPT = Path("/opt/numa-coordinator")
@@ -181,8 +181,8 @@ def install_program() -> dict[str, Any]:
     site = OPT / "lib" / f"python{ver}" / "site-packages"
     (site / "numa_coordinator.pth").write_text(f"{OPT / 'src'}\n{OPT / 'deps'}\n")
     for tool, module in (
-        ("coordinatord", "coordinator.daemon"),
-        ("coordinatorctl", "coordinator.cli"),
+        ("coordinatord", "coordinator.daemon.service"),
+        ("coordinatorctl", "coordinator.ctl.main"),
         ("staging-agent", "agents.agent"),
     ):
         script = OPT / "bin" / tool
@@ -353,7 +353,7 @@ def hold_leader_lock() -> subprocess.Popen[str]:
     pgserver package), so that the daemon stays in standby, without READY=1, until it ends."""
     import importlib.util
 
-    from coordinator.ledger import lock_key
+    from coordinator.daemon.ledger import lock_key
 
     pkg = importlib.util.find_spec("pgserver")
     assert pkg is not None and pkg.submodule_search_locations
@@ -444,7 +444,7 @@ def publish(batch: str, models: list[str], seed: int) -> None:
     code = (
         "import os\n"
         "from agents.slm import publish\n"
-        "from coordinator.demo import synthetic_batch\n"
+        "from coordinator.ctl.demo import synthetic_batch\n"
         f"folder = os.path.join({str(STAGING)!r}, {batch!r})\n"
         "os.mkdir(folder, 0o770)\n"
         "os.chmod(folder, 0o2770)\n"

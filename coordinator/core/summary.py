@@ -1,0 +1,155 @@
+"""A batch's aggregate as the coordinator holds it: the summary, and the files that carry the rows.
+
+The per-item rows (two million a batch at the seed's sizes) never enter the coordinator: the
+aggregating agent writes them, node-locally, as `aggregates.csv` (the COPY payload, batch_id
+first) and `aggregates.parquet` (for the lake), and sends back only this summary and the two
+paths. The coordinator streams the first into PostgreSQL and copies the second into the lake.
+
+Pure: the CSV encoding and the wire form of the summary; the files are written by
+`agents.aggregation`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from agents.consensus import BatchAggregate, PairAgreement
+from coordinator.core.errors import ProtocolError
+
+__all__ = [
+    "COPY_COLUMNS",
+    "CSV_NAME",
+    "PARQUET_NAME",
+    "AggregateFiles",
+    "AggregateSummary",
+    "rows_csv",
+    "summarise",
+]
+
+# The columns of `aggregates`, in the order of the CSV the agent writes and COPY reads.
+COPY_COLUMNS = ("batch_id", "item_id", "consensus", "votes", "n_models", "confidence")
+# The aggregating agent's files, in its node-local folder of the batch.
+CSV_NAME = "aggregates.csv"
+PARQUET_NAME = "aggregates.parquet"
+
+
+@dataclass(frozen=True)
+class AggregateSummary:
+    """Everything of a batch's aggregate but its per-item rows."""
+
+    rows: int
+    agreement: tuple[PairAgreement, ...]
+    fleiss_kappa: float | None
+    consensus_agreement: dict[str, float | None]
+    models: tuple[str, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        """The summary as JSON-able values (the agent's `aggregated` reply)."""
+        return {
+            "rows": self.rows,
+            "agreement": [[p.model_a, p.model_b, p.agreement, p.n_common] for p in self.agreement],
+            "fleiss_kappa": self.fleiss_kappa,
+            "consensus_agreement": dict(self.consensus_agreement),
+            "models": list(self.models),
+        }
+
+    @classmethod
+    def from_wire(cls, msg: Mapping[str, Any]) -> AggregateSummary:
+        """Parse `to_wire`'s form; ProtocolError naming the field when it is malformed."""
+        try:
+            rows = msg["rows"]
+            if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+                raise ValueError(f"rows: expected a count, found {rows!r}")
+            pairs = tuple(
+                PairAgreement(str(a), str(b), _opt_float(agr, "agreement"), int(n))
+                for a, b, agr, n in msg["agreement"]
+            )
+            shares = {
+                str(m): _opt_float(v, "consensus_agreement")
+                for m, v in dict(msg["consensus_agreement"]).items()
+            }
+            return cls(
+                rows=rows,
+                agreement=pairs,
+                fleiss_kappa=_opt_float(msg["fleiss_kappa"], "fleiss_kappa"),
+                consensus_agreement=shares,
+                models=tuple(str(m) for m in msg["models"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProtocolError(f"malformed aggregate summary: {type(e).__name__}: {e}") from e
+
+
+def _opt_float(value: object, field: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{field}: expected a finite number or null, found {value!r}")
+    return float(value)
+
+
+def summarise(agg: BatchAggregate) -> AggregateSummary:
+    """The summary of a full aggregate."""
+    return AggregateSummary(
+        rows=agg.items.num_rows,
+        agreement=agg.agreement,
+        fleiss_kappa=agg.fleiss_kappa,
+        consensus_agreement=dict(agg.consensus_agreement),
+        models=agg.models,
+    )
+
+
+@dataclass(frozen=True)
+class AggregateFiles:
+    """A batch's aggregate after the agent's step: the summary, where the files are, and who
+    wrote them."""
+
+    summary: AggregateSummary
+    node: int
+    rows_csv: Path  # COPY payload, COPY_COLUMNS with a header
+    parquet: Path  # aggregates.parquet for the lake
+    seconds: float
+
+    @classmethod
+    def from_reply(cls, reply: Mapping[str, Any], node: int, local: Path) -> AggregateFiles:
+        """Check an agent's `aggregated` reply. The files must be the batch's own in that
+        node's folder `local` (the coordinator reads nothing else an agent names) and the
+        summary well formed; ProtocolError naming the field otherwise."""
+        files = {"rows_csv": local / CSV_NAME, "parquet": local / PARQUET_NAME}
+        for key, path in files.items():
+            if reply.get(key) != str(path):
+                raise ProtocolError(
+                    f"agent on node {node}: aggregated reply: {key} is {reply.get(key)!r},"
+                    f" expected {str(path)!r}"
+                )
+        seconds = reply.get("seconds", 0.0)
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            raise ProtocolError(f"agent on node {node}: aggregated reply: seconds {seconds!r}")
+        return cls(
+            summary=AggregateSummary.from_wire(reply.get("summary") or {}),
+            node=node,
+            rows_csv=files["rows_csv"],
+            parquet=files["parquet"],
+            seconds=float(seconds),
+        )
+
+
+def rows_csv(items: pa.Table, batch_id: str) -> bytes:
+    """A batch's aggregates as CSV for COPY (COPY_COLUMNS, with a header): encoded by Arrow in
+    C++, with no Python loop per row."""
+    cols = items.select(["item_id", "consensus", "votes", "n_models", "confidence"])
+    # An item every model left null has no consensus and confidence 0, not NULL.
+    conf = pc.fill_null(cols.column("confidence"), 0.0)
+    cols = cols.set_column(4, "confidence", conf)
+    cols = cols.add_column(0, "batch_id", pa.repeat(pa.scalar(batch_id, pa.string()), len(cols)))
+    buf = io.BytesIO()
+    pacsv.write_csv(cols, buf, pacsv.WriteOptions(include_header=True, quoting_style="needed"))
+    return buf.getvalue()

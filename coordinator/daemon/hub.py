@@ -1,0 +1,247 @@
+"""The coordinator's side of the agents: the agent socket, request/reply, and supervision.
+
+Agents connect to `runtime_dir/agents.sock` and say hello with their node. `Hub.request` sends a
+step to a node's agent and waits for its reply; if the agent goes away mid-step the waiter gets an
+AgentError and the batch retries the step once the agent (restarted by `supervise`, or by systemd)
+is back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import SocketStream, TaskStatus
+
+from coordinator.core.config import Config
+from coordinator.core.errors import AgentError, NoSpaceError, ParquetError, ProtocolError
+from coordinator.core.protocol import AGENT_TYPES, LineReader, decode, encode
+
+log = structlog.get_logger("coordinator.daemon.hub")
+
+
+@dataclass
+class _Pending:
+    event: anyio.Event = field(default_factory=anyio.Event)
+    reply: dict[str, Any] | None = None
+    error: Exception | None = None
+
+
+@dataclass
+class AgentConn:
+    """One connected agent."""
+
+    node: int
+    hello: dict[str, Any]
+    stream: SocketStream
+    connected_at: float = field(default_factory=time.time)
+    last_heartbeat: float = field(default_factory=time.time)
+    heartbeat: dict[str, Any] = field(default_factory=dict)
+    pending: dict[int, _Pending] = field(default_factory=dict)
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    def describe(self) -> dict[str, Any]:
+        """What status shows about this agent."""
+        return {
+            "node": self.node,
+            "pid": self.hello.get("pid"),
+            "cpus": self.hello.get("cpus"),
+            "mems": self.hello.get("mems"),
+            "policy": self.hello.get("policy"),
+            "connected": True,
+            "connected_at": self.connected_at,
+            "last_heartbeat_age_s": round(time.time() - self.last_heartbeat, 3),
+            "tmpfs_used": self.heartbeat.get("tmpfs_used"),
+            "tmpfs_free": self.heartbeat.get("tmpfs_free"),
+        }
+
+
+class Hub:
+    """Connections to the staging agents, one per node."""
+
+    def __init__(self) -> None:
+        self.agents: dict[int, AgentConn] = {}
+        self._ids = itertools.count(1)
+        self.restarts: dict[int, int] = {}
+        self._connected = anyio.Event()  # set (and renewed) whenever an agent says hello
+        # Called with each new connection (the daemon purges leftover copies through it).
+        self.on_hello: Callable[[AgentConn], None] | None = None
+
+    async def serve(self, sock_path: Path, *, task_status: TaskStatus[None]) -> None:
+        """Listen on the agent socket."""
+        await anyio.Path(sock_path).unlink(missing_ok=True)
+        listener = await anyio.create_unix_listener(sock_path)
+        os.chmod(sock_path, 0o660)
+        task_status.started()
+        async with listener:
+            await listener.serve(self._handle)
+
+    async def _handle(self, stream: SocketStream) -> None:
+        reader = LineReader(stream)
+        conn: AgentConn | None = None
+        try:
+            line = await reader.readline()
+            if line is None:
+                return
+            hello = decode(line, types=AGENT_TYPES)
+            if hello["type"] != "hello" or not isinstance(hello.get("node"), int):
+                raise ProtocolError(f"expected hello with a node, got {hello['type']}")
+            conn = AgentConn(node=hello["node"], hello=hello, stream=stream)
+            old = self.agents.get(conn.node)
+            if old is not None:
+                self._fail_pending(old, "replaced by a new connection")
+                await old.stream.aclose()
+            self.agents[conn.node] = conn
+            self._connected.set()
+            self._connected = anyio.Event()
+            if self.on_hello is not None:
+                self.on_hello(conn)
+            log.info(
+                "agent connected",
+                node=conn.node,
+                pid=hello.get("pid"),
+                cpus=hello.get("cpus"),
+                mems=hello.get("mems"),
+            )
+            while (line := await reader.readline()) is not None:
+                msg = decode(line, types=AGENT_TYPES)
+                if msg["type"] == "heartbeat":
+                    conn.last_heartbeat = time.time()
+                    conn.heartbeat = msg
+                    continue
+                req = msg.get("req")
+                pending = conn.pending.pop(req, None) if isinstance(req, int) else None
+                if pending is None:
+                    log.warning("reply to no request", node=conn.node, msg_type=msg["type"])
+                    continue
+                pending.reply = msg
+                pending.event.set()
+        except ProtocolError as e:
+            log.error("bad message from agent", error=str(e))
+        finally:
+            if conn is not None:
+                if self.agents.get(conn.node) is conn:
+                    del self.agents[conn.node]
+                self._fail_pending(conn, "disconnected")
+                log.warning("agent disconnected", node=conn.node)
+            await stream.aclose()
+
+    def _fail_pending(self, conn: AgentConn, why: str) -> None:
+        for p in conn.pending.values():
+            p.error = AgentError(f"agent on node {conn.node} {why} during the step")
+            p.event.set()
+        conn.pending.clear()
+
+    async def wait_for(self, node: int, within_s: float) -> AgentConn:
+        """The node's agent, waiting up to `within_s` seconds for it to connect."""
+        with anyio.move_on_after(within_s):
+            while node not in self.agents:
+                await self._connected.wait()
+        conn = self.agents.get(node)
+        if conn is None:
+            raise AgentError(f"no agent for node {node} connected within {within_s:.0f} s")
+        return conn
+
+    async def request(self, node: int, msg: dict[str, Any], *, within_s: float) -> dict[str, Any]:
+        """Send a step to the node's agent and return its reply; AgentError if it fails or
+        no reply comes within `within_s` seconds."""
+        timeout = within_s
+        conn = await self.wait_for(node, timeout)
+        req = next(self._ids)
+        pending = _Pending()
+        conn.pending[req] = pending
+        try:
+            async with conn.lock:
+                await conn.stream.send(encode({**msg, "req": req}))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as e:
+            conn.pending.pop(req, None)
+            raise AgentError(f"agent on node {node}: send failed: {e}") from e
+        with anyio.move_on_after(timeout) as scope:
+            await pending.event.wait()
+        if scope.cancelled_caught:
+            conn.pending.pop(req, None)
+            raise AgentError(f"agent on node {node}: no reply to {msg['type']} in {timeout:.0f} s")
+        if pending.error is not None:
+            raise pending.error
+        reply = pending.reply
+        assert reply is not None
+        if reply["type"] == "error":
+            text = f"agent on node {node}: {msg['type']} failed: {reply.get('message')}"
+            if reply.get("code") == "nospace":
+                raise NoSpaceError(text)
+            if reply.get("code") == "invalid":
+                raise ParquetError(text)  # the batch's data, not the agent: no retry helps
+            raise AgentError(text)
+        return reply
+
+    def describe(self, nodes: tuple[int, ...]) -> list[dict[str, Any]]:
+        """Status of every configured node's agent."""
+        out = []
+        for n in nodes:
+            conn = self.agents.get(n)
+            d = conn.describe() if conn else {"node": n, "connected": False}
+            d["restarts"] = self.restarts.get(n, 0)
+            out.append(d)
+        return out
+
+
+def agent_command(config: Config, config_path: Path, node: int) -> list[str]:
+    """The command line that starts node `node`'s agent bound to its memory and CPUs."""
+    cpus = config.node(node).cpus
+    cpu_arg = f"--physcpubind={cpus}" if cpus else f"--cpunodebind={node}"
+    return [
+        config.agents.numactl,
+        f"--membind={node}",
+        cpu_arg,
+        sys.executable,
+        "-m",
+        "agents.agent",
+        "--node",
+        str(node),
+        "--config",
+        str(config_path),
+        "--parent-pid",
+        str(os.getpid()),
+    ]
+
+
+async def supervise(
+    hub: Hub, config: Config, config_path: Path, node: int, *, task_status: TaskStatus[None]
+) -> None:
+    """Run node `node`'s agent under numactl and restart it whenever it exits (--with-agents)."""
+    cmd = agent_command(config, config_path, node)
+    started = False
+    delay = 0.2
+    while True:
+        t0 = time.monotonic()
+        proc = await anyio.open_process(cmd, stdin=None, stdout=None, stderr=None)
+        log.info("agent started", node=node, pid=proc.pid, cmd=" ".join(cmd))
+        if not started:
+            task_status.started()
+            started = True
+        try:
+            rc = await proc.wait()
+        finally:
+            if proc.returncode is None:
+                with anyio.CancelScope(shield=True):
+                    proc.send_signal(signal.SIGTERM)
+                    with anyio.move_on_after(5):
+                        await proc.wait()
+                    if proc.returncode is None:
+                        proc.kill()
+                        await proc.wait()
+        hub.restarts[node] = hub.restarts.get(node, 0) + 1
+        if time.monotonic() - t0 > 10:
+            delay = 0.2
+        log.warning("agent exited, restarting", node=node, rc=rc, restart_in_s=delay)
+        await anyio.sleep(delay)
+        delay = min(delay * 2, 10.0)

@@ -1,0 +1,427 @@
+"""One batch's way through the steps after its barrier: stage, cross-check, aggregate, commit,
+archive, clean up. Each step records its state in the ledger before the next begins, and every
+step is idempotent, so a batch resumed after a crash just runs again from its ledger state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import asyncpg
+import structlog
+
+from coordinator.core import hooks
+from coordinator.core.batch import State, aggregate_node, may_move
+from coordinator.core.errors import (
+    AgentError,
+    CoordinatorError,
+    NoSpaceError,
+    NotLeaderError,
+    ProtocolError,
+)
+from coordinator.core.summary import AggregateFiles
+
+if TYPE_CHECKING:
+    from coordinator.daemon.service import BatchRun, Daemon
+
+log = structlog.get_logger("coordinator.daemon.pipeline")
+
+STEP_ATTEMPTS = 5
+
+
+class Pipeline:
+    """Runs one batch from a given step to its end."""
+
+    def __init__(self, daemon: Daemon, run: BatchRun) -> None:
+        self.d = daemon
+        self.run_ = run
+        self.cfg = run.config
+        assert daemon.ledger is not None
+        self.ledger = daemon.ledger
+        self.log = log.bind(batch_id=run.batch_id)
+
+    async def run(self, step: str) -> None:
+        """Run from `step` ('stage', 'archive' or 'cleanup') to the end; on an unrecoverable
+        error the batch is `failed` with the reason and its files stay in staging."""
+        run = self.run_
+        try:
+            agg: AggregateFiles | None = None
+            if step == "stage":
+                # Bound the batches between ready and committed (e.g. while PostgreSQL is
+                # down, newer batches still stage, but only this many).
+                async with self.d.in_flight:
+                    await self._retrying("stage", self.stage)
+                    await self._retrying("crosscheck", self.crosscheck)
+                    for _ in range(2):
+                        # A second round only when the node-local rows went away before the
+                        # COPY read them (their agent's tmpfs was purged or lost).
+                        agg = await self.aggregate(record=agg is None)
+                        committed = await self.commit(agg)
+                        if committed is not None:
+                            break
+                    else:
+                        raise AgentError("the aggregated rows vanished twice before the commit")
+                    if not committed:
+                        return
+                step = "archive"
+            if step == "archive":
+                await self._archive_until_done(agg)
+                step = "cleanup"
+            if step == "cleanup":
+                await self.cleanup()
+        except (CoordinatorError, asyncpg.PostgresError, OSError, ValueError) as e:
+            # Anything but cancellation fails this batch alone, never the daemon; the files
+            # stay in staging and the reason is in the ledger.
+            run.error = str(e) if isinstance(e, CoordinatorError) else f"{type(e).__name__}: {e}"
+            if not may_move(run.state, State.FAILED):
+                # Its rows are in PostgreSQL: it never fails. It stays in status with the
+                # error, and the next start resumes it from the ledger (archive, clean-up).
+                self.log.error(
+                    "step after the commit failed; resumed at the next start", error=run.error
+                )
+                return
+            run.state = State.FAILED
+            self.log.error("batch failed", error=run.error)
+            await self._purge()  # node-local copies are never left behind
+            await self.ledger.flush(run.batch_id)
+            await self.ledger.set_state(
+                run.batch_id, State.FAILED, error=run.error, finished_at=dt.datetime.now(dt.UTC)
+            )
+            self.d._finish(run)
+        finally:
+            run.running = False
+
+    async def _retrying(self, name: str, fn: Callable[[], Awaitable[None]]) -> None:
+        """Retry a step when an agent died mid-step (a few times, backing off), or when the
+        node's tmpfs is full (until batch.deadline_s has passed, waiting for space to return)."""
+        delay = 0.5
+        attempt = 0
+        nospace_since: float | None = None
+        while True:
+            attempt += 1
+            try:
+                await fn()
+                return
+            except NoSpaceError as e:
+                now = time.monotonic()
+                nospace_since = nospace_since or now
+                if now - nospace_since >= self.cfg.batch.deadline_s:
+                    raise NoSpaceError(
+                        f"node-local tmpfs stayed full for {self.cfg.batch.deadline_s:.0f} s: {e}"
+                    ) from e
+                self.log.warning("tmpfs full, waiting for space", step=name, error=str(e))
+                await anyio.sleep(min(2.0, self.cfg.batch.deadline_s / 4))
+            except AgentError as e:
+                if attempt >= STEP_ATTEMPTS:
+                    raise
+                self.log.warning(
+                    "step failed, retrying",
+                    step=name,
+                    attempt=attempt,
+                    error=str(e),
+                    retry_in_s=delay,
+                )
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _on_nodes(self, make: Callable[[int], dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """Send one request per node in parallel; return the replies or raise the first error."""
+        replies: dict[int, dict[str, Any]] = {}
+        errors: list[Exception] = []
+
+        async def one(node: int) -> None:
+            try:
+                replies[node] = await self.d.hub.request(
+                    node, make(node), within_s=self.cfg.agents.step_timeout_s
+                )
+            except CoordinatorError as e:
+                errors.append(e)
+
+        async with anyio.create_task_group() as tg:
+            for n in self.cfg.node_ids:
+                tg.start_soon(one, n)
+        if errors:
+            raise errors[0]
+        return replies
+
+    async def _set(self, state: State, *, durable: bool = False, **fields: Any) -> None:
+        """Record a state: intermediate ones through the write-behind queue (the steps before
+        the commit are redone on resume), the ones after the commit durably."""
+        if not may_move(self.run_.state, state):
+            raise CoordinatorError(
+                f"{self.run_.state.value} -> {state.value} is not a move a batch makes"
+            )
+        self.run_.state = state
+        if durable:
+            await self.ledger.flush(self.run_.batch_id)
+            await self.ledger.set_state(self.run_.batch_id, state, **fields)
+        else:
+            # Written behind (a crash before the write resumes from the state before:
+            # docs/reliability.md, "What a crash can lose").
+            self.ledger.set_state_soon(self.run_.batch_id, state, **fields)
+        hooks.crash_point(state.value)
+
+    async def stage(self) -> None:
+        """Copy the batch into every node's tmpfs (the only cross-node transfer)."""
+        run = self.run_
+        await self._set(State.STAGING)
+        t0 = time.perf_counter()
+        files = [f"{m}.parquet" for m in run.models]
+        # The agents copy exactly what the barrier counted (checked on the open file).
+        idents = {f"{m}.parquet": list(run.counted[m]) for m in run.models if m in run.counted}
+        replies = await self._on_nodes(
+            lambda n: {"type": "stage", "batch_id": run.batch_id, "files": files, "idents": idents}
+        )
+        run.timings["staging_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        for n, r in replies.items():
+            run.timings[f"staging_node{n}_ms"] = round(r["seconds"] * 1000, 3)
+        run.staged_bytes = {str(n): int(r["bytes"]) for n, r in replies.items()}
+        placement: dict[str, Any] = {
+            str(n): r["placement"] for n, r in replies.items() if "placement" in r
+        }
+        low = sorted(
+            n
+            for n, p in placement.items()
+            if float(p.get("fraction", 1.0)) < self.cfg.placement_min_fraction
+        )
+        for node_key, p in placement.items():
+            self.d.last_placement[int(node_key)] = float(p.get("fraction", 0.0))
+        if low:
+            # Flagged, not failed: the data is intact, only slower to read than promised.
+            placement["below_min"] = low
+            run.placement_flag = (
+                f"placement below {self.cfg.placement_min_fraction} on node(s) {', '.join(low)}"
+            )
+            self.log.warning(
+                "node-local placement below the minimum",
+                nodes=low,
+                fractions={n: placement[n].get("fraction") for n in low},
+            )
+        run.placement = placement
+        await self._set(
+            State.STAGED, staged_bytes=run.staged_bytes, timings=run.timings, placement=placement
+        )
+        self.log.info("batch staged", bytes=run.staged_bytes)
+
+    async def crosscheck(self) -> None:
+        """Ask each node to cross-check its models; wait for the files (the second barrier)."""
+        run = self.run_
+        await self._set(State.CROSSCHECKING)
+        t0 = time.perf_counter()
+        models = list(run.models)
+        run.cc_counted = {}  # an earlier attempt's files are rewritten now, legitimately
+        replies = await self._on_nodes(
+            lambda n: {"type": "crosscheck", "batch_id": run.batch_id, "models": models}
+        )
+        counted: dict[str, tuple[int, int, int]] = {}
+        for n, r in replies.items():
+            run.timings[f"crosscheck_node{n}_ms"] = round(float(r["seconds"]) * 1000, 3)
+            counted |= reported_idents(r, n)
+        # The agents publish before they reply, so every file is final now, and the barrier
+        # counts exactly the files they wrote: any other file under those names (a look
+        # before the replies may have seen an earlier attempt's) is a rewrite.
+        run.cc_counted = counted
+        run.cc_event = anyio.Event()
+        self.d._mark({run.batch_id})
+        with anyio.move_on_after(self.cfg.barrier.reconcile_s):
+            await run.cc_event.wait()
+        if not run.cc_event.is_set():
+            scan = await anyio.to_thread.run_sync(
+                self.d.scanner.scan, run.batch_id, self.cfg.batch.models
+            )
+            missing = set(models) - set(scan.counted_crosschecks(models, run.cc_counted))
+            if missing:
+                raise AgentError(
+                    f"cross-check files missing or rewritten after the step: {sorted(missing)}"
+                )
+            run.cc_counted = {m: scan.crosschecks[m].ident for m in models}
+        run.timings["crosscheck_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        await self._set(State.CROSSCHECKED, timings=run.timings)
+
+    async def aggregate(self, *, record: bool = True) -> AggregateFiles:
+        """Have one node's agent aggregate the batch; the rows stay in its node-local memory
+        (aggregates.csv and aggregates.parquet) and only the summary comes back. The node
+        follows the batch id; a retry after an agent failure moves to the next node."""
+        run = self.run_
+        if record:
+            await self._set(State.AGGREGATING)
+        t0 = time.perf_counter()
+        attempt = 0
+        agg: AggregateFiles | None = None
+
+        async def step() -> None:
+            nonlocal attempt, agg
+            node = aggregate_node(run.batch_id, self.cfg.node_ids, attempt)
+            attempt += 1
+            # The agent copies the cross-check files the second barrier counted, or refuses.
+            idents = {
+                f"crosscheck_{m}.parquet": list(run.cc_counted[m])
+                for m in run.models
+                if m in run.cc_counted
+            }
+            reply = await self.d.hub.request(
+                node,
+                {
+                    "type": "aggregate",
+                    "batch_id": run.batch_id,
+                    "models": list(run.models),
+                    "idents": idents,
+                },
+                within_s=self.cfg.agents.step_timeout_s,
+            )
+            local = self.cfg.paths.tmpfs_for(node) / run.batch_id
+            agg = AggregateFiles.from_reply(reply, node, local)
+
+        await self._retrying("aggregate", step)
+        assert agg is not None  # _retrying returns only after a step that set it
+        run.timings["aggregate_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        run.timings[f"aggregate_node{agg.node}_ms"] = round(agg.seconds * 1000, 3)
+        return agg
+
+    async def commit(self, agg: AggregateFiles) -> bool | None:
+        """Rows and the ledger's `committed` in one transaction. A retry after a lost
+        acknowledgement finds it committed and goes on; a batch that had already finished
+        before (published again) is quarantined instead. Return True to go on, False to stop,
+        None when the agent's rows file is gone (nothing was written: aggregate again)."""
+        run = self.run_
+        t0 = time.perf_counter()
+        while True:
+            try:
+                found = await self.ledger.commit(
+                    run.batch_id, agg.summary, agg.rows_csv, fields={"timings": run.timings}
+                )
+                break
+            except NotLeaderError:
+                await anyio.sleep(1.0)  # writes wait until leadership is back
+            except AgentError as e:
+                self.log.warning("aggregated rows gone before the commit", error=str(e))
+                return None
+        run.timings["commit_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        if found is State.FAILED:
+            self.log.warning("batch was marked failed meanwhile; its files stay in staging")
+            run.state = found
+            self.d._finish(run)
+            return False
+        if found in (State.DONE, State.DEGRADED):
+            self.log.warning(
+                "batch had already finished; its files are quarantined", state=found.value
+            )
+            await anyio.to_thread.run_sync(self.d.quarantine_all, run.batch_id, found)
+            await self._purge()
+            run.state = found
+            self.d._finish(run, count=False)  # counted when it finished the first time
+            return False
+        if found is None and self.d.metrics is not None:
+            self.d.metrics.batch_committed(agg.summary)
+        await self._set(State.COMMITTED, durable=True, timings=run.timings)
+        self.log.info(
+            "batch committed",
+            rows=agg.summary.rows,
+            wrote=found is None,
+            kappa=agg.summary.fleiss_kappa,
+            aggregated_on=agg.node,
+        )
+        return True
+
+    async def archive(self, agg: AggregateFiles) -> None:
+        """The aggregating agent copies the batch into the lake (raw results from its node's
+        copies, cross-check results from staging, its aggregates.parquet last); the
+        coordinator's own process copies nothing."""
+        run = self.run_
+        t0 = time.perf_counter()
+        reply = await self.d.hub.request(
+            agg.node,
+            {
+                "type": "archive",
+                "batch_id": run.batch_id,
+                "date": run.date,
+                "models": list(run.models),
+                # Where a node copy is gone, staging's file is archived only if it is the
+                # one the barrier counted.
+                "idents": {f"{m}.parquet": list(run.counted[m]) for m in run.counted},
+            },
+            within_s=self.cfg.agents.step_timeout_s,
+        )
+        path = self.d.lake.batch_path(run.batch_id, run.date)
+        if reply.get("lake_path") != path:
+            raise ProtocolError(
+                f"agent on node {agg.node}: archived {run.batch_id} at "
+                f"{reply.get('lake_path')!r}, expected {path!r}"
+            )
+        run.timings["archive_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        run.timings[f"archive_node{agg.node}_ms"] = round(float(reply["seconds"]) * 1000, 3)
+        await self._set(State.ARCHIVED, durable=True, lake_path=path, timings=run.timings)
+        self.log.info("batch archived", lake=path, bytes=reply.get("bytes"), node=agg.node)
+
+    async def _archive_until_done(self, agg: AggregateFiles | None) -> None:
+        """The rows are committed, so the lake must follow: retry a failing lake with backoff
+        for as long as it takes (status shows the error meanwhile); never fail the batch.
+        Without the agent's aggregates.parquet (a resumed batch, a purged tmpfs) the batch is
+        aggregated again from its cross-check files, which stay in staging until cleanup."""
+        run = self.run_
+        delay = 1.0
+        while True:
+            try:
+                if agg is None or not _archivable(agg, run.models):
+                    if agg is not None:
+                        self.log.warning("aggregates gone from node memory; aggregating again")
+                    agg = await self.aggregate(record=False)
+                await self.archive(agg)
+                self.run_.error = ""
+                return
+            except (OSError, CoordinatorError) as e:
+                self.run_.error = f"archive failed, retrying in {delay:.0f} s: {e}"
+                self.log.error("archive failed; retrying", error=str(e), retry_in_s=delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+
+    async def _purge(self) -> None:
+        for attempt in range(3):
+            try:
+                await self._on_nodes(lambda n: {"type": "purge", "batch_id": self.run_.batch_id})
+                return
+            except CoordinatorError as e:
+                # An agent died mid-purge: try again once it is back. Should that fail too,
+                # the agent's next hello lists the copies and the daemon purges them then.
+                self.log.warning("purge failed", error=str(e), attempt=attempt + 1)
+                await anyio.sleep(0.5)
+
+    async def cleanup(self) -> None:
+        """Purge node-local copies, then remove the batch from staging; the batch is done."""
+        run = self.run_
+        t0 = time.perf_counter()
+        await self._purge()
+        await anyio.to_thread.run_sync(self.d.scanner.remove_batch, run.batch_id)
+        run.timings["cleanup_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        final = State.DEGRADED if run.degraded else State.DONE
+        await self._set(
+            final, durable=True, timings=run.timings, finished_at=dt.datetime.now(dt.UTC)
+        )
+        self.log.info("batch finished", state=final.value, timings=run.timings)
+        self.d._finish(run)
+
+
+def _archivable(agg: AggregateFiles, models: tuple[str, ...]) -> bool:
+    """True while the aggregating node still holds what its archive copies: the aggregates
+    and the cross-check copies the vote read."""
+    folder = agg.parquet.parent
+    names = [agg.parquet.name, *(f"crosscheck_{m}.parquet" for m in models)]
+    return all((folder / n).exists() for n in names)
+
+
+def reported_idents(reply: dict[str, Any], node: int) -> dict[str, tuple[int, int, int]]:
+    """The (inode, size, mtime_ns) an agent's `crosschecked` reply gives for each file it
+    wrote; ProtocolError naming the model when one is malformed."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for model, ident in (reply.get("idents") or {}).items():
+        if not (isinstance(ident, list) and len(ident) == 3 and all(type(x) is int for x in ident)):
+            raise ProtocolError(
+                f"agent on node {node}: crosschecked reply: idents[{model!r}] is {ident!r}, "
+                "expected [inode, size, mtime_ns]"
+            )
+        out[str(model)] = (ident[0], ident[1], ident[2])
+    return out
