@@ -83,6 +83,7 @@ lint: install
 	$(BIN)/ruff check coordinator agents tests
 	$(BIN)/ruff format --check coordinator agents
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Every figure against its anchor in the same run (docs/benchmarks.md); a few minutes.
 bench: install

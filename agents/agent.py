@@ -24,12 +24,12 @@ import anyio
 import structlog
 from anyio.abc import SocketStream
 
-from agents import aggregation, binding, placement, slm
+from agents import aggregation, binding, placement
 from agents import staging as stg
 from agents.crosscheck import load_crosscheck
 from agents.lake import Lake
 from coordinator import __version__
-from coordinator.core import hooks
+from coordinator.core import files, hooks
 from coordinator.core.config import Config, load_config
 from coordinator.core.errors import (
     BindingError,
@@ -73,7 +73,7 @@ class Agent:
     @staticmethod
     def batch_id(batch_id: str) -> str:
         """`batch_id` if it is a valid batch id (so, one plain name), else ValueError."""
-        return slm.check_name("batch_id", str(batch_id))
+        return files.check_name("batch_id", str(batch_id))
 
     def stage(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Copy the batch's files into node-local tmpfs."""
@@ -144,14 +144,14 @@ class Agent:
         mine = [m for m in present if m in self.models]
         t0 = time.perf_counter()
         with self.local.sub(self.batch_id(batch_id)) as local:
-            tables = slm.read_results(local, present)
+            tables = files.read_results(local, present)
         outputs = {}
         idents = {}
         for model in mine:
             table = self.crosscheck_fn(model, tables)
             # Opened anew for each file: a batch folder swapped for a link meanwhile is refused.
             with self.staging.sub(batch_id) as folder:
-                st = slm.write_parquet_at(
+                st = files.write_parquet_at(
                     folder,
                     f"crosscheck_{model}.parquet",
                     table,
@@ -209,7 +209,7 @@ class Agent:
         date = str(msg["date"])
         if not DATE_RE.fullmatch(date):
             raise CoordinatorError(f"archive of {batch_id}: date {date!r} is not YYYY-MM-DD")
-        models = [slm.check_name("model", str(m)) for m in msg["models"]]
+        models = [files.check_name("model", str(m)) for m in msg["models"]]
         counted = _idents(msg)
         t0 = time.perf_counter()
         fds: list[tuple[str, int]] = []

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from coordinator.core.errors import ParquetError
+from coordinator.core.summary import PairAgreement
 
 __all__ = [
     "ITEMS_SCHEMA",
@@ -50,16 +51,6 @@ NO_VOTE = -1
 Codes = npt.NDArray[np.int32]
 Floats = npt.NDArray[np.float64]
 Positions = npt.NDArray[np.int64]
-
-
-@dataclass(frozen=True)
-class PairAgreement:
-    """How often two models agree on the items both of them predicted."""
-
-    model_a: str
-    model_b: str
-    agreement: float | None  # None when the two models share no predicted item
-    n_common: int
 
 
 @dataclass(frozen=True)

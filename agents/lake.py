@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from coordinator.core.errors import LakeError
+from coordinator.core.lake_paths import batch_path, lake_root
 
 CHUNK = 8 << 20
 _SYNC_FILE_RANGE_WRITE = 2
@@ -76,15 +77,12 @@ class Lake:
     """Writes archived batches into the lake."""
 
     def __init__(self, uri: str) -> None:
-        if "://" in uri:
-            self.fs, self.root = pafs.FileSystem.from_uri(uri)
-        else:
-            self.fs, self.root = pafs.LocalFileSystem(), str(Path(uri).resolve())
+        self.fs, self.root = lake_root(uri)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
 
     def batch_path(self, batch_id: str, date: str) -> str:
         """Where a batch lives in the lake."""
-        return f"{self.root}/batches/date={date}/batch={batch_id}"
+        return batch_path(self.root, batch_id, date)
 
     def archive(self, batch_id: str, date: str, files: Sequence[Path]) -> tuple[str, int]:
         """`archive_fds` of the files at these paths (each opened once, never through a link

@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 
 from coordinator.core.errors import ControlError
-from coordinator.daemon.control import call
+from coordinator.ctl.client import call
 from tests import early
 
 ROOT = Path(__file__).resolve().parent.parent

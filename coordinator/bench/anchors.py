@@ -26,12 +26,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from agents import slm
-from agents.aggregation import AGGREGATE_COLUMNS
+from agents.aggregation import AGGREGATE_COLUMNS, rows_csv, summarise
 from agents.consensus import BatchAggregate, aggregate
 from agents.crosscheck import crosscheck
 from agents.lake import Lake
-from coordinator.core.summary import COPY_COLUMNS, rows_csv, summarise
+from coordinator.core import files
+from coordinator.core.summary import COPY_COLUMNS
 from coordinator.daemon.hub import Hub
 from coordinator.daemon.ledger import Ledger
 
@@ -110,7 +110,7 @@ def write_sources(folder: Path, tables: dict[str, pa.Table]) -> dict[str, Path]:
     out = {}
     for model, table in tables.items():
         path = folder / f"{model}.parquet"
-        slm.write_parquet_atomic(path, table, compression="zstd", level=3)
+        files.write_parquet_atomic(path, table, compression="zstd", level=3)
         out[model] = path
     return out
 
@@ -119,11 +119,11 @@ def write_sources(folder: Path, tables: dict[str, pa.Table]) -> dict[str, Path]:
 
 
 def _write_ours(table: pa.Table, path: Path) -> None:
-    slm.write_parquet_atomic(path, table, compression="zstd", level=3)
+    files.write_parquet_atomic(path, table, compression="zstd", level=3)
 
 
 def _write_ours_snappy(table: pa.Table, path: Path) -> None:
-    slm.write_parquet_atomic(path, table, compression="snappy", level=None)
+    files.write_parquet_atomic(path, table, compression="snappy", level=None)
 
 
 def _write_snappy(table: pa.Table, path: Path) -> None:
@@ -205,19 +205,21 @@ def bare_work(sources: dict[str, Path], tmpfs: Path, out: Path) -> BareWork:
         shutil.copyfile(src, tmpfs / src.name)
     models = list(sources)
     t0 = time.perf_counter()
-    tables = slm.read_results(tmpfs, models)
-    files = []
+    tables = files.read_results(tmpfs, models)
+    written = []
     for m in models:
         path = out / f"crosscheck_{m}.parquet"
-        slm.write_parquet_atomic(path, crosscheck(m, tables), compression="zstd", level=3)
-        files.append(path)
+        files.write_parquet_atomic(path, crosscheck(m, tables), compression="zstd", level=3)
+        written.append(path)
     t1 = time.perf_counter()
-    agg = aggregate(slm.read_results(out, models, prefix="crosscheck_", columns=AGGREGATE_COLUMNS))
+    agg = aggregate(
+        files.read_results(out, models, prefix="crosscheck_", columns=AGGREGATE_COLUMNS)
+    )
     agg_file = out / "aggregates.parquet"
-    slm.write_parquet_atomic(agg_file, agg.items, compression="zstd", level=3)
+    files.write_parquet_atomic(agg_file, agg.items, compression="zstd", level=3)
     t2 = time.perf_counter()
     shutil.rmtree(tmpfs, ignore_errors=True)
-    return BareWork(t1 - t0, t2 - t1, files, agg, agg_file)
+    return BareWork(t1 - t0, t2 - t1, written, agg, agg_file)
 
 
 # -- archive: the lake writer against cp + sync ------------------------------------------------

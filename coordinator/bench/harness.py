@@ -29,9 +29,9 @@ from typing import Any
 from coordinator.bench import anchors
 from coordinator.bench.report import percentile
 from coordinator.core.errors import ControlError, CoordinatorError
+from coordinator.ctl.client import call
 from coordinator.ctl.demo import MODELS, synthetic_batch
 from coordinator.daemon import embedded_pg
-from coordinator.daemon.control import call
 
 ROOT = Path(__file__).resolve().parents[2]
 

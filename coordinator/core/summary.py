@@ -5,24 +5,18 @@ aggregating agent writes them, node-locally, as `aggregates.csv` (the COPY paylo
 first) and `aggregates.parquet` (for the lake), and sends back only this summary and the two
 paths. The coordinator streams the first into PostgreSQL and copies the second into the lake.
 
-Pure: the CSV encoding and the wire form of the summary; the files are written by
+Pure: the wire form of the summary; the files (and the CSV encoding) are written by
 `agents.aggregation`.
 """
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-
-from agents.consensus import BatchAggregate, PairAgreement
 from coordinator.core.errors import ProtocolError
 
 __all__ = [
@@ -31,8 +25,7 @@ __all__ = [
     "PARQUET_NAME",
     "AggregateFiles",
     "AggregateSummary",
-    "rows_csv",
-    "summarise",
+    "PairAgreement",
 ]
 
 # The columns of `aggregates`, in the order of the CSV the agent writes and COPY reads.
@@ -40,6 +33,16 @@ COPY_COLUMNS = ("batch_id", "item_id", "consensus", "votes", "n_models", "confid
 # The aggregating agent's files, in its node-local folder of the batch.
 CSV_NAME = "aggregates.csv"
 PARQUET_NAME = "aggregates.parquet"
+
+
+@dataclass(frozen=True)
+class PairAgreement:
+    """How often two models agree on the items both of them predicted."""
+
+    model_a: str
+    model_b: str
+    agreement: float | None  # None when the two models share no predicted item
+    n_common: int
 
 
 @dataclass(frozen=True)
@@ -96,17 +99,6 @@ def _opt_float(value: object, field: str) -> float | None:
     return float(value)
 
 
-def summarise(agg: BatchAggregate) -> AggregateSummary:
-    """The summary of a full aggregate."""
-    return AggregateSummary(
-        rows=agg.items.num_rows,
-        agreement=agg.agreement,
-        fleiss_kappa=agg.fleiss_kappa,
-        consensus_agreement=dict(agg.consensus_agreement),
-        models=agg.models,
-    )
-
-
 @dataclass(frozen=True)
 class AggregateFiles:
     """A batch's aggregate after the agent's step: the summary, where the files are, and who
@@ -140,16 +132,3 @@ class AggregateFiles:
             parquet=files["parquet"],
             seconds=float(seconds),
         )
-
-
-def rows_csv(items: pa.Table, batch_id: str) -> bytes:
-    """A batch's aggregates as CSV for COPY (COPY_COLUMNS, with a header): encoded by Arrow in
-    C++, with no Python loop per row."""
-    cols = items.select(["item_id", "consensus", "votes", "n_models", "confidence"])
-    # An item every model left null has no consensus and confidence 0, not NULL.
-    conf = pc.fill_null(cols.column("confidence"), 0.0)
-    cols = cols.set_column(4, "confidence", conf)
-    cols = cols.add_column(0, "batch_id", pa.repeat(pa.scalar(batch_id, pa.string()), len(cols)))
-    buf = io.BytesIO()
-    pacsv.write_csv(cols, buf, pacsv.WriteOptions(include_header=True, quoting_style="needed"))
-    return buf.getvalue()

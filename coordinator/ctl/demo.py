@@ -26,7 +26,7 @@ from agents import slm
 from coordinator.core.batch import FINAL
 from coordinator.core.errors import ControlError, CoordinatorError, DaemonNotRunning
 from coordinator.core.topology import parse_cpulist
-from coordinator.daemon.control import call
+from coordinator.ctl.client import call
 
 MODELS = tuple(f"slm-{i}" for i in range(1, 8))
 # Each model is right with its own probability; wrong answers spread over the other labels.

@@ -16,10 +16,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from coordinator import __version__
+from coordinator import __version__, bench
+from coordinator.core import topology
 from coordinator.core.batch import State
 from coordinator.core.config import DEFAULTS, config_files, load_config, locate, redact_dsn
 from coordinator.core.errors import ConfigError, ControlError, CoordinatorError, DaemonNotRunning
+from coordinator.planner import render
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_UNKNOWN = 0, 1, 2, 3, 4
 DEFAULT_CONFIG = "/etc/numa-coordinator/coordinator.toml"
@@ -69,7 +71,7 @@ def _runtime_dir_leniently(main: Path) -> Path:
 
 
 def _call(args: argparse.Namespace, cmd: str, **kw: Any) -> Any:
-    from coordinator.daemon.control import call
+    from coordinator.ctl.client import call
 
     return call(socket_path(args), cmd, timeout=args.timeout, **kw)
 
@@ -541,14 +543,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_demo)
 
-    for mod in ("coordinator.core.topology", "coordinator.planner.render", "coordinator.bench"):
-        try:
-            module = __import__(mod, fromlist=["register_cli"])
-        except ImportError:
-            continue
-        register = getattr(module, "register_cli", None)
-        if register is not None:
-            register(sub)
+    # Commands that live with what they run. An import that fails here fails coordinatorctl
+    # loudly: no command quietly disappears.
+    topology.register_cli(sub)
+    render.register_cli(sub)
+    bench.register_cli(sub)
     return p
 
 

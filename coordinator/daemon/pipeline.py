@@ -23,6 +23,7 @@ from coordinator.core.errors import (
     NotLeaderError,
     ProtocolError,
 )
+from coordinator.core.lake_paths import batch_path
 from coordinator.core.summary import AggregateFiles
 
 if TYPE_CHECKING:
@@ -346,7 +347,7 @@ class Pipeline:
             },
             within_s=self.cfg.agents.step_timeout_s,
         )
-        path = self.d.lake.batch_path(run.batch_id, run.date)
+        path = batch_path(self.d.lake_root, run.batch_id, run.date)
         if reply.get("lake_path") != path:
             raise ProtocolError(
                 f"agent on node {agg.node}: archived {run.batch_id} at "

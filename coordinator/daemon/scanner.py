@@ -18,10 +18,10 @@ from pathlib import Path
 
 import structlog
 
-from agents.slm import check_parquet
 from coordinator.core.batch import FileEntry, classify
 from coordinator.core.config import NAME_RE
 from coordinator.core.errors import ParquetError
+from coordinator.core.files import check_parquet
 from coordinator.core.roots import Dir, LinkRefused, Root, fd_path, fit_name
 
 log = structlog.get_logger("coordinator.daemon.scanner")

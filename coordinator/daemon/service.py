@@ -23,16 +23,18 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
-from agents.lake import Lake
 from coordinator import __version__
 from coordinator.core import hooks
 from coordinator.core.batch import FINAL, FileEntry, State, barrier, deadline_verdict, resume_step
 from coordinator.core.config import Config, load_config, locate, redact_dsn
 from coordinator.core.errors import ConfigError, CoordinatorError, DatabaseError
+from coordinator.core.lake_paths import lake_root
 from coordinator.core.logs import configure
+from coordinator.core.topology import check_nodes, read_topology
 from coordinator.daemon import embedded_pg, notify
 from coordinator.daemon.hub import Hub, supervise
 from coordinator.daemon.ledger import Ledger
+from coordinator.daemon.metrics import Metrics
 from coordinator.daemon.scanner import Scan, Scanner
 from coordinator.daemon.watch import watch, watch_watchfiles
 
@@ -113,7 +115,7 @@ class Daemon:
         self.finished_ids: dict[str, State] = {}  # batches this run finished, with their state
         self.hub = Hub()
         self.scanner = Scanner(config.paths.staging, config.barrier.settle_s)
-        self.lake = Lake(config.paths.lake)
+        self.lake_root = lake_root(config.paths.lake)[1]
         self.ledger: Ledger | None = None
         self.dsn = ""
         self._dirty: set[str] = set()
@@ -126,13 +128,7 @@ class Daemon:
         self.ready = False
         self.last_placement: dict[int, float] = {}  # node -> fraction of the last staged batch
         self.loop_lag: collections.deque[float] = collections.deque(maxlen=10_000)
-        self.metrics: Any = None
-        try:
-            from coordinator.daemon.metrics import Metrics
-        except ImportError:
-            pass
-        else:
-            self.metrics = Metrics(self)
+        self.metrics = Metrics(self)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -161,7 +157,7 @@ class Daemon:
                 tg.start_soon(self._signals)
                 # Status answers from the start (connecting, standby), READY=1 comes later.
                 await tg.start(ControlServer(self).serve, cfg.paths.control_socket)
-                if cfg.metrics_listen and self.metrics is not None:
+                if cfg.metrics_listen:
                     await tg.start(self.metrics.serve, cfg.metrics_listen)
                 tg.start_soon(self._watch_config)
                 if cfg.loop_lag_interval_ms:
@@ -331,8 +327,7 @@ class Daemon:
             await anyio.sleep(interval)
             lag = time.perf_counter() - t0 - interval
             self.loop_lag.append(max(lag, 0.0))
-            if self.metrics is not None:
-                self.metrics.loop_lag(max(lag, 0.0))
+            self.metrics.loop_lag(max(lag, 0.0))
 
     async def _leadership_loop(self) -> None:
         """Check the leader lock's connection; re-take the lock after an outage. If another
@@ -699,8 +694,7 @@ class Daemon:
             log.warning(
                 "barrier completed by reconciliation (events were missed)", batch_id=run.batch_id
             )
-        if self.metrics is not None:
-            self.metrics.batch_ready(run, now)
+        self.metrics.batch_ready(run, now)
         self._start_pipeline(run, "stage")
 
     def _start_pipeline(self, run: BatchRun, step: str) -> None:
@@ -711,7 +705,7 @@ class Daemon:
         self._tg.start_soon(Pipeline(self, run).run, step)
 
     def _finish(self, run: BatchRun, *, count: bool = True) -> None:
-        if count and self.metrics is not None:
+        if count:
             self.metrics.batch_finished(run)
         self.scanner.forget(run.batch_id)
         self.batches.pop(run.batch_id, None)
@@ -799,11 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     configure(config.log.level, config.log.format, role="coordinator")
     try:
-        from coordinator.core.topology import check_nodes, read_topology
-
         check_nodes(read_topology(), list(config.node_ids))
-    except ImportError:
-        pass
     except CoordinatorError as e:
         print(f"coordinatord: error: {e}", file=sys.stderr)
         return 1

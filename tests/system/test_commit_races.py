@@ -26,9 +26,9 @@ import anyio
 import asyncpg
 import pytest
 
+from agents.aggregation import rows_csv, summarise
 from agents.consensus import BatchAggregate, aggregate
 from coordinator.core.batch import State
-from coordinator.core.summary import rows_csv, summarise
 from coordinator.daemon import embedded_pg
 from coordinator.daemon.ledger import Ledger
 from tests.conftest import MODELS, wait_until

@@ -21,16 +21,15 @@ from anyio.from_thread import start_blocking_portal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.core.errors import ControlError, DaemonNotRunning, ProtocolError
+from coordinator.core.errors import ControlError, DaemonNotRunning, ProtocolError, StateUnknown
 from coordinator.core.protocol import MAX_MESSAGE
+from coordinator.ctl.client import call
 from coordinator.daemon import control
 from coordinator.daemon.control import (
     CMDS,
     AllowList,
     ControlServer,
     Peer,
-    StateUnknown,
-    call,
     decode_request,
 )
 

@@ -13,10 +13,10 @@ import anyio
 import asyncpg
 import pytest
 
+from agents.aggregation import rows_csv, summarise
 from agents.consensus import BatchAggregate, aggregate
 from coordinator.core.batch import State, may_move
 from coordinator.core.errors import AgentError, DatabaseError, NotLeaderError
-from coordinator.core.summary import rows_csv, summarise
 from coordinator.daemon.ledger import MIGRATIONS, Ledger, lock_key
 from tests.tables import result
 

@@ -22,7 +22,7 @@ from coordinator.core.batch import State
 from coordinator.core.config import load_config
 from coordinator.core.errors import ConfigError
 from coordinator.core.summary import AggregateSummary
-from coordinator.daemon.control import call
+from coordinator.ctl.client import call
 from coordinator.daemon.hub import AgentConn
 from coordinator.daemon.metrics import Metrics, parse_listen, reason_label
 from coordinator.daemon.service import BatchRun, Daemon

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.ctl.client import call
 from coordinator.daemon import notify
-from coordinator.daemon.control import call
 from tests.conftest import ROOT, wait_until
 
 

@@ -34,7 +34,7 @@ SPEC = json.loads((JOB / "job.json").read_text())
 ROOT = Path(SPEC["root"])
 sys.path.insert(0, str(ROOT))
 
-from coordinator.daemon.control import call  # noqa: E402
+from coordinator.ctl.client import call  # noqa: E402
 
 UNITS = ROOT / "systemd"
 OPT = Path("/opt/numa-coordinator")

@@ -13,18 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from agents import aggregation, slm
+from agents.aggregation import rows_csv, summarise
 from agents.consensus import PairAgreement, aggregate
 from agents.crosscheck import crosscheck
 from coordinator.core.batch import aggregate_node
 from coordinator.core.errors import NoSpaceError, ParquetError, ProtocolError
 from coordinator.core.roots import Dir
-from coordinator.core.summary import (
-    COPY_COLUMNS,
-    AggregateFiles,
-    AggregateSummary,
-    rows_csv,
-    summarise,
-)
+from coordinator.core.summary import COPY_COLUMNS, AggregateFiles, AggregateSummary
 from tests.conftest import mounted_tmpfs
 from tests.tables import result
 

@@ -1,0 +1,178 @@
+"""Files every process reads and writes the same way: Parquet written atomically (dot-temp, fsync,
+rename, fsync the folder) and read back with its columns checked, and the names a batch and a
+model may have.
+
+Under staging and the node tmpfs everything is opened through a folder's descriptor
+(`coordinator.core.roots`), never through a link. The SDK (`agents.slm`) publishes with these
+functions; the daemon's scanner checks files with `check_parquet`; the agents read with
+`read_results`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from coordinator.core.config import NAME_RE
+from coordinator.core.errors import ParquetError
+from coordinator.core.roots import Dir, fd_path
+
+__all__ = [
+    "RESULT_COLUMNS",
+    "check_name",
+    "check_parquet",
+    "fsync_dir",
+    "read_result",
+    "read_result_at",
+    "read_results",
+    "write_options",
+    "write_parquet_at",
+    "write_parquet_atomic",
+]
+
+# The columns every result (and cross-check) file has.
+RESULT_COLUMNS = ("item_id", "prediction")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Return `value` if it is a valid batch id or model name, else raise ValueError naming it."""
+    if not NAME_RE.fullmatch(value):
+        raise ValueError(f"{kind} {value!r} does not match {NAME_RE.pattern}")
+    return value
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a folder so a rename inside it survives a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_options(
+    table: pa.Table, *, compression: str = "zstd", level: int | None = 3
+) -> dict[str, Any]:
+    """The `pq.write_table` options the SDK writes `table` with."""
+    kwargs: dict[str, Any] = {"compression": None if compression == "none" else compression}
+    # A dictionary never pays for item_id (unique by contract) nor for floats (scores hardly
+    # repeat): trying one anyway costs a third of the write before Arrow gives up on it.
+    kwargs["use_dictionary"] = [
+        f.name for f in table.schema if f.name != "item_id" and not pa.types.is_floating(f.type)
+    ]
+    if level is not None and compression in ("zstd", "gzip", "brotli"):
+        kwargs["compression_level"] = level
+    return kwargs
+
+
+def write_parquet_atomic(
+    path: Path, table: pa.Table, *, compression: str = "zstd", level: int | None = 3
+) -> int:
+    """Write `table` to `path` atomically (dot-temp, fsync, rename, fsync folder); return bytes."""
+    with Dir.open(path.parent) as folder:
+        st = write_parquet_at(folder, path.name, table, compression=compression, level=level)
+    return st.st_size
+
+
+def write_parquet_at(
+    folder: Dir, name: str, table: pa.Table, *, compression: str = "zstd", level: int | None = 3
+) -> os.stat_result:
+    """Write `table` as `folder/name` atomically: to `.<name>.tmp` opened in the folder (never
+    through a link), fsync, rename in the folder, fsync the folder; return the written file's
+    stat (its inode, size and mtime are what a reader can check it by)."""
+    tmp = f".{name}.tmp"
+    kwargs = write_options(table, compression=compression, level=level)
+    fd = folder.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pq.write_table(table, f, **kwargs)
+            f.flush()
+            os.fsync(f.fileno())
+            st = os.fstat(f.fileno())
+        folder.rename(tmp, folder, name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            folder.unlink(tmp, missing_ok=True)
+        raise
+    folder.fsync()
+    return st
+
+
+def check_parquet(path: str | os.PathLike[str]) -> pq.FileMetaData:
+    """Return the file's Parquet metadata, or raise ParquetError saying why it is not readable."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            if size < 12:
+                raise ParquetError(f"{path}: {size} bytes is too short for a Parquet file")
+            f.seek(-4, os.SEEK_END)
+            tail = f.read(4)
+        if head != b"PAR1" or tail != b"PAR1":
+            raise ParquetError(
+                f"{path}: missing PAR1 magic at the {'head' if head != b'PAR1' else 'footer'}"
+            )
+        return pq.read_metadata(path)
+    except ParquetError:
+        raise
+    except (OSError, pa.ArrowException) as e:
+        raise ParquetError(f"{path}: not a readable Parquet file: {e}") from None
+
+
+def read_result(
+    path: str | os.PathLike[str],
+    *,
+    memory_map: bool = True,
+    columns: Sequence[str] | None = None,
+) -> pa.Table:
+    """Read one result (or cross-check) file; ParquetError if it lacks the result columns.
+    With `columns`, only those of them the file has are read (the others are never decoded)."""
+    try:
+        with pq.ParquetFile(path, memory_map=memory_map) as pf:
+            names = pf.schema_arrow.names
+            wanted = None if columns is None else [c for c in columns if c in names]
+            table = pf.read(columns=wanted)
+    except (OSError, pa.ArrowException) as e:
+        raise ParquetError(f"{path}: not a readable Parquet file: {e}") from None
+    missing = [c for c in RESULT_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ParquetError(f"{path}: lacks column(s) {missing}")
+    return table
+
+
+def read_result_at(folder: Dir, name: str, *, columns: Sequence[str] | None = None) -> pa.Table:
+    """`read_result` of `folder/name`, opened in the folder (never through a link)."""
+    try:
+        fd = folder.open_file(name)
+    except OSError as e:
+        raise ParquetError(f"{folder.where(name)}: not a readable Parquet file: {e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ParquetError(f"{folder.where(name)}: not a regular file")
+        return read_result(fd_path(fd), columns=columns)
+    except ParquetError as e:
+        raise ParquetError(str(e).replace(fd_path(fd), folder.where(name))) from None
+    finally:
+        os.close(fd)
+
+
+def read_results(
+    folder: str | os.PathLike[str] | Dir,
+    models: Iterable[str],
+    *,
+    prefix: str = "",
+    columns: Sequence[str] | None = None,
+) -> Mapping[str, pa.Table]:
+    """Read `<prefix><model>.parquet` for each model in `folder` into a {model: table} mapping."""
+    if isinstance(folder, Dir):
+        return {m: read_result_at(folder, f"{prefix}{m}.parquet", columns=columns) for m in models}
+    base = Path(folder)
+    return {m: read_result(base / f"{prefix}{m}.parquet", columns=columns) for m in models}
