@@ -1,5 +1,11 @@
 """Configuration: `coordinator.toml`, then `conf.d/*.toml` in lexical order, later wins key by key.
 
+The dataclasses below are the one definition of the configuration. Each field that is a config
+key carries `field(metadata=meta(...))`: its help text, whether it needs a restart, and how it
+is checked; its type says what it holds (a `Literal` lists the allowed values) and its default
+is the built-in default. `SETTINGS`, `DEFAULTS`, the unknown-key checks, the type checks,
+`explain` and `restart_changes` are all derived from those fields.
+
 Everything here is pure over plain values except `load_config`, which reads the files. The merged
 result is validated into frozen dataclasses; every error names the file and the key.
 """
@@ -9,69 +15,109 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from coordinator.core.errors import ConfigError
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
-DEFAULTS: dict[str, Any] = {
-    "paths": {
-        "staging": "/data/hot/staging",
-        "lake": "/data/lake",
-        "node_tmpfs": "/dev/shm/numa-coordinator/node{node}",
-        "state_dir": "/var/lib/numa-coordinator",
-        "runtime_dir": "/run/numa-coordinator",
-    },
-    "batch": {
-        "models": ["slm-1", "slm-2", "slm-3", "slm-4", "slm-5", "slm-6", "slm-7"],
-        "deadline_s": 600.0,
-        "quorum": 7,
-        "max_in_flight": 4,
-    },
-    "node": [
-        {"id": 0, "models": ["slm-1", "slm-2", "slm-3", "slm-4"]},
-        {"id": 1, "models": ["slm-5", "slm-6", "slm-7"]},
-    ],
-    "database": {
-        "dsn": "",
-        "schema": "numa_coordinator",
-        "password_file": "",
-        "retry_max_s": 30.0,
-    },
-    "parquet": {"compression": "zstd", "level": 3},
-    "barrier": {
-        "backend": "inotify",
-        "debounce_ms": 20,
-        "step_ms": 2,
-        "reconcile_s": 5.0,
-        "settle_s": 5.0,
-    },
-    "crosscheck": {"function": "agents.crosscheck:crosscheck"},
-    "agents": {"heartbeat_s": 2.0, "step_timeout_s": 300.0, "numactl": "numactl"},
-    "log": {"level": "info", "format": "auto"},
-    "placement": {"min_fraction": 0.99},
-    "metrics": {"listen": "", "loop_lag_interval_ms": 0},
-}
+BarrierBackend = Literal["inotify", "watchfiles"]
+Compression = Literal["zstd", "snappy", "gzip", "brotli", "lz4", "none"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "console"]
 
-# Keys of a [[node]] table and their defaults.
-NODE_DEFAULTS: dict[str, Any] = {"id": None, "models": [], "cpus": ""}
+# A hook of a key: (reader, dotted key as the error names it, value, the keys read so far).
+Hook = Callable[["_Reader", str, Any, Mapping[str, Any]], Any]
 
-_PATH_KEYS = ("staging", "lake", "node_tmpfs", "state_dir", "runtime_dir")
+
+@dataclass(frozen=True)
+class Meta:
+    """What one config field means in TOML; kept in `field(metadata=meta(...))`."""
+
+    help: str  # one line, shown by `coordinatorctl check-config --explain --describe`
+    name: str = ""  # the TOML key if not the field name; "section.key" on Config's own fields
+    restart: bool = False  # a reload that changes it is rejected (see `restart_changes`)
+    range: tuple[int, int] | None = None  # integers: the inclusive bounds
+    expect: str = ""  # what a type or range error says is expected, if not derived from the type
+    # A path (as every `Path`-typed field is): a non-empty string, resolved against the folder of
+    # the main file; with `uri`, a value containing :// (a pyarrow.fs URI) is kept as written.
+    path: bool = False
+    uri: bool = False
+    lower: bool = False  # a choice matched in any case and kept in lower case
+    parse: Hook | None = None  # replaces the check derived from the type; returns the value
+    check: Hook | None = None  # runs after it; raises `reader.fail(...)` when the value is wrong
+
+
+def meta(help: str, **kw: Any) -> dict[str, Meta]:
+    """The `metadata=` of a config field; see `Meta` for the keywords."""
+    return {"config": Meta(help, **kw)}
+
+
+def _matching(pattern: str, expected: str, *, empty_ok: bool = False) -> Hook:
+    """A check: the whole string matches `pattern` (or is empty, with `empty_ok`)."""
+
+    def check(r: _Reader, dotted: str, value: Any, _: Mapping[str, Any]) -> None:
+        if (value or not empty_ok) and not re.fullmatch(pattern, value):
+            raise r.fail(dotted, expected, value)
+
+    return check
+
+
+def _has_node_placeholder(r: _Reader, dotted: str, value: Any, _: Mapping[str, Any]) -> None:
+    if "{node}" not in value:
+        raise r.fail(dotted, "a template containing {node}", value)
+
+
+def _fits_a_unix_socket(r: _Reader, dotted: str, value: Any, values: Mapping[str, Any]) -> None:
+    # A Unix socket path is limited to 107 bytes; say so now rather than at bind time.
+    paths = _section("paths", {**values, dotted: value})
+    if len(str(paths.control_socket).encode()) > 107:
+        raise r.fail(dotted, "a path short enough for a Unix socket", str(paths))
 
 
 @dataclass(frozen=True)
 class Paths:
     """Where the daemon reads, stages, archives and keeps its state."""
 
-    staging: Path
-    lake: str  # a local path or a pyarrow.fs URI (s3://...)
-    node_tmpfs: str  # template with {node}
-    state_dir: Path
-    runtime_dir: Path
+    staging: Path = field(
+        default=Path("/data/hot/staging"),
+        metadata=meta("hot staging folder: <batch>/<model>.parquet", restart=True),
+    )
+    lake: str = field(  # a local path or a pyarrow.fs URI (s3://...)
+        default="/data/lake",
+        metadata=meta(
+            "cold tier the aggregating agent writes; a path or a pyarrow.fs URI (s3://...)",
+            restart=True,
+            path=True,
+            uri=True,
+        ),
+    )
+    node_tmpfs: str = field(  # template with {node}
+        default="/dev/shm/numa-coordinator/node{node}",
+        metadata=meta(
+            "the node-local tmpfs folder of each node; must contain {node}",
+            restart=True,
+            path=True,
+            check=_has_node_placeholder,
+        ),
+    )
+    state_dir: Path = field(
+        default=Path("/var/lib/numa-coordinator"),
+        metadata=meta(
+            "daemon state; the embedded PostgreSQL lives in state_dir/pgdata", restart=True
+        ),
+    )
+    runtime_dir: Path = field(
+        default=Path("/run/numa-coordinator"),
+        metadata=meta(
+            "holds control.sock and agents.sock; runtime_dir/control.sock must fit in 107 bytes",
+            restart=True,
+            check=_fits_a_unix_socket,
+        ),
+    )
 
     def tmpfs_for(self, node: int) -> Path:
         """The node-local tmpfs folder of `node`."""
@@ -88,33 +134,93 @@ class Paths:
         return self.runtime_dir / "control.sock"
 
 
+def _model_list(r: _Reader, dotted: str, value: Any, _: Mapping[str, Any]) -> tuple[str, ...]:
+    models = _names(r, dotted, value)
+    if not models:
+        raise r.fail(dotted, "at least one model", [])
+    return models
+
+
+def _quorum(r: _Reader, dotted: str, value: Any, values: Mapping[str, Any]) -> int:
+    return r.integer(dotted, value, 1, len(values["batch.models"]))
+
+
 @dataclass(frozen=True)
 class BatchConfig:
     """Which models make a batch, and how long to wait for them."""
 
-    models: tuple[str, ...]
-    deadline_s: float
-    quorum: int
-    max_in_flight: int = 4  # batches between ready and committed at once
+    models: tuple[str, ...] = field(
+        default=("slm-1", "slm-2", "slm-3", "slm-4", "slm-5", "slm-6", "slm-7"),
+        metadata=meta("the models a batch waits for; distinct names", parse=_model_list),
+    )
+    deadline_s: float = field(
+        default=600.0,
+        metadata=meta("seconds from first sight of a batch folder to its deadline"),
+    )
+    quorum: int = field(
+        default=7,
+        metadata=meta(
+            "the fewest present models with which a batch goes on (degraded) at the deadline",
+            parse=_quorum,
+        ),
+    )
+    max_in_flight: int = field(  # batches between ready and committed at once
+        default=4,
+        metadata=meta("the most batches between ready and committed at once", range=(1, 1000)),
+    )
 
 
 @dataclass(frozen=True)
 class NodeConfig:
     """One NUMA node: the models cross-checked there and, optionally, the CPUs its agent uses."""
 
-    id: int
-    models: tuple[str, ...]
-    cpus: str = ""  # empty: all CPUs of the node
+    id: int = field(
+        metadata=meta(
+            "NUMA node number, unique among the [[node]] tables",
+            restart=True,
+            range=(0, 1023),
+            expect="a NUMA node number 0..1023",
+        )
+    )
+    models: tuple[str, ...] = field(
+        default=(), metadata=meta("the models cross-checked on this node")
+    )
+    cpus: str = field(  # empty: all CPUs of the node
+        default="",
+        metadata=meta(
+            "CPUs of this node's agent, such as '0-1,36-37'; empty: all CPUs of the node",
+            expect="a CPU list such as '0-1,36-37'",
+            check=_matching(r"[0-9,\-]+", "a CPU list such as '0-1,36-37'", empty_ok=True),
+        ),
+    )
 
 
 @dataclass(frozen=True)
 class DatabaseConfig:
     """PostgreSQL: a DSN, or empty for the embedded server under state_dir."""
 
-    dsn: str
-    schema: str
-    password_file: str
-    retry_max_s: float
+    dsn: str = field(
+        default="",
+        metadata=meta(
+            "PostgreSQL DSN; empty runs the embedded PostgreSQL under state_dir/pgdata",
+            restart=True,
+        ),
+    )
+    schema: str = field(
+        default="numa_coordinator",
+        metadata=meta(
+            "schema of the tables; also keys the leader lock",
+            restart=True,
+            check=_matching(r"[a-z_][a-z0-9_]{0,62}", "a lower-case SQL identifier"),
+        ),
+    )
+    password_file: str = field(
+        default="",
+        metadata=meta("file whose stripped content is the database password; empty: none"),
+    )
+    retry_max_s: float = field(
+        default=30.0, metadata=meta("the largest backoff between database retries")
+    )
 
     @property
     def embedded(self) -> bool:
@@ -122,58 +228,184 @@ class DatabaseConfig:
         return not self.dsn
 
 
+def _parquet_level(r: _Reader, dotted: str, value: Any, values: Mapping[str, Any]) -> int | None:
+    if values["parquet.compression"] in ("zstd", "gzip", "brotli"):
+        return r.integer(dotted, value, 1, 22)
+    return None if value in (None, 0) else r.integer(dotted, value, 0, 22)
+
+
 @dataclass(frozen=True)
 class ParquetConfig:
     """How result files are compressed."""
 
-    compression: str
-    level: int | None
+    compression: Compression = field(
+        default="zstd",
+        metadata=meta("codec of the cross-check files and of the lake's aggregates.parquet"),
+    )
+    level: int | None = field(
+        default=3,
+        metadata=meta(
+            "1..22 for zstd, gzip and brotli; accepted (0..22) and unused by the other codecs",
+            parse=_parquet_level,
+        ),
+    )
 
 
 @dataclass(frozen=True)
 class BarrierConfig:
     """Watcher tuning and the reconciliation scan period."""
 
-    debounce_ms: int
-    step_ms: int
-    reconcile_s: float
-    settle_s: float  # an unreadable file unchanged this long is quarantined
-    backend: str = "inotify"  # or "watchfiles"
+    debounce_ms: int = field(
+        default=20,
+        metadata=meta(
+            "watchfiles backend only: the longest it groups events before reporting",
+            range=(1, 60_000),
+        ),
+    )
+    step_ms: int = field(
+        default=2,
+        metadata=meta(
+            "watchfiles backend only: how long without new events ends a group",
+            range=(1, 10_000),
+        ),
+    )
+    reconcile_s: float = field(
+        default=5.0, metadata=meta("period of the full reconciliation scan of staging")
+    )
+    settle_s: float = field(  # an unreadable file unchanged this long is quarantined
+        default=5.0,
+        metadata=meta("an unreadable file unchanged this long is quarantined as corrupt"),
+    )
+    backend: BarrierBackend = field(default="inotify", metadata=meta("how staging is watched"))
 
 
 @dataclass(frozen=True)
 class AgentsConfig:
     """Agent heartbeats and step limits."""
 
-    heartbeat_s: float
-    step_timeout_s: float
-    numactl: str
+    heartbeat_s: float = field(default=2.0, metadata=meta("the agents' heartbeat period"))
+    step_timeout_s: float = field(
+        default=300.0,
+        metadata=meta("how long a step waits for a node's agent to connect, then for its reply"),
+    )
+    numactl: str = field(
+        default="numactl", metadata=meta("the numactl binary --with-agents starts agents with")
+    )
 
 
 @dataclass(frozen=True)
 class LogConfig:
     """Log level and format (auto: JSON when stdout is not a terminal)."""
 
-    level: str
-    format: str
+    level: LogLevel = field(default="info", metadata=meta("log level, in any case", lower=True))
+    format: LogFormat = field(
+        default="auto", metadata=meta("log format; auto: JSON when stdout is not a terminal")
+    )
+
+
+def _fraction(r: _Reader, dotted: str, value: Any, _: Mapping[str, Any]) -> None:
+    if not 0 < value <= 1:
+        raise r.fail(dotted, "a fraction in (0, 1]", value)
+
+
+def _nodes(
+    r: _Reader, dotted: str, value: Any, values: Mapping[str, Any]
+) -> tuple[NodeConfig, ...]:
+    """The [[node]] array: each table's keys as declared by NodeConfig, then the rules across
+    the tables and batch.models."""
+    if not isinstance(value, list) or not value:
+        raise r.fail(dotted, "at least one [[node]] table", value)
+    models = values["batch.models"]
+    nodes: list[NodeConfig] = []
+    seen_models: dict[str, int] = {}
+    for i, entry in enumerate(value):
+        row = {
+            s.attr[1]: r.parse(
+                s, f"{dotted}[{i}].{s.name}", entry.get(s.name, s.raw_default), values
+            )
+            for s in SETTINGS
+            if s.in_table and s.table == dotted
+        }
+        node = NodeConfig(**row)
+        if node.id in [n.id for n in nodes]:
+            raise r.fail(f"{dotted}[{i}].id", "a node id not used by another [[node]]", node.id)
+        for m in node.models:
+            if m not in models:
+                raise r.fail(
+                    f"{dotted}[{i}].models", f"models listed in batch.models {list(models)}", m
+                )
+            if m in seen_models:
+                raise r.fail(f"{dotted}[{i}].models", "each model on one node only", m)
+            seen_models[m] = node.id
+        nodes.append(node)
+    unassigned = [m for m in models if m not in seen_models]
+    if unassigned:
+        raise r.fail(
+            dotted,
+            f"every model of batch.models assigned to a node; missing {unassigned}",
+            [list(n.models) for n in nodes],
+        )
+    return tuple(nodes)
 
 
 @dataclass(frozen=True)
 class Config:
-    """The validated, merged configuration."""
+    """The validated, merged configuration. `Config()` is the built-in default."""
 
-    paths: Paths
-    batch: BatchConfig
-    nodes: tuple[NodeConfig, ...]
-    database: DatabaseConfig
-    parquet: ParquetConfig
-    barrier: BarrierConfig
-    crosscheck_function: str
-    agents: AgentsConfig
-    log: LogConfig
-    placement_min_fraction: float = 0.99
-    metrics_listen: str = ""  # host:port of the Prometheus endpoint; empty: off
-    loop_lag_interval_ms: int = 0  # event-loop lag sampler period; 0: off
+    paths: Paths = field(default_factory=Paths)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    nodes: tuple[NodeConfig, ...] = field(
+        default=(
+            NodeConfig(id=0, models=("slm-1", "slm-2", "slm-3", "slm-4")),
+            NodeConfig(id=1, models=("slm-5", "slm-6", "slm-7")),
+        ),
+        metadata=meta(
+            "the NUMA nodes; every model of batch.models on exactly one", name="node", parse=_nodes
+        ),
+    )
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    parquet: ParquetConfig = field(default_factory=ParquetConfig)
+    barrier: BarrierConfig = field(default_factory=BarrierConfig)
+    crosscheck_function: str = field(
+        default="agents.crosscheck:crosscheck",
+        metadata=meta(
+            "the cross-check function the agents call, as 'module:function'",
+            name="crosscheck.function",
+            check=_matching(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", "an import path 'module:function'"),
+        ),
+    )
+    agents: AgentsConfig = field(default_factory=AgentsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    placement_min_fraction: float = field(
+        default=0.99,
+        metadata=meta(
+            "a batch with less than this fraction of its staged pages on a node is flagged",
+            name="placement.min_fraction",
+            check=_fraction,
+        ),
+    )
+    metrics_listen: str = field(  # host:port of the Prometheus endpoint; empty: off
+        default="",
+        metadata=meta(
+            "host:port of the Prometheus endpoint (GET /metrics); empty: off",
+            name="metrics.listen",
+            restart=True,
+            check=_matching(
+                r"(\[[0-9a-fA-F:]+\]|[\w.-]+):\d{1,5}",
+                "host:port such as 127.0.0.1:9464",
+                empty_ok=True,
+            ),
+        ),
+    )
+    loop_lag_interval_ms: int = field(  # event-loop lag sampler period; 0: off
+        default=0,
+        metadata=meta(
+            "period of the event-loop lag sampler; 0: off",
+            name="metrics.loop_lag_interval_ms",
+            range=(0, 60_000),
+        ),
+    )
+    # Not config keys: what was read, and which file set each key.
     sources: tuple[str, ...] = ()
     provenance: Mapping[str, str] = field(default_factory=dict)
 
@@ -195,6 +427,159 @@ class Config:
             if model in n.models:
                 return n.id
         raise ConfigError(f"model {model!r} is assigned to no [[node]]")
+
+
+# --- the keys, derived from the fields ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One config key, read off a dataclass field."""
+
+    key: str  # dotted: "batch.quorum"; "node" is the array, "node.id" a key of each [[node]]
+    meta: Meta
+    hint: Any  # the field's type
+    default: Any  # the field's default (MISSING for a key a table must set)
+    attr: tuple[str, ...]  # where it lives in Config: ("batch", "quorum"); ("nodes", "id")
+    table: str = ""  # for a key of an array of tables: the array ("node")
+
+    @property
+    def in_table(self) -> bool:
+        """True for a key of each table of an array of tables, such as node.id."""
+        return bool(self.table)
+
+    @property
+    def name(self) -> str:
+        """The key within its section or table: "quorum", "id"."""
+        return self.key.rpartition(".")[2]
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The allowed values of a `Literal` key; () for any other."""
+        return get_args(self.hint) if get_origin(self.hint) is Literal else ()
+
+    @property
+    def raw_default(self) -> Any:
+        """The default as TOML would write it (None for a key without a default)."""
+        return None if self.default is MISSING else _to_toml(self.default)
+
+    def value(self, cfg: Config) -> Any:
+        """The key's value in `cfg`; for a key of [[node]], the list over the nodes."""
+        if self.in_table:
+            return [getattr(row, self.attr[1]) for row in getattr(cfg, self.attr[0])]
+        obj: Any = cfg
+        for a in self.attr:
+            obj = getattr(obj, a)
+        return obj
+
+    def describe(self) -> str:
+        """The help line, with the allowed values and whether a change needs a restart."""
+        out = self.meta.help
+        if self.choices:
+            out += f" ({_one_of(self.choices)})"
+        return out + (" [restart]" if self.meta.restart else "")
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    if len(choices) == 2:
+        return f"{choices[0]} or {choices[1]}"
+    return "one of " + ", ".join(choices)
+
+
+def _to_toml(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_to_toml(v) for v in value]
+    if is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.metadata["config"].name or f.name: _to_toml(getattr(value, f.name))
+            for f in fields(value)
+        }
+    return value
+
+
+def _default_of(f: Field[Any]) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+_HINTS = get_type_hints(Config)
+# Config's fields that are sections ([paths], [batch], ...): field name -> dataclass.
+_SECTION_TYPES: dict[str, type[Any]] = {
+    f.name: hint
+    for f in fields(Config)
+    if isinstance(hint := _HINTS[f.name], type) and is_dataclass(hint)
+}
+
+
+def _settings() -> tuple[Setting, ...]:
+    """Every key, in the order they are checked: the sections' and Config's own keys in field
+    order, then the keys of each array of tables. A field that is neither a section nor
+    carries `meta(...)` is not a key (Config.sources, Config.provenance)."""
+    keys: list[Setting] = []
+    table_keys: list[Setting] = []
+    for f in fields(Config):
+        hint = _HINTS[f.name]
+        if f.name in _SECTION_TYPES:
+            inner = get_type_hints(hint)
+            for g in fields(hint):
+                m = g.metadata["config"]  # every field of a section is a key
+                dotted = f"{f.name}.{m.name or g.name}"
+                keys.append(Setting(dotted, m, inner[g.name], _default_of(g), (f.name, g.name)))
+            continue
+        if "config" not in f.metadata:
+            continue
+        m = f.metadata["config"]
+        dotted = m.name or f.name
+        keys.append(Setting(dotted, m, hint, _default_of(f), (f.name,)))
+        if get_origin(hint) is tuple and is_dataclass(row := get_args(hint)[0]):
+            inner = get_type_hints(row)
+            for g in fields(row):
+                sub = g.metadata["config"]
+                table_keys.append(
+                    Setting(
+                        f"{dotted}.{sub.name or g.name}",
+                        sub,
+                        inner[g.name],
+                        _default_of(g),
+                        (f.name, g.name),
+                        table=dotted,
+                    )
+                )
+    return (*keys, *table_keys)
+
+
+SETTINGS: tuple[Setting, ...] = _settings()
+
+
+def _defaults() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for s in SETTINGS:
+        if s.in_table:
+            continue
+        section, _, key = s.key.partition(".")
+        if key:
+            out.setdefault(section, {})[key] = s.raw_default
+        else:
+            out[section] = s.raw_default
+    return out
+
+
+# The built-in defaults as TOML would write them: the bottom layer of every merge.
+DEFAULTS: dict[str, Any] = _defaults()
+# Section -> its keys; an array of tables -> the keys of each of its tables.
+_SECTIONS: dict[str, set[str]] = {
+    sec: set(body) for sec, body in DEFAULTS.items() if isinstance(body, dict)
+}
+_ARRAYS: dict[str, set[str]] = {
+    sec: {s.name for s in SETTINGS if s.table == sec}
+    for sec, body in DEFAULTS.items()
+    if isinstance(body, list)
+}
 
 
 def config_files(path: Path) -> list[Path]:
@@ -307,24 +692,25 @@ def _deepcopy(value: Any) -> Any:
 def _check_unknown(layers: list[tuple[str, dict[str, Any]]]) -> None:
     for source, table in layers[1:]:
         for section, body in table.items():
-            if section not in DEFAULTS:
-                raise ConfigError(f"{locate(source, section)}: unknown section [{section}]")
-            if section == "node":
+            if section in _ARRAYS:
                 if not isinstance(body, list):
-                    raise ConfigError(f"{source}: node: expected an array of tables [[node]]")
+                    raise ConfigError(
+                        f"{source}: {section}: expected an array of tables [[{section}]]"
+                    )
                 for i, entry in enumerate(body):
                     if not isinstance(entry, dict):
-                        raise ConfigError(f"{source}: node[{i}]: expected a table")
+                        raise ConfigError(f"{source}: {section}[{i}]: expected a table")
                     for key in entry:
-                        if key not in NODE_DEFAULTS:
-                            raise ConfigError(
-                                f"{locate(source, f'node[{i}].{key}')}: unknown key node[{i}].{key}"
-                            )
+                        if key not in _ARRAYS[section]:
+                            dotted = f"{section}[{i}].{key}"
+                            raise ConfigError(f"{locate(source, dotted)}: unknown key {dotted}")
                 continue
+            if section not in _SECTIONS:
+                raise ConfigError(f"{locate(source, section)}: unknown section [{section}]")
             if not isinstance(body, dict):
                 raise ConfigError(f"{source}: {section}: expected a table [{section}]")
             for key in body:
-                if key not in DEFAULTS[section]:
+                if key not in _SECTIONS[section]:
                     raise ConfigError(
                         f"{locate(source, f'{section}.{key}')}: unknown key {section}.{key}"
                     )
@@ -333,9 +719,10 @@ def _check_unknown(layers: list[tuple[str, dict[str, Any]]]) -> None:
 class _Reader:
     """Typed access to the merged dict; errors name the file that set the key."""
 
-    def __init__(self, merged: dict[str, Any], prov: Mapping[str, str]) -> None:
+    def __init__(self, merged: dict[str, Any], prov: Mapping[str, str], base_dir: Path) -> None:
         self.merged = merged
         self.prov = prov
+        self.base_dir = base_dir
 
     def where(self, dotted: str) -> str:
         head = dotted.split("[")[0]
@@ -345,28 +732,63 @@ class _Reader:
     def fail(self, dotted: str, expected: str, found: Any) -> ConfigError:
         return ConfigError(f"{self.where(dotted)}: {dotted}: expected {expected}, found {found!r}")
 
-    def get(self, section: str, key: str) -> Any:
-        return self.merged[section][key]
+    def raw(self, s: Setting) -> Any:
+        section, _, key = s.key.partition(".")
+        return self.merged[section][key] if key else self.merged.get(section)
 
-    def str_(self, section: str, key: str) -> str:
-        v = self.get(section, key)
+    def string(self, dotted: str, v: Any, expected: str = "") -> str:
         if not isinstance(v, str):
-            raise self.fail(f"{section}.{key}", "a string", v)
+            raise self.fail(dotted, expected or "a string", v)
         return v
 
-    def num(self, section: str, key: str, *, positive: bool = True) -> float:
-        v = self.get(section, key)
+    def number(self, dotted: str, v: Any) -> float:
         if isinstance(v, bool) or not isinstance(v, int | float):
-            raise self.fail(f"{section}.{key}", "a number", v)
-        if positive and v <= 0:
-            raise self.fail(f"{section}.{key}", "a number > 0", v)
+            raise self.fail(dotted, "a number", v)
+        if v <= 0:
+            raise self.fail(dotted, "a number > 0", v)
         return float(v)
 
-    def int_(self, section: str, key: str, lo: int, hi: int) -> int:
-        v = self.get(section, key)
+    def integer(self, dotted: str, v: Any, lo: int, hi: int, expected: str = "") -> int:
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise self.fail(f"{section}.{key}", f"an integer in {lo}..{hi}", v)
+            raise self.fail(dotted, expected or f"an integer in {lo}..{hi}", v)
         return v
+
+    def path(self, dotted: str, v: Any, *, uri: bool) -> str:
+        raw = self.string(dotted, v)
+        if not raw:
+            raise self.fail(dotted, "a non-empty path", raw)
+        if uri and "://" in raw:
+            return raw
+        p = Path(raw)
+        return str(p if p.is_absolute() else (self.base_dir / p))
+
+    def parse(self, s: Setting, dotted: str, v: Any, values: Mapping[str, Any]) -> Any:
+        """Check and convert the value `v` of key `s` (named `dotted` in errors) by its type."""
+        m, hint = s.meta, s.hint
+        value: Any
+        if m.parse is not None:
+            value = m.parse(self, dotted, v, values)
+        elif s.choices:
+            value = self.string(dotted, v, m.expect)
+            value = value.lower() if m.lower else value
+            if value not in s.choices:
+                raise self.fail(dotted, _one_of(s.choices), value)
+        elif hint is Path or m.path:
+            value = self.path(dotted, v, uri=m.uri)
+            value = Path(value) if hint is Path else value
+        elif hint is str:
+            value = self.string(dotted, v, m.expect)
+        elif hint is float:
+            value = self.number(dotted, v)
+        elif hint is int and m.range is not None:
+            value = self.integer(dotted, v, *m.range, m.expect)
+        elif hint == tuple[str, ...]:
+            value = _names(self, dotted, v)
+        else:  # a new kind of key needs a branch here, or a parse hook
+            raise TypeError(f"{s.key}: no check for a field of type {hint!r}")
+        if m.check is not None:
+            m.check(self, dotted, value, values)
+        return value
 
 
 def _names(r: _Reader, dotted: str, value: Any) -> tuple[str, ...]:
@@ -380,6 +802,12 @@ def _names(r: _Reader, dotted: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _section(name: str, values: Mapping[str, Any]) -> Any:
+    """Section `name` of Config ("paths": a Paths) from the values read so far."""
+    keys = [s for s in SETTINGS if not s.in_table and len(s.attr) == 2 and s.attr[0] == name]
+    return _SECTION_TYPES[name](**{s.attr[1]: values[s.key] for s in keys})
+
+
 def validate(
     merged: dict[str, Any],
     prov: Mapping[str, str],
@@ -387,141 +815,51 @@ def validate(
     base_dir: Path,
     sources: tuple[str, ...] = (),
 ) -> Config:
-    """Turn a merged config dict into a `Config`, or raise ConfigError naming file and key."""
-    r = _Reader(merged, prov)
+    """Turn a merged config dict into a `Config`, or raise ConfigError naming file and key.
 
-    def path_of(key: str) -> str:
-        raw = r.str_("paths", key)
-        if not raw:
-            raise r.fail(f"paths.{key}", "a non-empty path", raw)
-        if key == "lake" and "://" in raw:
-            return raw
-        p = Path(raw)
-        return str(p if p.is_absolute() else (base_dir / p))
+    Keys are checked in field order, each by its type and `meta`, so a key may depend on the
+    keys before it (batch.quorum on batch.models, the [[node]] tables on both)."""
+    r = _Reader(merged, prov, base_dir)
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        if not s.in_table:  # the keys of each [[node]] are read by the node array's hook
+            values[s.key] = r.parse(s, s.key, r.raw(s), values)
+    kwargs: dict[str, Any] = {name: _section(name, values) for name in _SECTION_TYPES}
+    for s in SETTINGS:
+        if len(s.attr) == 1:
+            kwargs[s.attr[0]] = values[s.key]
+    return Config(**kwargs, sources=sources, provenance=dict(prov))
 
-    tmpfs = path_of("node_tmpfs")
-    if "{node}" not in tmpfs:
-        raise r.fail("paths.node_tmpfs", "a template containing {node}", tmpfs)
-    paths = Paths(
-        staging=Path(path_of("staging")),
-        lake=path_of("lake"),
-        node_tmpfs=tmpfs,
-        state_dir=Path(path_of("state_dir")),
-        runtime_dir=Path(path_of("runtime_dir")),
-    )
-    # A Unix socket path is limited to 107 bytes; say so now rather than at bind time.
-    if len(str(paths.control_socket).encode()) > 107:
-        raise r.fail("paths.runtime_dir", "a path short enough for a Unix socket", str(paths))
 
-    models = _names(r, "batch.models", r.get("batch", "models"))
-    if not models:
-        raise r.fail("batch.models", "at least one model", [])
-    quorum = r.int_("batch", "quorum", 1, len(models))
-    batch = BatchConfig(
-        models=models,
-        deadline_s=r.num("batch", "deadline_s"),
-        quorum=quorum,
-        max_in_flight=r.int_("batch", "max_in_flight", 1, 1000),
-    )
+def explain(cfg: Config, *, describe: bool = False) -> list[str]:
+    """One line per key, sorted: the key and the file (and line) that set it, or `<defaults>`;
+    the keys of each [[node]] follow the node array as node[i].key. With `describe`, each line
+    ends with the key's help, its allowed values and [restart] if a reload may not change it."""
+    rows: list[tuple[str, str, str]] = []
+    for s in sorted((s for s in SETTINGS if not s.in_table), key=lambda s: s.key):
+        source = cfg.provenance.get(s.key, "<defaults>")
+        rows.append((s.key, locate(source, s.key), s.describe()))
+        for i in range(len(s.value(cfg)) if s.key in _ARRAYS else 0):
+            for t in (t for t in SETTINGS if t.table == s.key):
+                dotted = f"{s.key}[{i}].{t.name}"
+                rows.append((dotted, locate(source, dotted), t.describe()))
+    kw = max(len(k) for k, _, _ in rows)
+    if not describe:
+        return [f"{k:<{kw}}  {w}" for k, w, _ in rows]
+    ww = max(len(w) for _, w, _ in rows)
+    return [f"{k:<{kw}}  {w:<{ww}}  {d}" for k, w, d in rows]
 
-    raw_nodes = merged.get("node")
-    if not isinstance(raw_nodes, list) or not raw_nodes:
-        raise r.fail("node", "at least one [[node]] table", raw_nodes)
-    nodes: list[NodeConfig] = []
-    seen_models: dict[str, int] = {}
-    for i, entry in enumerate(raw_nodes):
-        where = f"node[{i}]"
-        nid = entry.get("id")
-        if isinstance(nid, bool) or not isinstance(nid, int) or not 0 <= nid < 1024:
-            raise r.fail(f"{where}.id", "a NUMA node number 0..1023", nid)
-        if nid in [n.id for n in nodes]:
-            raise r.fail(f"{where}.id", "a node id not used by another [[node]]", nid)
-        nmodels = _names(r, f"{where}.models", entry.get("models", []))
-        for m in nmodels:
-            if m not in models:
-                raise r.fail(f"{where}.models", f"models listed in batch.models {list(models)}", m)
-            if m in seen_models:
-                raise r.fail(f"{where}.models", "each model on one node only", m)
-            seen_models[m] = nid
-        cpus = entry.get("cpus", "")
-        if not isinstance(cpus, str) or (cpus and not re.fullmatch(r"[0-9,\-]+", cpus)):
-            raise r.fail(f"{where}.cpus", "a CPU list such as '0-1,36-37'", cpus)
-        nodes.append(NodeConfig(id=nid, models=nmodels, cpus=cpus))
-    unassigned = [m for m in models if m not in seen_models]
-    if unassigned:
-        raise r.fail(
-            "node",
-            f"every model of batch.models assigned to a node; missing {unassigned}",
-            [list(n.models) for n in nodes],
-        )
 
-    dsn = r.str_("database", "dsn")
-    schema = r.str_("database", "schema")
-    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
-        raise r.fail("database.schema", "a lower-case SQL identifier", schema)
-    database = DatabaseConfig(
-        dsn=dsn,
-        schema=schema,
-        password_file=r.str_("database", "password_file"),
-        retry_max_s=r.num("database", "retry_max_s"),
-    )
-
-    compression = r.str_("parquet", "compression")
-    if compression not in ("zstd", "snappy", "gzip", "brotli", "lz4", "none"):
-        raise r.fail(
-            "parquet.compression", "one of zstd, snappy, gzip, brotli, lz4, none", compression
-        )
-    level_raw = r.get("parquet", "level")
-    if compression in ("zstd", "gzip", "brotli"):
-        level: int | None = r.int_("parquet", "level", 1, 22)
-    else:
-        level = None if level_raw in (None, 0) else r.int_("parquet", "level", 0, 22)
-
-    barrier = BarrierConfig(
-        debounce_ms=r.int_("barrier", "debounce_ms", 1, 60_000),
-        step_ms=r.int_("barrier", "step_ms", 1, 10_000),
-        reconcile_s=r.num("barrier", "reconcile_s"),
-        settle_s=r.num("barrier", "settle_s"),
-        backend=r.str_("barrier", "backend"),
-    )
-    if barrier.backend not in ("inotify", "watchfiles"):
-        raise r.fail("barrier.backend", "inotify or watchfiles", barrier.backend)
-    fn = r.str_("crosscheck", "function")
-    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", fn):
-        raise r.fail("crosscheck.function", "an import path 'module:function'", fn)
-    agents = AgentsConfig(
-        heartbeat_s=r.num("agents", "heartbeat_s"),
-        step_timeout_s=r.num("agents", "step_timeout_s"),
-        numactl=r.str_("agents", "numactl"),
-    )
-    level_name = r.str_("log", "level").lower()
-    if level_name not in ("debug", "info", "warning", "error"):
-        raise r.fail("log.level", "one of debug, info, warning, error", level_name)
-    fmt = r.str_("log", "format")
-    if fmt not in ("auto", "json", "console"):
-        raise r.fail("log.format", "one of auto, json, console", fmt)
-    min_fraction = r.num("placement", "min_fraction")
-    if not 0 < min_fraction <= 1:
-        raise r.fail("placement.min_fraction", "a fraction in (0, 1]", min_fraction)
-    listen = r.str_("metrics", "listen")
-    if listen and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[\w.-]+):\d{1,5}", listen):
-        raise r.fail("metrics.listen", "host:port such as 127.0.0.1:9464", listen)
-    return Config(
-        paths=paths,
-        batch=batch,
-        nodes=tuple(nodes),
-        database=database,
-        parquet=ParquetConfig(compression=compression, level=level),
-        barrier=barrier,
-        crosscheck_function=fn,
-        agents=agents,
-        log=LogConfig(level=level_name, format=fmt),
-        placement_min_fraction=min_fraction,
-        metrics_listen=listen,
-        loop_lag_interval_ms=r.int_("metrics", "loop_lag_interval_ms", 0, 60_000),
-        sources=sources,
-        provenance=dict(prov),
-    )
+def restart_changes(old: Config, new: Config) -> list[tuple[str, object, object]]:
+    """The keys marked `restart` whose values differ: (key, old value, new value), in the order
+    of SETTINGS. A key of [[node]] compares the list over the nodes: ("node.id", [0, 1], [0])."""
+    out: list[tuple[str, object, object]] = []
+    for s in SETTINGS:
+        if s.meta.restart:
+            a, b = s.value(old), s.value(new)
+            if a != b:
+                out.append((s.key, a, b))
+    return out
 
 
 def redact_dsn(dsn: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 from coordinator import __version__, bench
 from coordinator.core import topology
 from coordinator.core.batch import State
-from coordinator.core.config import DEFAULTS, config_files, load_config, locate, redact_dsn
+from coordinator.core.config import DEFAULTS, config_files, explain, load_config, redact_dsn
 from coordinator.core.errors import ConfigError, ControlError, CoordinatorError, DaemonNotRunning
 from coordinator.planner import render
 
@@ -321,10 +321,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"coordinatorctl: {e}", file=sys.stderr)
         print(f"configuration test failed: {path}", file=sys.stderr)
         return EXIT_ERROR
-    if args.explain:
-        width = max(len(k) for k in cfg.provenance) if cfg.provenance else 0
-        for key, src in sorted(cfg.provenance.items()):
-            print(f"{key:<{width}}  {locate(src, key)}")
+    if args.explain or args.describe:
+        print("\n".join(explain(cfg, describe=args.describe)))
     print(f"configuration ok: {', '.join(cfg.sources)}")
     database = "embedded" if cfg.database.embedded else redact_dsn(cfg.database.dsn)
     print(
@@ -520,6 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("check-config", help="validate a config, like nginx -t (no daemon)")
     s.add_argument("--config", help=f"coordinator.toml (default {DEFAULT_CONFIG})")
     s.add_argument("--explain", action="store_true", help="show which file set each key")
+    s.add_argument(
+        "--describe",
+        action="store_true",
+        help="--explain, adding what each key is for, its allowed values, [restart]",
+    )
     s.set_defaults(func=cmd_check_config)
 
     s = sub.add_parser("batches", parents=[common(30)], help="recent batches from the ledger")

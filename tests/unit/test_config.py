@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import re
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from coordinator.core.config import load_config, redact_dsn
+from coordinator.core import config
+from coordinator.core.config import (
+    DEFAULTS,
+    SETTINGS,
+    Config,
+    NodeConfig,
+    Setting,
+    explain,
+    load_config,
+    redact_dsn,
+    restart_changes,
+)
 from coordinator.core.errors import ConfigError
+from coordinator.ctl import main as cli
+
+REPO = Path(__file__).resolve().parents[2]
 
 SEVEN = ["slm-1", "slm-2", "slm-3", "slm-4", "slm-5", "slm-6", "slm-7"]
 
@@ -332,3 +351,361 @@ def test_redact_dsn_hides_a_quoted_password_with_spaces() -> None:
 
 def test_redact_dsn_hides_a_password_with_spaces_around_the_equals_sign() -> None:
     assert "s3cret" not in redact_dsn("host=db password = s3cret user=app")
+
+
+# --- one definition: the keys come from the dataclass fields -------------------------------
+
+TOP = [s for s in SETTINGS if not s.in_table]  # every key but those of each [[node]]
+SCALARS = [s for s in TOP if s.key != "node"]
+
+# The built-in defaults as the hand-written DEFAULTS dict had them before they were derived
+# from the fields (plus cpus = "" spelled out in each [[node]]).
+DEFAULTS_BEFORE: dict[str, Any] = {
+    "paths": {
+        "staging": "/data/hot/staging",
+        "lake": "/data/lake",
+        "node_tmpfs": "/dev/shm/numa-coordinator/node{node}",
+        "state_dir": "/var/lib/numa-coordinator",
+        "runtime_dir": "/run/numa-coordinator",
+    },
+    "batch": {"models": SEVEN, "deadline_s": 600.0, "quorum": 7, "max_in_flight": 4},
+    "node": [
+        {"id": 0, "models": ["slm-1", "slm-2", "slm-3", "slm-4"], "cpus": ""},
+        {"id": 1, "models": ["slm-5", "slm-6", "slm-7"], "cpus": ""},
+    ],
+    "database": {
+        "dsn": "",
+        "schema": "numa_coordinator",
+        "password_file": "",
+        "retry_max_s": 30.0,
+    },
+    "parquet": {"compression": "zstd", "level": 3},
+    "barrier": {
+        "backend": "inotify",
+        "debounce_ms": 20,
+        "step_ms": 2,
+        "reconcile_s": 5.0,
+        "settle_s": 5.0,
+    },
+    "crosscheck": {"function": "agents.crosscheck:crosscheck"},
+    "agents": {"heartbeat_s": 2.0, "step_timeout_s": 300.0, "numactl": "numactl"},
+    "log": {"level": "info", "format": "auto"},
+    "placement": {"min_fraction": 0.99},
+    "metrics": {"listen": "", "loop_lag_interval_ms": 0},
+}
+
+# The keys coordinatord rejected a reload for before restart_changes was derived from the fields.
+RESTART_KEYS = [
+    "paths.staging",
+    "paths.lake",
+    "paths.node_tmpfs",
+    "paths.state_dir",
+    "paths.runtime_dir",
+    "database.dsn",
+    "database.schema",
+    "metrics.listen",
+    "node.id",
+]
+
+CHOICES = {
+    "parquet.compression": ("zstd", "snappy", "gzip", "brotli", "lz4", "none"),
+    "barrier.backend": ("inotify", "watchfiles"),
+    "log.level": ("debug", "info", "warning", "error"),
+    "log.format": ("auto", "json", "console"),
+}
+
+
+def setting(key: str) -> Setting:
+    return next(s for s in SETTINGS if s.key == key)
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, str):
+        return json.dumps(v)  # a TOML basic string, for the plain values used here
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def toml_text(tables: dict[str, Any]) -> str:
+    out = []
+    for section, body in tables.items():
+        for table in body if isinstance(body, list) else [body]:
+            out.append(f"[[{section}]]" if isinstance(body, list) else f"[{section}]")
+            out += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+    return "\n".join(out) + "\n"
+
+
+def config_classes() -> list[type[Any]]:
+    return [Config, NodeConfig, *config._SECTION_TYPES.values()]
+
+
+def test_every_field_is_a_key_with_one_line_of_help_or_a_section() -> None:
+    not_keys = {(Config, "sources"), (Config, "provenance")}
+    for cls in config_classes():
+        for f in dataclasses.fields(cls):
+            if (cls, f.name) in not_keys or (cls is Config and f.name in config._SECTION_TYPES):
+                continue
+            m = f.metadata.get("config")
+            assert isinstance(m, config.Meta), f"{cls.__name__}.{f.name} has no meta(...)"
+            assert m.help.strip() and "\n" not in m.help, f"{cls.__name__}.{f.name}"
+
+
+def test_every_setting_has_help_and_every_key_appears_once() -> None:
+    keys = [s.key for s in SETTINGS]
+    assert len(keys) == len(set(keys))
+    for s in SETTINGS:
+        assert s.meta.help.strip(), s.key
+        assert "\n" not in s.describe()
+
+
+def test_the_derived_defaults_equal_the_hand_written_ones() -> None:
+    assert DEFAULTS == DEFAULTS_BEFORE
+
+
+def test_an_empty_config_is_config_with_every_default(etc: Path) -> None:
+    cfg = load_config(etc / "coordinator.toml")
+    assert dataclasses.replace(cfg, sources=(), provenance={}) == Config()
+
+
+def test_the_example_config_sets_only_default_values() -> None:
+    """docs/config.md: config/coordinator.toml has the same values as the defaults."""
+    example = REPO / "config" / "coordinator.toml"
+    raw = tomllib.loads(example.read_text())
+    for section, body in raw.items():
+        if isinstance(body, list):
+            rows = [{**DEFAULTS[section][0], **row} for row in body]
+            assert rows == DEFAULTS[section], section
+            continue
+        for key, value in body.items():
+            assert value == DEFAULTS[section][key], f"{section}.{key}"
+    cfg = load_config(example)
+    assert dataclasses.replace(cfg, sources=(), provenance={}) == Config()
+
+
+def doc_tables() -> dict[str, str]:
+    """docs/config.md's key tables: dotted key -> the default column, as written."""
+    out: dict[str, str] = {}
+    section = ""
+    for line in (REPO / "docs" / "config.md").read_text().splitlines():
+        heading = re.fullmatch(r"### `\[\[?(\w+)\]\]?`.*", line)
+        if heading:
+            section = heading.group(1)
+            continue
+        row = re.fullmatch(r"\| `(\w+)` \| (.*)", line)
+        if section and row:
+            cells = [c.strip() for c in row.group(2).split(" | ")]
+            out[f"{section}.{row.group(1)}"] = cells[1]
+    return out
+
+
+def doc_default(value: Any) -> str:
+    if value is None:
+        return "(required)"
+    if isinstance(value, list):
+        return f"`{value[0]}` … `{value[-1]}`" if len(value) > 2 else f"`{toml_value(value)}`"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"`{value:g}`"
+    return f"`{value}`" if value else '`""`'
+
+
+def test_docs_list_every_key_with_the_default_of_its_field() -> None:
+    documented = doc_tables()
+    assert set(documented) == {s.key for s in SETTINGS if s.key != "node"}
+    for s in SETTINGS:
+        if s.key == "node":
+            continue
+        expected = doc_default(s.raw_default)
+        cell = documented[s.key]
+        assert cell == expected or cell.startswith(expected + " "), (s.key, cell, expected)
+
+
+def test_every_default_key_is_accepted_in_a_drop_in(etc: Path) -> None:
+    dropin(etc, "50-all.toml", toml_text(DEFAULTS))
+    cfg = load_config(etc / "coordinator.toml")
+    assert dataclasses.replace(cfg, sources=(), provenance={}) == Config()
+    assert "<defaults>" not in cfg.provenance.values()
+
+
+@pytest.mark.parametrize("section", sorted(s for s in DEFAULTS if s != "node"))
+def test_an_unknown_key_in_any_section_names_file_line_and_key(etc: Path, section: str) -> None:
+    bad = dropin(etc, "50-bad.toml", f"[{section}]\nnope = 1\n")
+    assert load_error(etc / "coordinator.toml") == f"{bad.resolve()}:2: unknown key {section}.nope"
+
+
+@pytest.mark.parametrize("s", SCALARS, ids=lambda s: s.key)
+def test_a_wrong_type_for_any_key_names_file_line_key_and_value(etc: Path, s: Setting) -> None:
+    section, key = s.key.split(".")
+    bad = dropin(etc, "50-bad.toml", f"[{section}]\n{key} = true\n")
+    msg = load_error(etc / "coordinator.toml")
+    assert msg.startswith(f"{bad.resolve()}:2: {s.key}: expected ")
+    assert msg.endswith(", found True")
+
+
+@pytest.mark.parametrize("key", ["id", "models", "cpus"])
+def test_a_wrong_type_in_a_node_table_names_the_key(etc: Path, key: str) -> None:
+    row = {"id": 0, "models": SEVEN} | {key: True}
+    text = "[[node]]\n" + "".join(f"{k} = {str(v).lower()}\n" for k, v in row.items())
+    bad = dropin(etc, "50-bad.toml", text.replace("'", '"'))
+    msg = load_error(etc / "coordinator.toml")
+    assert msg.startswith(f"{bad.resolve()}:")
+    assert f": node[0].{key}: expected " in msg and msg.endswith(", found True")
+
+
+# --- choices -------------------------------------------------------------------------------
+
+
+def test_the_choice_keys_are_literals_with_these_values() -> None:
+    assert {s.key: s.choices for s in SETTINGS if s.choices} == CHOICES
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_a_wrong_choice_names_file_key_value_and_the_allowed_values(etc: Path, key: str) -> None:
+    section, name = key.split(".")
+    bad = dropin(etc, "50-bad.toml", f'[{section}]\n{name} = "bogus"\n')
+    msg = load_error(etc / "coordinator.toml")
+    allowed = CHOICES[key]
+    listed = " or ".join(allowed) if len(allowed) == 2 else "one of " + ", ".join(allowed)
+    assert msg == f"{bad.resolve()}:2: {key}: expected {listed}, found 'bogus'"
+
+
+@pytest.mark.parametrize(("key", "value"), [(k, v) for k, vs in CHOICES.items() for v in vs])
+def test_every_allowed_choice_is_accepted(etc: Path, key: str, value: str) -> None:
+    section, name = key.split(".")
+    cfg = load_config(main_file(etc, f'[{section}]\n{name} = "{value}"\n'))
+    assert setting(key).value(cfg) == value
+
+
+def test_log_level_is_a_choice_in_any_case_kept_in_lower_case(etc: Path) -> None:
+    assert load_config(main_file(etc, '[log]\nlevel = "WARNING"\n')).log.level == "warning"
+    main = main_file(etc, '[log]\nformat = "JSON"\n')
+    assert load_error(main).endswith(
+        "log.format: expected one of auto, json, console, found 'JSON'"
+    )
+
+
+# --- restart-only keys ---------------------------------------------------------------------
+
+
+def test_the_restart_only_keys_are_those_the_daemon_rejected_a_reload_for() -> None:
+    assert [s.key for s in SETTINGS if s.meta.restart] == RESTART_KEYS
+
+
+def test_no_change_needs_no_restart(etc: Path) -> None:
+    assert restart_changes(Config(), Config()) == []
+    assert restart_changes(load_config(etc / "coordinator.toml"), Config()) == []
+
+
+def changed(value: Any) -> Any:
+    """Some other value of the same type."""
+    if isinstance(value, Path):
+        return value / "other"
+    if isinstance(value, str):
+        return value + "-other"
+    if isinstance(value, tuple):
+        return value[:-1]
+    if value is None:
+        return 1
+    return value + 1
+
+
+def with_value(cfg: Config, s: Setting, value: Any) -> Config:
+    if len(s.attr) == 1:
+        return dataclasses.replace(cfg, **{s.attr[0]: value})
+    section = dataclasses.replace(getattr(cfg, s.attr[0]), **{s.attr[1]: value})
+    return dataclasses.replace(cfg, **{s.attr[0]: section})
+
+
+@pytest.mark.parametrize("s", SCALARS, ids=lambda s: s.key)
+def test_restart_changes_lists_a_key_exactly_when_it_is_restart_only(s: Setting) -> None:
+    old = Config()
+    new = with_value(old, s, changed(s.value(old)))
+    assert s.value(new) != s.value(old)
+    expected = [(s.key, s.value(old), s.value(new))] if s.key in RESTART_KEYS else []
+    assert restart_changes(old, new) == expected
+
+
+def test_node_ids_need_a_restart_and_node_models_and_cpus_do_not() -> None:
+    old = Config()
+    n0, n1 = old.nodes
+    same_ids = (dataclasses.replace(n0, cpus="0-1"), dataclasses.replace(n1, models=("slm-5",)))
+    assert restart_changes(old, dataclasses.replace(old, nodes=same_ids)) == []
+    new = dataclasses.replace(old, nodes=(n0, dataclasses.replace(n1, id=2)))
+    assert restart_changes(old, new) == [("node.id", [0, 1], [0, 2])]
+    reordered = dataclasses.replace(old, nodes=(n1, n0))
+    assert restart_changes(old, reordered) == [("node.id", [0, 1], [1, 0])]
+
+
+def test_restart_changes_between_two_loaded_configs_in_settings_order(etc: Path) -> None:
+    old = load_config(etc / "coordinator.toml")
+    dropin(
+        etc,
+        "50-changes.toml",
+        '[metrics]\nlisten = "127.0.0.1:9464"\n[paths]\nruntime_dir = "/run/nc-other"\n'
+        '[batch]\ndeadline_s = 10\n[database]\nschema = "other"\n'
+        '[[node]]\nid = 0\nmodels = ["slm-1", "slm-2", "slm-3", "slm-4", "slm-5", "slm-6", '
+        '"slm-7"]\n',
+    )
+    new = load_config(etc / "coordinator.toml")
+    assert restart_changes(old, new) == [
+        ("paths.runtime_dir", Path("/run/numa-coordinator"), Path("/run/nc-other")),
+        ("database.schema", "numa_coordinator", "other"),
+        ("metrics.listen", "", "127.0.0.1:9464"),
+        ("node.id", [0, 1], [0]),
+    ]
+
+
+# --- check-config --explain ----------------------------------------------------------------
+
+
+def explained(lines: list[str]) -> dict[str, list[str]]:
+    return {line.split()[0]: line.split(None, 2)[1:] for line in lines}
+
+
+def test_explain_lists_every_key_with_the_file_that_set_it(etc: Path) -> None:
+    late = dropin(etc, "50-quorum.toml", "[batch]\nquorum = 5\n")
+    cfg = load_config(etc / "coordinator.toml")
+    lines = explain(cfg)
+    rows = explained(lines)
+    node_keys = [f"node[{i}].{s.name}" for i in (0, 1) for s in SETTINGS if s.in_table]
+    assert sorted(rows) == sorted([s.key for s in TOP] + node_keys)
+    assert len(lines) == len(rows)
+    assert all(re.fullmatch(r"\S+ +\S+", line) for line in lines)  # key, file: nothing more
+    assert rows["batch.quorum"] == [f"{late.resolve()}:2"]
+    assert rows["batch.deadline_s"] == ["<defaults>"]
+    assert rows["node"] == ["<defaults>"]
+
+
+def test_explain_describe_adds_the_help_of_every_key(etc: Path) -> None:
+    late = dropin(etc, "50-quorum.toml", "[batch]\nquorum = 5\n")
+    cfg = load_config(etc / "coordinator.toml")
+    plain = explained(explain(cfg))
+    rows = explained(explain(cfg, describe=True))
+    assert sorted(rows) == sorted(plain)
+    assert rows["batch.quorum"] == [f"{late.resolve()}:2", setting("batch.quorum").describe()]
+    for s in SETTINGS:
+        key = f"node[1].{s.name}" if s.in_table else s.key
+        assert rows[key] == [*plain[key], s.describe()]
+        assert s.describe().startswith(s.meta.help)
+
+
+def test_explain_describe_marks_the_restart_only_keys_and_shows_the_choices(etc: Path) -> None:
+    rows = explained(explain(load_config(etc / "coordinator.toml"), describe=True))
+    restart = {k for k, (_, text) in rows.items() if text.endswith(" [restart]")}
+    assert restart == {*RESTART_KEYS[:-1], "node[0].id", "node[1].id"}
+    assert "(inotify or watchfiles)" in rows["barrier.backend"][1]
+    assert "(one of debug, info, warning, error)" in rows["log.level"][1]
+
+
+@pytest.mark.parametrize("flags", [["--explain"], ["--explain", "--describe"], ["--describe"]])
+def test_check_config_explain_prints_every_key(
+    etc: Path, capsys: pytest.CaptureFixture[str], flags: list[str]
+) -> None:
+    main = etc / "coordinator.toml"
+    assert cli.main(["check-config", "--config", str(main), *flags]) == 0
+    out = capsys.readouterr().out
+    lines = explain(load_config(main), describe="--describe" in flags)
+    assert out.startswith("\n".join(lines) + "\nconfiguration ok: ")
+    for s in TOP:
+        assert re.search(rf"^{re.escape(s.key)}  ", out, re.MULTILINE), s.key
+    assert "\nnode[1].cpus " in out
