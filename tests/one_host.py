@@ -70,7 +70,7 @@ def recording_crosscheck(model: str, tables: Mapping[str, pa.Table]) -> pa.Table
 
 def _daemon(argv: list[str]) -> int:
     from coordinator.core import topology
-    from coordinator.daemon import service as daemon
+    from coordinator.daemon import main as daemon
 
     real = topology.check_nodes
 

@@ -47,7 +47,7 @@ _STEP = {
 def step_of(daemon: Daemon) -> str:
     """The step the batches in flight are in (the last one when several are in flight)."""
     best = 0
-    for run in list(daemon.batches.values()):
+    for run in daemon.runs:
         tag = _STEP.get(run.state)
         if tag is None:
             continue

@@ -86,21 +86,31 @@ def moves_into(new: State) -> frozenset[State]:
     return frozenset(s for s in State if may_move(s, new))
 
 
-def resume_step(state: State) -> str:
+class Step(StrEnum):
+    """Where a batch's way goes on from: the barrier, or a step of its pipeline."""
+
+    NONE = "none"  # finished: nothing left to do
+    BARRIER = "barrier"
+    STAGE = "stage"  # stage, cross-check, aggregate and commit (redone as a whole)
+    ARCHIVE = "archive"
+    CLEANUP = "cleanup"
+
+
+def resume_step(state: State) -> Step:
     """Which step a restarted daemon runs first for a batch found in `state`.
 
     Everything before the commit is redone from the staged files (all steps are idempotent);
     after the commit only archiving and clean-up remain.
     """
     if state in FINAL:
-        return "none"
+        return Step.NONE
     if state is State.ARCHIVED:
-        return "cleanup"
+        return Step.CLEANUP
     if state is State.COMMITTED:
-        return "archive"
+        return Step.ARCHIVE
     if state is State.WAITING:
-        return "barrier"
-    return "stage"
+        return Step.BARRIER
+    return Step.STAGE
 
 
 @dataclass(frozen=True)

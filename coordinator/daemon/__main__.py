@@ -2,6 +2,6 @@
 
 import sys
 
-from coordinator.daemon.service import main
+from coordinator.daemon.main import main
 
 sys.exit(main())

@@ -16,7 +16,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import structlog
@@ -27,9 +27,8 @@ from coordinator.core.batch import State
 from coordinator.core.config import NAME_RE
 from coordinator.core.errors import ControlError, ProtocolError
 from coordinator.core.protocol import LineReader, decode
-
-if TYPE_CHECKING:
-    from coordinator.daemon.service import Daemon
+from coordinator.daemon.ledger import Ledger
+from coordinator.daemon.metrics import Metrics
 
 log = structlog.get_logger("coordinator.daemon.control")
 
@@ -153,12 +152,24 @@ def encode_reply(reply: dict[str, Any]) -> bytes:
 # -- the server -------------------------------------------------------------------------------
 
 
+class Served(Protocol):
+    """What the control socket needs of the daemon it serves."""
+
+    state: str
+    ledger: Ledger | None
+    metrics: Metrics
+
+    def status_json(self) -> dict[str, Any]: ...
+
+    async def reload(self) -> dict[str, Any]: ...
+
+
 class ControlServer:
     """Serves the control socket for one daemon."""
 
     def __init__(
         self,
-        daemon: Daemon,
+        daemon: Served,
         *,
         allow: AllowList | None = None,
         request_timeout: float = REQUEST_TIMEOUT_S,
@@ -252,14 +263,11 @@ class ControlServer:
         if cmd == "ping":
             return "pong"
         if cmd == "status":
-            return d.status()
+            return d.status_json()
         if cmd == "reload":
             return await d.reload()
         if cmd == "metrics":
-            metrics = getattr(d, "metrics", None)
-            if metrics is None:
-                raise ControlError("metrics are not available in this daemon")
-            return metrics.exposition().decode()
+            return d.metrics.exposition().decode()
         if cmd == "_block_loop":
             # Test hook: block the event loop itself, as a runaway computation would, so a
             # test can see the watchdog pings stop.

@@ -19,9 +19,8 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import anyio
 import structlog
@@ -43,10 +42,9 @@ from prometheus_client.registry import Collector
 from coordinator import __version__
 from coordinator.core.batch import FINAL, State
 from coordinator.core.errors import ConfigError
-
-if TYPE_CHECKING:
-    from coordinator.core.summary import AggregateSummary
-    from coordinator.daemon.service import BatchRun, Daemon
+from coordinator.core.summary import AggregateSummary
+from coordinator.daemon.runs import BatchRun
+from coordinator.daemon.status import Status
 
 log = structlog.get_logger("coordinator.daemon.metrics")
 
@@ -80,7 +78,7 @@ PHASE_BUCKETS = (
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )
-# The loop should never block for more than a few milliseconds (STYLE.md).
+# The loop should never block for more than a few milliseconds (docs/architecture.md).
 LAG_BUCKETS = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 )
@@ -119,11 +117,11 @@ class _LastBatch:
 class Metrics:
     """The daemon's metrics: a private registry, the calls that count events, the endpoint."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, node_ids: Iterable[int], status: Callable[[], Status]) -> None:
         # The text format would show every counter's `_created` as an extra gauge series;
         # nothing here uses it. (A process-wide switch: the daemon has only this registry.)
         disable_created_metrics()  # type: ignore[no-untyped-call]
-        self.daemon = daemon
+        self.status = status  # the daemon's snapshot, read at each scrape
         self.registry = CollectorRegistry(auto_describe=False)
         self.addresses: list[tuple[str, int]] = []  # where serve() listens, once started
         self.last = _LastBatch()
@@ -176,7 +174,7 @@ class Metrics:
             self.batches.labels(state=s)
         for ph in PHASES.values():
             self.phase.labels(phase=ph)
-        for n in daemon.config.node_ids:
+        for n in node_ids:
             self.staged_bytes.labels(node=str(n))
             for ph in NODE_PHASES:
                 self.node_phase.labels(node=str(n), phase=ph)
@@ -336,7 +334,7 @@ def _nan(v: float | None) -> float:
     return math.nan if v is None else v
 
 
-# Per-node values from status()["agents"]: metric -> (kind, key in the agent entry, help).
+# Per-node values from the status's agents: metric -> (kind, AgentInfo field, help).
 _AGENT_METRICS: tuple[tuple[str, Kind, str, str], ...] = (
     ("agent_restarts", C, "restarts", "Restarts of the node's agent (--with-agents)."),
     (
@@ -376,14 +374,13 @@ class _StateCollector(Collector):
         return out
 
     def _state(self) -> list[Metric]:
-        d = self.m.daemon
-        st = d.status()
+        st = self.m.status()
         last = self.m.last
         info = GaugeMetricFamily(
             f"{PREFIX}_build_info", "Version of the daemon.", labels=["version"]
         )
         info.add_metric([__version__], 1)
-        state = st["daemon"]["state"]
+        state = st.daemon.state
         out = [
             info,
             _family(
@@ -396,18 +393,18 @@ class _StateCollector(Collector):
         ]
 
         # Config, with the reload metrics named as Prometheus names its own.
-        cfg = st["config"]
-        lr = cfg["last_reload"]
-        if lr["ok"] and lr["at"]:
-            self._reload_ok_at = lr["at"]
-        ok_at = lr.get("last_success_at") or self._reload_ok_at or d.started_at
+        cfg = st.config
+        lr = cfg.last_reload
+        if lr.ok and lr.at:
+            self._reload_ok_at = lr.at
+        ok_at = lr.last_success_at or self._reload_ok_at or st.daemon.started_at
         out += [
-            _family(G, "config_generation", "1 at start, +1 per reload.", cfg["generation"]),
+            _family(G, "config_generation", "1 at start, +1 per reload.", cfg.generation),
             _family(
                 G,
                 "config_last_reload_successful",
                 "1 if the last config reload succeeded (or none was tried).",
-                float(bool(lr["ok"])),
+                float(lr.ok),
             ),
             _family(
                 G,
@@ -419,8 +416,8 @@ class _StateCollector(Collector):
 
         # Batches in flight, and the last finished and committed ones.
         in_flight = dict.fromkeys(IN_FLIGHT_STATES, 0.0)
-        for b in st["batches"]:
-            in_flight[b["state"]] = in_flight.get(b["state"], 0.0) + 1
+        for batch_state, n in st.in_flight_by_state().items():
+            in_flight[batch_state.value] = in_flight.get(batch_state.value, 0.0) + n
         doc = "Batches the daemon is working on, by state."
         out.append(_family(G, "batches_in_flight", doc, in_flight, "state"))
         doc = "When a batch last reached each final state (Unix time)."
@@ -435,68 +432,69 @@ class _StateCollector(Collector):
             out.append(_family(G, "consensus_agreement_ratio", doc, agreement, "model"))
 
         # The file barrier.
-        w = st["watcher"]
+        w = st.watcher
         out += [
-            _family(G, "watcher_armed", "1 while the staging watcher is armed.", float(w["armed"])),
-            _family(C, "watcher_events", "File events the watcher delivered.", w["events"]),
-            _family(C, "watcher_restarts", "Watcher failures (re-created).", w["watcher_restarts"]),
-            _family(C, "reconcile_scans", "Reconciliation scans of staging.", w["reconcile_scans"]),
+            _family(G, "watcher_armed", "1 while the staging watcher is armed.", float(w.armed)),
+            _family(C, "watcher_events", "File events the watcher delivered.", w.events),
+            _family(C, "watcher_restarts", "Watcher failures (re-created).", w.watcher_restarts),
+            _family(C, "reconcile_scans", "Reconciliation scans of staging.", w.reconcile_scans),
             _family(
                 C,
                 "reconcile_recovered",
                 "Changes found by a reconciliation scan that no watcher event had reported.",
-                d.scanner.stats.recovered_by_reconcile,
+                w.recovered_by_reconcile,
             ),
             _family(
                 G,
                 "quarantine_usable",
                 "0 while staging/.quarantine is refused (a link, or cannot be made).",
-                float(not w["quarantine_refused"]),
+                float(not w.quarantine_refused),
             ),
             _family(
                 C,
                 "quarantine_failures",
                 "Files that had to be quarantined but could not be moved (logged).",
-                w["quarantine_failed"],
+                w.quarantine_failed,
             ),
             _family(
                 C,
                 "scan_errors",
                 "Looks at a batch folder that failed with an error (logged; looked at again).",
-                w["scan_errors"],
+                w.scan_errors,
             ),
         ]
-        for kind, doc in (
-            ("rejected", "Names in staging that were ignored, by reason."),
-            ("quarantined", "Files moved to staging/.quarantine, by reason."),
+        for kind, counts, doc in (
+            ("rejected", w.rejected, "Names in staging that were ignored, by reason."),
+            ("quarantined", w.quarantined, "Files moved to staging/.quarantine, by reason."),
         ):
             by_reason: dict[str, float] = {}
-            for reason, n in w[kind].items():
+            for reason, n in counts.items():
                 by_reason[reason_label(reason)] = by_reason.get(reason_label(reason), 0) + n
             out.append(_family(C, f"files_{kind}", doc, by_reason, "reason"))
 
         # Agents, by node: what the coordinator sees, and what their heartbeats and replies say.
-        agents = st["agents"]
+        agents = st.agents
         doc = "1 while the node's staging agent is connected."
-        connected = {str(a["node"]): float(bool(a["connected"])) for a in agents}
+        connected = {str(a.node): float(a.connected) for a in agents}
         out.append(_family(G, "agent_connected", doc, connected, "node"))
         for name, kind_, key, doc in _AGENT_METRICS:
-            values = {str(a["node"]): a[key] for a in agents if isinstance(a.get(key), int | float)}
+            values = {
+                str(a.node): v for a in agents if isinstance(v := getattr(a, key), int | float)
+            }
             out.append(_family(kind_, name, doc, values, "node"))
         doc = "Configured placement.min_fraction: a batch below it on a node is flagged."
-        out.append(_family(G, "placement_min_ratio", doc, d.config.placement_min_fraction))
+        out.append(_family(G, "placement_min_ratio", doc, cfg.placement_min_fraction))
 
         # Database and local disk.
-        db = st["database"]
+        db = st.database
         out += [
-            _family(G, "database_up", "1 while PostgreSQL is reachable.", float(db["connected"])),
-            _family(G, "database_leader", "1 while holding the leader lock.", float(db["leader"])),
+            _family(G, "database_up", "1 while PostgreSQL is reachable.", float(db.connected)),
+            _family(G, "database_leader", "1 while holding the leader lock.", float(db.leader)),
         ]
         doc = "State changes waiting to be written to PostgreSQL."
-        queued = d.ledger.queued if d.ledger is not None else 0
-        out.append(_family(G, "database_queued_writes", doc, queued))
+        out.append(_family(G, "database_queued_writes", doc, db.queued_writes))
         try:
-            s = os.statvfs(d.config.paths.staging)
+            s = os.statvfs(cfg.staging)
         except OSError:
             pass
         else:

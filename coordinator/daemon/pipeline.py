@@ -6,16 +6,18 @@ step is idempotent, so a batch resumed after a crash just runs again from its le
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import asyncpg
 import structlog
 
 from coordinator.core import hooks
-from coordinator.core.batch import State, aggregate_node, may_move
+from coordinator.core.batch import State, Step, aggregate_node, may_move
 from coordinator.core.errors import (
     AgentError,
     CoordinatorError,
@@ -25,36 +27,63 @@ from coordinator.core.errors import (
 )
 from coordinator.core.lake_paths import batch_path
 from coordinator.core.summary import AggregateFiles
-
-if TYPE_CHECKING:
-    from coordinator.daemon.service import BatchRun, Daemon
+from coordinator.daemon.barrier import BarrierLoop
+from coordinator.daemon.hub import Hub
+from coordinator.daemon.ledger import Ledger
+from coordinator.daemon.metrics import Metrics
+from coordinator.daemon.runs import BatchRun, Runs
+from coordinator.daemon.scanner import Scanner
 
 log = structlog.get_logger("coordinator.daemon.pipeline")
 
 STEP_ATTEMPTS = 5
 
 
+class Commit(enum.Enum):
+    """What a commit attempt found, and so what the pipeline does next."""
+
+    GO_ON = "go on"  # the rows are in PostgreSQL (written now, or found committed): archive
+    STOP = "stop"  # the batch had finished before (or failed meanwhile): nothing more to do
+    ROWS_GONE = "rows gone"  # the agent's rows file vanished, nothing written: aggregate again
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a batch's pipeline uses of the daemon: its agents, its ledger, the registry of
+    batches, the barrier (the second one, and the quarantine), the staging folder, the
+    metrics and the bound on batches between ready and committed."""
+
+    hub: Hub
+    ledger: Ledger
+    runs: Runs
+    barrier: BarrierLoop
+    scanner: Scanner
+    metrics: Metrics
+    lake_root: str
+    in_flight: anyio.Semaphore
+    last_placement: dict[int, float]  # node -> placement fraction of the last staged batch
+
+
 class Pipeline:
     """Runs one batch from a given step to its end."""
 
-    def __init__(self, daemon: Daemon, run: BatchRun) -> None:
-        self.d = daemon
+    def __init__(self, ctx: Context, run: BatchRun) -> None:
+        self.ctx = ctx
         self.run_ = run
         self.cfg = run.config
-        assert daemon.ledger is not None
-        self.ledger = daemon.ledger
+        self.ledger = ctx.ledger
         self.log = log.bind(batch_id=run.batch_id)
 
-    async def run(self, step: str) -> None:
-        """Run from `step` ('stage', 'archive' or 'cleanup') to the end; on an unrecoverable
-        error the batch is `failed` with the reason and its files stay in staging."""
+    async def run(self, step: Step) -> None:
+        """Run from `step` (stage, archive or cleanup) to the end; on an unrecoverable error
+        the batch is `failed` with the reason and its files stay in staging."""
         run = self.run_
         try:
             agg: AggregateFiles | None = None
-            if step == "stage":
+            if step is Step.STAGE:
                 # Bound the batches between ready and committed (e.g. while PostgreSQL is
                 # down, newer batches still stage, but only this many).
-                async with self.d.in_flight:
+                async with self.ctx.in_flight:
                     await self._retrying("stage", self.stage)
                     await self._retrying("crosscheck", self.crosscheck)
                     for _ in range(2):
@@ -62,17 +91,17 @@ class Pipeline:
                         # COPY read them (their agent's tmpfs was purged or lost).
                         agg = await self.aggregate(record=agg is None)
                         committed = await self.commit(agg)
-                        if committed is not None:
+                        if committed is not Commit.ROWS_GONE:
                             break
                     else:
                         raise AgentError("the aggregated rows vanished twice before the commit")
-                    if not committed:
+                    if committed is Commit.STOP:
                         return
-                step = "archive"
-            if step == "archive":
+                step = Step.ARCHIVE
+            if step is Step.ARCHIVE:
                 await self._archive_until_done(agg)
-                step = "cleanup"
-            if step == "cleanup":
+                step = Step.CLEANUP
+            if step is Step.CLEANUP:
                 await self.cleanup()
         except (CoordinatorError, asyncpg.PostgresError, OSError, ValueError) as e:
             # Anything but cancellation fails this batch alone, never the daemon; the files
@@ -85,14 +114,14 @@ class Pipeline:
                     "step after the commit failed; resumed at the next start", error=run.error
                 )
                 return
-            run.state = State.FAILED
+            self.ctx.runs.move(run, State.FAILED)
             self.log.error("batch failed", error=run.error)
             await self._purge()  # node-local copies are never left behind
             await self.ledger.flush(run.batch_id)
             await self.ledger.set_state(
                 run.batch_id, State.FAILED, error=run.error, finished_at=dt.datetime.now(dt.UTC)
             )
-            self.d._finish(run)
+            self.ctx.runs.finish(run)
         finally:
             run.running = False
 
@@ -136,7 +165,7 @@ class Pipeline:
 
         async def one(node: int) -> None:
             try:
-                replies[node] = await self.d.hub.request(
+                replies[node] = await self.ctx.hub.request(
                     node, make(node), within_s=self.cfg.agents.step_timeout_s
                 )
             except CoordinatorError as e:
@@ -152,11 +181,7 @@ class Pipeline:
     async def _set(self, state: State, *, durable: bool = False, **fields: Any) -> None:
         """Record a state: intermediate ones through the write-behind queue (the steps before
         the commit are redone on resume), the ones after the commit durably."""
-        if not may_move(self.run_.state, state):
-            raise CoordinatorError(
-                f"{self.run_.state.value} -> {state.value} is not a move a batch makes"
-            )
-        self.run_.state = state
+        self.ctx.runs.move(self.run_, state)
         if durable:
             await self.ledger.flush(self.run_.batch_id)
             await self.ledger.set_state(self.run_.batch_id, state, **fields)
@@ -190,7 +215,7 @@ class Pipeline:
             if float(p.get("fraction", 1.0)) < self.cfg.placement_min_fraction
         )
         for node_key, p in placement.items():
-            self.d.last_placement[int(node_key)] = float(p.get("fraction", 0.0))
+            self.ctx.last_placement[int(node_key)] = float(p.get("fraction", 0.0))
         if low:
             # Flagged, not failed: the data is intact, only slower to read than promised.
             placement["below_min"] = low
@@ -225,21 +250,7 @@ class Pipeline:
         # The agents publish before they reply, so every file is final now, and the barrier
         # counts exactly the files they wrote: any other file under those names (a look
         # before the replies may have seen an earlier attempt's) is a rewrite.
-        run.cc_counted = counted
-        run.cc_event = anyio.Event()
-        self.d._mark({run.batch_id})
-        with anyio.move_on_after(self.cfg.barrier.reconcile_s):
-            await run.cc_event.wait()
-        if not run.cc_event.is_set():
-            scan = await anyio.to_thread.run_sync(
-                self.d.scanner.scan, run.batch_id, self.cfg.batch.models
-            )
-            missing = set(models) - set(scan.counted_crosschecks(models, run.cc_counted))
-            if missing:
-                raise AgentError(
-                    f"cross-check files missing or rewritten after the step: {sorted(missing)}"
-                )
-            run.cc_counted = {m: scan.crosschecks[m].ident for m in models}
+        await self.ctx.barrier.crosschecks(run, counted, self.cfg.barrier.reconcile_s)
         run.timings["crosscheck_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         await self._set(State.CROSSCHECKED, timings=run.timings)
 
@@ -264,7 +275,7 @@ class Pipeline:
                 for m in run.models
                 if m in run.cc_counted
             }
-            reply = await self.d.hub.request(
+            reply = await self.ctx.hub.request(
                 node,
                 {
                     "type": "aggregate",
@@ -283,11 +294,11 @@ class Pipeline:
         run.timings[f"aggregate_node{agg.node}_ms"] = round(agg.seconds * 1000, 3)
         return agg
 
-    async def commit(self, agg: AggregateFiles) -> bool | None:
+    async def commit(self, agg: AggregateFiles) -> Commit:
         """Rows and the ledger's `committed` in one transaction. A retry after a lost
         acknowledgement finds it committed and goes on; a batch that had already finished
-        before (published again) is quarantined instead. Return True to go on, False to stop,
-        None when the agent's rows file is gone (nothing was written: aggregate again)."""
+        before (published again) is quarantined instead, and one failed meanwhile (by the
+        deadline) stops."""
         run = self.run_
         t0 = time.perf_counter()
         while True:
@@ -300,24 +311,24 @@ class Pipeline:
                 await anyio.sleep(1.0)  # writes wait until leadership is back
             except AgentError as e:
                 self.log.warning("aggregated rows gone before the commit", error=str(e))
-                return None
+                return Commit.ROWS_GONE
         run.timings["commit_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         if found is State.FAILED:
             self.log.warning("batch was marked failed meanwhile; its files stay in staging")
-            run.state = found
-            self.d._finish(run)
-            return False
+            self.ctx.runs.settle(run, found)
+            self.ctx.runs.finish(run)
+            return Commit.STOP
         if found in (State.DONE, State.DEGRADED):
             self.log.warning(
                 "batch had already finished; its files are quarantined", state=found.value
             )
-            await anyio.to_thread.run_sync(self.d.quarantine_all, run.batch_id, found)
+            await anyio.to_thread.run_sync(self.ctx.barrier.quarantine_all, run.batch_id, found)
             await self._purge()
-            run.state = found
-            self.d._finish(run, count=False)  # counted when it finished the first time
-            return False
-        if found is None and self.d.metrics is not None:
-            self.d.metrics.batch_committed(agg.summary)
+            self.ctx.runs.settle(run, found)
+            self.ctx.runs.finish(run, count=False)  # counted when it finished the first time
+            return Commit.STOP
+        if found is None:
+            self.ctx.metrics.batch_committed(agg.summary)
         await self._set(State.COMMITTED, durable=True, timings=run.timings)
         self.log.info(
             "batch committed",
@@ -326,7 +337,7 @@ class Pipeline:
             kappa=agg.summary.fleiss_kappa,
             aggregated_on=agg.node,
         )
-        return True
+        return Commit.GO_ON
 
     async def archive(self, agg: AggregateFiles) -> None:
         """The aggregating agent copies the batch into the lake (raw results from its node's
@@ -334,7 +345,7 @@ class Pipeline:
         coordinator's own process copies nothing."""
         run = self.run_
         t0 = time.perf_counter()
-        reply = await self.d.hub.request(
+        reply = await self.ctx.hub.request(
             agg.node,
             {
                 "type": "archive",
@@ -347,7 +358,7 @@ class Pipeline:
             },
             within_s=self.cfg.agents.step_timeout_s,
         )
-        path = batch_path(self.d.lake_root, run.batch_id, run.date)
+        path = batch_path(self.ctx.lake_root, run.batch_id, run.date)
         if reply.get("lake_path") != path:
             raise ProtocolError(
                 f"agent on node {agg.node}: archived {run.batch_id} at "
@@ -396,14 +407,14 @@ class Pipeline:
         run = self.run_
         t0 = time.perf_counter()
         await self._purge()
-        await anyio.to_thread.run_sync(self.d.scanner.remove_batch, run.batch_id)
+        await anyio.to_thread.run_sync(self.ctx.scanner.remove_batch, run.batch_id)
         run.timings["cleanup_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         final = State.DEGRADED if run.degraded else State.DONE
         await self._set(
             final, durable=True, timings=run.timings, finished_at=dt.datetime.now(dt.UTC)
         )
         self.log.info("batch finished", state=final.value, timings=run.timings)
-        self.d._finish(run)
+        self.ctx.runs.finish(run)
 
 
 def _archivable(agg: AggregateFiles, models: tuple[str, ...]) -> bool:

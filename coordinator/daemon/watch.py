@@ -10,6 +10,7 @@ periodic reconciliation scan catches whatever the events missed.
 from __future__ import annotations
 
 import ctypes
+import enum
 import os
 import struct
 import threading
@@ -26,6 +27,16 @@ from coordinator.core.config import BarrierConfig
 from coordinator.daemon.scanner import Stats
 
 log = structlog.get_logger("coordinator.daemon.watch")
+
+
+class Rescan(enum.Enum):
+    """Marks that stand for more than one batch id in what the watcher reports."""
+
+    STAGING = "staging"  # look at every folder in staging (start, reload, lost events)
+    RECONCILE = "reconcile"  # the periodic reconciliation: the same, and counted as such
+
+
+RESCAN = Rescan.STAGING
 
 
 def batch_of(staging: Path, path: str) -> str | None:
@@ -114,10 +125,10 @@ class Inotify:
             if not e.name.startswith(".") and e.is_dir(follow_symlinks=False):
                 self.add_batch(e.name)
 
-    def read(self) -> tuple[set[str], int]:
-        """Drain the pending events: the batch ids they touch ({"*"} after a queue overflow)
-        and how many events there were."""
-        ids: set[str] = set()
+    def read(self) -> tuple[set[str | Rescan], int]:
+        """Drain the pending events: the batch ids they touch (with RESCAN after a queue
+        overflow) and how many events there were."""
+        ids: set[str | Rescan] = set()
         count = 0
         while True:
             try:
@@ -135,7 +146,7 @@ class Inotify:
                 pos += _EVENT.size + n
                 count += 1
                 if mask & IN_Q_OVERFLOW:
-                    ids.add("*")
+                    ids.add(RESCAN)
                 elif mask & IN_IGNORED:
                     self.folders.pop(wd, None)
                 elif wd == self.root:
@@ -154,7 +165,7 @@ class Inotify:
 async def watch(
     staging: Path,
     cfg: BarrierConfig,
-    on_batches: Callable[[set[str]], None],
+    on_batches: Callable[[set[str | Rescan]], None],
     stats: Stats,
     *,
     task_status: TaskStatus[None],
@@ -180,14 +191,14 @@ async def watch(
             started = True
         else:
             stats.watcher_restarts += 1
-            on_batches({"*"})
+            on_batches({RESCAN})
         try:
             while True:
                 await anyio.wait_readable(ino.fd)
                 ids, count = ino.read()
                 stats.events += count
                 stats.last_event = time.time()
-                if "*" in ids:
+                if RESCAN in ids:
                     # The kernel's queue overflowed and events were lost: look at everything
                     # now, as the reconciliation scan would at its next turn.
                     log.warning("inotify queue overflowed; rescanning staging")
@@ -206,7 +217,7 @@ async def watch(
 async def watch_watchfiles(
     staging: Path,
     cfg: BarrierConfig,
-    on_batches: Callable[[set[str]], None],
+    on_batches: Callable[[set[str | Rescan]], None],
     stats: Stats,
     *,
     task_status: TaskStatus[None],
@@ -230,7 +241,7 @@ async def watch_watchfiles(
             started = True
         else:
             stats.watcher_restarts += 1
-            on_batches({"*"})
+            on_batches({RESCAN})
         try:
             while True:
                 changes = await anyio.to_thread.run_sync(
@@ -247,7 +258,9 @@ async def watch_watchfiles(
                     continue  # timeout or signal: go round
                 stats.events += len(changes)
                 stats.last_event = time.time()
-                ids = {b for _, p in changes if (b := batch_of(staging, p)) is not None}
+                ids: set[str | Rescan] = {
+                    b for _, p in changes if (b := batch_of(staging, p)) is not None
+                }
                 if ids:
                     on_batches(ids)
         except Exception as e:  # the Rust side raises its own error types

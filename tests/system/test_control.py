@@ -152,8 +152,9 @@ class FakeDaemon:
         self.ledger: FakeLedger | None = FakeLedger()
         self.fail_status = False
         self.reloads = 0
+        self.metrics = FakeMetrics()
 
-    def status(self) -> dict[str, Any]:
+    def status_json(self) -> dict[str, Any]:
         if self.fail_status:
             raise RuntimeError("status exploded")
         return {"daemon": {"state": self.state}}
@@ -277,11 +278,8 @@ def test_batches_show_and_reload_reach_the_daemon(server):
     assert fake.reloads == 1
 
 
-def test_metrics_returns_the_exposition_text_or_says_it_is_not_available(server):
-    path, fake, _ = server
-    with pytest.raises(ControlError, match="metrics are not available"):
-        call(path, "metrics")
-    fake.metrics = FakeMetrics()  # type: ignore[attr-defined]
+def test_metrics_returns_the_exposition_text(server):
+    path, _, _ = server
     assert call(path, "metrics") == "# HELP x\nx 1\n"
 
 

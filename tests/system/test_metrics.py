@@ -12,7 +12,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -25,7 +24,9 @@ from coordinator.core.summary import AggregateSummary
 from coordinator.ctl.client import call
 from coordinator.daemon.hub import AgentConn
 from coordinator.daemon.metrics import Metrics, parse_listen, reason_label
-from coordinator.daemon.service import BatchRun, Daemon
+from coordinator.daemon.runs import BatchRun
+from coordinator.daemon.service import Daemon
+from coordinator.daemon.status import Status
 from tests.conftest import ROOT, Env, wait_until
 
 DASHBOARD = ROOT / "docs" / "grafana" / "numa-coordinator.json"
@@ -100,6 +101,11 @@ models = ["m-c"]
     return Daemon(load_config(cfg), cfg)
 
 
+def metrics_of(d: Daemon) -> Metrics:
+    """A collector reading this daemon's status, as the daemon's own does."""
+    return Metrics(d.config.node_ids, d.status)
+
+
 def finished_run(d: Daemon, state: State = State.DONE) -> BatchRun:
     now = time.time()
     run = BatchRun("b-1", d.config, state, now - 10, now + 600)
@@ -132,7 +138,7 @@ def batch_aggregate(kappa: float | None, agreement: dict[str, float | None]) -> 
 @pytest.mark.anyio
 async def test_finished_batch_counts_its_state_phases_per_node_phases_and_bytes(tmp_path):
     d = make_daemon(tmp_path)
-    m = Metrics(d)
+    m = metrics_of(d)
     m.batch_finished(finished_run(d))
     s = scrape(m)
     assert value(s, "numa_coordinator_batches_total", state="done") == 1
@@ -170,7 +176,7 @@ async def test_finished_batch_counts_its_state_phases_per_node_phases_and_bytes(
 
 @pytest.mark.anyio
 async def test_series_exist_before_the_first_batch_so_increase_sees_it(tmp_path):
-    m = Metrics(make_daemon(tmp_path))
+    m = metrics_of(make_daemon(tmp_path))
     s = scrape(m)
     for state in ("done", "degraded", "failed"):
         assert value(s, "numa_coordinator_batches_total", state=state) == 0
@@ -185,7 +191,7 @@ async def test_series_exist_before_the_first_batch_so_increase_sees_it(tmp_path)
 
 @pytest.mark.anyio
 async def test_committed_batch_sets_kappa_and_agreement_and_a_later_one_replaces_them(tmp_path):
-    m = Metrics(make_daemon(tmp_path))
+    m = metrics_of(make_daemon(tmp_path))
     assert ("numa_coordinator_fleiss_kappa", frozenset()) not in scrape(m)  # none committed yet
     m.batch_committed(batch_aggregate(0.62, {"m-a": 0.9, "m-b": None}))
     s = scrape(m)
@@ -206,7 +212,7 @@ async def test_committed_batch_sets_kappa_and_agreement_and_a_later_one_replaces
 @pytest.mark.anyio
 async def test_failed_batch_counts_as_failed_and_keeps_the_last_committed_agreement(tmp_path):
     d = make_daemon(tmp_path)
-    m = Metrics(d)
+    m = metrics_of(d)
     m.batch_committed(batch_aggregate(0.4, {"m-a": 0.7}))
     run = finished_run(d, State.FAILED)
     run.timings = {"barrier_wait_ms": 100.0}
@@ -226,7 +232,7 @@ async def test_failed_batch_counts_as_failed_and_keeps_the_last_committed_agreem
 @pytest.mark.anyio
 async def test_barrier_latency_runs_from_the_newest_counted_file_to_ready(tmp_path):
     d = make_daemon(tmp_path)
-    m = Metrics(d)
+    m = metrics_of(d)
     run = finished_run(d, State.READY)
     ready_at = 1_800_000_000.0
     run.counted = {
@@ -243,7 +249,7 @@ async def test_barrier_latency_runs_from_the_newest_counted_file_to_ready(tmp_pa
 
 @pytest.mark.anyio
 async def test_loop_lag_samples_land_in_the_histogram_and_negative_ones_count_as_zero(tmp_path):
-    m = Metrics(make_daemon(tmp_path))
+    m = metrics_of(make_daemon(tmp_path))
     m.loop_lag(0.003)
     m.loop_lag(-0.001)
     s = scrape(m)
@@ -262,7 +268,7 @@ class _NoStream:
 @pytest.mark.anyio
 async def test_agents_watcher_and_config_are_read_from_the_daemon_at_scrape_time(tmp_path):
     d = make_daemon(tmp_path)
-    m = Metrics(d)
+    m = metrics_of(d)
     conn = AgentConn(node=0, hello={"node": 0}, stream=_NoStream())  # type: ignore[arg-type]
     conn.heartbeat = {"type": "heartbeat", "tmpfs_used": 4096, "tmpfs_free": 1 << 30}
     conn.last_heartbeat = time.time() - 2.0
@@ -275,9 +281,9 @@ async def test_agents_watcher_and_config_are_read_from_the_daemon_at_scrape_time
     st.reconcile_scans = 4
     st.rejected = {"unknown model 'x-1'": 2, "unknown model 'x-2'": 1, "bad batch folder name": 1}
     st.quarantined = {"corrupt": 1, "rewritten": 2}
-    d.batches["w-1"] = BatchRun("w-1", d.config, State.WAITING, time.time(), time.time() + 60)
-    d.batches["s-1"] = BatchRun("s-1", d.config, State.STAGING, time.time(), time.time() + 60)
-    d.generation = 3
+    d.runs.add(BatchRun("w-1", d.config, State.WAITING, time.time(), time.time() + 60))
+    d.runs.add(BatchRun("s-1", d.config, State.STAGING, time.time(), time.time() + 60))
+    d.reloader.generation = 3
     s = scrape(m)
     assert value(s, "numa_coordinator_agent_connected", node="0") == 1
     assert value(s, "numa_coordinator_agent_connected", node="1") == 0
@@ -308,7 +314,7 @@ async def test_agents_watcher_and_config_are_read_from_the_daemon_at_scrape_time
     assert value(s, "numa_coordinator_daemon_state", state="running") == 0
     assert value(s, "numa_coordinator_database_up") == 0
     assert value(s, "numa_coordinator_staging_free_bytes") > 0
-    assert value(s, "numa_coordinator_build_info", version=d.status()["daemon"]["version"]) == 1
+    assert value(s, "numa_coordinator_build_info", version=d.status().daemon.version) == 1
     # Read at scrape time: the agent goes away, the next scrape says so.
     del d.hub.agents[0]
     d.state = "running"
@@ -321,31 +327,30 @@ async def test_agents_watcher_and_config_are_read_from_the_daemon_at_scrape_time
 @pytest.mark.anyio
 async def test_reload_metrics_follow_prometheus_and_keep_the_last_success_time(tmp_path):
     d = make_daemon(tmp_path)
-    m = Metrics(d)
+    m = metrics_of(d)
     s = scrape(m)
     assert value(s, "numa_coordinator_config_last_reload_successful") == 1
     ts = "numa_coordinator_config_last_reload_success_timestamp_seconds"
     assert value(s, ts) == pytest.approx(d.started_at)  # the config loaded at start
-    d.last_reload = {"at": 1_800_000_000.0, "ok": True, "error": ""}
+    d.reloader.last_reload = {"at": 1_800_000_000.0, "ok": True, "error": ""}
     assert value(scrape(m), ts) == 1_800_000_000.0
-    d.last_reload = {"at": 1_800_000_100.0, "ok": False, "error": "batch.quorum: bad"}
+    d.reloader.last_reload = {"at": 1_800_000_100.0, "ok": False, "error": "batch.quorum: bad"}
     s = scrape(m)
     assert value(s, "numa_coordinator_config_last_reload_successful") == 0
     assert value(s, ts) == 1_800_000_000.0
     # The daemon's own record of the last success wins when it keeps one.
-    d.last_reload = {**d.last_reload, "last_success_at": 1_800_000_050.0}
+    d.reloader.last_reload = {**d.reloader.last_reload, "last_success_at": 1_800_000_050.0}
     assert value(scrape(m), ts) == 1_800_000_050.0
 
 
 @pytest.mark.anyio
 async def test_a_collector_bug_is_counted_and_logged_never_raised_into_the_daemon(tmp_path):
     d = make_daemon(tmp_path)
-    m = Metrics(d)
 
-    def broken() -> dict[str, Any]:
+    def broken() -> Status:
         raise KeyError("status changed shape")
 
-    d.status = broken  # type: ignore[method-assign]
+    m = Metrics(d.config.node_ids, broken)
     s = scrape(m)
     assert value(s, "numa_coordinator_scrape_errors_total") == 1
     assert value(s, "numa_coordinator_batches_total", state="done") == 0  # the rest is served
@@ -384,7 +389,7 @@ def _get(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
 @pytest.mark.anyio
 async def test_http_endpoint_serves_metrics_refuses_the_rest_and_stops_on_cancel(tmp_path):
     d = make_daemon(tmp_path)
-    m = Metrics(d)
+    m = metrics_of(d)
     m.batch_finished(finished_run(d))
     async with anyio.create_task_group() as tg:
         await tg.start(m.serve, "127.0.0.1:0")
@@ -419,7 +424,7 @@ async def test_http_endpoint_serves_metrics_refuses_the_rest_and_stops_on_cancel
 
 @pytest.mark.anyio
 async def test_a_listen_address_in_use_is_a_config_error_naming_the_key(tmp_path):
-    m = Metrics(make_daemon(tmp_path))
+    m = metrics_of(make_daemon(tmp_path))
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -451,7 +456,7 @@ def full_exposition(tmp_path: Path) -> Samples:
 
     async def build() -> Samples:
         d = make_daemon(tmp_path)
-        m = Metrics(d)
+        m = metrics_of(d)
         d.hub.agents[0] = AgentConn(node=0, hello={}, stream=_NoStream())  # type: ignore[arg-type]
         d.hub.agents[0].heartbeat = {"tmpfs_used": 1, "tmpfs_free": 2}
         d.last_placement = {0: 1.0}

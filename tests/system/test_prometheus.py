@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from agents import slm
-from coordinator.errors import BatchFinishedError
+from coordinator.core.errors import BatchFinishedError
 from tests.conftest import MODELS, ROOT, Daemon, Env, wait_until
 from tests.system.test_flow import ROWS, db_rows, publish_all, tables
 from tests.system.test_metrics import METRIC_NAME, dashboard_exprs, free_port

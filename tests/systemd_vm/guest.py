@@ -181,7 +181,7 @@ def install_program() -> dict[str, Any]:
     site = OPT / "lib" / f"python{ver}" / "site-packages"
     (site / "numa_coordinator.pth").write_text(f"{OPT / 'src'}\n{OPT / 'deps'}\n")
     for tool, module in (
-        ("coordinatord", "coordinator.daemon.service"),
+        ("coordinatord", "coordinator.daemon.main"),
         ("coordinatorctl", "coordinator.ctl.main"),
         ("staging-agent", "agents.agent"),
     ):
