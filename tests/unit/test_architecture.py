@@ -1,0 +1,80 @@
+"""docs/architecture.md names every module, and the rooms keep their shape."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DOC = (ROOT / "docs" / "architecture.md").read_text()
+
+
+def modules() -> list[tuple[Path, str]]:
+    """Every module of the project with the name docs/architecture.md gives it."""
+    out = []
+    for pkg in ("coordinator", "agents"):
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            rel = path.relative_to(ROOT)
+            if path.stem in ("__init__", "__main__") or "bench" in rel.parts:
+                continue
+            room = rel.parts[1] if len(rel.parts) > 2 else ""
+            name = f"{room}.{path.stem}" if room in ("ctl", "planner") else path.stem
+            out.append((rel, name))
+    return out
+
+
+@pytest.mark.parametrize(("path", "name"), modules(), ids=[str(p) for p, _ in modules()])
+def test_every_module_has_a_row_in_docs_architecture(path: Path, name: str) -> None:
+    assert f"| `{name}` |" in DOC, f"{path}: no row `{name}` in docs/architecture.md"
+
+
+def test_the_modules_of_the_house_are_found() -> None:
+    names = {n for _, n in modules()}
+    # A walk that found nothing would pass the test above vacuously.
+    assert {"service", "barrier", "runs", "agent", "errors", "ctl.main", "planner.plan"} <= names
+
+
+def test_no_module_imports_a_private_name_of_another() -> None:
+    found = []
+    for path, _ in modules():
+        tree = ast.parse((ROOT / path).read_text())
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.split(".")[0]
+                in (
+                    "coordinator",
+                    "agents",
+                )
+            ):
+                found += [f"{path}: {node.module}.{a.name}" for a in node.names if _private(a.name)]
+    assert found == []
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+# Private names of other libraries the project has to reach (argparse's subparsers type, and
+# pgserver's registry of servers, which it offers no other way to reset).
+THIRD_PARTY_PRIVATE = {
+    "argparse._SubParsersAction",
+    "PostgresServer._instances",
+    "PostgresServer._lock",
+}
+
+
+def test_no_module_reaches_into_another_objects_private_members() -> None:
+    found = []
+    for path, _ in modules():
+        for node in ast.walk(ast.parse((ROOT / path).read_text())):
+            if not (isinstance(node, ast.Attribute) and _private(node.attr)):
+                continue
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                continue
+            if ast.unparse(node) not in THIRD_PARTY_PRIVATE:
+                found.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
+    assert found == []
