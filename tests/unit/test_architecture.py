@@ -78,3 +78,29 @@ def test_no_module_reaches_into_another_objects_private_members() -> None:
             if ast.unparse(node) not in THIRD_PARTY_PRIVATE:
                 found.append(f"{path}:{node.lineno}: {ast.unparse(node)}")
     assert found == []
+
+
+def test_no_circle_of_imports() -> None:
+    """Not even one hidden behind TYPE_CHECKING or a function-level import: grimp sees both."""
+    import grimp
+
+    graph = grimp.build_graph("coordinator", "agents", include_external_packages=False)
+    circles = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        path.append(module)
+        for dep in sorted(graph.find_modules_directly_imported_by(module)):
+            if state.get(dep) == 1:
+                circles.append(" -> ".join([*path[path.index(dep) :], dep]))
+            elif dep not in state:
+                visit(dep, path)
+        path.pop()
+        state[module] = 2
+
+    for module in sorted(graph.modules):
+        if module not in state:
+            visit(module, [])
+    assert len(graph.modules) > 40  # the walk saw the house
+    assert circles == []
