@@ -35,13 +35,12 @@ from coordinator.core.errors import (
     BindingError,
     ConfigError,
     CoordinatorError,
-    NoSpaceError,
-    ParquetError,
     StagingError,
+    error_code,
 )
 from coordinator.core.logs import configure
 from coordinator.core.protocol import AGENT_TYPES, LineReader, decode, encode
-from coordinator.core.roots import Dir, LinkRefused, Root, fd_path
+from coordinator.core.roots import Dir, Root, fd_path
 from coordinator.core.summary import PARQUET_NAME
 
 log = structlog.get_logger("agents.agent")
@@ -313,16 +312,8 @@ async def serve(agent: Agent, sock_path: Path, bound: binding.Binding) -> None:
         try:
             reply = await anyio.to_thread.run_sync(handlers[kind], msg)
         except Exception as e:
-            # nospace: wait for space and retry; invalid: the batch's data cannot be used (not
-            # Parquet, or a link planted in staging), so retrying is pointless; failed:
-            # anything else, retried a few times.
-            code = (
-                "nospace"
-                if isinstance(e, NoSpaceError)
-                else "invalid"
-                if isinstance(e, ParquetError | LinkRefused)
-                else "failed"
-            )
+            # The code tells the coordinator whether a retry can help (errors.ERROR_CODES).
+            code = error_code(e)
             log.error("step failed", step=kind, batch_id=msg.get("batch_id"), error=str(e))
             reply = {
                 "type": "error",

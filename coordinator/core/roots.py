@@ -25,17 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
+from coordinator.core.errors import LinkRefused  # defined there for the error codes' table
+
 __all__ = ["Dir", "LinkRefused", "Root", "component", "fd_path", "fit_name"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class LinkRefused(OSError):
-    """A symbolic link where a file or folder was expected; it is never followed."""
-
-    def __init__(self, where: str) -> None:
-        super().__init__(errno.ELOOP, f"{where} is a symbolic link (links are never followed)")
-        self.where = where
 
 
 def component(name: str) -> str:

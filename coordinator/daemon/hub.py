@@ -23,7 +23,7 @@ import structlog
 from anyio.abc import SocketStream, TaskStatus
 
 from coordinator.core.config import Config
-from coordinator.core.errors import AgentError, NoSpaceError, ParquetError, ProtocolError
+from coordinator.core.errors import AgentError, ProtocolError, error_for_code
 from coordinator.core.protocol import AGENT_TYPES, LineReader, decode, encode
 
 log = structlog.get_logger("coordinator.daemon.hub")
@@ -176,11 +176,7 @@ class Hub:
         assert reply is not None
         if reply["type"] == "error":
             text = f"agent on node {node}: {msg['type']} failed: {reply.get('message')}"
-            if reply.get("code") == "nospace":
-                raise NoSpaceError(text)
-            if reply.get("code") == "invalid":
-                raise ParquetError(text)  # the batch's data, not the agent: no retry helps
-            raise AgentError(text)
+            raise error_for_code(str(reply.get("code")))(text)
         return reply
 
     def describe(self, nodes: tuple[int, ...]) -> list[dict[str, Any]]:
