@@ -87,13 +87,16 @@ def moves_into(new: State) -> frozenset[State]:
 
 
 class Step(StrEnum):
-    """Where a batch's way goes on from: the barrier, or a step of its pipeline."""
+    """Where a batch's run starts: the barrier, or a step of the pipeline (`Pipeline.run`).
 
-    NONE = "none"  # finished: nothing left to do
-    BARRIER = "barrier"
-    STAGE = "stage"  # stage, cross-check, aggregate and commit (redone as a whole)
-    ARCHIVE = "archive"
-    CLEANUP = "cleanup"
+    A StrEnum, so a step compares equal to its name ("stage") and logs as it.
+    """
+
+    BARRIER = "barrier"  # wait for the files (a batch still `waiting`)
+    STAGE = "stage"  # stage, cross-check, aggregate, commit, then archive and clean up
+    ARCHIVE = "archive"  # the rows are committed: archive, then clean up
+    CLEANUP = "cleanup"  # archived: only the clean-up is left
+    NONE = "none"  # finished: nothing to run
 
 
 def resume_step(state: State) -> Step:

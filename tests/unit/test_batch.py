@@ -9,6 +9,7 @@ import pytest
 from coordinator.core.batch import (
     FINAL,
     State,
+    Step,
     barrier,
     classify,
     deadline_verdict,
@@ -171,7 +172,16 @@ def test_resume_table_covers_every_state() -> None:
 
 @pytest.mark.parametrize(("state", "step"), list(RESUME.items()))
 def test_resume_step_for_each_state(state: State, step: str) -> None:
-    assert resume_step(state) == step
+    got = resume_step(state)
+    assert isinstance(got, Step)
+    # The daemon compares the step with its name, logs it and passes it on as a string.
+    assert got == step and got.value == step and f"{got}" == step and str(got) == step
+    assert (got != "barrier") is (step != "barrier")
+    assert Step(step) is got
+
+
+def test_the_steps_are_the_ones_the_resume_table_names() -> None:
+    assert {s.value for s in Step} == set(RESUME.values())
 
 
 # --- deadline ------------------------------------------------------------------------------
