@@ -21,13 +21,12 @@ from coordinator.core import topology
 from coordinator.core.batch import State
 from coordinator.core.config import DEFAULTS, config_files, explain, load_config, redact_dsn
 from coordinator.core.errors import ConfigError, ControlError, CoordinatorError, DaemonNotRunning
+from coordinator.core.timings import Timings
 from coordinator.planner import render
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_UNKNOWN = 0, 1, 2, 3, 4
 DEFAULT_CONFIG = "/etc/numa-coordinator/coordinator.toml"
 STATES = tuple(s.value for s in State)
-# Pipeline order of the ledger's timings (`<phase>_ms`), for `show`.
-PHASES = ("barrier_wait", "staging", "crosscheck", "aggregate", "commit", "archive", "cleanup")
 
 # -- which daemon -----------------------------------------------------------------------------
 
@@ -393,8 +392,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     timings = row.get("timings") or {}
     if timings:
         print("timings:")
-        keys = sorted(timings, key=_phase_order)
-        print("\n".join(_table([[k.removesuffix("_ms"), f"{timings[k]:.1f} ms"] for k in keys])))
+        ordered = Timings.from_json(timings).in_order()  # pipeline order, nodes after phases
+        print("\n".join(_table([[k.removesuffix("_ms"), f"{ms:.1f} ms"] for k, ms in ordered])))
     staged = row.get("staged_bytes") or {}
     if staged:
         print("staged:         " + "  ".join(f"node{k} {_bytes(v)}" for k, v in staged.items()))
@@ -434,13 +433,6 @@ def cmd_show(args: argparse.Namespace) -> int:
             matrix.append(cells)
         print("\n".join(_table(matrix)))
     return EXIT_OK
-
-
-def _phase_order(key: str) -> tuple[float, str]:
-    base = key.removesuffix("_ms")
-    phase = base.split("_node")[0]  # per-node times (staging_node0_ms) follow their phase
-    rank = PHASES.index(phase) if phase in PHASES else len(PHASES)
-    return rank + (0.5 if phase != base else 0.0), base
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:

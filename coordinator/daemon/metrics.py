@@ -43,6 +43,7 @@ from coordinator import __version__
 from coordinator.core.batch import FINAL, State
 from coordinator.core.errors import ConfigError
 from coordinator.core.summary import AggregateSummary
+from coordinator.core.timings import Timings
 from coordinator.daemon.runs import BatchRun
 from coordinator.daemon.status import Status
 
@@ -60,8 +61,7 @@ PHASES: Mapping[str, str] = {
     "archive_ms": "archive",
     "cleanup_ms": "cleanup",
 }
-# Per-node timing keys (`staging_node0_ms`, `crosscheck_node1_ms`).
-NODE_PHASE_RE = re.compile(r"(?P<phase>staging|crosscheck|aggregate|archive)_node(?P<node>\d+)_ms")
+# Phases whose per-node parts (`staging_node0_ms`, `crosscheck_node1_ms`) are observed.
 NODE_PHASES = ("staging", "crosscheck", "aggregate", "archive")
 FINAL_STATES = tuple(s.value for s in State if s in FINAL)
 IN_FLIGHT_STATES = tuple(s.value for s in State if s not in FINAL)
@@ -208,11 +208,12 @@ class Metrics:
         state = run.state.value
         self.batches.labels(state=state).inc()
         self.last.finished_at[state] = time.time()
-        for key, ms in run.timings.items():
-            if key in PHASES:
-                self.phase.labels(phase=PHASES[key]).observe(ms / 1000)
-            elif m := NODE_PHASE_RE.fullmatch(key):
-                self.node_phase.labels(node=m["node"], phase=m["phase"]).observe(ms / 1000)
+        timings = Timings.from_json(run.timings)
+        for phase, ms in timings.phases():
+            self.phase.labels(phase=phase.value).observe(ms / 1000)
+        for phase, n, ms in timings.nodes():
+            if phase in NODE_PHASES:
+                self.node_phase.labels(node=str(n), phase=phase.value).observe(ms / 1000)
         for node, nbytes in run.staged_bytes.items():
             self.staged_bytes.labels(node=str(node)).inc(nbytes)
 

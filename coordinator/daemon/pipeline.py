@@ -27,6 +27,7 @@ from coordinator.core.errors import (
 )
 from coordinator.core.lake_paths import batch_path
 from coordinator.core.summary import AggregateFiles
+from coordinator.core.timings import Phase
 from coordinator.daemon.barrier import BarrierLoop
 from coordinator.daemon.hub import Hub
 from coordinator.daemon.ledger import Ledger
@@ -202,9 +203,9 @@ class Pipeline:
         replies = await self._on_nodes(
             lambda n: {"type": "stage", "batch_id": run.batch_id, "files": files, "idents": idents}
         )
-        run.timings["staging_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        run.timings[Phase.STAGING.key()] = round((time.perf_counter() - t0) * 1000, 3)
         for n, r in replies.items():
-            run.timings[f"staging_node{n}_ms"] = round(r["seconds"] * 1000, 3)
+            run.timings[Phase.STAGING.key(n)] = round(r["seconds"] * 1000, 3)
         run.staged_bytes = {str(n): int(r["bytes"]) for n, r in replies.items()}
         placement: dict[str, Any] = {
             str(n): r["placement"] for n, r in replies.items() if "placement" in r
@@ -245,13 +246,13 @@ class Pipeline:
         )
         counted: dict[str, tuple[int, int, int]] = {}
         for n, r in replies.items():
-            run.timings[f"crosscheck_node{n}_ms"] = round(float(r["seconds"]) * 1000, 3)
+            run.timings[Phase.CROSSCHECK.key(n)] = round(float(r["seconds"]) * 1000, 3)
             counted |= reported_idents(r, n)
         # The agents publish before they reply, so every file is final now, and the barrier
         # counts exactly the files they wrote: any other file under those names (a look
         # before the replies may have seen an earlier attempt's) is a rewrite.
         await self.ctx.barrier.crosschecks(run, counted, self.cfg.barrier.reconcile_s)
-        run.timings["crosscheck_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        run.timings[Phase.CROSSCHECK.key()] = round((time.perf_counter() - t0) * 1000, 3)
         await self._set(State.CROSSCHECKED, timings=run.timings)
 
     async def aggregate(self, *, record: bool = True) -> AggregateFiles:
@@ -290,8 +291,8 @@ class Pipeline:
 
         await self._retrying("aggregate", step)
         assert agg is not None  # _retrying returns only after a step that set it
-        run.timings["aggregate_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-        run.timings[f"aggregate_node{agg.node}_ms"] = round(agg.seconds * 1000, 3)
+        run.timings[Phase.AGGREGATE.key()] = round((time.perf_counter() - t0) * 1000, 3)
+        run.timings[Phase.AGGREGATE.key(agg.node)] = round(agg.seconds * 1000, 3)
         return agg
 
     async def commit(self, agg: AggregateFiles) -> Commit:
@@ -312,7 +313,7 @@ class Pipeline:
             except AgentError as e:
                 self.log.warning("aggregated rows gone before the commit", error=str(e))
                 return Commit.ROWS_GONE
-        run.timings["commit_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        run.timings[Phase.COMMIT.key()] = round((time.perf_counter() - t0) * 1000, 3)
         if found is State.FAILED:
             self.log.warning("batch was marked failed meanwhile; its files stay in staging")
             self.ctx.runs.settle(run, found)
@@ -364,8 +365,8 @@ class Pipeline:
                 f"agent on node {agg.node}: archived {run.batch_id} at "
                 f"{reply.get('lake_path')!r}, expected {path!r}"
             )
-        run.timings["archive_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-        run.timings[f"archive_node{agg.node}_ms"] = round(float(reply["seconds"]) * 1000, 3)
+        run.timings[Phase.ARCHIVE.key()] = round((time.perf_counter() - t0) * 1000, 3)
+        run.timings[Phase.ARCHIVE.key(agg.node)] = round(float(reply["seconds"]) * 1000, 3)
         await self._set(State.ARCHIVED, durable=True, lake_path=path, timings=run.timings)
         self.log.info("batch archived", lake=path, bytes=reply.get("bytes"), node=agg.node)
 
@@ -408,7 +409,7 @@ class Pipeline:
         t0 = time.perf_counter()
         await self._purge()
         await anyio.to_thread.run_sync(self.ctx.scanner.remove_batch, run.batch_id)
-        run.timings["cleanup_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        run.timings[Phase.CLEANUP.key()] = round((time.perf_counter() - t0) * 1000, 3)
         final = State.DEGRADED if run.degraded else State.DONE
         await self._set(
             final, durable=True, timings=run.timings, finished_at=dt.datetime.now(dt.UTC)
