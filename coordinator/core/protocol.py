@@ -1,7 +1,9 @@
 """The wire format of the agent and control sockets: one JSON object per line (docs/protocol.md).
 
 Pure encode/decode plus a small framed reader over an anyio byte stream. A message is a JSON
-object with a string field `type`; requests carry an integer `req` that the reply repeats.
+object with a string field `type`; requests carry an integer `req` that the reply repeats. The
+agent socket's messages are read and written as typed values by `coordinator.core.messages`,
+on top of this framing.
 """
 
 from __future__ import annotations
