@@ -17,8 +17,8 @@ import re
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import anyio
 import structlog
@@ -39,7 +39,27 @@ from coordinator.core.errors import (
     error_code,
 )
 from coordinator.core.logs import configure
-from coordinator.core.protocol import AGENT_TYPES, LineReader, decode, encode
+from coordinator.core.messages import (
+    Aggregate,
+    Aggregated,
+    Archive,
+    Archived,
+    Crosscheck,
+    Crosschecked,
+    Error,
+    Heartbeat,
+    Hello,
+    Message,
+    Purge,
+    Purged,
+    Reply,
+    Request,
+    Stage,
+    Staged,
+    decode,
+    encode,
+)
+from coordinator.core.protocol import LineReader
 from coordinator.core.roots import Dir, Root, fd_path
 from coordinator.core.summary import PARQUET_NAME
 
@@ -74,10 +94,10 @@ class Agent:
         """`batch_id` if it is a valid batch id (so, one plain name), else ValueError."""
         return files.check_name("batch_id", str(batch_id))
 
-    def stage(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def stage(self, msg: Stage) -> Staged:
         """Copy the batch's files into node-local tmpfs."""
-        batch_id = self.batch_id(msg["batch_id"])
-        names = [str(n) for n in msg["files"]]
+        batch_id = self.batch_id(msg.batch_id)
+        names = list(msg.files)
         for n in names:
             if "/" in n or n.startswith("."):
                 raise CoordinatorError(f"stage: bad file name {n!r}")
@@ -103,18 +123,18 @@ class Agent:
 
             with self.staging.sub(batch_id) as src:
                 files = stg.stage(
-                    src, self.local.dir(), batch_id, names, check, expected=_idents(msg)
+                    src, self.local.dir(), batch_id, names, check, expected=msg.idents
                 )
             hooks.pause("staged")  # tests change staging here, between stage and cross-check
             seconds = time.perf_counter() - t0
-            reply: dict[str, Any] = {
-                "type": "staged",
-                "batch_id": batch_id,
-                "bytes": sum(f.bytes for f in files),
-                "seconds": seconds,
-                "files": {f.name: {"bytes": f.bytes, "seconds": f.seconds} for f in files},
-                "tmpfs_free": stg.free_bytes(self.tmpfs),
-            }
+            reply = Staged(
+                batch_id=batch_id,
+                bytes=sum(f.bytes for f in files),
+                seconds=seconds,
+                files={f.name: {"bytes": f.bytes, "seconds": f.seconds} for f in files},
+                tmpfs_free=stg.free_bytes(self.tmpfs),
+                node=self.node,
+            )
             try:
                 parts = [measured[n].result() for n in names]
             except OSError as e:
@@ -126,7 +146,6 @@ class Agent:
             {n: f for p in parts for n, f in p.files.items()},
             sum(p.seconds for p in parts),
         )
-        reply["placement"] = where.as_dict()
         if where.fraction < 1.0:
             log.warning(
                 "staged pages off this node",
@@ -134,18 +153,18 @@ class Agent:
                 fraction=where.fraction,
                 nodes=where.nodes(),
             )
-        return reply
+        return replace(reply, placement=where.as_dict())
 
-    def crosscheck(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def crosscheck(self, msg: Crosscheck) -> Crosschecked:
         """Cross-check this node's models against all present models, from node-local copies."""
-        batch_id = msg["batch_id"]
-        present = [str(m) for m in msg["models"]]
+        batch_id = msg.batch_id
+        present = list(msg.models)
         mine = [m for m in present if m in self.models]
         t0 = time.perf_counter()
         with self.local.sub(self.batch_id(batch_id)) as local:
             tables = files.read_results(local, present)
-        outputs = {}
-        idents = {}
+        outputs: dict[str, str] = {}
+        idents: dict[str, tuple[int, int, int]] = {}
         for model in mine:
             table = self.crosscheck_fn(model, tables)
             # Opened anew for each file: a batch folder swapped for a link meanwhile is refused.
@@ -160,21 +179,21 @@ class Agent:
             outputs[model] = f"crosscheck_{model}.parquet"
             # The second barrier counts exactly these files: another file under the name is
             # a rewrite (quarantined), never aggregated.
-            idents[model] = [st.st_ino, st.st_size, st.st_mtime_ns]
+            idents[model] = (st.st_ino, st.st_size, st.st_mtime_ns)
             hooks.pause("crosscheck")  # tests kill the agent here, mid-cross-check
-        return {
-            "type": "crosschecked",
-            "batch_id": batch_id,
-            "outputs": outputs,
-            "idents": idents,
-            "seconds": time.perf_counter() - t0,
-        }
+        return Crosschecked(
+            batch_id=batch_id,
+            outputs=outputs,
+            idents=idents,
+            seconds=time.perf_counter() - t0,
+            node=self.node,
+        )
 
-    def aggregate(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def aggregate(self, msg: Aggregate) -> Aggregated:
         """Aggregate the whole batch from its cross-check results; the rows stay node-local
         (aggregates.csv and aggregates.parquet) and only the summary goes back."""
-        batch_id = msg["batch_id"]
-        models = [str(m) for m in msg["models"]]
+        batch_id = msg.batch_id
+        models = list(msg.models)
         with (
             self.staging.sub(self.batch_id(batch_id)) as src,
             self.local.sub(batch_id, create=True) as local,
@@ -186,30 +205,30 @@ class Agent:
                 batch_id,
                 models,
                 self.node,
-                expected=_idents(msg),
+                expected=msg.idents,
                 compression=self.config.parquet.compression,
                 level=self.config.parquet.level,
             )
         hooks.pause("aggregate")  # tests kill the agent here, its files written, unanswered
-        return {
-            "type": "aggregated",
-            "batch_id": batch_id,
-            "summary": out.summary.to_wire(),
-            "rows_csv": str(out.rows_csv),
-            "parquet": str(out.parquet),
-            "seconds": out.seconds,
-        }
+        return Aggregated(
+            batch_id=batch_id,
+            summary=out.summary.to_wire(),
+            rows_csv=str(out.rows_csv),
+            parquet=str(out.parquet),
+            seconds=out.seconds,
+            node=self.node,
+        )
 
-    def archive(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def archive(self, msg: Archive) -> Archived:
         """Copy the batch into the lake: the models' results from this node's copies (the
         content the barrier counted; staging's file only where the copy is gone), the
         cross-check results from staging, and this node's aggregates.parquet last."""
-        batch_id = msg["batch_id"]
-        date = str(msg["date"])
+        batch_id = msg.batch_id
+        date = msg.date
         if not DATE_RE.fullmatch(date):
             raise CoordinatorError(f"archive of {batch_id}: date {date!r} is not YYYY-MM-DD")
-        models = [files.check_name("model", str(m)) for m in msg["models"]]
-        counted = _idents(msg)
+        models = [files.check_name("model", m) for m in msg.models]
+        counted = msg.idents
         t0 = time.perf_counter()
         fds: list[tuple[str, int]] = []
         try:
@@ -237,19 +256,19 @@ class Agent:
         finally:
             for _, fd in fds:
                 os.close(fd)
-        return {
-            "type": "archived",
-            "batch_id": batch_id,
-            "lake_path": path,
-            "bytes": nbytes,
-            "seconds": time.perf_counter() - t0,
-        }
+        return Archived(
+            batch_id=batch_id,
+            lake_path=path,
+            bytes=nbytes,
+            seconds=time.perf_counter() - t0,
+            node=self.node,
+        )
 
-    def purge(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def purge(self, msg: Purge) -> Purged:
         """Drop the batch's node-local copies."""
-        batch_id = self.batch_id(msg["batch_id"])
+        batch_id = self.batch_id(msg.batch_id)
         freed = stg.purge(self.local.dir(), batch_id)
-        return {"type": "purged", "batch_id": batch_id, "bytes": freed}
+        return Purged(batch_id=batch_id, bytes=freed, node=self.node)
 
     def staged_batches(self) -> list[str]:
         """Batch folders in this node's tmpfs."""
@@ -273,12 +292,7 @@ class Agent:
         return {"tmpfs_used": used, "tmpfs_free": root.free_bytes()}
 
 
-def _idents(msg: dict[str, Any]) -> dict[str, list[int]]:
-    """A request's `idents`: file name -> (inode, size, mtime_ns) as the barrier counted it."""
-    return {str(k): [int(x) for x in v] for k, v in (msg.get("idents") or {}).items()}
-
-
-def _open_checked(folder: Dir, name: str, expected: list[int] | None) -> int:
+def _open_checked(folder: Dir, name: str, expected: tuple[int, int, int] | None) -> int:
     """Open `folder/name` for reading (never through a link) and check it is a single-linked
     regular file, and the counted one where `expected` is given; return the descriptor."""
     fd = folder.open_file(name)
@@ -295,68 +309,73 @@ async def serve(agent: Agent, sock_path: Path, bound: binding.Binding) -> None:
     stream: SocketStream = await anyio.connect_unix(sock_path)
     send_lock = anyio.Lock()
 
-    async def send(msg: dict[str, Any]) -> None:
+    async def send(msg: Message) -> None:
         async with send_lock:
             await stream.send(encode(msg))
 
-    handlers = {
-        "stage": agent.stage,
-        "crosscheck": agent.crosscheck,
-        "aggregate": agent.aggregate,
-        "archive": agent.archive,
-        "purge": agent.purge,
-    }
+    def step(msg: Request[Reply]) -> Reply:
+        match msg:
+            case Stage():
+                return agent.stage(msg)
+            case Crosscheck():
+                return agent.crosscheck(msg)
+            case Aggregate():
+                return agent.aggregate(msg)
+            case Archive():
+                return agent.archive(msg)
+            case Purge():
+                return agent.purge(msg)
+        raise AssertionError(f"no handler for {msg.TYPE}")
 
-    async def handle(msg: dict[str, Any]) -> None:
-        kind = msg["type"]
+    async def handle(msg: Request[Reply]) -> None:
+        reply: Reply
         try:
-            reply = await anyio.to_thread.run_sync(handlers[kind], msg)
+            reply = await anyio.to_thread.run_sync(step, msg)
         except Exception as e:
+            log.error("step failed", step=msg.TYPE, batch_id=msg.batch_id, error=str(e))
             # The code tells the coordinator whether a retry can help (errors.ERROR_CODES).
-            code = error_code(e)
-            log.error("step failed", step=kind, batch_id=msg.get("batch_id"), error=str(e))
-            reply = {
-                "type": "error",
-                "step": kind,
-                "code": code,
-                "message": str(e),
-                "batch_id": msg.get("batch_id"),
-            }
-        reply["req"] = msg.get("req")
-        reply["node"] = agent.node
-        await send(reply)
+            reply = Error(
+                step=msg.TYPE,
+                code=error_code(e),
+                message=str(e),
+                batch_id=msg.batch_id,
+                node=agent.node,
+            )
+        await send(replace(reply, req=msg.req, node=agent.node))
 
     async def heartbeat() -> None:
         while True:
+            usage = agent.tmpfs_usage()
             await send(
-                {
-                    "type": "heartbeat",
-                    "node": agent.node,
-                    "time": time.time(),
-                    **agent.tmpfs_usage(),
-                }
+                Heartbeat(
+                    node=agent.node,
+                    time=time.time(),
+                    tmpfs_used=usage["tmpfs_used"],
+                    tmpfs_free=usage["tmpfs_free"],
+                )
             )
             await anyio.sleep(agent.config.agents.heartbeat_s)
 
     async with stream, anyio.create_task_group() as tg:
         await send(
-            {
-                "type": "hello",
-                "node": agent.node,
-                "pid": os.getpid(),
-                "version": __version__,
-                "models": list(agent.models),
-                "tmpfs": str(agent.tmpfs),
+            Hello(
+                node=agent.node,
+                pid=os.getpid(),
+                version=__version__,
+                models=tuple(agent.models),
+                tmpfs=str(agent.tmpfs),
                 # Batches with copies here: the coordinator purges those no longer in flight.
-                "staged_batches": agent.staged_batches(),
-                **bound.as_dict(),
-            }
+                staged_batches=tuple(agent.staged_batches()),
+                policy=bound.policy,
+                mems=bound.mems,
+                cpus=bound.cpus,
+            )
         )
         tg.start_soon(heartbeat)
         reader = LineReader(stream)
         while (line := await reader.readline()) is not None:
-            msg = decode(line, types=AGENT_TYPES)
-            if msg["type"] in handlers:
+            msg = decode(line)
+            if isinstance(msg, Request):
                 tg.start_soon(handle, msg)
         log.info("coordinator closed the connection")
         tg.cancel_scope.cancel()

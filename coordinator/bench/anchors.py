@@ -31,6 +31,7 @@ from agents.consensus import BatchAggregate, aggregate
 from agents.crosscheck import crosscheck
 from agents.lake import Lake
 from coordinator.core import files
+from coordinator.core.messages import Purge, Stage, Staged
 from coordinator.core.summary import COPY_COLUMNS
 from coordinator.daemon.hub import Hub
 from coordinator.daemon.ledger import Ledger
@@ -316,16 +317,16 @@ async def _staging(rig: StagingRig, files: list[str], reps: int) -> dict[str, li
             for hub in hubs:
                 await hub.wait_for(0, 60.0)
 
-            replies: list[dict[str, Any]] = []
+            replies: list[Staged] = []
 
             async def agent(i: int) -> None:
-                msg = {"type": "stage", "batch_id": rig.batch, "files": files}
+                msg = Stage(batch_id=rig.batch, files=tuple(files))
                 reply = await hubs[i].request(0, msg, within_s=120.0)
-                assert reply["bytes"] > 0, "the agent skipped the copy"
+                assert reply.bytes > 0, "the agent skipped the copy"
                 replies.append(reply)
 
             async def purge(i: int) -> None:
-                await hubs[i].request(0, {"type": "purge", "batch_id": rig.batch}, within_s=60.0)
+                await hubs[i].request(0, Purge(batch_id=rig.batch), within_s=60.0)
 
             async def cp(i: int) -> None:
                 dest = rig.tmpfs / f"cp{i}"
@@ -355,10 +356,8 @@ async def _staging(rig: StagingRig, files: list[str], reps: int) -> dict[str, li
                         t0 = time.perf_counter() - await both(cp)
                     out[step].append(time.perf_counter() - t0)
                     if replies:  # what the agents say the copy alone and the check took
-                        out[f"{step}_copy_s"].append(max(float(r["seconds"]) for r in replies))
-                        placed = [
-                            float((r.get("placement") or {}).get("seconds", 0.0)) for r in replies
-                        ]
+                        out[f"{step}_copy_s"].append(max(float(r.seconds) for r in replies))
+                        placed = [float((r.placement or {}).get("seconds", 0.0)) for r in replies]
                         out[f"{step}_placement_s"].append(max(placed))
                         replies.clear()
                     for i in range(2):

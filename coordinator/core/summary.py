@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.core.errors import ProtocolError
+from coordinator.core.messages import Aggregated
 
 __all__ = [
     "COPY_COLUMNS",
@@ -111,24 +112,25 @@ class AggregateFiles:
     seconds: float
 
     @classmethod
-    def from_reply(cls, reply: Mapping[str, Any], node: int, local: Path) -> AggregateFiles:
-        """Check an agent's `aggregated` reply. The files must be the batch's own in that
-        node's folder `local` (the coordinator reads nothing else an agent names) and the
-        summary well formed; ProtocolError naming the field otherwise."""
-        files = {"rows_csv": local / CSV_NAME, "parquet": local / PARQUET_NAME}
-        for key, path in files.items():
-            if reply.get(key) != str(path):
+    def from_reply(cls, reply: Aggregated, node: int, local: Path) -> AggregateFiles:
+        """Check an agent's `aggregated` reply (its fields' types are checked when it is
+        decoded). The files must be the batch's own in that node's folder `local` (the
+        coordinator reads nothing else an agent names) and the summary well formed;
+        ProtocolError naming the field otherwise."""
+        rows_csv, parquet = local / CSV_NAME, local / PARQUET_NAME
+        for key, got, path in (
+            ("rows_csv", reply.rows_csv, rows_csv),
+            ("parquet", reply.parquet, parquet),
+        ):
+            if got != str(path):
                 raise ProtocolError(
-                    f"agent on node {node}: aggregated reply: {key} is {reply.get(key)!r},"
+                    f"agent on node {node}: aggregated reply: {key} is {got!r},"
                     f" expected {str(path)!r}"
                 )
-        seconds = reply.get("seconds", 0.0)
-        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-            raise ProtocolError(f"agent on node {node}: aggregated reply: seconds {seconds!r}")
         return cls(
-            summary=AggregateSummary.from_wire(reply.get("summary") or {}),
+            summary=AggregateSummary.from_wire(reply.summary),
             node=node,
-            rows_csv=files["rows_csv"],
-            parquet=files["parquet"],
-            seconds=float(seconds),
+            rows_csv=rows_csv,
+            parquet=parquet,
+            seconds=float(reply.seconds),
         )

@@ -14,9 +14,9 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import anyio
 import structlog
@@ -24,7 +24,18 @@ from anyio.abc import SocketStream, TaskStatus
 
 from coordinator.core.config import Config
 from coordinator.core.errors import AgentError, ProtocolError, error_for_code
-from coordinator.core.protocol import AGENT_TYPES, LineReader, decode, encode
+from coordinator.core.messages import (
+    Error,
+    Heartbeat,
+    Hello,
+    R,
+    Reply,
+    Request,
+    decode,
+    encode,
+    from_dict,
+)
+from coordinator.core.protocol import LineReader
 
 log = structlog.get_logger("coordinator.daemon.hub")
 
@@ -32,7 +43,7 @@ log = structlog.get_logger("coordinator.daemon.hub")
 @dataclass
 class _Pending:
     event: anyio.Event = field(default_factory=anyio.Event)
-    reply: dict[str, Any] | None = None
+    reply: Reply | None = None
     error: Exception | None = None
 
 
@@ -41,27 +52,28 @@ class AgentConn:
     """One connected agent."""
 
     node: int
-    hello: dict[str, Any]
+    hello: Hello
     stream: SocketStream
     connected_at: float = field(default_factory=time.time)
     last_heartbeat: float = field(default_factory=time.time)
-    heartbeat: dict[str, Any] = field(default_factory=dict)
+    heartbeat: Heartbeat | None = None  # the latest
     pending: dict[int, _Pending] = field(default_factory=dict)
     lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     def describe(self) -> dict[str, Any]:
         """What status shows about this agent."""
+        beat = self.heartbeat
         return {
             "node": self.node,
-            "pid": self.hello.get("pid"),
-            "cpus": self.hello.get("cpus"),
-            "mems": self.hello.get("mems"),
-            "policy": self.hello.get("policy"),
+            "pid": self.hello.pid,
+            "cpus": list(self.hello.cpus),
+            "mems": list(self.hello.mems),
+            "policy": self.hello.policy,
             "connected": True,
             "connected_at": self.connected_at,
             "last_heartbeat_age_s": round(time.time() - self.last_heartbeat, 3),
-            "tmpfs_used": self.heartbeat.get("tmpfs_used"),
-            "tmpfs_free": self.heartbeat.get("tmpfs_free"),
+            "tmpfs_used": beat.tmpfs_used if beat is not None else None,
+            "tmpfs_free": beat.tmpfs_free if beat is not None else None,
         }
 
 
@@ -92,10 +104,10 @@ class Hub:
             line = await reader.readline()
             if line is None:
                 return
-            hello = decode(line, types=AGENT_TYPES)
-            if hello["type"] != "hello" or not isinstance(hello.get("node"), int):
-                raise ProtocolError(f"expected hello with a node, got {hello['type']}")
-            conn = AgentConn(node=hello["node"], hello=hello, stream=stream)
+            hello = decode(line)
+            if not isinstance(hello, Hello):
+                raise ProtocolError(f"expected hello with a node, got {hello.TYPE}")
+            conn = AgentConn(node=hello.node, hello=hello, stream=stream)
             old = self.agents.get(conn.node)
             if old is not None:
                 self._fail_pending(old, "replaced by a new connection")
@@ -108,23 +120,22 @@ class Hub:
             log.info(
                 "agent connected",
                 node=conn.node,
-                pid=hello.get("pid"),
-                cpus=hello.get("cpus"),
-                mems=hello.get("mems"),
+                pid=hello.pid,
+                cpus=list(hello.cpus),
+                mems=list(hello.mems),
             )
             while (line := await reader.readline()) is not None:
-                msg = decode(line, types=AGENT_TYPES)
-                if msg["type"] == "heartbeat":
-                    conn.last_heartbeat = time.time()
-                    conn.heartbeat = msg
-                    continue
-                req = msg.get("req")
-                pending = conn.pending.pop(req, None) if isinstance(req, int) else None
-                if pending is None:
-                    log.warning("reply to no request", node=conn.node, msg_type=msg["type"])
-                    continue
-                pending.reply = msg
-                pending.event.set()
+                match decode(line):
+                    case Heartbeat() as beat:
+                        conn.last_heartbeat = time.time()
+                        conn.heartbeat = beat
+                    case Reply(req=int(req)) as reply if req in conn.pending:
+                        pending = conn.pending.pop(req)
+                        pending.reply = reply
+                        pending.event.set()
+                    case msg:
+                        # A late reply (after a timeout), or one that answers nothing.
+                        log.warning("reply to no request", node=conn.node, msg_type=msg.TYPE)
         except ProtocolError as e:
             log.error("bad message from agent", error=str(e))
         finally:
@@ -151,9 +162,26 @@ class Hub:
             raise AgentError(f"no agent for node {node} connected within {within_s:.0f} s")
         return conn
 
-    async def request(self, node: int, msg: dict[str, Any], *, within_s: float) -> dict[str, Any]:
+    @overload
+    async def request(self, node: int, msg: Request[R], *, within_s: float) -> R: ...
+
+    @overload
+    async def request(self, node: int, msg: dict[str, Any], *, within_s: float) -> Reply: ...
+
+    async def request(
+        self, node: int, msg: Request[Any] | dict[str, Any], *, within_s: float
+    ) -> Reply:
         """Send a step to the node's agent and return its reply; AgentError if it fails or
-        no reply comes within `within_s` seconds."""
+        no reply comes within `within_s` seconds, the error its code names (errors.ERROR_CODES)
+        if the agent answers with one, ProtocolError if it answers with another type.
+
+        `msg` may still be the request's JSON object (the daemon's purge of leftover copies
+        sends one); it is checked as a received message would be."""
+        if isinstance(msg, dict):
+            parsed = from_dict(msg)
+            if not isinstance(parsed, Request):
+                raise ProtocolError(f"{parsed.TYPE} is not a request")
+            msg = parsed
         timeout = within_s
         conn = await self.wait_for(node, timeout)
         req = next(self._ids)
@@ -161,7 +189,7 @@ class Hub:
         conn.pending[req] = pending
         try:
             async with conn.lock:
-                await conn.stream.send(encode({**msg, "req": req}))
+                await conn.stream.send(encode(replace(msg, req=req)))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as e:
             conn.pending.pop(req, None)
             raise AgentError(f"agent on node {node}: send failed: {e}") from e
@@ -169,14 +197,16 @@ class Hub:
             await pending.event.wait()
         if scope.cancelled_caught:
             conn.pending.pop(req, None)
-            raise AgentError(f"agent on node {node}: no reply to {msg['type']} in {timeout:.0f} s")
+            raise AgentError(f"agent on node {node}: no reply to {msg.TYPE} in {timeout:.0f} s")
         if pending.error is not None:
             raise pending.error
         reply = pending.reply
         assert reply is not None
-        if reply["type"] == "error":
-            text = f"agent on node {node}: {msg['type']} failed: {reply.get('message')}"
-            raise error_for_code(str(reply.get("code")))(text)
+        if isinstance(reply, Error):
+            text = f"agent on node {node}: {msg.TYPE} failed: {reply.message}"
+            raise error_for_code(reply.code)(text)
+        if not isinstance(reply, msg.REPLY):
+            raise ProtocolError(f"agent on node {node}: {msg.TYPE} answered with {reply.TYPE}")
         return reply
 
     def describe(self, nodes: tuple[int, ...]) -> list[dict[str, Any]]:

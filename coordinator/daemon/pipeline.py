@@ -26,6 +26,15 @@ from coordinator.core.errors import (
     ProtocolError,
 )
 from coordinator.core.lake_paths import batch_path
+from coordinator.core.messages import (
+    Aggregate,
+    Archive,
+    Crosscheck,
+    Purge,
+    R,
+    Request,
+    Stage,
+)
 from coordinator.core.summary import AggregateFiles
 from coordinator.core.timings import Phase
 from coordinator.daemon.barrier import BarrierLoop
@@ -159,9 +168,9 @@ class Pipeline:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    async def _on_nodes(self, make: Callable[[int], dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    async def _on_nodes(self, make: Callable[[int], Request[R]]) -> dict[int, R]:
         """Send one request per node in parallel; return the replies or raise the first error."""
-        replies: dict[int, dict[str, Any]] = {}
+        replies: dict[int, R] = {}
         errors: list[Exception] = []
 
         async def one(node: int) -> None:
@@ -197,18 +206,18 @@ class Pipeline:
         run = self.run_
         await self._set(State.STAGING)
         t0 = time.perf_counter()
-        files = [f"{m}.parquet" for m in run.models]
+        files = tuple(f"{m}.parquet" for m in run.models)
         # The agents copy exactly what the barrier counted (checked on the open file).
-        idents = {f"{m}.parquet": list(run.counted[m]) for m in run.models if m in run.counted}
+        idents = {f"{m}.parquet": run.counted[m] for m in run.models if m in run.counted}
         replies = await self._on_nodes(
-            lambda n: {"type": "stage", "batch_id": run.batch_id, "files": files, "idents": idents}
+            lambda n: Stage(batch_id=run.batch_id, files=files, idents=idents)
         )
         run.timings[Phase.STAGING.key()] = round((time.perf_counter() - t0) * 1000, 3)
         for n, r in replies.items():
-            run.timings[Phase.STAGING.key(n)] = round(r["seconds"] * 1000, 3)
-        run.staged_bytes = {str(n): int(r["bytes"]) for n, r in replies.items()}
+            run.timings[Phase.STAGING.key(n)] = round(r.seconds * 1000, 3)
+        run.staged_bytes = {str(n): r.bytes for n, r in replies.items()}
         placement: dict[str, Any] = {
-            str(n): r["placement"] for n, r in replies.items() if "placement" in r
+            str(n): r.placement for n, r in replies.items() if r.placement is not None
         }
         low = sorted(
             n
@@ -242,12 +251,12 @@ class Pipeline:
         models = list(run.models)
         run.cc_counted = {}  # an earlier attempt's files are rewritten now, legitimately
         replies = await self._on_nodes(
-            lambda n: {"type": "crosscheck", "batch_id": run.batch_id, "models": models}
+            lambda n: Crosscheck(batch_id=run.batch_id, models=tuple(models))
         )
         counted: dict[str, tuple[int, int, int]] = {}
         for n, r in replies.items():
-            run.timings[Phase.CROSSCHECK.key(n)] = round(float(r["seconds"]) * 1000, 3)
-            counted |= reported_idents(r, n)
+            run.timings[Phase.CROSSCHECK.key(n)] = round(float(r.seconds) * 1000, 3)
+            counted |= r.idents  # (inode, size, mtime_ns) of each file it wrote
         # The agents publish before they reply, so every file is final now, and the barrier
         # counts exactly the files they wrote: any other file under those names (a look
         # before the replies may have seen an earlier attempt's) is a rewrite.
@@ -272,18 +281,13 @@ class Pipeline:
             attempt += 1
             # The agent copies the cross-check files the second barrier counted, or refuses.
             idents = {
-                f"crosscheck_{m}.parquet": list(run.cc_counted[m])
+                f"crosscheck_{m}.parquet": run.cc_counted[m]
                 for m in run.models
                 if m in run.cc_counted
             }
             reply = await self.ctx.hub.request(
                 node,
-                {
-                    "type": "aggregate",
-                    "batch_id": run.batch_id,
-                    "models": list(run.models),
-                    "idents": idents,
-                },
+                Aggregate(batch_id=run.batch_id, models=run.models, idents=idents),
                 within_s=self.cfg.agents.step_timeout_s,
             )
             local = self.cfg.paths.tmpfs_for(node) / run.batch_id
@@ -348,27 +352,26 @@ class Pipeline:
         t0 = time.perf_counter()
         reply = await self.ctx.hub.request(
             agg.node,
-            {
-                "type": "archive",
-                "batch_id": run.batch_id,
-                "date": run.date,
-                "models": list(run.models),
+            Archive(
+                batch_id=run.batch_id,
+                date=run.date,
+                models=run.models,
                 # Where a node copy is gone, staging's file is archived only if it is the
                 # one the barrier counted.
-                "idents": {f"{m}.parquet": list(run.counted[m]) for m in run.counted},
-            },
+                idents={f"{m}.parquet": run.counted[m] for m in run.counted},
+            ),
             within_s=self.cfg.agents.step_timeout_s,
         )
         path = batch_path(self.ctx.lake_root, run.batch_id, run.date)
-        if reply.get("lake_path") != path:
+        if reply.lake_path != path:
             raise ProtocolError(
                 f"agent on node {agg.node}: archived {run.batch_id} at "
-                f"{reply.get('lake_path')!r}, expected {path!r}"
+                f"{reply.lake_path!r}, expected {path!r}"
             )
         run.timings[Phase.ARCHIVE.key()] = round((time.perf_counter() - t0) * 1000, 3)
-        run.timings[Phase.ARCHIVE.key(agg.node)] = round(float(reply["seconds"]) * 1000, 3)
+        run.timings[Phase.ARCHIVE.key(agg.node)] = round(float(reply.seconds) * 1000, 3)
         await self._set(State.ARCHIVED, durable=True, lake_path=path, timings=run.timings)
-        self.log.info("batch archived", lake=path, bytes=reply.get("bytes"), node=agg.node)
+        self.log.info("batch archived", lake=path, bytes=reply.bytes, node=agg.node)
 
     async def _archive_until_done(self, agg: AggregateFiles | None) -> None:
         """The rows are committed, so the lake must follow: retry a failing lake with backoff
@@ -395,7 +398,7 @@ class Pipeline:
     async def _purge(self) -> None:
         for attempt in range(3):
             try:
-                await self._on_nodes(lambda n: {"type": "purge", "batch_id": self.run_.batch_id})
+                await self._on_nodes(lambda n: Purge(batch_id=self.run_.batch_id))
                 return
             except CoordinatorError as e:
                 # An agent died mid-purge: try again once it is back. Should that fail too,
@@ -424,17 +427,3 @@ def _archivable(agg: AggregateFiles, models: tuple[str, ...]) -> bool:
     folder = agg.parquet.parent
     names = [agg.parquet.name, *(f"crosscheck_{m}.parquet" for m in models)]
     return all((folder / n).exists() for n in names)
-
-
-def reported_idents(reply: dict[str, Any], node: int) -> dict[str, tuple[int, int, int]]:
-    """The (inode, size, mtime_ns) an agent's `crosschecked` reply gives for each file it
-    wrote; ProtocolError naming the model when one is malformed."""
-    out: dict[str, tuple[int, int, int]] = {}
-    for model, ident in (reply.get("idents") or {}).items():
-        if not (isinstance(ident, list) and len(ident) == 3 and all(type(x) is int for x in ident)):
-            raise ProtocolError(
-                f"agent on node {node}: crosschecked reply: idents[{model!r}] is {ident!r}, "
-                "expected [inode, size, mtime_ns]"
-            )
-        out[str(model)] = (ident[0], ident[1], ident[2])
-    return out

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from coordinator.core.batch import State
 from coordinator.core.config import load_config
 from coordinator.core.errors import ConfigError
+from coordinator.core.messages import Heartbeat, Hello
 from coordinator.core.summary import AggregateSummary
 from coordinator.ctl.client import call
 from coordinator.daemon.hub import AgentConn
@@ -265,12 +266,27 @@ class _NoStream:
     """Stands in for an agent's socket: the collector never touches it."""
 
 
+def hello(node: int) -> Hello:
+    """A connected agent's hello."""
+    return Hello(
+        node=node,
+        pid=4711,
+        version="0",
+        models=(),
+        tmpfs="/dev/shm/x",
+        staged_batches=(),
+        policy="bind",
+        mems=(node,),
+        cpus=(0,),
+    )
+
+
 @pytest.mark.anyio
 async def test_agents_watcher_and_config_are_read_from_the_daemon_at_scrape_time(tmp_path):
     d = make_daemon(tmp_path)
     m = metrics_of(d)
-    conn = AgentConn(node=0, hello={"node": 0}, stream=_NoStream())  # type: ignore[arg-type]
-    conn.heartbeat = {"type": "heartbeat", "tmpfs_used": 4096, "tmpfs_free": 1 << 30}
+    conn = AgentConn(node=0, hello=hello(0), stream=_NoStream())  # type: ignore[arg-type]
+    conn.heartbeat = Heartbeat(node=0, time=time.time(), tmpfs_used=4096, tmpfs_free=1 << 30)
     conn.last_heartbeat = time.time() - 2.0
     d.hub.agents[0] = conn
     d.hub.restarts = {1: 3}
@@ -457,8 +473,8 @@ def full_exposition(tmp_path: Path) -> Samples:
     async def build() -> Samples:
         d = make_daemon(tmp_path)
         m = metrics_of(d)
-        d.hub.agents[0] = AgentConn(node=0, hello={}, stream=_NoStream())  # type: ignore[arg-type]
-        d.hub.agents[0].heartbeat = {"tmpfs_used": 1, "tmpfs_free": 2}
+        d.hub.agents[0] = AgentConn(node=0, hello=hello(0), stream=_NoStream())  # type: ignore[arg-type]
+        d.hub.agents[0].heartbeat = Heartbeat(node=0, time=0.0, tmpfs_used=1, tmpfs_free=2)
         d.last_placement = {0: 1.0}
         d.scanner.stats.rejected = {"unknown model 'x'": 1}
         d.scanner.stats.quarantined = {"corrupt": 1}

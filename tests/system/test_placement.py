@@ -20,6 +20,7 @@ import pytest
 from agents import placement
 from agents.agent import Agent
 from coordinator.core.config import load_config
+from coordinator.core.messages import Purge, Stage
 from tests.conftest import agent_config
 
 PAGE = placement.PAGE
@@ -252,13 +253,14 @@ def agent(tmp_path: Path, shm: Path) -> Iterator[Agent]:
     """An agent for the node this process's memory is on (so its copies are local)."""
     a = agent_for(tmp_path, shm, host_node_of_fresh_memory())
     yield a
-    a.purge({"batch_id": "b1"})
+    a.purge(Purge(batch_id="b1"))
     a.tmpfs.rmdir()
 
 
 def test_staged_reply_carries_the_placement_of_every_copy(agent: Agent) -> None:
-    reply = agent.stage({"batch_id": "b1", "files": [f"{m}.parquet" for m in MODELS]})
-    p = reply["placement"]
+    reply = agent.stage(Stage(batch_id="b1", files=tuple(f"{m}.parquet" for m in MODELS)))
+    p = reply.placement
+    assert p is not None
     assert p["node"] == agent.node
     assert p["method"] == "move_pages"
     assert p["files"] == {
@@ -275,12 +277,13 @@ def test_staged_reply_carries_the_placement_of_every_copy(agent: Agent) -> None:
 
 
 def test_staged_reply_measures_copies_staged_by_an_earlier_request_too(agent: Agent) -> None:
-    files = [f"{m}.parquet" for m in MODELS]
-    agent.stage({"batch_id": "b1", "files": files})
-    again = agent.stage({"batch_id": "b1", "files": files})
-    assert again["bytes"] == 0  # nothing copied this time ...
-    assert again["placement"]["pages"] == 9  # ... but every copy is measured
-    assert set(again["placement"]["files"]) == set(files)
+    files = tuple(f"{m}.parquet" for m in MODELS)
+    agent.stage(Stage(batch_id="b1", files=files))
+    again = agent.stage(Stage(batch_id="b1", files=files))
+    assert again.bytes == 0  # nothing copied this time ...
+    assert again.placement is not None
+    assert again.placement["pages"] == 9  # ... but every copy is measured
+    assert set(again.placement["files"]) == set(files)
 
 
 # --- the cross-check reads only node-local copies -------------------------------------------
@@ -336,11 +339,12 @@ import json, os, sys
 from pathlib import Path
 from agents.agent import Agent
 from coordinator.core.config import load_config
+from coordinator.core.messages import Crosscheck, Stage, to_dict
 
 cfg, node, variant, models = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 agent = Agent(load_config(cfg), node)
 staging = agent.config.paths.staging
-agent.stage({"batch_id": "b1", "files": [f"{m}.parquet" for m in models]})
+agent.stage(Stage(batch_id="b1", files=tuple(f"{m}.parquet" for m in models)))
 if variant == "reader-on-staging":
     # Controls: a reader pointed at staging instead of the node-local copies ...
     from coordinator.core.roots import Root
@@ -360,8 +364,8 @@ def hook(event, args):
 print("staged", flush=True)
 sys.stdin.readline()
 sys.addaudithook(hook)
-reply = agent.crosscheck({"batch_id": "b1", "models": models})
-print(json.dumps({"reply": reply, "opened": opened}), flush=True)
+reply = agent.crosscheck(Crosscheck(batch_id="b1", models=tuple(models)))
+print(json.dumps({"reply": to_dict(reply), "opened": opened}), flush=True)
 """
 
 

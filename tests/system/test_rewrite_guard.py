@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,6 +24,7 @@ from agents import staging as stg
 from agents.agent import Agent
 from coordinator.core.config import load_config
 from coordinator.core.errors import StagingError
+from coordinator.core.messages import Aggregate, Archive, Crosscheck, Stage
 from coordinator.core.roots import Dir
 from tests.conftest import agent_config, wait_until
 from tests.faultlib import (
@@ -39,10 +41,10 @@ from tests.faultlib import (
 MODELS = ["slm-1", "slm-2", "slm-3"]
 
 
-def ident(path: Path) -> list[int]:
+def ident(path: Path) -> tuple[int, int, int]:
     """(inode, size, mtime_ns) as the barrier counts a file."""
     st = os.stat(path)
-    return [st.st_ino, st.st_size, st.st_mtime_ns]
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def table(seed: int) -> pa.Table:
@@ -178,7 +180,7 @@ def agent(tmp_path: Path) -> Agent:
     return a
 
 
-def counted_idents(a: Agent) -> dict[str, list[int]]:
+def counted_idents(a: Agent) -> dict[str, tuple[int, int, int]]:
     folder = a.config.paths.staging / "b1"
     return {f"{m}.parquet": ident(folder / f"{m}.parquet") for m in MODELS}
 
@@ -186,26 +188,26 @@ def counted_idents(a: Agent) -> dict[str, list[int]]:
 def test_the_agent_stage_request_refuses_content_published_after_the_count(agent: Agent) -> None:
     idents = counted_idents(agent)
     slm.publish(agent.config.paths.staging, "b1", "slm-2", table(9))
-    msg = {"batch_id": "b1", "files": [f"{m}.parquet" for m in MODELS], "idents": idents}
+    msg = Stage(batch_id="b1", files=tuple(f"{m}.parquet" for m in MODELS), idents=idents)
     with pytest.raises(StagingError, match=r"b1/slm-2\.parquet: rewritten after the batch"):
         agent.stage(msg)
     assert not (agent.tmpfs / "b1").exists()
     # With the count of what is there now, the same request stages.
-    agent.stage({**msg, "idents": counted_idents(agent)})
-    assert sorted(p.name for p in (agent.tmpfs / "b1").iterdir()) == sorted(msg["files"])
+    agent.stage(replace(msg, idents=counted_idents(agent)))
+    assert sorted(p.name for p in (agent.tmpfs / "b1").iterdir()) == sorted(msg.files)
 
 
 def test_the_archive_falls_back_to_staging_only_for_the_counted_file(agent: Agent) -> None:
     """Where a node copy is gone, the archive takes staging's file only if it is the counted
     one: a rewrite since is refused and nothing reaches the lake."""
     idents = counted_idents(agent)
-    files = [f"{m}.parquet" for m in MODELS]
-    agent.stage({"batch_id": "b1", "files": files, "idents": idents})
-    agent.crosscheck({"batch_id": "b1", "models": MODELS})
-    agent.aggregate({"batch_id": "b1", "models": MODELS})
+    files = tuple(f"{m}.parquet" for m in MODELS)
+    agent.stage(Stage(batch_id="b1", files=files, idents=idents))
+    agent.crosscheck(Crosscheck(batch_id="b1", models=tuple(MODELS)))
+    agent.aggregate(Aggregate(batch_id="b1", models=tuple(MODELS)))
     (agent.tmpfs / "b1" / "slm-1.parquet").unlink()
     slm.publish(agent.config.paths.staging, "b1", "slm-1", table(8))
-    msg = {"batch_id": "b1", "date": "2026-11-28", "models": MODELS, "idents": idents}
+    msg = Archive(batch_id="b1", date="2026-11-28", models=tuple(MODELS), idents=idents)
     with pytest.raises(StagingError, match=r"b1/slm-1\.parquet: rewritten after the batch"):
         agent.archive(msg)
     assert agent.lake.list_batch("b1", "2026-11-28") == []

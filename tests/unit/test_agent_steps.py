@@ -14,6 +14,7 @@ from agents import slm
 from agents.agent import Agent
 from coordinator.core.config import load_config
 from coordinator.core.errors import CoordinatorError, StagingError
+from coordinator.core.messages import Aggregate, Archive, Crosscheck, Stage
 from coordinator.core.summary import AggregateFiles
 from tests.conftest import agent_config
 
@@ -41,18 +42,18 @@ def agent(tmp_path: Path) -> Agent:
     (a.config.paths.staging / "b1").mkdir(parents=True)
     for i, m in enumerate(MODELS):
         slm.publish(a.config.paths.staging, "b1", m, table(i + 1))
-    a.stage({"batch_id": "b1", "files": [f"{m}.parquet" for m in MODELS]})
-    a.crosscheck({"batch_id": "b1", "models": MODELS})
+    a.stage(Stage(batch_id="b1", files=tuple(f"{m}.parquet" for m in MODELS)))
+    a.crosscheck(Crosscheck(batch_id="b1", models=tuple(MODELS)))
     return a
 
 
 def test_aggregate_then_archive_puts_the_whole_batch_in_the_lake(agent: Agent) -> None:
-    reply = agent.aggregate({"batch_id": "b1", "models": MODELS})
+    reply = agent.aggregate(Aggregate(batch_id="b1", models=tuple(MODELS)))
     local = agent.tmpfs / "b1"
     files = AggregateFiles.from_reply(reply, 1, local)  # what the coordinator accepts
     assert files.summary.rows == 50
-    archived = agent.archive({"batch_id": "b1", "date": "2026-11-28", "models": MODELS})
-    lake = Path(archived["lake_path"])
+    archived = agent.archive(Archive(batch_id="b1", date="2026-11-28", models=tuple(MODELS)))
+    lake = Path(archived.lake_path)
     assert (
         lake == Path(agent.config.paths.lake).resolve() / "batches" / "date=2026-11-28" / "batch=b1"
     )
@@ -63,7 +64,7 @@ def test_aggregate_then_archive_puts_the_whole_batch_in_the_lake(agent: Agent) -
         + ["aggregates.parquet"]
     )
     assert (lake / "aggregates.parquet").read_bytes() == files.parquet.read_bytes()
-    assert archived["bytes"] == sum(p.stat().st_size for p in lake.iterdir())
+    assert archived.bytes == sum(p.stat().st_size for p in lake.iterdir())
 
 
 def test_the_archive_takes_the_counted_content_from_node_memory_not_a_rewrite(
@@ -71,19 +72,19 @@ def test_the_archive_takes_the_counted_content_from_node_memory_not_a_rewrite(
 ) -> None:
     """A model's file rewritten in staging after it was staged: the lake gets the staged copy
     (what the barrier counted and the batch was computed from)."""
-    agent.aggregate({"batch_id": "b1", "models": MODELS})
+    agent.aggregate(Aggregate(batch_id="b1", models=tuple(MODELS)))
     staged = (agent.tmpfs / "b1" / "slm-2.parquet").read_bytes()
     pq.write_table(table(9), agent.config.paths.staging / "b1" / "slm-2.parquet")
-    archived = agent.archive({"batch_id": "b1", "date": "2026-11-28", "models": MODELS})
-    assert (Path(archived["lake_path"]) / "slm-2.parquet").read_bytes() == staged
+    archived = agent.archive(Archive(batch_id="b1", date="2026-11-28", models=tuple(MODELS)))
+    assert (Path(archived.lake_path) / "slm-2.parquet").read_bytes() == staged
 
 
 def test_without_its_node_copy_the_archive_falls_back_to_staging(agent: Agent) -> None:
-    agent.aggregate({"batch_id": "b1", "models": MODELS})
+    agent.aggregate(Aggregate(batch_id="b1", models=tuple(MODELS)))
     (agent.tmpfs / "b1" / "slm-3.parquet").unlink()
-    archived = agent.archive({"batch_id": "b1", "date": "2026-11-28", "models": MODELS})
+    archived = agent.archive(Archive(batch_id="b1", date="2026-11-28", models=tuple(MODELS)))
     in_staging = (agent.config.paths.staging / "b1" / "slm-3.parquet").read_bytes()
-    assert (Path(archived["lake_path"]) / "slm-3.parquet").read_bytes() == in_staging
+    assert (Path(archived.lake_path) / "slm-3.parquet").read_bytes() == in_staging
 
 
 @pytest.mark.parametrize("gone", ["aggregates.parquet", "crosscheck_slm-2.parquet"])
@@ -91,16 +92,16 @@ def test_an_archive_without_what_was_aggregated_is_refused_and_writes_nothing(
     agent: Agent, gone: str
 ) -> None:
     """The coordinator aggregates again when this happens; the lake shows no half batch."""
-    agent.aggregate({"batch_id": "b1", "models": MODELS})
+    agent.aggregate(Aggregate(batch_id="b1", models=tuple(MODELS)))
     (agent.tmpfs / "b1" / gone).unlink()
     with pytest.raises(StagingError, match=rf"{re.escape(gone)} is gone from node memory"):
-        agent.archive({"batch_id": "b1", "date": "2026-11-28", "models": MODELS})
+        agent.archive(Archive(batch_id="b1", date="2026-11-28", models=tuple(MODELS)))
     assert agent.lake.list_batch("b1", "2026-11-28") == []
 
 
 @pytest.mark.parametrize("date", ["../../etc", "2026-11-28/x", "", "28.11.2026"])
 def test_an_archive_date_that_is_not_a_day_is_refused(agent: Agent, date: str) -> None:
-    agent.aggregate({"batch_id": "b1", "models": MODELS})
+    agent.aggregate(Aggregate(batch_id="b1", models=tuple(MODELS)))
     with pytest.raises(CoordinatorError, match="YYYY-MM-DD"):
-        agent.archive({"batch_id": "b1", "date": date, "models": MODELS})
+        agent.archive(Archive(batch_id="b1", date=date, models=tuple(MODELS)))
     assert not (Path(agent.config.paths.lake) / "batches").exists()

@@ -18,6 +18,7 @@ from agents.consensus import PairAgreement, aggregate
 from agents.crosscheck import crosscheck
 from coordinator.core.batch import aggregate_node
 from coordinator.core.errors import NoSpaceError, ParquetError, ProtocolError
+from coordinator.core.messages import Aggregated, from_dict
 from coordinator.core.roots import Dir
 from coordinator.core.summary import COPY_COLUMNS, AggregateFiles, AggregateSummary
 from tests.conftest import mounted_tmpfs
@@ -175,15 +176,21 @@ def test_a_summary_missing_a_field_is_a_protocol_error() -> None:
         AggregateSummary.from_wire(wire)
 
 
-def reply(local: Path, **over: object) -> dict[str, object]:
-    base: dict[str, object] = {
+def reply(local: Path, **over: object) -> Aggregated:
+    """An `aggregated` reply of node 1's agent, as the hub decodes it from the wire."""
+    wire: dict[str, object] = {
         "type": "aggregated",
+        "batch_id": "b1",
         "summary": summarise(aggregate(TABLES)).to_wire(),
         "rows_csv": str(local / "aggregates.csv"),
         "parquet": str(local / "aggregates.parquet"),
         "seconds": 1.5,
+        "req": 3,
+        "node": 1,
     }
-    return {**base, **over}
+    msg = from_dict({**wire, **over})
+    assert isinstance(msg, Aggregated)
+    return msg
 
 
 def test_a_reply_naming_the_batch_own_files_is_taken(tmp_path: Path) -> None:
@@ -198,8 +205,7 @@ def test_a_reply_naming_the_batch_own_files_is_taken(tmp_path: Path) -> None:
     [
         {"rows_csv": "/etc/shadow"},
         {"parquet": "/var/lib/other/aggregates.parquet"},
-        {"rows_csv": None},
-        {"seconds": "soon"},
+        {"rows_csv": str(Path("/dev/shm/node1/b1/aggregates.csv"))},
     ],
 )
 def test_a_reply_naming_any_other_file_is_refused(tmp_path: Path, over: dict[str, object]) -> None:
@@ -208,6 +214,27 @@ def test_a_reply_naming_any_other_file_is_refused(tmp_path: Path, over: dict[str
     local = tmp_path / "node1" / "b1"
     with pytest.raises(ProtocolError, match="agent on node 1"):
         AggregateFiles.from_reply(reply(local, **over), 1, local)
+
+
+@pytest.mark.parametrize(
+    ("over", "field"),
+    [
+        ({"rows_csv": None}, "rows_csv"),
+        ({"seconds": "soon"}, "seconds"),
+        ({"summary": []}, "summary"),
+    ],
+)
+def test_a_mistyped_reply_is_refused_before_it_is_read(
+    tmp_path: Path, over: dict[str, object], field: str
+) -> None:
+    with pytest.raises(ProtocolError, match=f"aggregated: field '{field}'"):
+        reply(tmp_path, **over)
+
+
+def test_a_malformed_summary_in_a_reply_is_refused(tmp_path: Path) -> None:
+    local = tmp_path / "node1" / "b1"
+    with pytest.raises(ProtocolError, match="aggregate summary"):
+        AggregateFiles.from_reply(reply(local, summary={"rows": 1}), 1, local)
 
 
 # -- which node aggregates ---------------------------------------------------------------------
