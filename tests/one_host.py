@@ -78,7 +78,6 @@ def _daemon(argv: list[str]) -> int:
         real(topo, [n for n in node_ids if n in topo.node_ids])
 
     topology.check_nodes = check_nodes
-    daemon.check_nodes = check_nodes  # the service imports it by name, at its own import
     return daemon.main(argv)
 
 

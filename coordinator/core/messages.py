@@ -100,11 +100,6 @@ class Hello(Message):
     mems: tuple[int, ...]
     cpus: tuple[int, ...]
 
-    def get(self, key: str, default: object = None) -> Any:
-        """The value of the key `key` in the wire form, or `default`: for a caller that still
-        reads the hello as a dict (the daemon's purge of leftover copies)."""
-        return to_dict(self).get(key, default)
-
 
 @dataclass(frozen=True, kw_only=True)
 class Heartbeat(Message):

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, cast
 
 import anyio
 import structlog
@@ -33,7 +33,6 @@ from coordinator.core.messages import (
     Request,
     decode,
     encode,
-    from_dict,
 )
 from coordinator.core.protocol import LineReader
 
@@ -162,26 +161,10 @@ class Hub:
             raise AgentError(f"no agent for node {node} connected within {within_s:.0f} s")
         return conn
 
-    @overload
-    async def request(self, node: int, msg: Request[R], *, within_s: float) -> R: ...
-
-    @overload
-    async def request(self, node: int, msg: dict[str, Any], *, within_s: float) -> Reply: ...
-
-    async def request(
-        self, node: int, msg: Request[Any] | dict[str, Any], *, within_s: float
-    ) -> Reply:
+    async def request(self, node: int, msg: Request[R], *, within_s: float) -> R:
         """Send a step to the node's agent and return its reply; AgentError if it fails or
         no reply comes within `within_s` seconds, the error its code names (errors.ERROR_CODES)
-        if the agent answers with one, ProtocolError if it answers with another type.
-
-        `msg` may still be the request's JSON object (the daemon's purge of leftover copies
-        sends one); it is checked as a received message would be."""
-        if isinstance(msg, dict):
-            parsed = from_dict(msg)
-            if not isinstance(parsed, Request):
-                raise ProtocolError(f"{parsed.TYPE} is not a request")
-            msg = parsed
+        if the agent answers with one, ProtocolError if it answers with another type."""
         timeout = within_s
         conn = await self.wait_for(node, timeout)
         req = next(self._ids)
@@ -207,7 +190,7 @@ class Hub:
             raise error_for_code(reply.code)(text)
         if not isinstance(reply, msg.REPLY):
             raise ProtocolError(f"agent on node {node}: {msg.TYPE} answered with {reply.TYPE}")
-        return reply
+        return cast(R, reply)  # checked just above: an instance of the request's REPLY
 
     def describe(self, nodes: tuple[int, ...]) -> list[dict[str, Any]]:
         """Status of every configured node's agent."""

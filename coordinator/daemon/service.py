@@ -27,6 +27,7 @@ from coordinator.core.batch import Step
 from coordinator.core.config import Config, redact_dsn
 from coordinator.core.errors import CoordinatorError
 from coordinator.core.lake_paths import lake_root
+from coordinator.core.messages import Purge
 from coordinator.daemon import embedded_pg, notify
 from coordinator.daemon.barrier import BarrierLoop
 from coordinator.daemon.control import ControlServer
@@ -263,11 +264,7 @@ class Daemon:
         self.scanner.forget(run.batch_id)
 
     def _purge_leftovers(self, conn: AgentConn) -> None:
-        leftovers = [
-            b
-            for b in conn.hello.get("staged_batches", [])
-            if isinstance(b, str) and b not in self.runs
-        ]
+        leftovers = [b for b in conn.hello.staged_batches if b not in self.runs]
         if not leftovers or self._tg is None:
             return
         log.warning(
@@ -277,9 +274,7 @@ class Daemon:
         async def purge() -> None:
             for b in leftovers:
                 try:
-                    await self.hub.request(
-                        conn.node, {"type": "purge", "batch_id": b}, within_s=30.0
-                    )
+                    await self.hub.request(conn.node, Purge(batch_id=b), within_s=30.0)
                 except CoordinatorError as e:
                     log.warning("leftover purge failed", node=conn.node, batch_id=b, error=str(e))
 

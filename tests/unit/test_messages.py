@@ -35,7 +35,6 @@ from coordinator.core.messages import (
     decode,
     encode,
     from_dict,
-    to_dict,
 )
 from coordinator.core.protocol import AGENT_TYPES, MAX_MESSAGE
 
@@ -496,15 +495,6 @@ def test_messages_are_immutable_values() -> None:
     with pytest.raises(AttributeError):
         msg.batch_id = "b2"  # type: ignore[misc]
     assert msg == Purge(batch_id="b1") and msg != Purge(batch_id="b1", req=1)
-
-
-def test_hello_reads_like_its_dict_for_callers_not_yet_moved() -> None:
-    hello, obj = CASES[0]
-    assert isinstance(hello, Hello)
-    assert hello.get("staged_batches", []) == ("b0",)
-    assert hello.get("pid") == obj["pid"]
-    assert hello.get("nothing", "dflt") == "dflt"
-    assert to_dict(hello)["type"] == "hello"
 
 
 # -- anything at all ----------------------------------------------------------------------------
