@@ -87,6 +87,7 @@ class Daemon:
         self._ready_or_stop = anyio.Event()
         self._tg: TaskGroup | None = None
         self._started_pg = False
+        self._ctx: Context | None = None  # once the ledger exists
         self.in_flight = anyio.Semaphore(config.batch.max_in_flight)
         self.exit_code = 0
         self.ready = False
@@ -150,6 +151,18 @@ class Daemon:
     def _made_ledger(self, ledger: Ledger, dsn: str) -> None:
         self.ledger, self.dsn = ledger, dsn
         self.barrier.ledger = ledger
+        # What every batch's pipeline works with, from now on.
+        self._ctx = Context(
+            hub=self.hub,
+            ledger=ledger,
+            runs=self.runs,
+            barrier=self.barrier,
+            scanner=self.scanner,
+            metrics=self.metrics,
+            lake_root=self.lake_root,
+            in_flight=self.in_flight,
+            last_placement=self.last_placement,
+        )
 
     async def _start_serving(self, tg: TaskGroup) -> None:
         """Database and leadership, agents, watcher, first scan and resume; then READY=1."""
@@ -242,21 +255,10 @@ class Daemon:
     # -- batches ------------------------------------------------------------------------------
 
     def _start_pipeline(self, run: BatchRun, step: Step) -> None:
-        if self._tg is None or self.ledger is None:
+        if self._tg is None or self._ctx is None:
             raise CoordinatorError("a pipeline was started before the daemon was serving")
-        ctx = Context(
-            hub=self.hub,
-            ledger=self.ledger,
-            runs=self.runs,
-            barrier=self.barrier,
-            scanner=self.scanner,
-            metrics=self.metrics,
-            lake_root=self.lake_root,
-            in_flight=self.in_flight,
-            last_placement=self.last_placement,
-        )
         run.running = True
-        self._tg.start_soon(Pipeline(ctx, run).run, step)
+        self._tg.start_soon(Pipeline(self._ctx, run).run, step)
 
     def _finished(self, run: BatchRun, count: bool) -> None:
         if count:

@@ -9,7 +9,7 @@ control socket's form. A few fields are for the metrics only and are not in the 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from coordinator.core.batch import State
@@ -200,7 +200,7 @@ class Status:
     # A batch in flight as `BatchRun.describe` gives it; the finished ones also carry
     # finished_at and timings.
     batches: tuple[Mapping[str, Any], ...] = ()
-    finished: tuple[Mapping[str, Any], ...] = field(default=())
+    finished: tuple[Mapping[str, Any], ...] = ()
 
     def in_flight_by_state(self) -> dict[State, int]:
         """How many batches in flight are in each state."""

@@ -32,7 +32,7 @@ import pytest
 
 from agents.lake import CHUNK, Lake
 from coordinator.core.errors import LakeError
-from tests.unit.test_lake import aggregates
+from tests.unit.test_lake import aggregates, write_batch_files
 
 DATE = "2024-05-01"
 HOST = "127.0.0.1"
@@ -148,23 +148,7 @@ def lake_for(moto: Moto, bucket: str) -> Lake:
 def batch_files(tmp_path: Path) -> list[Path]:
     """Model files (one empty, one spanning two of the lake's read chunks), a cross-check file,
     then the aggregates.parquet, which comes last."""
-    folder = tmp_path / "staging" / "b1"
-    folder.mkdir(parents=True)
-    paths = []
-    for name, size in [
-        ("slm-1.parquet", 1000),
-        ("slm-2.parquet", CHUNK + 123_457),
-        ("slm-3.parquet", 0),
-        ("crosscheck_slm-1.parquet", 77),
-    ]:
-        p = folder / name
-        p.write_bytes(os.urandom(size))
-        paths.append(p)
-    agg = tmp_path / "tmpfs" / "b1" / "aggregates.parquet"
-    agg.parent.mkdir(parents=True)
-    pq.write_table(aggregates(), agg)
-    paths.append(agg)
-    return paths
+    return write_batch_files(tmp_path, large=CHUNK + 123_457)
 
 
 def prefix(bucket: str, batch: str = "b1", date: str = DATE) -> str:

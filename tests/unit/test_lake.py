@@ -27,16 +27,15 @@ def aggregates(n: int = 3) -> pa.Table:
     )
 
 
-@pytest.fixture
-def batch_files(tmp_path: Path) -> list[Path]:
-    """Three model files and one cross-check file in a staging batch folder, then the
-    aggregates.parquet an agent wrote."""
+def write_batch_files(tmp_path: Path, large: int = 250_000) -> list[Path]:
+    """Three model files (slm-2's of `large` bytes, slm-3's empty) and one cross-check file in a
+    staging batch folder, then the aggregates.parquet an agent wrote."""
     folder = tmp_path / "staging" / "b1"
     folder.mkdir(parents=True)
     paths = []
     for name, size in [
         ("slm-1.parquet", 1000),
-        ("slm-2.parquet", 250_000),
+        ("slm-2.parquet", large),
         ("slm-3.parquet", 0),
         ("crosscheck_slm-1.parquet", 77),
     ]:
@@ -49,6 +48,11 @@ def batch_files(tmp_path: Path) -> list[Path]:
     pq.write_table(aggregates(), agg)
     paths.append(agg)
     return paths
+
+
+@pytest.fixture
+def batch_files(tmp_path: Path) -> list[Path]:
+    return write_batch_files(tmp_path)
 
 
 def all_files(root: Path) -> list[str]:
