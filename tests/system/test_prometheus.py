@@ -6,6 +6,7 @@ and the alert rules, loaded as shipped, evaluate without error."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import re
@@ -253,17 +254,17 @@ def batch_scraped(
     assert row["state"] == "done", row["error"]
     if mishaps:
         # Published again after the batch is done: the daemon quarantines it. A publish that
-        # meets the daemon removing the finished batch's folder is refused (BatchFinishedError,
-        # nothing taken); publish again until one is taken, as a producer would.
+        # meets the daemon removing the finished batch's folder is refused (BatchFinishedError):
+        # after its rename its file is quarantined all the same, before it nothing was written.
+        # Publish again until the daemon has quarantined a file.
         again = tables(32)[MODELS[0]]
-        for _ in range(10):
-            try:
+
+        def quarantined() -> bool:
+            with contextlib.suppress(BatchFinishedError):
                 slm.publish(env.staging, "p-001", MODELS[0], again)
-                break
-            except BatchFinishedError:
-                continue
-        else:
-            pytest.fail("every publish into the finished batch was refused")
+            return bool(d.status()["watcher"]["quarantined"])
+
+        wait_until(quarantined, 60, "a republished file quarantined")
         for family in ("rejected", "quarantined"):
             wait_until(
                 lambda f=family: prom.vector(f"numa_coordinator_files_{f}_total"),
