@@ -38,6 +38,7 @@ from coordinator.core.errors import (
     StagingError,
     error_code,
 )
+from coordinator.core.lake_paths import batch_key
 from coordinator.core.logs import configure
 from coordinator.core.messages import (
     Aggregate,
@@ -61,7 +62,7 @@ from coordinator.core.messages import (
 )
 from coordinator.core.protocol import LineReader
 from coordinator.core.roots import Dir, Root, fd_path
-from coordinator.core.summary import PARQUET_NAME
+from coordinator.core.summary import PARQUET_NAME, rows_name
 
 log = structlog.get_logger("agents.agent")
 
@@ -76,13 +77,16 @@ class Agent:
     def __init__(self, config: Config, node: int) -> None:
         self.config = config
         self.node = node
-        self.tmpfs = config.paths.tmpfs_for(node)
+        # The folders as this agent sees them ([[node]] staging, tmpfs, lake where its kernel
+        # mounts them elsewhere); every path it sends is relative to one of them.
+        paths = config.agent_paths(node)
+        self.tmpfs = paths.tmpfs
         self.models = config.node(node).models
         self.crosscheck_fn = load_crosscheck(config.crosscheck_function)
-        self.lake = Lake(config.paths.lake)
+        self.lake = Lake(paths.lake)
         # Every file under these is reached from their descriptors, never followed through a
         # link (coordinator.core.roots): staging is shared with the models' writers.
-        self.staging = Root(config.paths.staging)
+        self.staging = Root(paths.staging)
         self.local = Root(self.tmpfs, create=True)
 
     def batch_dir(self, batch_id: str) -> Path:
@@ -194,6 +198,7 @@ class Agent:
         (aggregates.csv and aggregates.parquet) and only the summary goes back."""
         batch_id = msg.batch_id
         models = list(msg.models)
+        rows_name(msg.rows_via)  # ProtocolError on a value it does not know, before any work
         with (
             self.staging.sub(self.batch_id(batch_id)) as src,
             self.local.sub(batch_id, create=True) as local,
@@ -208,13 +213,14 @@ class Agent:
                 expected=msg.idents,
                 compression=self.config.parquet.compression,
                 level=self.config.parquet.level,
+                rows_via=msg.rows_via,
             )
         hooks.pause("aggregate")  # tests kill the agent here, its files written, unanswered
-        return Aggregated(
+        return Aggregated(  # paths relative to the roots (docs/protocol.md §3)
             batch_id=batch_id,
             summary=out.summary.to_wire(),
-            rows_csv=str(out.rows_csv),
-            parquet=str(out.parquet),
+            rows_csv=f"{batch_id}/{rows_name(msg.rows_via)}",
+            parquet=f"{batch_id}/{PARQUET_NAME}",
             seconds=out.seconds,
             node=self.node,
         )
@@ -252,13 +258,13 @@ class Agent:
                             "memory; the batch is aggregated again"
                         )
                     fds.append((name, _open_checked(local, name, None)))
-            path, nbytes = self.lake.archive_fds(batch_id, date, fds)
+            _, nbytes = self.lake.archive_fds(batch_id, date, fds)
         finally:
             for _, fd in fds:
                 os.close(fd)
         return Archived(
             batch_id=batch_id,
-            lake_path=path,
+            lake_path=batch_key(batch_id, date),  # relative to the lake's root
             bytes=nbytes,
             seconds=time.perf_counter() - t0,
             node=self.node,

@@ -31,7 +31,7 @@ from agents.staging import copy_file
 from coordinator.core import files
 from coordinator.core.errors import NoSpaceError, ParquetError
 from coordinator.core.roots import Dir
-from coordinator.core.summary import CSV_NAME, PARQUET_NAME, AggregateFiles, AggregateSummary
+from coordinator.core.summary import PARQUET_NAME, AggregateFiles, AggregateSummary, rows_name
 
 __all__ = ["AGGREGATE_COLUMNS", "aggregate_batch"]
 
@@ -61,9 +61,12 @@ def aggregate_batch(
     expected: Mapping[str, Sequence[int]] | None = None,
     compression: str = "zstd",
     level: int | None = 3,
+    rows_via: str = "tmpfs",
 ) -> AggregateFiles:
     """Aggregate `models`' cross-check files of the batch folder `staging` into `local` (the
-    batch's node-local folder, at `local_path`).
+    batch's node-local folder, at `local_path`). The rows CSV goes into `local` too, or, with
+    `rows_via` "staging" (an agent in another kernel than the coordinator), into the batch's
+    staging folder as `.aggregates.csv`.
 
     Each cross-check file is first copied into `local`, by descriptor, never through a link,
     and checked against `expected` (file name -> the (inode, size, mtime_ns) the second
@@ -93,7 +96,8 @@ def aggregate_batch(
         tables = files.read_results(local, models, prefix="crosscheck_", columns=AGGREGATE_COLUMNS)
         agg = aggregate(tables)
         del tables
-        _write_atomic(local, CSV_NAME, rows_csv(agg.items, batch_id))
+        rows_dir = staging if rows_via == "staging" else local
+        _write_atomic(rows_dir, rows_name(rows_via), rows_csv(agg.items, batch_id))
         files.write_parquet_at(local, PARQUET_NAME, agg.items, compression=compression, level=level)
     except BaseException as e:
         for name in names:  # the copies serve the archive of a whole aggregate only
@@ -105,7 +109,11 @@ def aggregate_batch(
     return AggregateFiles(
         summary=summarise(agg),
         node=node,
-        rows_csv=local_path / CSV_NAME,
+        rows_csv=(
+            local_path / rows_name(rows_via)
+            if rows_via == "tmpfs"
+            else Path(staging.where(rows_name(rows_via)))
+        ),
         parquet=local_path / PARQUET_NAME,
         seconds=time.perf_counter() - t0,
     )

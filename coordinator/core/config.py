@@ -66,6 +66,15 @@ def _matching(pattern: str, expected: str, *, empty_ok: bool = False) -> Hook:
     return check
 
 
+def _optional_path(*, uri: bool) -> Hook:
+    """A parse hook: a path resolved as `path=True` keys are, or empty (not set)."""
+
+    def parse(r: _Reader, dotted: str, value: Any, _: Mapping[str, Any]) -> str:
+        return r.optional_path(dotted, value, uri=uri)
+
+    return parse
+
+
 def _has_node_placeholder(r: _Reader, dotted: str, value: Any, _: Mapping[str, Any]) -> None:
     if "{node}" not in value:
         raise r.fail(dotted, "a template containing {node}", value)
@@ -193,6 +202,48 @@ class NodeConfig:
             check=_matching(r"[0-9,\-]+", "a CPU list such as '0-1,36-37'", empty_ok=True),
         ),
     )
+    remote: bool = field(
+        default=False,
+        metadata=meta(
+            "the agent runs in another kernel (a VM, another host): the coordinator neither "
+            "checks this node on its own host nor reads the node's tmpfs (the aggregated rows "
+            "come through the batch's staging folder)",
+            restart=True,
+        ),
+    )
+    staging: str = field(
+        default="",
+        metadata=meta(
+            "the staging folder as this node's agent sees it; empty: paths.staging",
+            restart=True,
+            parse=_optional_path(uri=False),
+        ),
+    )
+    tmpfs: str = field(
+        default="",
+        metadata=meta(
+            "this node's tmpfs folder as its agent sees it; empty: paths.node_tmpfs",
+            restart=True,
+            parse=_optional_path(uri=False),
+        ),
+    )
+    lake: str = field(
+        default="",
+        metadata=meta(
+            "the lake as this node's agent sees it (a path or a pyarrow.fs URI); empty: paths.lake",
+            restart=True,
+            parse=_optional_path(uri=True),
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class AgentPaths:
+    """The folders as one node's agent sees them (`Config.agent_paths`)."""
+
+    staging: Path
+    tmpfs: Path
+    lake: str
 
 
 @dataclass(frozen=True)
@@ -415,6 +466,16 @@ class Config:
             if n.id == node_id:
                 return n
         raise ConfigError(f"node {node_id} is not configured (configured: {self.node_ids})")
+
+    def agent_paths(self, node_id: int) -> AgentPaths:
+        """The folders as node `node_id`'s agent sees them: its [[node]] staging, tmpfs and
+        lake where set, the [paths] otherwise."""
+        n = self.node(node_id)
+        return AgentPaths(
+            staging=Path(n.staging) if n.staging else self.paths.staging,
+            tmpfs=Path(n.tmpfs) if n.tmpfs else self.paths.tmpfs_for(node_id),
+            lake=n.lake or self.paths.lake,
+        )
 
     @property
     def node_ids(self) -> tuple[int, ...]:
@@ -753,6 +814,10 @@ class _Reader:
             raise self.fail(dotted, expected or f"an integer in {lo}..{hi}", v)
         return v
 
+    def optional_path(self, dotted: str, v: Any, *, uri: bool) -> str:
+        """A path as `path` reads it, or the empty string (not set)."""
+        return "" if self.string(dotted, v) == "" else self.path(dotted, v, uri=uri)
+
     def path(self, dotted: str, v: Any, *, uri: bool) -> str:
         raw = self.string(dotted, v)
         if not raw:
@@ -776,6 +841,10 @@ class _Reader:
         elif hint is Path or m.path:
             value = self.path(dotted, v, uri=m.uri)
             value = Path(value) if hint is Path else value
+        elif hint is bool:
+            if not isinstance(v, bool):
+                raise self.fail(dotted, m.expect or "true or false", v)
+            value = v
         elif hint is str:
             value = self.string(dotted, v, m.expect)
         elif hint is float:

@@ -21,6 +21,12 @@ def lake_root(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
 
 
+def batch_key(batch_id: str, date: str) -> str:
+    """A batch's folder relative to the lake's root: batches/date=YYYY-MM-DD/batch=<batch_id>
+    (what the agent's `archived` reply names: the agent may see the lake under another path)."""
+    return f"batches/date={date}/batch={batch_id}"
+
+
 def batch_path(root: str, batch_id: str, date: str) -> str:
     """Where a batch lives in the lake: ROOT/batches/date=YYYY-MM-DD/batch=<batch_id>."""
-    return f"{root}/batches/date={date}/batch={batch_id}"
+    return f"{root}/{batch_key(batch_id, date)}"

@@ -147,6 +147,8 @@ class Aggregated(Reply):
     TYPE = "aggregated"
     batch_id: str
     summary: dict[str, Any]  # AggregateSummary.to_wire()
+    # Relative paths, never a peer's absolute one: rows_csv under the root the request's
+    # `rows_via` named, parquet under the node's tmpfs.
     rows_csv: str
     parquet: str
     seconds: float
@@ -158,7 +160,7 @@ class Archived(Reply):
 
     TYPE = "archived"
     batch_id: str
-    lake_path: str
+    lake_path: str  # relative to the lake's root: batches/date=YYYY-MM-DD/batch=<id>
     bytes: int
     seconds: float
 
@@ -214,6 +216,10 @@ class Aggregate(Request[Aggregated]):
     models: tuple[str, ...]
     # crosscheck_<m>.parquet -> as the second barrier counted it
     idents: dict[str, Ident] = field(default_factory=dict)
+    # Where the rows CSV goes for the coordinator's COPY: "tmpfs" (the node's tmpfs, which the
+    # coordinator reads on the same kernel) or "staging" (the batch's staging folder, for an
+    # agent in another kernel: [[node]] remote).
+    rows_via: str = "tmpfs"
 
 
 @dataclass(frozen=True, kw_only=True)

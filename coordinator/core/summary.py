@@ -24,9 +24,12 @@ __all__ = [
     "COPY_COLUMNS",
     "CSV_NAME",
     "PARQUET_NAME",
+    "ROWS_VIA",
+    "STAGED_CSV_NAME",
     "AggregateFiles",
     "AggregateSummary",
     "PairAgreement",
+    "rows_name",
 ]
 
 # The columns of `aggregates`, in the order of the CSV the agent writes and COPY reads.
@@ -34,6 +37,18 @@ COPY_COLUMNS = ("batch_id", "item_id", "consensus", "votes", "n_models", "confid
 # The aggregating agent's files, in its node-local folder of the batch.
 CSV_NAME = "aggregates.csv"
 PARQUET_NAME = "aggregates.parquet"
+# The rows CSV of an agent in another kernel, in the batch's staging folder (a dot name: the
+# barrier never counts it, and it goes with the folder at cleanup).
+STAGED_CSV_NAME = ".aggregates.csv"
+# Where the rows CSV goes (the `aggregate` request's rows_via).
+ROWS_VIA = ("tmpfs", "staging")
+
+
+def rows_name(via: str) -> str:
+    """The rows CSV's name in the batch's folder of the root `via` names."""
+    if via not in ROWS_VIA:
+        raise ProtocolError(f"rows_via is {via!r}, expected one of {', '.join(ROWS_VIA)}")
+    return CSV_NAME if via == "tmpfs" else STAGED_CSV_NAME
 
 
 @dataclass(frozen=True)
@@ -112,21 +127,33 @@ class AggregateFiles:
     seconds: float
 
     @classmethod
-    def from_reply(cls, reply: Aggregated, node: int, local: Path) -> AggregateFiles:
+    def from_reply(
+        cls,
+        reply: Aggregated,
+        node: int,
+        batch_id: str,
+        *,
+        via: str,
+        rows_root: Path,
+        local_root: Path,
+    ) -> AggregateFiles:
         """Check an agent's `aggregated` reply (its fields' types are checked when it is
-        decoded). The files must be the batch's own in that node's folder `local` (the
-        coordinator reads nothing else an agent names) and the summary well formed;
-        ProtocolError naming the field otherwise."""
-        rows_csv, parquet = local / CSV_NAME, local / PARQUET_NAME
-        for key, got, path in (
-            ("rows_csv", reply.rows_csv, rows_csv),
-            ("parquet", reply.parquet, parquet),
+        decoded). Its paths are relative, and must be the batch's own files: the rows CSV in
+        the batch's folder under `rows_root` (the coordinator's view of the root `via` names),
+        the Parquet file in the batch's folder under `local_root` (the node's tmpfs). The
+        coordinator reads nothing else an agent names. ProtocolError naming the field
+        otherwise, and when the summary is malformed."""
+        batch = batch_id  # the request's, not what the reply says
+        want_csv, want_parquet = f"{batch}/{rows_name(via)}", f"{batch}/{PARQUET_NAME}"
+        for key, got, want in (
+            ("rows_csv", reply.rows_csv, want_csv),
+            ("parquet", reply.parquet, want_parquet),
         ):
-            if got != str(path):
+            if got != want:
                 raise ProtocolError(
-                    f"agent on node {node}: aggregated reply: {key} is {got!r},"
-                    f" expected {str(path)!r}"
+                    f"agent on node {node}: aggregated reply: {key} is {got!r}, expected {want!r}"
                 )
+        rows_csv, parquet = rows_root / want_csv, local_root / want_parquet
         return cls(
             summary=AggregateSummary.from_wire(reply.summary),
             node=node,

@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     configure(config.log.level, config.log.format, role="coordinator")
     try:
-        topology.check_nodes(topology.read_topology(), list(config.node_ids))
+        # An agent in another kernel ([[node]] remote) checks its node where it runs.
+        local = [n.id for n in config.nodes if not n.remote]
+        topology.check_nodes(topology.read_topology(), local)
     except CoordinatorError as e:
         print(f"coordinatord: error: {e}", file=sys.stderr)
         return 1

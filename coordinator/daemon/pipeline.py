@@ -25,7 +25,7 @@ from coordinator.core.errors import (
     NotLeaderError,
     ProtocolError,
 )
-from coordinator.core.lake_paths import batch_path
+from coordinator.core.lake_paths import batch_key, batch_path
 from coordinator.core.messages import (
     Aggregate,
     Archive,
@@ -285,13 +285,23 @@ class Pipeline:
                 for m in run.models
                 if m in run.cc_counted
             }
+            # An agent in another kernel leaves the rows in the batch's staging folder, the
+            # one folder both kernels see; otherwise they stay in its node's memory.
+            remote = self.cfg.node(node).remote
+            via = "staging" if remote else "tmpfs"
             reply = await self.ctx.hub.request(
                 node,
-                Aggregate(batch_id=run.batch_id, models=run.models, idents=idents),
+                Aggregate(batch_id=run.batch_id, models=run.models, idents=idents, rows_via=via),
                 within_s=self.cfg.agents.step_timeout_s,
             )
-            local = self.cfg.paths.tmpfs_for(node) / run.batch_id
-            agg = AggregateFiles.from_reply(reply, node, local)
+            agg = AggregateFiles.from_reply(
+                reply,
+                node,
+                run.batch_id,
+                via=via,
+                rows_root=self.cfg.paths.staging if remote else self.cfg.agent_paths(node).tmpfs,
+                local_root=self.cfg.agent_paths(node).tmpfs,
+            )
 
         await self._retrying("aggregate", step)
         assert agg is not None  # _retrying returns only after a step that set it
@@ -362,12 +372,13 @@ class Pipeline:
             ),
             within_s=self.cfg.agents.step_timeout_s,
         )
-        path = batch_path(self.ctx.lake_root, run.batch_id, run.date)
-        if reply.lake_path != path:
+        key = batch_key(run.batch_id, run.date)
+        if reply.lake_path != key:
             raise ProtocolError(
                 f"agent on node {agg.node}: archived {run.batch_id} at "
-                f"{reply.lake_path!r}, expected {path!r}"
+                f"{reply.lake_path!r}, expected {key!r} (relative to the lake's root)"
             )
+        path = batch_path(self.ctx.lake_root, run.batch_id, run.date)
         run.timings[Phase.ARCHIVE.key()] = round((time.perf_counter() - t0) * 1000, 3)
         run.timings[Phase.ARCHIVE.key(agg.node)] = round(float(reply.seconds) * 1000, 3)
         await self._set(State.ARCHIVED, durable=True, lake_path=path, timings=run.timings)
@@ -382,7 +393,11 @@ class Pipeline:
         delay = 1.0
         while True:
             try:
-                if agg is None or not _archivable(agg, run.models):
+                # The memory of an agent in another kernel is not ours to look at: its
+                # archive says when the aggregates are gone, and the next round aggregates.
+                if agg is None or not (
+                    self.cfg.node(agg.node).remote or _archivable(agg, run.models)
+                ):
                     if agg is not None:
                         self.log.warning("aggregates gone from node memory; aggregating again")
                     agg = await self.aggregate(record=False)
@@ -390,6 +405,8 @@ class Pipeline:
                 self.run_.error = ""
                 return
             except (OSError, CoordinatorError) as e:
+                if agg is not None and self.cfg.node(agg.node).remote:
+                    agg = None
                 self.run_.error = f"archive failed, retrying in {delay:.0f} s: {e}"
                 self.log.error("archive failed; retrying", error=str(e), retry_in_s=delay)
                 await anyio.sleep(delay)

@@ -177,7 +177,8 @@ class Daemon:
         await tg.start(self.hub.serve, cfg.paths.agent_socket)
         if self.with_agents:
             for n in cfg.node_ids:
-                await tg.start(supervise, self.hub, cfg, self.config_path, n)
+                if not cfg.node(n).remote:  # a remote node's agent runs in its own kernel
+                    await tg.start(supervise, self.hub, cfg, self.config_path, n)
         await tg.start(
             watch if cfg.barrier.backend == "inotify" else watch_watchfiles,
             cfg.paths.staging,

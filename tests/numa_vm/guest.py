@@ -223,11 +223,12 @@ async def drive(result: dict[str, Any], agents: dict[str, int]) -> None:
             )
             after = shmem_kb()
             files = {}
+            tmpfs = conns[label].hello["tmpfs"]  # the reply's paths are relative to it
             for key in ("rows_csv", "parquet"):
                 if key in reply:
-                    files[key] = os.stat(reply[key]).st_size
+                    files[key] = os.stat(os.path.join(tmpfs, reply[key])).st_size
             if "parquet" in reply:  # and the cross-check copies the vote read, node-local too
-                local = os.path.dirname(reply["parquet"])
+                local = os.path.dirname(os.path.join(tmpfs, reply["parquet"]))
                 for m in SPEC["models"]:
                     name = f"crosscheck_{m}.parquet"
                     files[name] = os.stat(os.path.join(local, name)).st_size
@@ -241,7 +242,8 @@ async def drive(result: dict[str, Any], agents: dict[str, int]) -> None:
         )
         result["archive"] = {"reply": reply}
         if "lake_path" in reply:
-            result["archive"]["files"] = sorted(os.listdir(reply["lake_path"]))
+            # relative to the lake's root
+            result["archive"]["files"] = sorted(os.listdir(WORK / "lake" / reply["lake_path"]))
         for label in agents:
             before = shmem_kb()
             reply = await conns[label].request({"type": "purge", "batch_id": batch})

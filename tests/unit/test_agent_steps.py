@@ -49,14 +49,15 @@ def agent(tmp_path: Path) -> Agent:
 
 def test_aggregate_then_archive_puts_the_whole_batch_in_the_lake(agent: Agent) -> None:
     reply = agent.aggregate(Aggregate(batch_id="b1", models=tuple(MODELS)))
-    local = agent.tmpfs / "b1"
-    files = AggregateFiles.from_reply(reply, 1, local)  # what the coordinator accepts
+    # What the coordinator accepts: relative paths, the batch's own files.
+    files = AggregateFiles.from_reply(
+        reply, 1, "b1", via="tmpfs", rows_root=agent.tmpfs, local_root=agent.tmpfs
+    )
+    assert files.rows_csv == agent.tmpfs / "b1" / "aggregates.csv"
     assert files.summary.rows == 50
     archived = agent.archive(Archive(batch_id="b1", date="2026-11-28", models=tuple(MODELS)))
-    lake = Path(archived.lake_path)
-    assert (
-        lake == Path(agent.config.paths.lake).resolve() / "batches" / "date=2026-11-28" / "batch=b1"
-    )
+    assert archived.lake_path == "batches/date=2026-11-28/batch=b1"  # relative to the root
+    lake = Path(agent.config.paths.lake).resolve() / archived.lake_path
     names = sorted(p.name for p in lake.iterdir())
     assert names == sorted(
         [f"{m}.parquet" for m in MODELS]
@@ -76,7 +77,9 @@ def test_the_archive_takes_the_counted_content_from_node_memory_not_a_rewrite(
     staged = (agent.tmpfs / "b1" / "slm-2.parquet").read_bytes()
     pq.write_table(table(9), agent.config.paths.staging / "b1" / "slm-2.parquet")
     archived = agent.archive(Archive(batch_id="b1", date="2026-11-28", models=tuple(MODELS)))
-    assert (Path(archived.lake_path) / "slm-2.parquet").read_bytes() == staged
+    assert (
+        Path(agent.config.paths.lake).resolve() / archived.lake_path / "slm-2.parquet"
+    ).read_bytes() == staged
 
 
 def test_without_its_node_copy_the_archive_falls_back_to_staging(agent: Agent) -> None:
@@ -84,7 +87,9 @@ def test_without_its_node_copy_the_archive_falls_back_to_staging(agent: Agent) -
     (agent.tmpfs / "b1" / "slm-3.parquet").unlink()
     archived = agent.archive(Archive(batch_id="b1", date="2026-11-28", models=tuple(MODELS)))
     in_staging = (agent.config.paths.staging / "b1" / "slm-3.parquet").read_bytes()
-    assert (Path(archived.lake_path) / "slm-3.parquet").read_bytes() == in_staging
+    assert (
+        Path(agent.config.paths.lake).resolve() / archived.lake_path / "slm-3.parquet"
+    ).read_bytes() == in_staging
 
 
 @pytest.mark.parametrize("gone", ["aggregates.parquet", "crosscheck_slm-2.parquet"])

@@ -4,6 +4,7 @@ summary's wire form; which node aggregates; and the checks the coordinator makes
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -176,14 +177,14 @@ def test_a_summary_missing_a_field_is_a_protocol_error() -> None:
         AggregateSummary.from_wire(wire)
 
 
-def reply(local: Path, **over: object) -> Aggregated:
+def reply(_: Path, **over: object) -> Aggregated:
     """An `aggregated` reply of node 1's agent, as the hub decodes it from the wire."""
     wire: dict[str, object] = {
         "type": "aggregated",
         "batch_id": "b1",
         "summary": summarise(aggregate(TABLES)).to_wire(),
-        "rows_csv": str(local / "aggregates.csv"),
-        "parquet": str(local / "aggregates.parquet"),
+        "rows_csv": "b1/aggregates.csv",
+        "parquet": "b1/aggregates.parquet",
         "seconds": 1.5,
         "req": 3,
         "node": 1,
@@ -194,10 +195,33 @@ def reply(local: Path, **over: object) -> Aggregated:
 
 
 def test_a_reply_naming_the_batch_own_files_is_taken(tmp_path: Path) -> None:
-    local = tmp_path / "node1" / "b1"
-    files = AggregateFiles.from_reply(reply(local), 1, local)
-    assert (files.node, files.rows_csv, files.seconds) == (1, local / "aggregates.csv", 1.5)
+    local = tmp_path / "node1"
+    files = AggregateFiles.from_reply(
+        reply(local), 1, "b1", via="tmpfs", rows_root=local, local_root=local
+    )
+    assert (files.node, files.rows_csv, files.seconds) == (1, local / "b1/aggregates.csv", 1.5)
+    assert files.parquet == local / "b1/aggregates.parquet"
     assert files.summary.rows == 4
+
+
+def test_an_agent_in_another_kernel_leaves_its_rows_in_staging(tmp_path: Path) -> None:
+    local, staging = tmp_path / "node1", tmp_path / "staging"
+    files = AggregateFiles.from_reply(
+        reply(local, rows_csv="b1/.aggregates.csv"),
+        1,
+        "b1",
+        via="staging",
+        rows_root=staging,
+        local_root=local,
+    )
+    assert (files.rows_csv, files.parquet) == (
+        staging / "b1/.aggregates.csv",
+        local / "b1/aggregates.parquet",
+    )
+    with pytest.raises(ProtocolError, match=re.escape("rows_csv is 'b1/aggregates.csv'")):
+        AggregateFiles.from_reply(
+            reply(local), 1, "b1", via="staging", rows_root=staging, local_root=local
+        )
 
 
 @pytest.mark.parametrize(
@@ -205,15 +229,20 @@ def test_a_reply_naming_the_batch_own_files_is_taken(tmp_path: Path) -> None:
     [
         {"rows_csv": "/etc/shadow"},
         {"parquet": "/var/lib/other/aggregates.parquet"},
-        {"rows_csv": str(Path("/dev/shm/node1/b1/aggregates.csv"))},
+        {"rows_csv": "/dev/shm/node1/b1/aggregates.csv"},  # absolute: never taken
+        {"rows_csv": "b2/aggregates.csv"},  # another batch's
+        {"rows_csv": "b1/../b2/aggregates.csv"},
+        {"batch_id": "b2", "rows_csv": "b2/aggregates.csv", "parquet": "b2/aggregates.parquet"},
     ],
 )
 def test_a_reply_naming_any_other_file_is_refused(tmp_path: Path, over: dict[str, object]) -> None:
     """The coordinator streams what the reply names into PostgreSQL and the lake: only the
     batch's own files in that node's folder are ever read."""
-    local = tmp_path / "node1" / "b1"
+    local = tmp_path / "node1"
     with pytest.raises(ProtocolError, match="agent on node 1"):
-        AggregateFiles.from_reply(reply(local, **over), 1, local)
+        AggregateFiles.from_reply(
+            reply(local, **over), 1, "b1", via="tmpfs", rows_root=local, local_root=local
+        )
 
 
 @pytest.mark.parametrize(
@@ -232,9 +261,16 @@ def test_a_mistyped_reply_is_refused_before_it_is_read(
 
 
 def test_a_malformed_summary_in_a_reply_is_refused(tmp_path: Path) -> None:
-    local = tmp_path / "node1" / "b1"
+    local = tmp_path / "node1"
     with pytest.raises(ProtocolError, match="aggregate summary"):
-        AggregateFiles.from_reply(reply(local, summary={"rows": 1}), 1, local)
+        AggregateFiles.from_reply(
+            reply(local, summary={"rows": 1}),
+            1,
+            "b1",
+            via="tmpfs",
+            rows_root=local,
+            local_root=local,
+        )
 
 
 # -- which node aggregates ---------------------------------------------------------------------

@@ -370,8 +370,24 @@ DEFAULTS_BEFORE: dict[str, Any] = {
     },
     "batch": {"models": SEVEN, "deadline_s": 600.0, "quorum": 7, "max_in_flight": 4},
     "node": [
-        {"id": 0, "models": ["slm-1", "slm-2", "slm-3", "slm-4"], "cpus": ""},
-        {"id": 1, "models": ["slm-5", "slm-6", "slm-7"], "cpus": ""},
+        {
+            "id": 0,
+            "models": ["slm-1", "slm-2", "slm-3", "slm-4"],
+            "cpus": "",
+            "remote": False,
+            "staging": "",
+            "tmpfs": "",
+            "lake": "",
+        },
+        {
+            "id": 1,
+            "models": ["slm-5", "slm-6", "slm-7"],
+            "cpus": "",
+            "remote": False,
+            "staging": "",
+            "tmpfs": "",
+            "lake": "",
+        },
     ],
     "database": {
         "dsn": "",
@@ -405,6 +421,10 @@ RESTART_KEYS = [
     "database.schema",
     "metrics.listen",
     "node.id",
+    "node.remote",
+    "node.staging",
+    "node.tmpfs",
+    "node.lake",
 ]
 
 CHOICES = {
@@ -420,6 +440,8 @@ def setting(key: str) -> Setting:
 
 
 def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
     if isinstance(v, str):
         return json.dumps(v)  # a TOML basic string, for the plain values used here
     if isinstance(v, list):
@@ -502,6 +524,8 @@ def doc_tables() -> dict[str, str]:
 def doc_default(value: Any) -> str:
     if value is None:
         return "(required)"
+    if isinstance(value, bool):
+        return f"`{toml_value(value)}`"
     if isinstance(value, list):
         return f"`{value[0]}` … `{value[-1]}`" if len(value) > 2 else f"`{toml_value(value)}`"
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -652,6 +676,11 @@ def test_restart_changes_between_two_loaded_configs_in_settings_order(etc: Path)
         ("database.schema", "numa_coordinator", "other"),
         ("metrics.listen", "", "127.0.0.1:9464"),
         ("node.id", [0, 1], [0]),
+        # The node array is replaced whole: each of its restart-only keys changes with it.
+        ("node.remote", [False, False], [False]),
+        ("node.staging", ["", ""], [""]),
+        ("node.tmpfs", ["", ""], [""]),
+        ("node.lake", ["", ""], [""]),
     ]
 
 
@@ -692,7 +721,11 @@ def test_explain_describe_adds_the_help_of_every_key(etc: Path) -> None:
 def test_explain_describe_marks_the_restart_only_keys_and_shows_the_choices(etc: Path) -> None:
     rows = explained(explain(load_config(etc / "coordinator.toml"), describe=True))
     restart = {k for k, (_, text) in rows.items() if text.endswith(" [restart]")}
-    assert restart == {*RESTART_KEYS[:-1], "node[0].id", "node[1].id"}
+    per_node = {k.removeprefix("node.") for k in RESTART_KEYS if k.startswith("node.")}
+    assert per_node == {"id", "remote", "staging", "tmpfs", "lake"}
+    assert restart == {k for k in RESTART_KEYS if not k.startswith("node.")} | {
+        f"node[{i}].{k}" for i in (0, 1) for k in per_node
+    }
     assert "(inotify or watchfiles)" in rows["barrier.backend"][1]
     assert "(one of debug, info, warning, error)" in rows["log.level"][1]
 

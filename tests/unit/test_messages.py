@@ -162,6 +162,7 @@ CASES: list[tuple[Message, dict[str, Any]]] = [
             batch_id="b1",
             models=("slm-1", "slm-2"),
             idents={"crosscheck_slm-1.parquet": (12, 1024, 1795878000223456789)},
+            rows_via="staging",
             req=10,
         ),
         {
@@ -169,6 +170,7 @@ CASES: list[tuple[Message, dict[str, Any]]] = [
             "batch_id": "b1",
             "models": ["slm-1", "slm-2"],
             "idents": {"crosscheck_slm-1.parquet": [12, 1024, 1795878000223456789]},
+            "rows_via": "staging",
             "req": 10,
         },
     ),
@@ -176,8 +178,8 @@ CASES: list[tuple[Message, dict[str, Any]]] = [
         Aggregated(
             batch_id="b1",
             summary=SUMMARY,
-            rows_csv="/dev/shm/numa-coordinator/node1/b1/aggregates.csv",
-            parquet="/dev/shm/numa-coordinator/node1/b1/aggregates.parquet",
+            rows_csv="b1/aggregates.csv",
+            parquet="b1/aggregates.parquet",
             seconds=0.08,
             req=10,
             node=1,
@@ -186,8 +188,8 @@ CASES: list[tuple[Message, dict[str, Any]]] = [
             "type": "aggregated",
             "batch_id": "b1",
             "summary": SUMMARY,
-            "rows_csv": "/dev/shm/numa-coordinator/node1/b1/aggregates.csv",
-            "parquet": "/dev/shm/numa-coordinator/node1/b1/aggregates.parquet",
+            "rows_csv": "b1/aggregates.csv",
+            "parquet": "b1/aggregates.parquet",
             "seconds": 0.08,
             "req": 10,
             "node": 1,
@@ -213,7 +215,7 @@ CASES: list[tuple[Message, dict[str, Any]]] = [
     (
         Archived(
             batch_id="b1",
-            lake_path="/lake/batches/date=2026-11-28/batch=b1",
+            lake_path="batches/date=2026-11-28/batch=b1",
             bytes=8192,
             seconds=0.2,
             req=11,
@@ -222,7 +224,7 @@ CASES: list[tuple[Message, dict[str, Any]]] = [
         {
             "type": "archived",
             "batch_id": "b1",
-            "lake_path": "/lake/batches/date=2026-11-28/batch=b1",
+            "lake_path": "batches/date=2026-11-28/batch=b1",
             "bytes": 8192,
             "seconds": 0.2,
             "req": 11,
@@ -357,6 +359,7 @@ def test_the_fields_a_message_may_leave_out() -> None:
     assert optional == [
         ("aggregate", "idents"),
         ("aggregate", "req"),
+        ("aggregate", "rows_via"),
         ("aggregated", "req"),
         ("archive", "idents"),
         ("archive", "req"),
