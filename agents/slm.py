@@ -3,16 +3,23 @@
 Publishing is atomic (docs/protocol.md, "The staging contract"): the table is written to
 `.<name>.tmp` in the batch folder, fsynced, renamed to its final name, and the folder is fsynced,
 so the coordinator never sees a half-written file under a final name.
+
+A publish may then be announced to a coordinator that cannot hear the write (staging on another
+host's NFS export, a VM guest's shared folder): a PostgreSQL NOTIFY on the schema's channel
+(`notify=`, `agents.notifier`; docs/protocol.md, "Announcing a publish"). The announcement
+never fails a publish.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path
 
 import pyarrow as pa
 
+from agents.notifier import Announcer, PgNotifier, resolve
 from coordinator.core.errors import BatchFinishedError
 from coordinator.core.files import (
     RESULT_COLUMNS,
@@ -28,10 +35,13 @@ from coordinator.core.files import (
 )
 from coordinator.core.roots import Dir
 
+log = logging.getLogger("agents.slm")
+
 # The SDK: publish and publish_crosscheck, and the readers and writers they are made of.
 __all__ = [
     "RESULT_COLUMNS",
     "BatchFinishedError",
+    "PgNotifier",
     "check_name",
     "check_parquet",
     "fsync_dir",
@@ -54,18 +64,26 @@ def publish(
     *,
     compression: str = "zstd",
     level: int | None = 3,
+    notify: str | Announcer | bool | None = None,
 ) -> Path:
     """Publish one model's result for a batch into staging, atomically; return the final path.
 
     Raises BatchFinishedError when the coordinator removed the batch's folder while the file
     was written (it does that only to a finished batch), and LinkRefused (an OSError) when the
     batch folder is a symbolic link: nothing is written through a link.
+
+    `notify` announces the publish once the file is in place (`agents.notifier.resolve`):
+    None (the default) announces where $NUMA_COORDINATOR_NOTIFY_DSN is set (the schema in
+    $NUMA_COORDINATOR_NOTIFY_SCHEMA, default numa_coordinator); False never; a DSN string on
+    that database; a `PgNotifier` (reusable: one connection for many publishes) or any callable
+    of (batch_id, model, size) is called. A failed announcement is logged, never raised.
     """
     check_name("batch_id", batch_id)
     check_name("model", model)
     missing = [c for c in RESULT_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"model {model}: result table lacks column(s) {missing}")
+    announcer = resolve(notify)  # a bad argument fails before anything is written
     name = f"{model}.parquet"
     with Dir.open(staging, create=True) as root:
         try:
@@ -84,7 +102,7 @@ def publish(
             os.fchmod(folder.fd, 0o770 | (os.fstat(root.fd).st_mode & stat.S_ISGID))
         with folder:
             try:
-                write_parquet_at(folder, name, table, compression=compression, level=level)
+                st = write_parquet_at(folder, name, table, compression=compression, level=level)
             except FileNotFoundError as e:
                 raise _finished(staging, batch_id, model) from e
             if folder.gone:
@@ -93,7 +111,25 @@ def publish(
                 raise _finished(staging, batch_id, model)
         if created:  # after the file, so the folder is not left empty for that long
             root.fsync()
+    if announcer is not None:
+        _announce(announcer, batch_id, model, st.st_size)
     return Path(staging) / batch_id / name
+
+
+def _announce(announcer: Announcer, batch_id: str, model: str, size: int) -> None:
+    """Announce a publish that is done: whatever goes wrong is logged, never raised (the file
+    is published; the coordinator's scan finds it)."""
+    try:
+        announcer(batch_id, model, size)
+    except Exception as e:
+        log.warning(
+            "announcing %s/%s failed (the file is published; the coordinator's scan finds "
+            "it): %s: %s",
+            batch_id,
+            model,
+            type(e).__name__,
+            e,
+        )
 
 
 def _finished(staging: str | os.PathLike[str], batch_id: str, model: str) -> BatchFinishedError:

@@ -24,7 +24,7 @@ from coordinator.core.errors import ConfigError
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
-BarrierBackend = Literal["inotify", "watchfiles"]
+BarrierBackend = Literal["inotify", "watchfiles", "notify", "poll"]
 Compression = Literal["zstd", "snappy", "gzip", "brotli", "lz4", "none"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
@@ -322,6 +322,9 @@ class BarrierConfig:
     )
     reconcile_s: float = field(
         default=5.0, metadata=meta("period of the full reconciliation scan of staging")
+    )
+    poll_s: float = field(
+        default=1.0, metadata=meta("poll backend only: the period of its scan of staging")
     )
     settle_s: float = field(  # an unreadable file unchanged this long is quarantined
         default=5.0,

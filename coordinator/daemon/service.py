@@ -12,6 +12,7 @@ is up (`notify`).
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import signal
 import time
@@ -34,6 +35,7 @@ from coordinator.daemon.control import ControlServer
 from coordinator.daemon.hub import AgentConn, Hub, supervise
 from coordinator.daemon.leader import keep_leadership, open_ledger
 from coordinator.daemon.ledger import Ledger
+from coordinator.daemon.listen import listen
 from coordinator.daemon.metrics import Metrics
 from coordinator.daemon.pipeline import Context, Pipeline
 from coordinator.daemon.reload import Reloader
@@ -48,7 +50,7 @@ from coordinator.daemon.status import (
     Status,
     WatcherInfo,
 )
-from coordinator.daemon.watch import watch, watch_watchfiles
+from coordinator.daemon.watch import poll, watch, watch_watchfiles
 
 log = structlog.get_logger("coordinator.daemon.service")
 
@@ -179,13 +181,7 @@ class Daemon:
             for n in cfg.node_ids:
                 if not cfg.node(n).remote:  # a remote node's agent runs in its own kernel
                     await tg.start(supervise, self.hub, cfg, self.config_path, n)
-        await tg.start(
-            watch if cfg.barrier.backend == "inotify" else watch_watchfiles,
-            cfg.paths.staging,
-            cfg.barrier,
-            self.barrier.mark,
-            self.scanner.stats,
-        )
+        await self._start_watcher(tg, ledger)
         self._status_line("watcher armed; scanning staging and resuming the ledger")
         await self.barrier.resume()
         # From now on every batch in flight is known: copies of any other batch that an agent
@@ -214,6 +210,30 @@ class Daemon:
             database=redact_dsn(self.dsn),
         )
         self._ready_or_stop.set()
+
+    async def _start_watcher(self, tg: TaskGroup, ledger: Ledger) -> None:
+        """Start what tells the barrier which batch folders to look at (barrier.backend)."""
+        cfg = self.config
+        mark, stats = self.barrier.mark, self.scanner.stats
+        backend = cfg.barrier.backend
+        if backend == "inotify":
+            await tg.start(watch, cfg.paths.staging, cfg.barrier, mark, stats)
+        elif backend == "watchfiles":
+            await tg.start(watch_watchfiles, cfg.paths.staging, cfg.barrier, mark, stats)
+        elif backend == "notify":
+            # The producers announce on the database: LISTEN on a connection of its own. No
+            # inotify here: on the folders this is for it hears nothing, and on some of them
+            # it cannot even be armed (docs/config.md, [barrier]).
+            await tg.start(
+                functools.partial(listen, retry_max_s=cfg.database.retry_max_s),
+                self.dsn,
+                ledger.password,
+                cfg.database.schema,
+                mark,
+                stats,
+            )
+        else:
+            await tg.start(poll, lambda: self.config.barrier, mark, stats)
 
     def _lost_leadership(self) -> None:
         self.exit_code = 1

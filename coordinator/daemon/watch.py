@@ -1,5 +1,6 @@
 """The file barrier's I/O edge: the watcher on the staging folder (the scanner that decides what
-counts is `coordinator.daemon.scanner`).
+counts is `coordinator.daemon.scanner`): inotify, watchfiles, or a plain poll (the notify
+backend's LISTEN is `coordinator.daemon.listen`).
 
 The watcher is armed (inotify watches in place) *before* the first listing, so a file that lands
 between the two is seen by one or the other. Events only say "look at this batch again"; what
@@ -269,3 +270,21 @@ async def watch_watchfiles(
             await anyio.sleep(0.2)
         finally:
             stop.set()
+
+
+async def poll(
+    config: Callable[[], BarrierConfig],
+    on_batches: Callable[[set[str | Rescan]], None],
+    stats: Stats,
+    *,
+    task_status: TaskStatus[None],
+) -> None:
+    """The poll backend (`barrier.backend = "poll"`): no events at all, a look at every folder
+    in staging every `barrier.poll_s` (read at each turn, so a reload changes it), for a folder
+    that delivers no events and producers that do not announce. `stats.events` stays 0: a turn
+    is not an event."""
+    stats.armed = True
+    task_status.started()
+    while True:
+        await anyio.sleep(config().poll_s)
+        on_batches({RESCAN})

@@ -401,6 +401,7 @@ DEFAULTS_BEFORE: dict[str, Any] = {
         "debounce_ms": 20,
         "step_ms": 2,
         "reconcile_s": 5.0,
+        "poll_s": 1.0,
         "settle_s": 5.0,
     },
     "crosscheck": {"function": "agents.crosscheck:crosscheck"},
@@ -429,7 +430,7 @@ RESTART_KEYS = [
 
 CHOICES = {
     "parquet.compression": ("zstd", "snappy", "gzip", "brotli", "lz4", "none"),
-    "barrier.backend": ("inotify", "watchfiles"),
+    "barrier.backend": ("inotify", "watchfiles", "notify", "poll"),
     "log.level": ("debug", "info", "warning", "error"),
     "log.format": ("auto", "json", "console"),
 }
@@ -726,7 +727,7 @@ def test_explain_describe_marks_the_restart_only_keys_and_shows_the_choices(etc:
     assert restart == {k for k in RESTART_KEYS if not k.startswith("node.")} | {
         f"node[{i}].{k}" for i in (0, 1) for k in per_node
     }
-    assert "(inotify or watchfiles)" in rows["barrier.backend"][1]
+    assert "(one of inotify, watchfiles, notify, poll)" in rows["barrier.backend"][1]
     assert "(one of debug, info, warning, error)" in rows["log.level"][1]
 
 
