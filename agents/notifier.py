@@ -124,7 +124,10 @@ class PgNotifier:
             loop, thread = self._loop, self._thread
             if loop is None or thread is None:
                 return
-            self._drop()
+            try:
+                asyncio.run_coroutine_threadsafe(self._aclose(), loop).result(5)
+            except Exception as e:  # closing is best effort: the process may be on its way out
+                log.debug("closing the notifier's connection: %s: %s", type(e).__name__, e)
             loop.call_soon_threadsafe(loop.stop)
             thread.join(5)
             if not thread.is_alive():
@@ -172,6 +175,15 @@ class PgNotifier:
                 "SELECT pg_notify($1, $2)", self.channel, payload, timeout=self.timeout_s
             )
 
+    async def _aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await conn.close(timeout=2)
+            except Exception:
+                conn.terminate()
+        await asyncio.sleep(0)  # the transport's own close runs on the next turn
+
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and self._loop is not None:
@@ -187,9 +199,19 @@ def shared(dsn: str, schema: str) -> PgNotifier:
     with _shared_lock:
         n = _shared.get((dsn, schema))
         if n is None:
+            if not _shared:
+                atexit.register(close_shared)
             n = _shared[(dsn, schema)] = PgNotifier(dsn, schema)
-            atexit.register(n.close)
         return n
+
+
+def close_shared() -> None:
+    """Close the process's shared notifiers (done at exit; a later publish makes new ones)."""
+    with _shared_lock:
+        notifiers = list(_shared.values())
+        _shared.clear()
+    for n in notifiers:
+        n.close()
 
 
 def resolve(notify: object) -> Announcer | None:
