@@ -4,7 +4,9 @@ every anchor measured in the same run (see docs/benchmarks.md for what each row 
 Order: data → Parquet codecs → the cross-check and aggregation run bare → archive and staging
 anchors → PostgreSQL and the daemon → barrier series (with the inotify reader beside it) →
 idle CPU → full batches (CPU, end to end) → a full batch with the 1 ms ticker on (loop lag) →
-database ingest. Everything lives under fresh temporary folders, removed at the end.
+database ingest → the daemon stopped, a second one with `barrier.backend = "notify"` and the
+barrier series again, announced (with a bare LISTEN client beside it). Everything lives under
+fresh temporary folders, removed at the end.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agents.notifier import PgNotifier
 from coordinator.bench import anchors
 from coordinator.bench.report import percentile
+from coordinator.core.announce import channel
 from coordinator.core.errors import ControlError, CoordinatorError
 from coordinator.ctl.client import call
 from coordinator.ctl.demo import MODELS, synthetic_batch
@@ -36,7 +40,10 @@ from coordinator.daemon import embedded_pg
 ROOT = Path(__file__).resolve().parents[2]
 
 
-PHASES = ("codecs", "archive", "staging", "barrier", "idle", "full", "lag", "ingest")
+PHASES = ("codecs", "archive", "staging", "barrier", "idle", "full", "lag", "ingest", "notify")
+# The phases that need PostgreSQL, and those of them that need the (inotify) daemon.
+DATABASE_PHASES = ("barrier", "idle", "full", "lag", "ingest", "notify")
+DAEMON_PHASES = ("barrier", "idle", "full", "lag", "ingest")
 
 
 @dataclass
@@ -129,11 +136,13 @@ class Measured:
     staging: dict[str, list[float]] = field(default_factory=dict)
     staging_bytes: int = 0
     barrier: list[dict[str, float]] = field(default_factory=list)
+    notify: list[dict[str, float]] = field(default_factory=list)  # the notify backend's series
     idle: dict[str, Any] = field(default_factory=dict)
     full: list[dict[str, Any]] = field(default_factory=list)
     lag: dict[str, Any] = field(default_factory=dict)
     ingest: dict[str, Any] = field(default_factory=dict)
     reader: str = ""
+    listen_reader: str = ""
     psql: str = ""
     errors: list[str] = field(default_factory=list)
 
@@ -143,16 +152,19 @@ def say(text: str) -> None:
     print(f"bench: {text}", file=sys.stderr, flush=True)
 
 
-def config_text(d: Dirs, dsn: str, schema: str) -> str:
-    """The daemon's coordinator.toml: one node, barrier and other tuning at their defaults."""
+def config_text(d: Dirs, dsn: str, schema: str, *, name: str = "daemon", extra: str = "") -> str:
+    """The daemon's coordinator.toml: one node, barrier and other tuning at their defaults.
+    A daemon `name`d other than "daemon" gets folders of its own; `extra` is appended."""
     models = json.dumps(list(MODELS))
+    staging = d.staging if name == "daemon" else d.root / f"staging-{name}"
+    state = d.state if name == "daemon" else d.root / f"state-{name}"
     return f"""# written by coordinatorctl bench
 [paths]
-staging = "{d.staging}"
+staging = "{staging}"
 lake = "{d.lake}"
-node_tmpfs = "{d.tmpfs}/daemon/node{{node}}"
-state_dir = "{d.state}"
-runtime_dir = "{d.run}/daemon"
+node_tmpfs = "{d.tmpfs}/{name}/node{{node}}"
+state_dir = "{state}"
+runtime_dir = "{d.run}/{name}"
 
 [batch]
 models = {models}
@@ -170,17 +182,18 @@ format = "json"
 [[node]]
 id = 0
 models = {models}
-"""
+{extra}"""
 
 
 class DaemonProc:
     """The benchmark's daemon (coordinator.bench.lagd) as a process."""
 
-    def __init__(self, d: Dirs, config: Path) -> None:
+    def __init__(self, d: Dirs, config: Path, name: str = "daemon") -> None:
         self.d = d
-        self.lag_dir = d.root / "lag"
+        suffix = "" if name == "daemon" else f"-{name}"
+        self.lag_dir = d.root / f"lag{suffix}"
         self.lag_dir.mkdir(exist_ok=True)
-        self.log = d.root / "coordinatord.log"
+        self.log = d.root / f"coordinatord{suffix}.log"
         cmd = [sys.executable, "-m", "coordinator.bench.lagd", "--config", str(config)]
         cmd += ["--lag-dir", str(self.lag_dir)]
         # The logs go through a pipe, as to journald under systemd: a log line never waits
@@ -190,7 +203,7 @@ class DaemonProc:
         )
         self.drain = threading.Thread(target=self._drain, daemon=True)
         self.drain.start()
-        self.sock = d.run / "daemon" / "control.sock"
+        self.sock = d.run / name / "control.sock"
         self.lag_n = 0
 
     def _drain(self) -> None:
@@ -271,16 +284,18 @@ class DaemonProc:
 
 
 class Reader:
-    """The inotify anchor process and the completion times it reports."""
+    """An anchor process (by default the inotify reader on `staging`; or `cmd`, which prints
+    the same lines) and the completion times it reports."""
 
-    def __init__(self, staging: Path) -> None:
-        cmd = [sys.executable, "-m", "coordinator.bench.inotify_reader", str(staging)]
-        cmd.append(",".join(MODELS))
+    def __init__(self, staging: Path, cmd: list[str] | None = None) -> None:
+        if cmd is None:
+            cmd = [sys.executable, "-m", "coordinator.bench.inotify_reader", str(staging)]
+            cmd.append(",".join(MODELS))
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         assert self.proc.stdout is not None
         first = self.proc.stdout.readline().split()
         if not first or first[0] != "ready":
-            raise CoordinatorError("the inotify reader did not start")
+            raise CoordinatorError(f"the anchor {cmd[2]} did not start")
         self.kind = first[1]
         self.lines: queue.Queue[tuple[str, float]] = queue.Queue()
         self.seen: dict[str, float] = {}
@@ -329,22 +344,36 @@ def _wait(pred: Callable[[], bool], timeout: float, what: str, step: float = 0.0
 
 
 def publish_batch(
-    staging: Path, batch_id: str, sources: dict[str, Path], *, gap_s: float, last_gap_s: float
+    staging: Path,
+    batch_id: str,
+    sources: dict[str, Path],
+    *,
+    gap_s: float,
+    last_gap_s: float,
+    announce: Callable[[str, str, int], object] | None = None,
 ) -> tuple[float, float]:
     """Publish a batch the SDK's way, models in a shuffled order, `gap_s` apart and the last
-    one `last_gap_s` after the others; return (start, time just before the last rename)."""
+    one `last_gap_s` after the others, each announced with `announce` after its rename where
+    given (as `publish(..., notify=)` does); return (start, time just before the last rename)."""
     t_start = time.time()
     folder = staging / batch_id
     folder.mkdir()
     anchors.fsync_path(staging)
     order = list(sources)
     random.Random(batch_id).shuffle(order)
+
+    def one(m: str) -> float:
+        t = anchors.publish_copy(sources[m], folder, f"{m}.parquet")
+        if announce is not None:
+            announce(batch_id, m, sources[m].stat().st_size)
+        return t
+
     time.sleep(gap_s)
     for m in order[:-1]:
-        anchors.publish_copy(sources[m], folder, f"{m}.parquet")
+        one(m)
         time.sleep(gap_s)
     time.sleep(last_gap_s)
-    t_last = anchors.publish_copy(sources[order[-1]], folder, f"{order[-1]}.parquet")
+    t_last = one(order[-1])
     return t_start, t_last
 
 
@@ -371,6 +400,51 @@ def run_barrier(
                 }
             )
     finally:
+        reader.stop()
+
+
+def run_notify(p: Params, d: Dirs, dsn: str, small: dict[str, Path], m: Measured) -> None:
+    """The barrier series again on a daemon with `barrier.backend = "notify"` (and a reconcile
+    scan that never comes: every batch fires on an announcement), each file announced by the
+    SDK's PgNotifier after its rename; the daemon's 'last rename -> ready' against a bare LISTEN
+    client's 'last rename -> last announcement heard' on the same channel."""
+    schema = f"bench_notify_{os.getpid()}"
+    staging = d.root / "staging-notify"
+    staging.mkdir(parents=True, exist_ok=True)
+    cfg = d.root / "coordinator-notify.toml"
+    barrier = '\n[barrier]\nbackend = "notify"\nreconcile_s = 3600.0\n'
+    cfg.write_text(config_text(d, dsn, schema, name="notify", extra=barrier))
+    models = ",".join(MODELS)
+    cmd = [sys.executable, "-m", "coordinator.bench.listen_reader", dsn, channel(schema), models]
+    reader = Reader(staging, cmd)
+    m.listen_reader = reader.kind
+    daemon: DaemonProc | None = None
+    notifier = PgNotifier(dsn, schema)
+    try:
+        daemon = DaemonProc(d, cfg, name="notify")
+        daemon.wait_ready()
+        for i in range(p.warmup_batches + p.barrier_batches):
+            bid = f"notify-{i:03d}"
+            _, t_last = publish_batch(
+                staging, bid, small, gap_s=0.01, last_gap_s=0.1, announce=notifier
+            )
+            _wait(_gone(staging / bid), 120, f"batch {bid}", 0.01)
+            row = daemon.row(bid)
+            t_reader = reader.time_of(bid)
+            if i < p.warmup_batches:
+                continue
+            m.notify.append(
+                {
+                    "ours_ms": (_ts(row["ready_at"]) - t_last) * 1000,
+                    "anchor_ms": (t_reader - t_last) * 1000 if t_reader else float("nan"),
+                }
+            )
+        if notifier.failed:
+            raise CoordinatorError(f"{notifier.failed} announcements failed: {notifier.last_error}")
+    finally:
+        notifier.close()
+        if daemon is not None:
+            daemon.stop()
         reader.stop()
 
 
@@ -513,13 +587,23 @@ def run(p: Params, *, dsn: str = "") -> Measured:
 
         phase("archive", "archive: the lake writer against cp + sync", archive)
         phase("staging", "staging: agents against cp", staging)
-        if not any(p.wants(k) for k in ("barrier", "idle", "full", "lag", "ingest")):
+        if not any(p.wants(k) for k in DATABASE_PHASES):
             return m
 
         if not dsn:
             say("starting embedded PostgreSQL")
             dsn, _ = embedded_pg.start(d.state)
             started_pg = True
+        db = dsn
+        notify_phase = (
+            "notify",
+            f"barrier, notify backend: {p.barrier_batches} announced batches "
+            f"(+{p.warmup_batches} warm-up) beside a bare LISTEN client",
+            lambda: run_notify(p, d, db, small, m),
+        )
+        if not any(p.wants(k) for k in DAEMON_PHASES):
+            phase(*notify_phase)
+            return m
         schema = f"bench_{os.getpid()}"
         cfg = d.root / "coordinator.toml"
         cfg.write_text(config_text(d, dsn, schema))
@@ -562,6 +646,10 @@ def run(p: Params, *, dsn: str = "") -> Measured:
         phase("full", "full batches: end to end and daemon CPU", full)
         phase("lag", "event-loop lag: a full batch with the 1 ms ticker on", lag)
         phase("ingest", "database ingest: the COPY path against psql \\copy and asyncpg", ingest)
+        # The notify backend's series runs alone: the first daemon stops before it starts.
+        daemon.stop()
+        daemon = None
+        phase(*notify_phase)
     finally:
         if daemon is not None:
             daemon.stop()

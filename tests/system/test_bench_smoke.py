@@ -50,6 +50,7 @@ def test_every_row_has_ours_and_every_anchored_row_an_anchor_and_a_ratio(
     keys = {r["key"] for r in doc["rows"]}
     for key in (
         "barrier_p99",
+        "notify_p99",
         "staging",
         "staging_two",
         "ingest_psql",
@@ -135,7 +136,7 @@ def test_the_bench_command_renders_a_results_file_for_the_docs(
 def test_the_bench_command_refuses_an_unknown_phase_naming_the_ones_it_takes() -> None:
     done = bench_cli("--only", "barrier,warp")
     assert done.returncode == 2
-    assert "--only takes codecs,archive,staging,barrier,idle,full,lag,ingest" in done.stderr
+    assert "--only takes codecs,archive,staging,barrier,idle,full,lag,ingest,notify" in done.stderr
 
 
 def test_the_bench_subcommand_takes_the_documented_options() -> None:
@@ -162,6 +163,8 @@ def test_the_bench_subcommand_takes_the_documented_options() -> None:
 GOOD: dict[str, float] = {
     "barrier_ms": 2.0,  # p50 and p99 (every batch the same)
     "barrier_anchor_ms": 1.0,
+    "notify_ms": 3.0,  # the notify backend's series, p50 and p99 alike
+    "notify_anchor_ms": 2.0,
     "staging_mbps": 95.0,
     "staging_cp_mbps": 100.0,
     "two_agents_s": 1.0,
@@ -200,6 +203,10 @@ def measured(fig: dict[str, float], *, quick: bool = False) -> Measured:
     m.psql = "psql (PostgreSQL) 16.4"
     m.barrier = [
         {"ours_ms": fig["barrier_ms"], "anchor_ms": fig["barrier_anchor_ms"]} for _ in range(30)
+    ]
+    m.listen_reader = "asyncpg"
+    m.notify = [
+        {"ours_ms": fig["notify_ms"], "anchor_ms": fig["notify_anchor_ms"]} for _ in range(30)
     ]
     m.staging_bytes = int(STAGED_MB * 1e6)
     m.staging = {
@@ -294,6 +301,7 @@ def met_cell(rows: dict[str, Row], key: str) -> str:
 # rows' expected verdicts, independent of the lambdas in coordinator/bench/__init__.py.
 THRESHOLDED = {
     "barrier_p99",
+    "notify_p99",
     "staging",
     "staging_two",
     "ingest_psql",
@@ -323,6 +331,17 @@ CASES: list[tuple[str, dict[str, float], dict[str, float] | None]] = [
         {"barrier_ms": 8.0, "barrier_anchor_ms": 4.0},
     ),
     ("barrier_p99", {"barrier_ms": 2.0, "barrier_anchor_ms": math.nan}, None),
+    (
+        "notify_p99",
+        {"notify_ms": 20.5, "notify_anchor_ms": 100.0},
+        {"notify_ms": 20.0, "notify_anchor_ms": 100.0},
+    ),
+    (
+        "notify_p99",
+        {"notify_ms": 8.5, "notify_anchor_ms": 4.0},
+        {"notify_ms": 8.0, "notify_anchor_ms": 4.0},
+    ),
+    ("notify_p99", {"notify_ms": 2.0, "notify_anchor_ms": math.nan}, None),
     ("staging", {"staging_mbps": 79.0}, {"staging_mbps": 80.0}),
     ("staging_two", {"two_agents_s": 1.12}, {"two_agents_s": 1.1}),
     ("ingest_psql", {"ingest_rps": 7.9e5}, {"ingest_rps": 8e5}),
@@ -344,6 +363,7 @@ JUST_INSIDE: dict[str, dict[str, float]] = {
     "archive": {"archive_mbps": 90.5},
     "e2e": {"e2e_over_anchors": 1.19},
     "barrier_p99": {},
+    "notify_p99": {},
 }
 
 
@@ -404,7 +424,7 @@ def test_the_limits_above_are_hit_exactly() -> None:
 def test_rows_without_a_target_are_never_judged() -> None:
     bad = {**GOOD, "lag_crosscheck": 500.0, "lag_aggregate": 500.0, "copy_records_rps": 1.0}
     rows = rows_of(bad)
-    for key in ("barrier_p50", "ingest_records", "parquet_read", "parquet_cpu_write",
+    for key in ("barrier_p50", "notify_p50", "ingest_records", "parquet_read", "parquet_cpu_write",
                 "lag_crosscheck", "lag_aggregate", "step_crosscheck", "step_aggregate",
                 "step_commit", "step_archive"):  # fmt: skip
         assert rows[key].met is None, key
