@@ -99,7 +99,6 @@ async def listen(
             await anyio.sleep(delay)
             delay = min(delay * 2, retry_max_s)
             continue
-        delay = 0.2
         stats.armed = True
         if not started:
             log.info("listening for announcements", channel=chan)
@@ -110,12 +109,19 @@ async def listen(
             stats.watcher_restarts += 1
             log.warning("listening for announcements again; rescanning staging", channel=chan)
             on_batches({RESCAN})
+        up = time.monotonic()
         try:
             await _until_lost(conn, lost)
         finally:
             stats.armed = False
             conn.terminate()
         log.error("the LISTEN connection was lost; reconnecting", channel=chan)
+        if time.monotonic() - up >= 1.0:
+            delay = 0.2  # it held: the backoff starts afresh, and the next try is now
+        else:
+            # Lost as soon as made: do not go round faster than the backoff.
+            await anyio.sleep(delay)
+            delay = min(delay * 2, retry_max_s)
 
 
 def _set(event: anyio.Event, _conn: Any) -> None:
