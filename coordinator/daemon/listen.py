@@ -33,6 +33,7 @@ from coordinator.daemon.watch import RESCAN, Rescan
 log = structlog.get_logger("coordinator.daemon.listen")
 
 KEEPALIVE_S = 10.0
+KEEPALIVE_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 10.0
 
 
@@ -131,12 +132,12 @@ def _set(event: anyio.Event, _conn: Any) -> None:
 async def _until_lost(conn: Any, lost: anyio.Event) -> None:
     """Return when the connection is closed, or does not answer a keep-alive."""
     while not lost.is_set():
-        with anyio.move_on_after(KEEPALIVE_S):
+        with anyio.move_on_after(KEEPALIVE_S):  # read at each turn (the tests shorten it)
             await lost.wait()
         if lost.is_set() or conn.is_closed():
             return
         try:
-            with anyio.fail_after(5.0):
+            with anyio.fail_after(KEEPALIVE_TIMEOUT_S):
                 await conn.fetchval("SELECT 1")
         except Exception as e:
             log.warning("the LISTEN connection did not answer", error=f"{type(e).__name__}: {e}")

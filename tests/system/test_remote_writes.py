@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import select
 import shutil
@@ -20,17 +21,20 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
 import asyncpg
 import pytest
 
 from agents import notifier, slm
 from coordinator.core.announce import channel
+from coordinator.daemon import listen as listen_module
 from coordinator.daemon.listen import application_name
-from coordinator.daemon.watch import Inotify
+from coordinator.daemon.scanner import Stats
+from coordinator.daemon.watch import RESCAN, Inotify
 from tests.conftest import MACHINE_FACT, MODELS, Env, wait_until
 from tests.faultlib import (
     FINAL,
@@ -338,6 +342,8 @@ class FreezingProxy:
         pw = f":{urllib.parse.quote(u.password)}" if u.password else ""
         self.dsn = f"postgresql://{user}{pw}@/{u.path.lstrip('/')}?host={folder}&port=5432"
         self.server: asyncio.AbstractServer | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self.server = await asyncio.start_unix_server(
@@ -348,12 +354,17 @@ class FreezingProxy:
         self.generation += 1
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)  # type: ignore[arg-type]
         gen = self.generation
         host, port = self.target
+        self.writers.append(writer)
         if host.startswith("/"):
             up_r, up_w = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
         else:
             up_r, up_w = await asyncio.open_connection(host, port)
+        self.writers.append(up_w)
 
         async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             while data := await r.read(65536):
@@ -366,8 +377,18 @@ class FreezingProxy:
             await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
 
     async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
+        """Stop listening and close every connection, frozen ones included."""
+        if self.server is not None:
+            self.server.close()
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for w in self.writers:
+            w.close()
+            with contextlib.suppress(Exception):
+                await w.wait_closed()
+        if self.server is not None:
+            await self.server.wait_closed()
 
 
 def test_the_notifier_redials_once_when_its_connection_goes_silent(
@@ -397,6 +418,62 @@ def test_the_notifier_redials_once_when_its_connection_goes_silent(
             await asyncio.to_thread(n.close)
             await listener.close()
             await proxy.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        shutil.rmtree(sock, ignore_errors=True)
+
+
+async def until(pred: Callable[[], object], what: str) -> None:
+    """Poll `pred` on the loop for up to 10 s; fail naming `what`."""
+    t_end = time.monotonic() + 10.0
+    while not pred():
+        if time.monotonic() > t_end:
+            pytest.fail(f"timed out after 10 s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def test_the_listen_retries_until_the_database_answers_and_redials_a_silent_connection(
+    pg_dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(listen_module, "KEEPALIVE_S", 0.2)
+    monkeypatch.setattr(listen_module, "KEEPALIVE_TIMEOUT_S", 0.5)
+    sock = Path(tempfile.mkdtemp(prefix="nc-proxy-", dir="/tmp"))
+    marks: list[set[object]] = []
+    stats = Stats()
+
+    async def run() -> None:
+        proxy = FreezingProxy(pg_dsn, sock)  # not started yet: no database behind its DSN
+        async with anyio.create_task_group() as tg:
+            await tg.start(
+                functools.partial(listen_module.listen, retry_max_s=0.4),
+                proxy.dsn,
+                None,
+                schema,
+                marks.append,
+                stats,
+            )
+            # Started all the same (the daemon's first scan goes on), and not armed.
+            assert stats.armed is False and marks == []
+            await proxy.start()
+            await until(lambda: stats.armed, "the LISTEN once the database answers")
+            # What was announced before it listened is lost: it asks for a rescan.
+            assert marks == [{RESCAN}] and stats.watcher_restarts == 1
+            proxy.freeze()  # the connection looks open and is dead: the keep-alive finds out
+            await until(lambda: stats.watcher_restarts == 2, "the LISTEN to be made again")
+            await until(lambda: stats.armed, "the LISTEN to be armed again")
+            assert marks == [{RESCAN}, {RESCAN}]
+            conn = await asyncpg.connect(pg_dsn)
+            try:
+                await conn.execute("SELECT pg_notify($1, $2)", channel(schema), "b7/slm-1/5")
+            finally:
+                await conn.close()
+            await until(lambda: len(marks) == 3, "the announcement")
+            assert marks[2] == {"b7"} and stats.events == 1
+            tg.cancel_scope.cancel()
+        await proxy.close()
+        await asyncio.sleep(0)  # the transports' own close runs on the next turn
 
     try:
         asyncio.run(run())
