@@ -13,23 +13,25 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
+import ssl
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anyio
 import structlog
-from anyio.abc import SocketStream
+from anyio.abc import ByteReceiveStream, ByteStream
 
 from agents import aggregation, binding, placement
 from agents import staging as stg
 from agents.crosscheck import load_crosscheck
 from agents.lake import Lake
 from coordinator import __version__
-from coordinator.core import files, hooks
+from coordinator.core import files, hooks, tls
 from coordinator.core.config import Config, load_config
 from coordinator.core.errors import (
     BindingError,
@@ -310,10 +312,57 @@ def _open_checked(folder: Dir, name: str, expected: tuple[int, int, int] | None)
     return fd
 
 
-async def serve(agent: Agent, sock_path: Path, bound: binding.Binding) -> None:
-    """Connect to the coordinator and serve requests until it goes away or we are cancelled."""
-    stream: SocketStream = await anyio.connect_unix(sock_path)
+@dataclass(frozen=True)
+class Link:
+    """Where the coordinator is: its Unix socket, or tcp://HOST:PORT with mutual TLS."""
+
+    socket: Path | None = None
+    endpoint: tls.Endpoint | None = None
+    ssl_context: ssl.SSLContext | None = None
+    cluster: str = "numa"
+    dead_after_s: float = 10.0
+
+    def __str__(self) -> str:
+        return str(self.endpoint) if self.endpoint is not None else str(self.socket)
+
+    async def open(self) -> tuple[ByteStream, ByteReceiveStream]:
+        """A new connection: the stream, and its receiving side (over TCP, one that ends
+        when nothing arrives for dead_after_s: the coordinator pings every heartbeat_s)."""
+        if self.endpoint is None:
+            assert self.socket is not None
+            unix = await anyio.connect_unix(self.socket)
+            return unix, unix
+        assert self.ssl_context is not None
+        stream = await tls.connect(
+            self.endpoint, self.ssl_context, self.cluster, dead_after_s=self.dead_after_s
+        )
+        return stream, tls.IdleTimeout(stream, self.dead_after_s)
+
+
+def _connection_lost(e: BaseException) -> bool:
+    """True for what ends a connection, not the agent: the coordinator away or refusing,
+    TLS errors, a dead connection (also inside a task group's ExceptionGroup)."""
+    if isinstance(e, BaseExceptionGroup):
+        return all(_connection_lost(x) for x in e.exceptions)
+    return isinstance(
+        e,
+        OSError | anyio.BrokenResourceError | anyio.ClosedResourceError | anyio.EndOfStream,
+    )
+
+
+def _first(e: BaseException) -> BaseException:
+    """The first exception inside (nested) exception groups."""
+    while isinstance(e, BaseExceptionGroup):
+        e = e.exceptions[0]
+    return e
+
+
+async def serve(agent: Agent, link: Link, bound: binding.Binding) -> bool:
+    """Connect to the coordinator and serve requests until it goes away or we are cancelled;
+    True when the coordinator accepted the connection (anything came from it)."""
+    stream, received = await link.open()
     send_lock = anyio.Lock()
+    accepted = False
 
     async def send(msg: Message) -> None:
         async with send_lock:
@@ -347,7 +396,11 @@ async def serve(agent: Agent, sock_path: Path, bound: binding.Binding) -> None:
                 batch_id=msg.batch_id,
                 node=agent.node,
             )
-        await send(replace(reply, req=msg.req, node=agent.node))
+        try:
+            await send(replace(reply, req=msg.req, node=agent.node))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as e:
+            # The connection went away meanwhile: the coordinator asks again after hello.
+            log.warning("reply lost with the connection", step=msg.TYPE, error=repr(e))
 
     async def heartbeat() -> None:
         while True:
@@ -362,33 +415,59 @@ async def serve(agent: Agent, sock_path: Path, bound: binding.Binding) -> None:
             )
             await anyio.sleep(agent.config.agents.heartbeat_s)
 
-    async with stream, anyio.create_task_group() as tg:
-        await send(
-            Hello(
-                node=agent.node,
-                pid=os.getpid(),
-                version=__version__,
-                models=tuple(agent.models),
-                tmpfs=str(agent.tmpfs),
-                # Batches with copies here: the coordinator purges those no longer in flight.
-                staged_batches=tuple(agent.staged_batches()),
-                policy=bound.policy,
-                mems=bound.mems,
-                cpus=bound.cpus,
+    try:
+        async with anyio.create_task_group() as tg:
+            await send(
+                Hello(
+                    node=agent.node,
+                    pid=os.getpid(),
+                    version=__version__,
+                    models=tuple(agent.models),
+                    tmpfs=str(agent.tmpfs),
+                    # Batches with copies here: the coordinator purges those no longer in flight.
+                    staged_batches=tuple(agent.staged_batches()),
+                    policy=bound.policy,
+                    mems=bound.mems,
+                    cpus=bound.cpus,
+                )
             )
-        )
-        tg.start_soon(heartbeat)
-        reader = LineReader(stream)
-        while (line := await reader.readline()) is not None:
-            msg = decode(line)
-            if isinstance(msg, Request):
-                tg.start_soon(handle, msg)
-        log.info("coordinator closed the connection")
-        tg.cancel_scope.cancel()
+            tg.start_soon(heartbeat)
+            reader = LineReader(received)
+            while (line := await reader.readline()) is not None:
+                if not accepted:
+                    accepted = True
+                    log.info("connected to the coordinator", at=str(link))
+                msg = decode(line)
+                if isinstance(msg, Request):
+                    tg.start_soon(handle, msg)
+            if accepted:
+                log.info("coordinator closed the connection")
+            else:
+                log.warning(
+                    "the coordinator closed the connection before accepting this agent "
+                    "(its log says why: over TCP, a certificate that does not name "
+                    f"{tls.node_name(agent.node, link.cluster)}?)",
+                    at=str(link),
+                )
+            tg.cancel_scope.cancel()
+    except Exception as e:
+        if not _connection_lost(e):
+            raise
+        cause = _first(e)
+        if isinstance(cause, tls.DeadConnection):
+            log.warning("coordinator connection dead; closing it", at=str(link), why=str(cause))
+        elif accepted:
+            log.warning("connection to the coordinator lost", at=str(link), error=repr(cause))
+        else:
+            raise  # not accepted: the caller's backoff logs it
+    finally:
+        await anyio.aclose_forcefully(stream)
+    return accepted
 
 
-async def run(agent: Agent, sock_path: Path, bound: binding.Binding) -> None:
-    """Keep a connection to the coordinator, reconnecting when it restarts; stop on TERM/INT."""
+async def run(agent: Agent, link: Link, bound: binding.Binding) -> None:
+    """Keep a connection to the coordinator, reconnecting when it restarts or goes silent
+    (exponential backoff with jitter, up to agents.reconnect_max_s); stop on TERM/INT."""
     import signal
 
     async with anyio.create_task_group() as tg:
@@ -401,16 +480,28 @@ async def run(agent: Agent, sock_path: Path, bound: binding.Binding) -> None:
                     return
 
         async def connect_loop() -> None:
+            longest = agent.config.agents.reconnect_max_s
             delay = 0.05
             while True:
                 try:
-                    await serve(agent, sock_path, bound)
-                    delay = 0.05
-                except OSError as e:
-                    if delay >= 1.0:
-                        log.info("waiting for the coordinator", socket=str(sock_path), error=str(e))
-                    await anyio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+                    if await serve(agent, link, bound):
+                        delay = 0.05  # it was accepted: the coordinator restarted, or was silent
+                        continue
+                    error = "closed before accepting this agent"
+                except Exception as e:
+                    if not _connection_lost(e):
+                        raise
+                    error = repr(_first(e))
+                wait = delay * random.uniform(0.5, 1.0)
+                if delay >= 1.0 or link.endpoint is not None:
+                    log.info(
+                        "waiting for the coordinator",
+                        at=str(link),
+                        error=error,
+                        retry_in_s=round(wait, 2),
+                    )
+                await anyio.sleep(wait)
+                delay = min(delay * 2, longest)
 
         tg.start_soon(signals)
         tg.start_soon(connect_loop)
@@ -428,14 +519,41 @@ def die_with_parent(parent: int) -> None:
         sys.exit(0)
 
 
+def make_link(config: Config, args: argparse.Namespace) -> Link:
+    """Where to connect: --connect, else agents.listen; over TCP with this agent's TLS files
+    (--tls-cert/--tls-key/--tls-ca, else the config's), read now: ConfigError naming a file
+    that is missing, unreadable, or a key others may read."""
+    where = args.connect or config.agents.listen
+    if where == "unix":
+        return Link(socket=Path(args.socket) if args.socket else config.paths.agent_socket)
+    files = tls.agent_files(config, args.node, cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca)
+    return Link(
+        endpoint=tls.parse_endpoint(where),
+        ssl_context=tls.client_context(files),
+        cluster=config.agents.cluster,
+        dead_after_s=config.agents.dead_after_s,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `staging-agent`."""
     p = argparse.ArgumentParser(prog="staging-agent", description=__doc__.splitlines()[0])
     p.add_argument("--node", type=int, required=True, help="the NUMA node this agent serves")
     p.add_argument("--config", required=True, help="coordinator.toml")
     p.add_argument("--socket", help="agent socket (default: paths.runtime_dir/agents.sock)")
-    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--connect",
+        help="unix, or tcp://HOST:PORT of the coordinator (mutual TLS); default: agents.listen",
+    )
+    p.add_argument("--tls-cert", help="this agent's certificate (default: agents.agent_tls_cert)")
+    p.add_argument("--tls-key", help="this agent's private key (default: agents.agent_tls_key)")
+    p.add_argument("--tls-ca", help="the CA to trust (default: agents.tls_ca)")
     args = p.parse_args(argv)
+    if args.connect not in (None, "unix"):
+        try:
+            tls.parse_endpoint(args.connect)
+        except ValueError as e:
+            p.error(f"--connect: {e}")
     if args.parent_pid:
         die_with_parent(args.parent_pid)
     try:
@@ -456,14 +574,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"staging-agent: error: {e}", file=sys.stderr)
         return 1
+    try:
+        link = make_link(config, args)
+    except ConfigError as e:
+        log.error("refusing to run", reason=str(e))
+        print(f"staging-agent: error: {e}", file=sys.stderr)
+        return 1
     removed = stg.remove_partials(agent.local.dir())
     if removed:
         log.warning("removed partial copies left by a previous agent", files=removed)
     # Bulk copies and cross-checks yield to the coordinator's event loop when CPUs are short.
     os.nice(5)
     log.info("agent started", pid=os.getpid(), **bound.as_dict())
-    sock = Path(args.socket) if args.socket else config.paths.agent_socket
-    anyio.run(run, agent, sock, bound, backend="asyncio", backend_options={"use_uvloop": True})
+    anyio.run(run, agent, link, bound, backend="asyncio", backend_options={"use_uvloop": True})
     return 0
 
 

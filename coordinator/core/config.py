@@ -333,9 +333,44 @@ class BarrierConfig:
     backend: BarrierBackend = field(default="inotify", metadata=meta("how staging is watched"))
 
 
+# Where the agents connect: "unix" or tcp://HOST:PORT (a name, an IPv4 address or [IPv6]).
+LISTEN_RE = re.compile(r"tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})")
+
+
+def _agent_listen(r: _Reader, dotted: str, value: Any, _: Mapping[str, Any]) -> None:
+    m = LISTEN_RE.fullmatch(value)
+    if value != "unix" and (m is None or not 1 <= int(m.group("port")) <= 65535):
+        raise r.fail(dotted, "unix or tcp://HOST:PORT with a port 1..65535", value)
+
+
+def _tls_file(what: str, *, required: bool = True) -> Hook:
+    """A parse hook: an optional file path (relative: against the config's folder); with
+    `required`, one must be set when agents.listen is tcp://, as plaintext TCP is never offered."""
+
+    def parse(r: _Reader, dotted: str, value: Any, values: Mapping[str, Any]) -> str:
+        raw = r.string(dotted, value, "a file path")
+        if not raw:
+            listen = values["agents.listen"]
+            if required and listen != "unix":
+                raise ConfigError(
+                    f"{r.where('agents.listen')}: agents.listen = {listen!r} needs {dotted} "
+                    f"({what}): plaintext TCP is never offered"
+                )
+            return ""
+        return r.path(dotted, raw, uri=False)
+
+    return parse
+
+
+def _longer_than_heartbeat(r: _Reader, dotted: str, value: Any, values: Mapping[str, Any]) -> None:
+    beat = values["agents.heartbeat_s"]
+    if value <= beat:
+        raise r.fail(dotted, f"a number > agents.heartbeat_s ({beat:g})", value)
+
+
 @dataclass(frozen=True)
 class AgentsConfig:
-    """Agent heartbeats and step limits."""
+    """Agent heartbeats, step limits, and how agents reach the coordinator (Unix or TCP+TLS)."""
 
     heartbeat_s: float = field(default=2.0, metadata=meta("the agents' heartbeat period"))
     step_timeout_s: float = field(
@@ -344,6 +379,71 @@ class AgentsConfig:
     )
     numactl: str = field(
         default="numactl", metadata=meta("the numactl binary --with-agents starts agents with")
+    )
+    # The agent protocol over TCP with mutual TLS (docs/protocol.md §3, "TCP transport").
+    listen: str = field(
+        default="unix",
+        metadata=meta(
+            "where agents connect: unix (runtime_dir/agents.sock) or tcp://HOST:PORT (mutual TLS)",
+            restart=True,
+            check=_agent_listen,
+        ),
+    )
+    tls_cert: str = field(
+        default="",
+        metadata=meta(
+            "the coordinator's certificate (PEM); required with a tcp:// listen",
+            parse=_tls_file("the coordinator's certificate file"),
+        ),
+    )
+    tls_key: str = field(
+        default="",
+        metadata=meta(
+            "the coordinator's private key (PEM, mode 0600 or 0640); required with a tcp:// listen",
+            parse=_tls_file("the coordinator's key file"),
+        ),
+    )
+    tls_ca: str = field(
+        default="",
+        metadata=meta(
+            "the CA certificate(s) both sides trust (PEM); required with a tcp:// listen",
+            parse=_tls_file("the CA certificate file"),
+        ),
+    )
+    agent_tls_cert: str = field(
+        default="",
+        metadata=meta(
+            "staging-agent's certificate (PEM), naming node-<N>.<cluster>; {node} is replaced",
+            parse=_tls_file("", required=False),
+        ),
+    )
+    agent_tls_key: str = field(
+        default="",
+        metadata=meta(
+            "staging-agent's private key (PEM, mode 0600 or 0640); {node} is replaced",
+            parse=_tls_file("", required=False),
+        ),
+    )
+    cluster: str = field(
+        default="numa",
+        metadata=meta(
+            "the name in certificates: node-<N>.<cluster> (agents), coordinator.<cluster>",
+            check=_matching(
+                r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*",
+                "a DNS name in lower case such as 'numa' or 'prod.example'",
+            ),
+        ),
+    )
+    dead_after_s: float = field(
+        default=10.0,
+        metadata=meta(
+            "a TCP connection on which nothing arrived for this long is closed (either side)",
+            check=_longer_than_heartbeat,
+        ),
+    )
+    reconnect_max_s: float = field(
+        default=5.0,
+        metadata=meta("the longest backoff (exponential, with jitter) of an agent's reconnects"),
     )
 
 

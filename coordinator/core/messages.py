@@ -9,7 +9,8 @@ expected int, found 'x'". Keys a type does not know are ignored. A JSON array is
 
 A request (`Request`, coordinator → agent) carries `req`, the hub's request id, and names its
 reply type in REPLY. The agent's reply (`Reply`: that type, or `Error`) repeats `req` and adds
-the agent's `node`; both go last on the wire. `Hello` and `Heartbeat` are the agent's own.
+the agent's `node`; both go last on the wire. `Hello` and `Heartbeat` are the agent's own,
+`Ping` (the keep-alive) is the coordinator's.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "Message",
+    "Ping",
     "Purge",
     "Purged",
     "Reply",
@@ -110,6 +112,18 @@ class Heartbeat(Message):
     time: float  # Unix seconds
     tmpfs_used: int
     tmpfs_free: int
+
+
+# -- the coordinator's own -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ping(Message):
+    """Sent by the coordinator every `agents.heartbeat_s`: over TCP an agent closes a
+    connection on which nothing arrived for `agents.dead_after_s`. It needs no answer."""
+
+    TYPE = "ping"
+    time: float  # Unix seconds
 
 
 # -- replies -----------------------------------------------------------------------------------
@@ -257,6 +271,7 @@ TYPES: Mapping[str, type[Message]] = {
         Purged,
         Heartbeat,
         Error,
+        Ping,
     )
 }
 

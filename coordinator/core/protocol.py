@@ -32,6 +32,7 @@ AGENT_TYPES = frozenset(
         "purged",
         "heartbeat",
         "error",
+        "ping",
     }
 )
 

@@ -8,26 +8,31 @@ is back.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import signal
+import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
 import anyio
 import structlog
-from anyio.abc import SocketStream, TaskStatus
+from anyio.abc import ByteReceiveStream, ByteStream, SocketStream, TaskStatus
+from anyio.streams.tls import TLSAttribute
 
+from coordinator.core import tls
 from coordinator.core.config import Config
 from coordinator.core.errors import AgentError, ProtocolError, error_for_code
 from coordinator.core.messages import (
     Error,
     Heartbeat,
     Hello,
+    Ping,
     R,
     Reply,
     Request,
@@ -37,6 +42,31 @@ from coordinator.core.messages import (
 from coordinator.core.protocol import LineReader
 
 log = structlog.get_logger("coordinator.daemon.hub")
+
+
+@dataclass(frozen=True)
+class TcpListen:
+    """How the hub listens over TCP (agents.listen = tcp://...)."""
+
+    endpoint: tls.Endpoint
+    ssl_context: ssl.SSLContext
+    cluster: str
+    dead_after_s: float  # also the TLS handshake's time limit
+
+    @classmethod
+    def from_config(cls, config: Config) -> TcpListen:
+        """From the config's [agents] keys; ConfigError naming the file (and its mode, for a
+        key others may read) when a TLS file is missing, unreadable or wrong."""
+        a = config.agents
+        files = tls.Files(
+            a.tls_cert,
+            a.tls_key,
+            a.tls_ca,
+            {w: tls.setting_label(config, f"agents.tls_{w}") for w in ("cert", "key", "ca")},
+        )
+        return cls(
+            tls.parse_endpoint(a.listen), tls.server_context(files), a.cluster, a.dead_after_s
+        )
 
 
 @dataclass
@@ -52,7 +82,8 @@ class AgentConn:
 
     node: int
     hello: Hello
-    stream: SocketStream
+    stream: ByteStream
+    peer: str = "unix"  # host:port over TCP
     connected_at: float = field(default_factory=time.time)
     last_heartbeat: float = field(default_factory=time.time)
     heartbeat: Heartbeat | None = None  # the latest
@@ -70,6 +101,7 @@ class AgentConn:
             "policy": self.hello.policy,
             "connected": True,
             "connected_at": self.connected_at,
+            "peer": self.peer,
             "last_heartbeat_age_s": round(time.time() - self.last_heartbeat, 3),
             "tmpfs_used": beat.tmpfs_used if beat is not None else None,
             "tmpfs_free": beat.tmpfs_free if beat is not None else None,
@@ -79,8 +111,11 @@ class AgentConn:
 class Hub:
     """Connections to the staging agents, one per node."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, ping_s: float | None = None) -> None:
         self.agents: dict[int, AgentConn] = {}
+        self.ping_s = ping_s  # the keep-alive period (agents.heartbeat_s); None: no pings
+        # Connections refused before they became an agent, by reason (status: agents_refused).
+        self.refused: collections.Counter[str] = collections.Counter()
         self._ids = itertools.count(1)
         self.restarts: dict[int, int] = {}
         self._connected = anyio.Event()  # set (and renewed) whenever an agent says hello
@@ -94,19 +129,73 @@ class Hub:
         os.chmod(sock_path, 0o660)
         task_status.started()
         async with listener:
-            await listener.serve(self._handle)
+            await listener.serve(self._handle_unix)
 
-    async def _handle(self, stream: SocketStream) -> None:
-        reader = LineReader(stream)
+    async def serve_tcp(
+        self, tcp: TcpListen, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen on tcp://HOST:PORT: each connection makes the TLS handshake (within
+        `tcp.dead_after_s`), then says hello for a node its certificate names."""
+        listener = await anyio.create_tcp_listener(
+            local_host=tcp.endpoint.host, local_port=tcp.endpoint.port
+        )
+        log.info("listening for agents", listen=str(tcp.endpoint), cluster=tcp.cluster)
+        task_status.started()
+        async with listener:
+            await listener.serve(lambda stream: self._handle_tcp(stream, tcp))
+
+    def _refuse(self, peer: str, kind: str, why: str, **kw: Any) -> None:
+        self.refused[kind] += 1
+        log.warning("agent connection refused", peer=peer, reason=kind, why=why, **kw)
+
+    async def _handle_unix(self, stream: SocketStream) -> None:
+        await self._session(stream, stream, peer="unix", tcp=None, peercert=None)
+
+    async def _handle_tcp(self, raw: SocketStream, tcp: TcpListen) -> None:
+        peer = tls.peer_address(raw)
+        try:
+            tls.tune_socket(raw, tcp.dead_after_s)
+            stream = await tls.accept(raw, tcp.ssl_context, timeout_s=tcp.dead_after_s)
+        except Exception as e:
+            kind, why = tls.refusal(e)
+            self._refuse(peer, kind, why)
+            await anyio.aclose_forcefully(raw)
+            return
+        peercert = stream.extra(TLSAttribute.peer_certificate)
+        received = tls.IdleTimeout(stream, tcp.dead_after_s)
+        await self._session(stream, received, peer=peer, tcp=tcp, peercert=peercert)
+
+    async def _session(
+        self,
+        stream: ByteStream,
+        received: ByteReceiveStream,
+        *,
+        peer: str,
+        tcp: TcpListen | None,
+        peercert: Mapping[str, Any] | None,
+    ) -> None:
+        """One agent's connection: its hello (over TCP: for a node its certificate names),
+        then its heartbeats and replies until it goes away."""
+        reader = LineReader(received)
         conn: AgentConn | None = None
         try:
-            line = await reader.readline()
-            if line is None:
+            try:
+                line = await reader.readline()
+                if line is None:
+                    return
+                hello = decode(line)
+                if not isinstance(hello, Hello):
+                    raise ProtocolError(f"expected hello with a node, got {hello.TYPE}")
+            except (ProtocolError, OSError, anyio.BrokenResourceError) as e:
+                # OSError: over TCP, a dead connection (nothing arrived) or a TLS error.
+                self._refuse(peer, "hello", f"no valid hello: {e or type(e).__name__}")
                 return
-            hello = decode(line)
-            if not isinstance(hello, Hello):
-                raise ProtocolError(f"expected hello with a node, got {hello.TYPE}")
-            conn = AgentConn(node=hello.node, hello=hello, stream=stream)
+            if tcp is not None:
+                why = tls.check_peer(peercert, tls.node_name(hello.node, tcp.cluster))
+                if why is not None:
+                    self._refuse(peer, "name", f"claims node {hello.node}: {why}", node=hello.node)
+                    return
+            conn = AgentConn(node=hello.node, hello=hello, stream=stream, peer=peer)
             old = self.agents.get(conn.node)
             if old is not None:
                 self._fail_pending(old, "replaced by a new connection")
@@ -122,7 +211,24 @@ class Hub:
                 pid=hello.pid,
                 cpus=list(hello.cpus),
                 mems=list(hello.mems),
+                peer=peer,
             )
+            async with anyio.create_task_group() as tg:
+                if self.ping_s:
+                    tg.start_soon(self._ping, conn, self.ping_s)
+                await self._receive(conn, reader)
+                tg.cancel_scope.cancel()
+        finally:
+            if conn is not None:
+                if self.agents.get(conn.node) is conn:
+                    del self.agents[conn.node]
+                self._fail_pending(conn, "disconnected")
+                log.warning("agent disconnected", node=conn.node, peer=peer)
+            await anyio.aclose_forcefully(stream)
+
+    async def _receive(self, conn: AgentConn, reader: LineReader) -> None:
+        """Heartbeats and replies until the agent goes away (or falls silent over TCP)."""
+        try:
             while (line := await reader.readline()) is not None:
                 match decode(line):
                     case Heartbeat() as beat:
@@ -136,14 +242,24 @@ class Hub:
                         # A late reply (after a timeout), or one that answers nothing.
                         log.warning("reply to no request", node=conn.node, msg_type=msg.TYPE)
         except ProtocolError as e:
-            log.error("bad message from agent", error=str(e))
-        finally:
-            if conn is not None:
-                if self.agents.get(conn.node) is conn:
-                    del self.agents[conn.node]
-                self._fail_pending(conn, "disconnected")
-                log.warning("agent disconnected", node=conn.node)
-            await stream.aclose()
+            log.error("bad message from agent", node=conn.node, error=str(e))
+        except tls.DeadConnection as e:
+            log.warning(
+                "agent connection dead; closing it", node=conn.node, peer=conn.peer, why=str(e)
+            )
+        except (OSError, anyio.BrokenResourceError) as e:
+            log.warning("agent connection failed", node=conn.node, peer=conn.peer, error=repr(e))
+
+    async def _ping(self, conn: AgentConn, every_s: float) -> None:
+        """A keep-alive to the agent every `every_s` seconds, the first one at once: over TCP
+        the agent closes a connection on which nothing arrived for agents.dead_after_s."""
+        while True:
+            try:
+                async with conn.lock:
+                    await conn.stream.send(encode(Ping(time=time.time())))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                return  # the receiving side sees the end and closes the connection
+            await anyio.sleep(every_s)
 
     def _fail_pending(self, conn: AgentConn, why: str) -> None:
         for p in conn.pending.values():
@@ -201,6 +317,13 @@ class Hub:
             d["restarts"] = self.restarts.get(n, 0)
             out.append(d)
         return out
+
+
+def check_agent_tls(config: Config) -> None:
+    """Under --with-agents over TCP: every node's agent has a certificate and a key it may use
+    (ConfigError naming the file otherwise), checked at start rather than in a restart loop."""
+    for node in config.node_ids:
+        tls.client_context(tls.agent_files(config, node))
 
 
 def agent_command(config: Config, config_path: Path, node: int) -> list[str]:

@@ -46,7 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     except CoordinatorError as e:
         print(f"coordinatord: error: {e}", file=sys.stderr)
         return 1
-    daemon = Daemon(config, path, with_agents=args.with_agents)
+    try:
+        # Over TCP this reads the TLS files: a key others may read is refused here.
+        daemon = Daemon(config, path, with_agents=args.with_agents)
+    except CoordinatorError as e:
+        log.error("refusing to start", error=str(e))
+        print(f"coordinatord: error: {e}", file=sys.stderr)
+        return 1
     try:
         anyio.run(daemon.run, backend="asyncio", backend_options={"use_uvloop": True})
     except CoordinatorError as e:

@@ -483,6 +483,9 @@ class _StateCollector(Collector):
                 str(a.node): v for a in agents if isinstance(v := getattr(a, key), int | float)
             }
             out.append(_family(kind_, name, doc, values, "node"))
+        doc = "Agent connections refused (TLS, certificate name, hello), by reason."
+        refused = {k: float(v) for k, v in st.agents_refused.items()}
+        out.append(_family(C, "agents_refused", doc, refused, "reason"))
         doc = "Configured placement.min_fraction: a batch below it on a node is flagged."
         out.append(_family(G, "placement_min_ratio", doc, cfg.placement_min_fraction))
 

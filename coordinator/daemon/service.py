@@ -32,7 +32,7 @@ from coordinator.core.messages import Purge
 from coordinator.daemon import embedded_pg, notify
 from coordinator.daemon.barrier import BarrierLoop
 from coordinator.daemon.control import ControlServer
-from coordinator.daemon.hub import AgentConn, Hub, supervise
+from coordinator.daemon.hub import AgentConn, Hub, TcpListen, check_agent_tls, supervise
 from coordinator.daemon.leader import keep_leadership, open_ledger
 from coordinator.daemon.ledger import Ledger
 from coordinator.daemon.listen import listen
@@ -64,7 +64,11 @@ class Daemon:
         self.with_agents = with_agents
         self.state = "starting"
         self.started_at = time.time()
-        self.hub = Hub()
+        self.hub = Hub(ping_s=config.agents.heartbeat_s)
+        # Over TCP: the TLS files are read (and a key others may read refused) now, at start.
+        self.agents_tcp = None if config.agents.listen == "unix" else TcpListen.from_config(config)
+        if self.agents_tcp is not None and with_agents:
+            check_agent_tls(config)
         self.scanner = Scanner(config.paths.staging, config.barrier.settle_s)
         self.lake_root = lake_root(config.paths.lake)[1]
         self.ledger: Ledger | None = None
@@ -176,7 +180,10 @@ class Daemon:
         )
         ledger = self.ledger
         assert ledger is not None  # open_ledger made it
-        await tg.start(self.hub.serve, cfg.paths.agent_socket)
+        if self.agents_tcp is None:
+            await tg.start(self.hub.serve, cfg.paths.agent_socket)
+        else:
+            await tg.start(self.hub.serve_tcp, self.agents_tcp)
         if self.with_agents:
             for n in cfg.node_ids:
                 if not cfg.node(n).remote:  # a remote node's agent runs in its own kernel
@@ -363,6 +370,7 @@ class Daemon:
             ),
             batches=tuple(b.describe() for b in self.runs),
             finished=tuple(self.runs.finished),
+            agents_refused=dict(self.hub.refused),
         )
 
     def status_json(self) -> dict[str, Any]:

@@ -9,7 +9,7 @@ control socket's form. A few fields are for the metrics only and are not in the 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.core.batch import State
@@ -201,6 +201,8 @@ class Status:
     # finished_at and timings.
     batches: tuple[Mapping[str, Any], ...] = ()
     finished: tuple[Mapping[str, Any], ...] = ()
+    # Connections refused before they became an agent, by reason (hub.Hub.refused).
+    agents_refused: Mapping[str, int] = field(default_factory=dict)
 
     def in_flight_by_state(self) -> dict[State, int]:
         """How many batches in flight are in each state."""
@@ -219,4 +221,5 @@ class Status:
             "database": self.database.to_json(),
             "batches": [dict(b) for b in self.batches],
             "finished": [dict(b) for b in self.finished],
+            "agents_refused": dict(self.agents_refused),
         }

@@ -26,6 +26,7 @@ from coordinator.core.messages import (
     Heartbeat,
     Hello,
     Message,
+    Ping,
     Purge,
     Purged,
     Reply,
@@ -257,6 +258,10 @@ CASES: list[tuple[Message, dict[str, Any]]] = [
             "req": 8,
             "node": 1,
         },
+    ),
+    (
+        Ping(time=1795878000.5),
+        {"type": "ping", "time": 1795878000.5},
     ),
 ]
 IDS = [msg.TYPE for msg, _ in CASES]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from coordinator.core.batch import State
 from coordinator.daemon.status import (
     AgentInfo,
@@ -51,7 +53,11 @@ def snapshot(batches: tuple[dict[str, object], ...] = ()) -> Status:
 
 def test_the_json_has_exactly_the_documented_fields_and_no_metrics_only_ones() -> None:
     got = snapshot().to_json()
-    assert set(got) == {"daemon", "config", "watcher", "agents", "database", "batches", "finished"}
+    assert set(got) == {
+        "daemon", "config", "watcher", "agents", "database", "batches", "finished",
+        "agents_refused",
+    }  # fmt: skip
+    assert got["agents_refused"] == {}
     assert set(got["daemon"]) == {"state", "ready", "pid", "uptime_s", "version", "with_agents"}
     assert set(got["config"]) == {
         "generation", "files", "last_reload", "models", "quorum", "deadline_s"
@@ -65,6 +71,11 @@ def test_the_json_has_exactly_the_documented_fields_and_no_metrics_only_ones() -
     assert set(got["database"]) == {
         "embedded", "dsn", "schema", "connected", "leader", "last_error"
     }  # fmt: skip
+
+
+def test_refused_agent_connections_show_as_a_count_per_reason() -> None:
+    st = dataclasses.replace(snapshot(), agents_refused={"certificate": 2, "name": 1})
+    assert st.to_json()["agents_refused"] == {"certificate": 2, "name": 1}
 
 
 def test_an_agent_shows_its_process_only_while_connected() -> None:
