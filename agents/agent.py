@@ -548,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls-cert", help="this agent's certificate (default: agents.agent_tls_cert)")
     p.add_argument("--tls-key", help="this agent's private key (default: agents.agent_tls_key)")
     p.add_argument("--tls-ca", help="the CA to trust (default: agents.tls_ca)")
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.connect not in (None, "unix"):
         try:
