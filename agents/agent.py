@@ -491,7 +491,15 @@ async def run(agent: Agent, link: Link, bound: binding.Binding) -> None:
                 except Exception as e:
                     if not _connection_lost(e):
                         raise
-                    error = repr(_first(e))
+                    cause = _first(e)
+                    error = repr(cause)
+                    if isinstance(cause, ssl.SSLCertVerificationError):
+                        log.warning(
+                            "refusing the coordinator's certificate",
+                            at=str(link),
+                            why=cause.verify_message,
+                            expected=tls.coordinator_name(link.cluster),
+                        )
                 wait = delay * random.uniform(0.5, 1.0)
                 if delay >= 1.0 or link.endpoint is not None:
                     log.info(

@@ -209,7 +209,8 @@ def check_peer(peercert: Mapping[str, Any] | None, expected: str) -> str | None:
 def refusal(exc: BaseException) -> tuple[str, str]:
     """(kind, why) of a TLS handshake that failed with `exc`: `certificate` (no certificate, or
     one that does not verify: another CA, expired, ...), `not_tls` (plaintext or garbage),
-    `timeout`, `closed` (the peer went away mid-handshake) or `tls` (anything else)."""
+    `timeout`, `closed` (the peer went away mid-handshake) or `tls` (anything else, such as an
+    alert from the peer: it refused our certificate)."""
     if isinstance(exc, TimeoutError):
         return "timeout", "the TLS handshake did not complete in time"
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -217,6 +218,8 @@ def refusal(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, ssl.SSLError):
         reason = (exc.reason or "").upper()
         text = exc.reason or str(exc)
+        if "ALERT" in reason:  # the peer ended the handshake: it refused our certificate, say
+            return "tls", f"the peer ended the handshake: {text.lower().replace('_', ' ')}"
         if "CERTIFICATE" in reason:
             return "certificate", text.lower().replace("_", " ")
         if reason in {

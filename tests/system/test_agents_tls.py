@@ -64,6 +64,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     now = datetime.datetime.now(datetime.UTC)
     issued = {
         "coordinator": ca.issue_cert("coordinator.numa"),
+        "coordinator-elsewhere": ca.issue_cert("coordinator.elsewhere"),
         "node-0": ca.issue_cert("node-0.numa"),
         "other-ca-node-0": other_ca.issue_cert("node-0.numa"),
         "expired-node-0": ca.issue_cert(
@@ -321,6 +322,35 @@ def test_each_bad_peer_is_refused_logged_and_counted_and_a_good_agent_still_work
     assert d.wait_state("after-refusals", FINAL)["state"] == "done"
     assert_exactly_once(env, "after-refusals", published=files)
     assert refused(d) == expected
+
+
+def test_an_agent_refuses_a_coordinator_whose_certificate_names_another(
+    env: Env, daemon, agents: list[Agent], pki: Pki
+):
+    """The coordinator's certificate is from the right CA but names coordinator.elsewhere: the
+    agent, connecting by IP address, checks coordinator.numa and never says hello."""
+    listen = tcp_config(
+        env,
+        pki,
+        tls_cert=pki.cert("coordinator-elsewhere"),
+        tls_key=pki.key("coordinator-elsewhere"),
+    )
+    d = daemon(with_agents=False).start()
+    flags = ["--tls-cert", pki.cert("node-0"), "--tls-key", pki.key("node-0")]
+    agent = Agent(env, "--connect", listen, *flags, "--tls-ca", pki.ca)
+    agents.append(agent)
+    [line] = wait_until(
+        lambda: log_events(agent.log, "refusing the coordinator's certificate")[:1],
+        60,
+        "the agent to refuse the coordinator",
+    )
+    assert line["level"] == "warning" and line["expected"] == "coordinator.numa"
+    assert "Hostname mismatch" in line["why"], line
+    # The coordinator saw the agent go away mid-handshake; the agent keeps trying, never in.
+    wait_until(lambda: refused(d).get("closed", 0) >= 2, 30, "a second attempt to be refused")
+    assert not node0(d)["connected"]
+    assert log_events(d.log, "agent connected") == []
+    assert agent.proc.poll() is None
 
 
 def test_handshakes_that_never_complete_block_no_one_and_are_refused_in_time(

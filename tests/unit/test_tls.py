@@ -414,6 +414,9 @@ async def test_the_agent_refuses_a_coordinator_whose_certificate_names_another(
             srv.endpoint, tls.client_context(pki.files("node0")), "numa", dead_after_s=5
         )
     assert "coordinator.numa" in str(e.value)
+    # The coordinator's side sees the agent go away (anyio sends no alert on a failed check).
+    kind, exc = await outcome(srv)
+    assert kind == "refused" and tls.refusal(exc)[0] == "closed"
     # ...and a coordinator named for another cluster is refused by an agent of that cluster's
     # name too: the name checked is coordinator.<cluster>.
     srv2 = await server()
@@ -459,6 +462,10 @@ async def test_a_handshake_that_never_completes_times_out(
 
 def test_a_closed_connection_and_other_errors_are_classified() -> None:
     assert tls.refusal(anyio.EndOfStream())[0] == "closed"
+    alert = ssl.SSLError(1, "[SSL: SSLV3_ALERT_BAD_CERTIFICATE] sslv3 alert bad certificate")
+    alert.reason = "SSLV3_ALERT_BAD_CERTIFICATE"
+    why = "the peer ended the handshake: sslv3 alert bad certificate"
+    assert tls.refusal(alert) == ("tls", why)
     assert tls.refusal(ValueError("x")) == ("tls", "ValueError: x")
 
 
