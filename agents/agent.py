@@ -500,6 +500,14 @@ async def run(agent: Agent, link: Link, bound: binding.Binding) -> None:
                             why=cause.verify_message,
                             expected=tls.coordinator_name(link.cluster),
                         )
+                    elif isinstance(cause, ssl.SSLError):
+                        # TLS 1.3: the coordinator's verdict on our certificate comes after
+                        # the handshake, as an alert (expired, another CA).
+                        log.warning(
+                            "the coordinator refused the TLS session",
+                            at=str(link),
+                            why=cause.reason or str(cause),
+                        )
                 wait = delay * random.uniform(0.5, 1.0)
                 if delay >= 1.0 or link.endpoint is not None:
                     log.info(

@@ -1,9 +1,12 @@
 """The coordinator's side of the agents: the agent socket, request/reply, and supervision.
 
-Agents connect to `runtime_dir/agents.sock` and say hello with their node. `Hub.request` sends a
-step to a node's agent and waits for its reply; if the agent goes away mid-step the waiter gets an
-AgentError and the batch retries the step once the agent (restarted by `supervise`, or by systemd)
-is back.
+Agents connect to `runtime_dir/agents.sock`, or over TCP with mutual TLS when `agents.listen` is
+tcp://HOST:PORT (`serve_tcp`: a certificate that chains to the CA and names the node the hello
+claims; refusals are logged and counted in `refused`), and say hello with their node. The hub
+pings each agent every `agents.heartbeat_s`; over TCP a connection silent for
+`agents.dead_after_s` is closed. `Hub.request` sends a step to a node's agent and waits for its
+reply; if the agent goes away mid-step the waiter gets an AgentError and the batch retries the
+step once the agent (restarted by `supervise`, or by systemd) is back.
 """
 
 from __future__ import annotations
