@@ -66,6 +66,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         "coordinator": ca.issue_cert("coordinator.numa"),
         "coordinator-elsewhere": ca.issue_cert("coordinator.elsewhere"),
         "node-0": ca.issue_cert("node-0.numa"),
+        "node-1": ca.issue_cert("node-1.numa"),
         "other-ca-node-0": other_ca.issue_cert("node-0.numa"),
         "expired-node-0": ca.issue_cert(
             "node-0.numa",
@@ -318,6 +319,22 @@ def test_each_bad_peer_is_refused_logged_and_counted_and_a_good_agent_still_work
     )
     wait_until(lambda: node0(d)["connected"], 60, "the good agent to connect")
     assert node0(d)["pid"] == agents[0].proc.pid
+    since = node0(d)["connected_at"]
+
+    # An impostor for a connected node (node 1's certificate, claiming node 0) neither gets in
+    # nor pushes the real agent off; nor does a good certificate with a first line that is not
+    # a hello.
+    with tls_client(port, pki, "node-1") as s:
+        peer = local_address(s)
+        s.sendall(hello_line(0))
+        assert read_until_closed(s) == b""
+    refused_as("name", peer, "claims node 0: the certificate names ['node-1.numa'], not")
+    with tls_client(port, pki, "node-0") as s:
+        peer = local_address(s)
+        s.sendall(b"nonsense\n")
+        assert read_until_closed(s) == b""
+    refused_as("hello", peer, "no valid hello: not JSON")
+    assert node0(d)["connected_at"] == since and node0(d)["pid"] == agents[0].proc.pid
     files = publish_all(env, "after-refusals", seed=8)
     assert d.wait_state("after-refusals", FINAL)["state"] == "done"
     assert_exactly_once(env, "after-refusals", published=files)

@@ -24,9 +24,11 @@ from coordinator.core.errors import (
 from coordinator.core.messages import (
     Heartbeat,
     Hello,
+    Ping,
     Purge,
     Stage,
     Staged,
+    decode,
     encode,
 )
 from coordinator.core.protocol import LineReader
@@ -190,3 +192,39 @@ async def test_a_reply_to_no_request_is_ignored(rig: Rig) -> None:
     reply = await within(rig.hub.request(0, Stage(batch_id="b1", files=()), within_s=5))
     assert reply.req == rig.seen[0]["req"]
     assert 0 in rig.hub.agents
+
+
+@pytest.mark.anyio
+async def test_the_hub_pings_each_agent_at_once_and_then_every_period(tmp_path: Path) -> None:
+    hub = Hub(ping_s=0.2)
+    sock = tmp_path / "agents.sock"
+    async with anyio.create_task_group() as tg:
+        await tg.start(hub.serve, sock)
+        async with await anyio.connect_unix(sock) as stream:
+            await stream.send(encode(HELLO))
+            reader = LineReader(stream)
+            t0 = anyio.current_time()
+            times = []
+            for _ in range(3):
+                line = await within(reader.readline())
+                assert line is not None
+                assert isinstance(decode(line), Ping)
+                times.append(anyio.current_time() - t0)
+            assert times[0] < 0.15  # the first at once, after the hello is accepted
+            assert 0.35 < times[2] < 1.5
+            tg.cancel_scope.cancel()  # before the close: anyio's Unix stream races a cancel
+
+
+@pytest.mark.anyio
+async def test_a_first_line_that_is_not_a_hello_is_refused_and_counted(tmp_path: Path) -> None:
+    hub = Hub(ping_s=0.2)
+    sock = tmp_path / "agents.sock"
+    async with anyio.create_task_group() as tg:
+        await tg.start(hub.serve, sock)
+        beat = encode(Heartbeat(node=0, time=1.0, tmpfs_used=0, tmpfs_free=0))
+        for line in (b"nonsense\n", beat):
+            async with await anyio.connect_unix(sock) as stream:
+                await stream.send(line)
+                assert await within(LineReader(stream).readline()) is None  # closed, no ping
+        assert hub.refused == {"hello": 2} and hub.agents == {}
+        tg.cancel_scope.cancel()
