@@ -363,8 +363,17 @@ def test_an_agent_refuses_a_coordinator_whose_certificate_names_another(
     )
     assert line["level"] == "warning" and line["expected"] == "coordinator.numa"
     assert "Hostname mismatch" in line["why"], line
-    # The coordinator saw the agent go away mid-handshake; the agent keeps trying, never in.
-    wait_until(lambda: refused(d).get("closed", 0) >= 2, 30, "a second attempt to be refused")
+
+    # The coordinator saw the agent go away mid-handshake; the agent keeps trying, never in,
+    # with a backoff that doubles (jitter: each wait is half to all of the step) up to
+    # agents.reconnect_max_s (1 s here).
+    def waits() -> list[float]:
+        return [e["retry_in_s"] for e in log_events(agent.log, "waiting for the coordinator")]
+
+    wait_until(lambda: len(waits()) >= 7, 30, "seven attempts")
+    w = waits()
+    assert w[0] <= 0.05 and max(w) <= 1.0 and w[6] >= 0.5, w
+    assert refused(d).get("closed", 0) >= 6
     assert not node0(d)["connected"]
     assert log_events(d.log, "agent connected") == []
     assert agent.proc.poll() is None
