@@ -30,7 +30,7 @@ from anyio.streams.tls import TLSAttribute
 
 from coordinator.core import tls
 from coordinator.core.config import Config
-from coordinator.core.errors import AgentError, ProtocolError, error_for_code
+from coordinator.core.errors import AgentError, ConfigError, ProtocolError, error_for_code
 from coordinator.core.messages import (
     Error,
     Heartbeat,
@@ -139,9 +139,14 @@ class Hub:
     ) -> None:
         """Listen on tcp://HOST:PORT: each connection makes the TLS handshake (within
         `tcp.dead_after_s`), then says hello for a node its certificate names."""
-        listener = await anyio.create_tcp_listener(
-            local_host=tcp.endpoint.host, local_port=tcp.endpoint.port
-        )
+        try:
+            listener = await anyio.create_tcp_listener(
+                local_host=tcp.endpoint.host, local_port=tcp.endpoint.port
+            )
+        except OSError as e:
+            raise ConfigError(
+                f"agents.listen {tcp.endpoint}: cannot listen: {e.strerror or e}"
+            ) from e
         log.info("listening for agents", listen=str(tcp.endpoint), cluster=tcp.cluster)
         task_status.started()
         async with listener:

@@ -507,6 +507,23 @@ def test_keys_others_may_read_and_missing_files_stop_both_sides_at_start(
     assert r.returncode == 1
     assert f"agents.tls_cert = {gone}: cannot read: No such file or directory" in r.stderr
 
+    # A port another process holds.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = f"tcp://127.0.0.1:{busy.getsockname()[1]}"
+        env.write_config(
+            agents={
+                "listen": taken,
+                "tls_cert": pki.cert("coordinator"),
+                "tls_key": pki.key("coordinator"),
+                "tls_ca": pki.ca,
+            }
+        )
+        r = run_daemon(env)
+    assert r.returncode == 1, r.stderr
+    assert f"agents.listen {taken}: cannot listen: Address already in use" in r.stderr
+
     # --with-agents over TCP without the agents' certificates: refused at start too.
     tcp_config(env, pki)
     r = subprocess.run(
