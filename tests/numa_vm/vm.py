@@ -46,14 +46,18 @@ CACHE = HERE / ".cache"
 QEMU = "qemu-system-x86_64"
 BUSYBOX = Path("/bin/busybox")
 
-# Load order of the modules the guest needs (the kernel has NUMA, NUMA emulation and tmpfs
-# built in). A name absent from another kernel release (fscache merged into netfs) is skipped.
+# Load order of the modules the guest needs (the kernel has NUMA, NUMA emulation, tmpfs and
+# IPv4 built in; virtio_net needs net_failover, which needs failover). A name absent from
+# another kernel release (fscache merged into netfs) is skipped.
 MODULES = (
     "virtio_ring",
     "virtio",
     "virtio_pci_modern_dev",
     "virtio_pci_legacy_dev",
     "virtio_pci",
+    "failover",
+    "net_failover",
+    "virtio_net",
     "netfs",
     "fscache",
     "9pnet",
@@ -83,6 +87,20 @@ mount -t tmpfs -o mode=1777 shm /newroot/dev/shm
 mount -t tmpfs -o mode=755 run /newroot/run
 mkdir -p /newroot/run/job /newroot/run/tmp
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 job /newroot/run/job
+# More writable shares, NVM_SHARES=tag=/guest/path,...: no cache, so that what the host
+# writes there is seen at once (the folder is made under /run, or is one the host has).
+for share in $(echo "$NVM_SHARES" | tr , ' '); do
+  mkdir -p "/newroot${share#*=}"
+  mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 "${share%%=*}" "/newroot${share#*=}"
+done
+# The network, when QEMU gave the guest a NIC (user-mode networking: the guest is 10.0.2.15,
+# and 10.0.2.2 is the host's loopback).
+ip link set lo up
+if [ -e /sys/class/net/eth0 ]; then
+  ip link set eth0 up
+  ip addr add 10.0.2.15/24 dev eth0
+  ip route add default via 10.0.2.2
+fi
 set +e
 echo "NVM: init ready at $(cut -d' ' -f1 /proc/uptime) s"
 cd /newroot
@@ -136,11 +154,14 @@ def kernel_package() -> str:
 
 
 def cached_kernel() -> Kernel | None:
-    """The kernel already under .cache/, if a complete one is there."""
+    """The kernel already under .cache/, if a complete one is there, kept for today's MODULES
+    (a cache made for another list is fetched again)."""
     for d in sorted(CACHE.glob("kernel-*"), reverse=True):
         manifest = d / "manifest.json"
         if manifest.is_file():
             m = json.loads(manifest.read_text())
+            if m.get("wanted") != list(MODULES):
+                continue
             return Kernel(m["version"], d / "vmlinuz", tuple(d / p for p in m["modules"]))
     return None
 
@@ -174,7 +195,10 @@ def fetch_kernel() -> Kernel:
             names.append(f"modules/{name}.ko")
         if not any(n.endswith("/9p.ko") for n in names):
             raise VMError(f"{package} has no 9p module")
-        (dest / "manifest.json").write_text(json.dumps({"version": version, "modules": names}))
+        if not any(n.endswith("/virtio_net.ko") for n in names):
+            raise VMError(f"{package} has no virtio_net module")
+        manifest = {"version": version, "modules": names, "wanted": list(MODULES)}
+        (dest / "manifest.json").write_text(json.dumps(manifest))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     kernel = cached_kernel()
@@ -256,18 +280,43 @@ def publish_batch(job: Path, batch_id: str, rows: int) -> list[str]:
     return sorted(tables)
 
 
-def qemu_command(kernel: Kernel, initramfs: Path, job: Path) -> list[str]:
-    """The QEMU command line of the two-node guest."""
+@dataclass(frozen=True)
+class Share:
+    """A writable host folder the guest mounts over 9p at `guest` (an absolute path: under /run,
+    or one that exists on the host, whose read-only view it then covers)."""
+
+    tag: str
+    host: Path
+    guest: str
+
+
+def qemu_command(
+    kernel: Kernel,
+    initramfs: Path,
+    job: Path,
+    *,
+    script: Path = HERE / "guest.py",
+    shares: tuple[Share, ...] = (),
+    net: bool = False,
+) -> list[str]:
+    """The QEMU command line of the two-node guest that runs `script` on `job`; with `net`, a
+    virtio NIC on QEMU's user-mode network, which forwards nothing into the guest (no hostfwd):
+    the guest connects out, and reaches the host's loopback as 10.0.2.2."""
     python = ROOT / ".venv" / "bin" / "python"
     if not python.exists():
         python = Path(sys.executable)
-    for p in (python, HERE / "guest.py", job):
-        if " " in str(p):
-            raise VMError(f"{p}: a path with a space cannot go on the kernel command line")
-    append = (
-        f"console=ttyS0 quiet loglevel=3 panic=-1 NVM_PY={python} NVM_GUEST={HERE / 'guest.py'}"
-    )
-    return [
+    for p in (python, script, job, *(s.host for s in shares), *(s.guest for s in shares)):
+        if re.search(r"[\s,=]", str(p)):
+            raise VMError(f"{p}: a path with a space, comma or '=' cannot be passed to the guest")
+    for share in shares:
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,30}", share.tag) or share.tag in ("hostroot", "job"):
+            raise VMError(f"share tag {share.tag!r}: lower-case letters, digits, '_', not taken")
+        if not share.guest.startswith("/"):
+            raise VMError(f"share {share.tag}: guest path {share.guest!r} is not absolute")
+    append = f"console=ttyS0 quiet loglevel=3 panic=-1 NVM_PY={python} NVM_GUEST={script}"
+    if shares:
+        append += f" NVM_SHARES={','.join(f'{s.tag}={s.guest}' for s in shares)}"
+    command = [
         QEMU,
         *("-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048"),
         *("-object", "memory-backend-ram,id=m0,size=1024M"),
@@ -279,46 +328,89 @@ def qemu_command(kernel: Kernel, initramfs: Path, job: Path) -> list[str]:
         "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         "-virtfs",
         f"local,path={job},mount_tag=job,security_model=none,multidevs=remap",
-        *("-display", "none", "-no-user-config", "-nodefaults", "-serial", "stdio"),
-        "-no-reboot",
     ]
+    for share in shares:
+        command += ["-virtfs", f"local,path={share.host},mount_tag={share.tag},security_model=none"]
+    if net:
+        # romfile= : no PXE option ROM to load (the kernel is given, nothing boots off the NIC).
+        command += ["-netdev", "user,id=net0,ipv6=off", "-device"]
+        command += ["virtio-net-pci,netdev=net0,romfile="]
+    command += ["-display", "none", "-no-user-config", "-nodefaults", "-serial", "stdio"]
+    return [*command, "-no-reboot"]
+
+
+class GuestRun:
+    """A guest started in the background (its console goes to JOB/console.txt); `wait` for its
+    result. The guest is killed if it is still running when the `with` block ends."""
+
+    def __init__(self, command: list[str], job: Path, timeout: float, *, tail: int) -> None:
+        self.job = job
+        self.timeout = timeout
+        self.tail = tail
+        self.t0 = time.monotonic()
+        self.console_path = job / "console.txt"
+        with open(self.console_path, "wb") as out:
+            # Niced: the guest runs beside the rest of the suite (tests/early.py), whose daemons
+            # keep deadlines; the guest has minutes to spare and takes the cycles they leave.
+            self.proc = subprocess.Popen(
+                ["nice", "-n", "10", *command],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def __enter__(self) -> GuestRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def console(self) -> str:
+        """The last `tail` characters of the guest's console so far."""
+        return self.console_path.read_text(errors="replace")[-self.tail :]
+
+    def logs(self) -> str:
+        """The ends of the job's *.log files (what the guest's processes wrote)."""
+        return "".join(
+            f"\n--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+            for p in sorted(self.job.glob("*.log"))
+        )
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self) -> dict[str, Any]:
+        """Wait for the guest to end; return the result.json it wrote into the job, with its
+        console (`console`) and its wall time (`boot_s`). VMError if it ran past the timeout
+        (counted from its start) or wrote no result, with the console and the job's logs."""
+        left = self.timeout - (time.monotonic() - self.t0)
+        try:
+            self.proc.wait(timeout=max(left, 0.1))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise VMError(
+                f"the guest ran past {self.timeout:.0f} s; console:\n{self.console()}{self.logs()}"
+            ) from None
+        elapsed = time.monotonic() - self.t0
+        result_file = self.job / "result.json"
+        if not result_file.is_file():
+            raise VMError(
+                f"the guest wrote no result (qemu exit {self.proc.returncode}); console:\n"
+                f"{self.console()}{self.logs()}"
+            )
+        result: dict[str, Any] = json.loads(result_file.read_text())
+        result["console"] = self.console()
+        result["boot_s"] = round(elapsed, 1)
+        return result
 
 
 def run_guest(command: list[str], job: Path, timeout: float, *, tail: int) -> dict[str, Any]:
-    """Run a guest to its end; return the result.json it wrote into `job`, with the last `tail`
-    characters of its console (`console`) and its wall time (`boot_s`). VMError if it ran past
-    `timeout` or wrote no result, with the console and the job's *.log files."""
-    t0 = time.monotonic()
-    try:
-        # Niced: the guest runs beside the rest of the suite (tests/early.py), whose daemons keep
-        # deadlines; the guest has minutes to spare and takes the cycles they leave.
-        proc = subprocess.run(
-            ["nice", "-n", "10", *command],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=timeout,
-        )
-        console = proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else ""
-        raise VMError(f"the guest ran past {timeout:.0f} s; console:\n{out[-tail:]}") from None
-    elapsed = time.monotonic() - t0
-    result_file = job / "result.json"
-    if not result_file.is_file():
-        logs = "".join(
-            f"\n--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-            for p in sorted(job.glob("*.log"))
-        )
-        raise VMError(
-            f"the guest wrote no result (qemu exit {proc.returncode}); console:\n"
-            f"{console[-tail:]}{logs}"
-        )
-    result: dict[str, Any] = json.loads(result_file.read_text())
-    result["console"] = console[-tail:]
-    result["boot_s"] = round(elapsed, 1)
-    return result
+    """Run a guest to its end; return its result (see GuestRun.wait)."""
+    with GuestRun(command, job, timeout, tail=tail) as guest:
+        return guest.wait()
 
 
 def boot(*, timeout: float = 420.0, rows: int = 100_000, keep: bool = False) -> dict[str, Any]:

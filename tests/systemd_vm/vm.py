@@ -53,13 +53,7 @@ CPU = "max"
 GUEST_NET = "10.0.2.15"
 HOST_FROM_GUEST = "10.0.2.2"
 
-MODULES = (
-    *numa_vm.MODULES,
-    "overlay",
-    "failover",
-    "net_failover",
-    "virtio_net",
-)
+MODULES = (*numa_vm.MODULES, "overlay")  # numa_vm's include the network (virtio_net)
 
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin

@@ -1,0 +1,475 @@
+"""The host's side of test_remote_agents.py: the real coordinator here, its agents in a guest.
+
+    python -m tests.numa_vm.remote [--keep] [--no-agents] [--rows N] [--timeout S]
+
+prints the run's findings as one JSON object (the checks are test_remote_agents.py's). `run`:
+
+1. the guest's kernel and initramfs (vm.prepare); a folder of its own under /tmp with staging,
+   lake, runtime and state folders, PostgreSQL ($TEST_DSN, or an embedded server started for
+   the run, as tests/conftest.py does) and a schema of the run's own;
+2. certificates made with trustme: a CA, `coordinator.numa` for the coordinator and
+   `node-<N>.numa` for each node's agent (keys mode 0600);
+3. a plain TCP listener on 127.0.0.1 (the probe: the guest's network, checked on its own) and
+   the real coordinatord (`python -m coordinator.daemon`, no --with-agents) whose
+   `[agents] listen` is tcp://127.0.0.1:PORT with mutual TLS, both on the host's loopback only;
+   its `[[node]]`s 0 and 1 are `remote = true`;
+4. the guest (vm.py) with QEMU's user-mode network (no hostfwd: the guest connects out, and
+   10.0.2.2 is the host's loopback) and three writable 9p shares: the job folder (/run/job:
+   job.json, the agents' certificates, their config, their logs, the result), the host's
+   staging (seen as /run/staging, another path: the agents' config names it) and the host's
+   lake (seen at its host path, so that the lake paths the agents report are the host's);
+   remote_guest.py runs in it: the probe, then the agents of nodes 0 and 1 under numactl;
+5. once both agents are connected (the daemon's status), a real batch published with the SDK
+   into the host's staging; the daemon's ledger row when the batch is final, its rows in
+   PostgreSQL, the lake's files and the daemon's status;
+6. the guest told to stop (JOB/stop), its result, and everything stopped and removed.
+
+With agents=False only steps 1, 3 (the probe) and 4 (no agents) run: the network alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from tests.numa_vm import vm
+
+ROOT = vm.ROOT
+CLUSTER = "numa"
+NODES = (0, 1)
+MODELS = [f"slm-{i}" for i in range(1, 8)]
+BATCH_ID = "remote-batch-1"
+GUEST_STAGING = "/run/staging"  # where the guest mounts the host's staging
+FINAL = {"done", "degraded", "failed"}
+
+
+class ProbeListener:
+    """A plain TCP listener on the host's loopback: reads one line per connection, answers
+    `host saw <line>` and records (line, peer address)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.seen: list[dict[str, str]] = []
+        self.thread = threading.Thread(target=self._serve, name="probe", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, peer = self.sock.accept()
+            except OSError:  # closed
+                return
+            with conn:
+                conn.settimeout(60)
+                line = b""
+                with contextlib.suppress(OSError):
+                    while not line.endswith(b"\n"):
+                        chunk = conn.recv(4096)
+                        if not chunk:
+                            break
+                        line += chunk
+                    text = line.decode(errors="replace").strip()
+                    self.seen.append({"line": text, "peer": peer[0]})
+                    conn.sendall(f"host saw {text}\n".encode())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def free_port() -> int:
+    """A TCP port free on the host's loopback now."""
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port: int = s.getsockname()[1]
+        return port
+
+
+def make_certs(names: dict[str, tuple[str, Path]], ca_file: Path) -> dict[str, dict[str, str]]:
+    """A trustme CA (its certificate written to `ca_file`) and one certificate per label,
+    {label: (DNS name, folder)}, written into its folder (the key mode 0600). Returns
+    {"ca": {"cert": path}, label: {"cert": path, "key": path}}."""
+    import trustme
+
+    ca = trustme.CA()
+    ca_file.parent.mkdir(parents=True, exist_ok=True)
+    ca.cert_pem.write_to_path(str(ca_file))
+    out: dict[str, dict[str, str]] = {"ca": {"cert": str(ca_file)}}
+    for label, (name, folder) in names.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        cert = ca.issue_cert(name)
+        chain, key = folder / f"{label}.pem", folder / f"{label}.key"
+        chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+        key.touch(mode=0o600)
+        key.chmod(0o600)
+        cert.private_key_pem.write_to_path(str(key))
+        out[label] = {"cert": str(chain), "key": str(key)}
+    return out
+
+
+def toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml(x) for x in v) + "]"
+    return repr(v)
+
+
+def write_toml(
+    path: Path, sections: dict[str, dict[str, Any]], nodes: list[dict[str, Any]]
+) -> Path:
+    lines = []
+    for sec, vals in sections.items():
+        lines += [f"[{sec}]", *(f"{k} = {toml(v)}" for k, v in vals.items()), ""]
+    for node in nodes:
+        lines += ["[[node]]", *(f"{k} = {toml(v)}" for k, v in node.items()), ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def node_models() -> dict[int, list[str]]:
+    half = (len(MODELS) + 1) // 2
+    return {0: MODELS[:half], 1: MODELS[half:]}
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, alive: Callable[[], str]) -> Any:
+    """Poll `pred` until truthy; VMError naming `what` on timeout, or when `alive` returns a
+    reason to give up (a process gone)."""
+    t_end = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        gone = alive()
+        if gone:
+            raise vm.VMError(f"waiting for {what}: {gone}")
+        if time.monotonic() > t_end:
+            raise vm.VMError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+class Coordinator:
+    """The real coordinatord on the host (no --with-agents: its agents are in the guest)."""
+
+    def __init__(self, config: Path, runtime: Path, log: Path) -> None:
+        self.config = config
+        self.socket = runtime / "control.sock"
+        self.log = log
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "coordinator.daemon", "--config", str(config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                start_new_session=True,
+            )
+
+    def tail(self, n: int = 80) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def gone(self) -> str:
+        if self.proc.poll() is None:
+            return ""
+        return f"coordinatord exited with {self.proc.returncode}:\n{self.tail()}"
+
+    def call(self, cmd: str, **args: Any) -> Any:
+        """A control request; None while the daemon does not answer (or refuses it)."""
+        from coordinator.core.errors import ControlError
+        from coordinator.ctl.client import call
+
+        try:
+            return call(self.socket, cmd, timeout=10, **args)
+        except ControlError:
+            return None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def postgres(root: Path) -> Iterator[str]:
+    """$TEST_DSN, or an embedded PostgreSQL of the run's own (stopped afterwards)."""
+    if os.environ.get("TEST_DSN"):
+        yield os.environ["TEST_DSN"]
+        return
+    from coordinator.daemon import embedded_pg
+
+    # The embedded server may run as another user: its folder must be reachable.
+    state = Path(tempfile.mkdtemp(prefix="nc-remote-pg-", dir="/tmp"))
+    state.chmod(0o755)
+    try:
+        dsn, _ = embedded_pg.start(state)
+        yield dsn
+    finally:
+        with contextlib.suppress(Exception):
+            embedded_pg.stop(state, mode="immediate")
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def query(dsn: str, sql: str, *args: Any) -> list[dict[str, Any]]:
+    import asyncpg
+
+    async def q() -> list[dict[str, Any]]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return [dict(r) for r in await conn.fetch(sql, *args)]
+        finally:
+            await conn.close()
+
+    return asyncio.run(q())
+
+
+def plain(value: Any) -> Any:
+    """A value made JSON-plain (datetimes and the like as strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def run(
+    *, agents: bool = True, rows: int = 50_000, timeout: float = 600.0, keep: bool = False
+) -> dict[str, Any]:
+    """The whole run (see the module's docstring); VMError when it could not be carried out."""
+    if shutil.which(vm.QEMU) is None:
+        raise vm.VMError(f"{vm.QEMU} not found: install the Debian package qemu-system-x86")
+    t_end = time.monotonic() + timeout
+    kernel, initramfs = vm.prepare()
+    root = Path(tempfile.mkdtemp(prefix="nc-remote-vm-", dir="/tmp"))
+    root.chmod(0o755)
+    probe = ProbeListener()
+    result: dict[str, Any] = {"kernel": kernel.version, "rows": rows, "models": MODELS}
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.callback(probe.close)
+            job, staging, lake = root / "job", root / "staging", root / "lake"
+            for d in (job, staging, lake, root / "run", root / "state", root / "tmpfs"):
+                d.mkdir()
+            token = secrets.token_hex(8)
+            spec: dict[str, Any] = {
+                "root": str(ROOT),
+                "probe": {"port": probe.port, "token": token},
+                "agents": None,
+            }
+            result.update(probe_port=probe.port, token=token, probe_seen=probe.seen)
+            coordinator: Coordinator | None = None
+            dsn = schema = ""
+            if agents:
+                dsn = stack.enter_context(postgres(root))
+                schema = f"t_{uuid.uuid4().hex[:12]}"
+                port = free_port()
+                result["listen"] = f"tcp://127.0.0.1:{port}"
+                # One CA; the coordinator's key stays on the host, the agents' travel in the
+                # job share (the guest's /run/job/certs).
+                names = {"coordinator": (f"coordinator.{CLUSTER}", root / "certs")}
+                names |= {f"node{n}": (f"node-{n}.{CLUSTER}", job / "certs") for n in NODES}
+                certs = make_certs(names, job / "certs" / "ca.pem")
+                config = write_coordinator_config(root, dsn, schema, port, certs)
+                agent_config = write_agent_config(job, lake, port)
+                spec["agents"] = {
+                    "connect": f"tcp://10.0.2.2:{port}",
+                    "config": "/run/job/agent.toml",
+                    "tls_ca": "/run/job/certs/ca.pem",
+                    "tls_cert": {str(n): f"/run/job/certs/node{n}.pem" for n in NODES},
+                    "tls_key": {str(n): f"/run/job/certs/node{n}.key" for n in NODES},
+                    "wait_s": max(60.0, t_end - time.monotonic() - 60),
+                }
+                result["agent_config"] = agent_config.read_text()
+                coordinator = Coordinator(config, root / "run", root / "coordinatord.log")
+                stack.callback(coordinator.stop)
+                wait_for(
+                    lambda: (coordinator.call("status") or {}).get("daemon", {}).get("ready"),
+                    60,
+                    "coordinatord to answer on its control socket",
+                    coordinator.gone,
+                )
+            (job / "job.json").write_text(json.dumps(spec))
+            shares = (
+                vm.Share("staging", staging, GUEST_STAGING),
+                vm.Share("lake", lake, str(lake)),
+            )
+            command = vm.qemu_command(
+                kernel, initramfs, job, script=vm.HERE / "remote_guest.py", shares=shares, net=True
+            )
+            with vm.GuestRun(command, job, t_end - time.monotonic(), tail=6000) as guest:
+                if coordinator is not None:
+                    drive(coordinator, guest, staging, rows, t_end, result)
+                    result["ledger"], result["counts"] = read_db(dsn, schema)
+                    result["lake_files"] = sorted(
+                        str(p.relative_to(lake)) for p in lake.rglob("*") if p.is_file()
+                    )
+                    result["staging_left"] = sorted(os.listdir(staging))
+                    (job / "stop").touch()
+                result["guest"] = guest.wait()
+            if coordinator is not None:
+                result["coordinator_exit"] = coordinator.stop()
+                result["coordinator_log"] = coordinator.tail(40)
+        result["probe_seen"] = list(probe.seen)
+        if keep:
+            result["root"] = str(root)
+        return plain(result)
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def write_coordinator_config(
+    root: Path, dsn: str, schema: str, port: int, certs: dict[str, dict[str, str]]
+) -> Path:
+    """The coordinator's config: TCP+TLS on the host's loopback, both nodes remote."""
+    sections = {
+        "paths": {
+            "staging": str(root / "staging"),
+            "lake": str(root / "lake"),
+            "node_tmpfs": f"{root / 'tmpfs'}/node{{node}}",
+            "state_dir": str(root / "state"),
+            "runtime_dir": str(root / "run"),
+        },
+        "batch": {"models": MODELS, "deadline_s": 600.0, "quorum": len(MODELS)},
+        "database": {"dsn": dsn, "schema": schema},
+        "barrier": {"reconcile_s": 1.0},
+        # Under TCG the guest's agents are slow: generous heartbeats and step timeouts.
+        "agents": {
+            "heartbeat_s": 5.0,
+            "step_timeout_s": 300.0,
+            "listen": f"tcp://127.0.0.1:{port}",
+            "cluster": CLUSTER,
+            "tls_cert": certs["coordinator"]["cert"],
+            "tls_key": certs["coordinator"]["key"],
+            "tls_ca": certs["ca"]["cert"],
+        },
+        "log": {"level": "info", "format": "json"},
+    }
+    nodes = [
+        {"id": n, "models": models, "remote": True, "staging": GUEST_STAGING}
+        for n, models in node_models().items()
+    ]
+    return write_toml(root / "coordinator.toml", sections, nodes)
+
+
+def write_agent_config(job: Path, lake: Path, port: int) -> Path:
+    """The guest agents' own config (an agent reads only its --config): the guest's view of
+    staging, the host's lake path (mounted at the same path), node-local tmpfs under /run."""
+    sections = {
+        "paths": {
+            "staging": GUEST_STAGING,
+            "lake": str(lake),
+            "node_tmpfs": "/run/nvm/n{node}",
+            "state_dir": "/run/nvm/state",
+            "runtime_dir": "/run/nvm/run",
+        },
+        "batch": {"models": MODELS, "quorum": len(MODELS)},
+        "agents": {"heartbeat_s": 5.0, "cluster": CLUSTER},
+        "log": {"level": "info", "format": "json"},
+    }
+    nodes = [{"id": n, "models": models} for n, models in node_models().items()]
+    return write_toml(job / "agent.toml", sections, nodes)
+
+
+def drive(
+    coordinator: Coordinator,
+    guest: vm.GuestRun,
+    staging: Path,
+    rows: int,
+    t_end: float,
+    result: dict[str, Any],
+) -> None:
+    """Wait for both agents, publish the batch, wait for it to be final; what the daemon said
+    goes into `result`."""
+
+    def gone() -> str:
+        if not guest.running():
+            return f"the guest stopped; console:\n{guest.console()}{guest.logs()}"
+        why = coordinator.gone()
+        return f"{why}\n{guest.logs()}" if why else ""
+
+    def connected() -> list[dict[str, Any]] | None:
+        status = coordinator.call("status")
+        agents = status["agents"] if status else []
+        return agents if agents and all(a.get("connected") for a in agents) else None
+
+    t0 = time.monotonic()
+    result["agents"] = wait_for(
+        connected, t_end - time.monotonic(), "both guest agents to connect", gone
+    )
+    result["connect_wait_s"] = round(time.monotonic() - t0, 1)
+    from agents import slm
+    from coordinator.ctl.demo import synthetic_batch
+
+    _, tables = synthetic_batch(rows, seed=11)
+    sizes = {}
+    for model, table in tables.items():
+        slm.publish(staging, BATCH_ID, model, table)
+        sizes[f"{model}.parquet"] = (staging / BATCH_ID / f"{model}.parquet").stat().st_size
+    result["files"] = sizes
+    t0 = time.monotonic()
+
+    def final() -> dict[str, Any] | None:
+        row = coordinator.call("show", batch_id=BATCH_ID)
+        return row if row and row.get("state") in FINAL else None
+
+    try:
+        result["show"] = wait_for(final, t_end - time.monotonic() - 30, "the batch to end", gone)
+    except vm.VMError as e:
+        raise vm.VMError(f"{e}\n--- coordinatord.log\n{coordinator.tail()}{guest.logs()}") from None
+    result["batch_s"] = round(time.monotonic() - t0, 1)
+    result["status"] = coordinator.call("status")
+
+
+def read_db(dsn: str, schema: str) -> tuple[dict[str, Any] | None, dict[str, int]]:
+    """The batch's ledger row, and its rows in PostgreSQL: aggregates and model agreement."""
+    s = f'"{schema}"'
+    rows = query(dsn, f"SELECT * FROM {s}.batches WHERE batch_id = $1", BATCH_ID)
+    counts = query(
+        dsn,
+        f"SELECT (SELECT count(*) FROM {s}.aggregates WHERE batch_id = $1) AS aggregates,"
+        f" (SELECT count(DISTINCT item_id) FROM {s}.aggregates WHERE batch_id = $1) AS items,"
+        f" (SELECT count(*) FROM {s}.model_agreement WHERE batch_id = $1) AS pairs",
+        BATCH_ID,
+    )[0]
+    return (rows[0] if rows else None), counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole run")
+    p.add_argument("--rows", type=int, default=50_000, help="rows per model in the batch")
+    p.add_argument("--no-agents", action="store_true", help="the guest's network alone")
+    p.add_argument("--keep", action="store_true", help="keep the run's folder")
+    args = p.parse_args(argv)
+    try:
+        result = run(
+            agents=not args.no_agents, rows=args.rows, timeout=args.timeout, keep=args.keep
+        )
+    except vm.VMError as e:
+        print(f"numa_vm.remote: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0 if "error" not in result.get("guest", {}) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Runs inside the two-node guest for test_remote_agents.py: the real staging agents of nodes 0
+and 1, each connected over TCP (+TLS) to the real coordinator on the host.
+
+    python remote_guest.py JOB_DIR
+
+JOB_DIR (a writable 9p share) holds job.json, written by the host:
+
+- probe: {port, token}: first, before any agent, the guest opens a plain TCP connection to
+  10.0.2.2:port (QEMU's user-mode network maps it to the host's 127.0.0.1:port), sends the
+  token and reads the host's answer: the network, proved on its own;
+- agents: null, or {connect, config, tls_cert: {node: path}, tls_key: {node: path}, tls_ca,
+  wait_s}: start, as the daemon does, `numactl --membind=N --cpunodebind=N python -m
+  agents.agent --node N --config CONFIG --connect URL --tls-cert ... --tls-key ... --tls-ca
+  ...` for N = 0 and 1 (node 0's tmpfs a plain tmpfs, placed by the agent's bound policy;
+  node 1's mounted with mpol=bind:1, as the systemd units do), then wait until the host writes
+  JOB_DIR/stop (or both agents have exited, or wait_s has passed) and stop them with SIGTERM.
+
+Meanwhile a sampler reads the kernel's per-node Shmem four times a second: what the batch's
+copies took on each node, seen from inside the guest. Everything goes to JOB_DIR/result.json:
+{net, probe, topology, exit, shmem_kb: {baseline, peak, last}, error?}. The agents' logs are
+JOB_DIR/agent-node<N>.log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+JOB = Path(sys.argv[1])
+SPEC = json.loads((JOB / "job.json").read_text())
+ROOT = Path(SPEC["root"])
+WORK = Path("/run/nvm")
+HOST = "10.0.2.2"  # the host's loopback, as QEMU's user-mode network presents it
+
+
+def uptime() -> float:
+    """Seconds since the guest booted."""
+    return float(Path("/proc/uptime").read_text().split()[0])
+
+
+def shmem_kb() -> dict[str, int]:
+    """Shmem (tmpfs and shared memory) per node, in kB, from the kernel's per-node meminfo."""
+    out = {}
+    for d in sorted(Path("/sys/devices/system/node").glob("node[0-9]*")):
+        for line in (d / "meminfo").read_text().splitlines():
+            parts = line.split()  # "Node 1 Shmem:             2048 kB"
+            if parts[2] == "Shmem:":
+                out[parts[1]] = int(parts[3])
+    return out
+
+
+def topology() -> dict[str, Any]:
+    """Nodes and their CPUs as the guest kernel sees them."""
+    base = Path("/sys/devices/system/node")
+    nodes = sorted(int(d.name[4:]) for d in base.glob("node[0-9]*"))
+    return {
+        "nodes": nodes,
+        "cpus": {str(n): (base / f"node{n}" / "cpulist").read_text().strip() for n in nodes},
+    }
+
+
+def network() -> dict[str, Any]:
+    """eth0's IPv4 address and the default gateway, from the kernel's tables."""
+    routes = Path("/proc/net/route").read_text().splitlines()[1:]
+    gateway = ""
+    for line in routes:
+        f = line.split()
+        if f[1] == "00000000":  # the default route; the gateway in little-endian hex
+            gateway = socket.inet_ntoa(int(f[2], 16).to_bytes(4, "little"))
+    return {"interfaces": sorted(os.listdir("/sys/class/net")), "gateway": gateway}
+
+
+def probe(spec: dict[str, Any]) -> dict[str, Any]:
+    """One plain TCP exchange with the host's loopback listener."""
+    t0 = time.monotonic()
+    with socket.create_connection((HOST, spec["port"]), timeout=60) as s:
+        s.sendall(spec["token"].encode() + b"\n")
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        return {
+            "local": s.getsockname()[0],
+            "answer": answer.decode().strip(),
+            "seconds": round(time.monotonic() - t0, 3),
+        }
+
+
+def mount_tmpfs(target: Path, options: str) -> None:
+    """mount -t tmpfs -o OPTIONS tmpfs TARGET, through libc (no mount binary needed)."""
+    target.mkdir(parents=True, exist_ok=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.mount(b"tmpfs", os.fsencode(target), b"tmpfs", 0, options.encode())
+    if rc != 0:
+        raise OSError(ctypes.get_errno(), f"mount tmpfs on {target} -o {options}")
+
+
+class Sampler(threading.Thread):
+    """Per-node Shmem, sampled until stopped: the baseline, the peak and the last reading."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.baseline = shmem_kb()
+        self.peak = dict(self.baseline)
+        self.last = dict(self.baseline)
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.25):
+            self.last = shmem_kb()
+            self.peak = {n: max(self.peak[n], kb) for n, kb in self.last.items()}
+
+    def stop(self) -> dict[str, dict[str, int]]:
+        self.done.set()
+        self.join()
+        # The per-node counters lag a little behind the per-CPU ones; fold them for the last.
+        try:
+            Path("/proc/sys/vm/stat_refresh").write_text("1")
+        except OSError:
+            time.sleep(2.0)
+        self.last = shmem_kb()
+        return {"baseline": self.baseline, "peak": self.peak, "last": self.last}
+
+
+def start_agent(node: int, spec: dict[str, Any]) -> subprocess.Popen[bytes]:
+    """The real staging agent for `node` under numactl bound to that node, connected to the
+    host's coordinator over TCP+TLS with the node's own certificate; logs to the job."""
+    log = open(JOB / f"agent-node{node}.log", "wb")
+    cmd = ["numactl", f"--membind={node}", f"--cpunodebind={node}", sys.executable]
+    cmd += ["-m", "agents.agent", "--node", str(node), "--config", spec["config"]]
+    cmd += ["--connect", spec["connect"], "--tls-ca", spec["tls_ca"]]
+    cmd += ["--tls-cert", spec["tls_cert"][str(node)], "--tls-key", spec["tls_key"][str(node)]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    return proc
+
+
+def run_agents(spec: dict[str, Any], result: dict[str, Any]) -> None:
+    """Start both agents, wait for the host's word to stop (or for both to have exited), stop
+    them; their exit statuses go to result["exit"]."""
+    mount_tmpfs(WORK / "n0", "size=256m,mode=0750")
+    mount_tmpfs(WORK / "n1", "size=256m,mode=0750,mpol=bind:1")
+    sampler = Sampler()
+    sampler.start()
+    procs = {n: start_agent(n, spec) for n in (0, 1)}
+    result["agents_started_s"] = uptime()
+    try:
+        t_end = time.monotonic() + float(spec["wait_s"])
+        while time.monotonic() < t_end and not (JOB / "stop").exists():
+            if all(p.poll() is not None for p in procs.values()):
+                break
+            time.sleep(0.2)
+        result["stopped_by"] = "host" if (JOB / "stop").exists() else "timeout or exits"
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for n, p in procs.items():
+            try:
+                result["exit"][str(n)] = p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                result["exit"][str(n)] = "killed after 30 s"
+        result["shmem_kb"] = sampler.stop()
+
+
+def main() -> int:
+    """The whole guest job; result.json is written whatever happens."""
+    result: dict[str, Any] = {"started_s": uptime(), "exit": {}}
+    try:
+        result["topology"] = topology()
+        result["net"] = network()
+        result["probe"] = probe(SPEC["probe"])
+        if SPEC.get("agents"):
+            run_agents(SPEC["agents"], result)
+    except BaseException as e:
+        result["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+    finally:
+        result["finished_s"] = uptime()
+        tmp = JOB / ".result.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.rename(JOB / "result.json")
+    return 0 if "error" not in result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
