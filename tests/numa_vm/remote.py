@@ -250,8 +250,29 @@ def plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def json_lines(path: Path, events: set[str]) -> list[dict[str, Any]]:
+    """The JSON log lines of `path` whose event is one of `events`."""
+    out = []
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and record.get("event") in events:
+                    out.append(record)
+    return out
+
+
+COORDINATOR_EVENTS = {"listening for agents", "agent connected", "agent disconnected"}
+AGENT_EVENTS = {"agent started", "connected to the coordinator"}
+
+
 def run(
-    *, agents: bool = True, rows: int = 50_000, timeout: float = 600.0, keep: bool = False
+    *,
+    agents: bool = True,
+    batch: bool = True,
+    rows: int = 50_000,
+    timeout: float = 600.0,
+    keep: bool = False,
 ) -> dict[str, Any]:
     """The whole run (see the module's docstring); VMError when it could not be carried out."""
     if shutil.which(vm.QEMU) is None:
@@ -316,17 +337,21 @@ def run(
             )
             with vm.GuestRun(command, job, t_end - time.monotonic(), tail=6000) as guest:
                 if coordinator is not None:
-                    drive(coordinator, guest, staging, rows, t_end, result)
-                    result["ledger"], result["counts"] = read_db(dsn, schema)
-                    result["lake_files"] = sorted(
-                        str(p.relative_to(lake)) for p in lake.rglob("*") if p.is_file()
-                    )
-                    result["staging_left"] = sorted(os.listdir(staging))
+                    drive(coordinator, guest, staging, rows if batch else 0, t_end, result)
+                    if batch:
+                        result["ledger"], result["counts"] = read_db(dsn, schema)
+                        result["lake_files"] = sorted(
+                            str(p.relative_to(lake)) for p in lake.rglob("*") if p.is_file()
+                        )
+                        result["staging_left"] = sorted(os.listdir(staging))
                     (job / "stop").touch()
                 result["guest"] = guest.wait()
             if coordinator is not None:
                 result["coordinator_exit"] = coordinator.stop()
-                result["coordinator_log"] = coordinator.tail(40)
+                result["coordinator_events"] = json_lines(coordinator.log, COORDINATOR_EVENTS)
+                result["agent_events"] = {
+                    str(n): json_lines(job / f"agent-node{n}.log", AGENT_EVENTS) for n in NODES
+                }
         result["probe_seen"] = list(probe.seen)
         if keep:
             result["root"] = str(root)
@@ -416,6 +441,9 @@ def drive(
         connected, t_end - time.monotonic(), "both guest agents to connect", gone
     )
     result["connect_wait_s"] = round(time.monotonic() - t0, 1)
+    if not rows:
+        result["status"] = coordinator.call("status")
+        return
     from agents import slm
     from coordinator.ctl.demo import synthetic_batch
 
@@ -458,11 +486,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole run")
     p.add_argument("--rows", type=int, default=50_000, help="rows per model in the batch")
     p.add_argument("--no-agents", action="store_true", help="the guest's network alone")
+    p.add_argument("--no-batch", action="store_true", help="the agents connect; no batch")
     p.add_argument("--keep", action="store_true", help="keep the run's folder")
     args = p.parse_args(argv)
     try:
         result = run(
-            agents=not args.no_agents, rows=args.rows, timeout=args.timeout, keep=args.keep
+            agents=not args.no_agents,
+            batch=not args.no_batch,
+            rows=args.rows,
+            timeout=args.timeout,
+            keep=args.keep,
         )
     except vm.VMError as e:
         print(f"numa_vm.remote: {e}", file=sys.stderr)

@@ -44,11 +44,11 @@ pytestmark = [
     ),
 ]
 
-AGENTS = False  # the TCP+TLS transport is not there yet: the network alone
+NODES = (0, 1)
 
 
 def run() -> dict[str, Any]:
-    return remote.run(agents=AGENTS, timeout=600)
+    return remote.run(batch=False, timeout=600)
 
 
 early.register(__name__, run)  # boots while the rest of the suite runs
@@ -78,3 +78,45 @@ def test_guest_reaches_a_tcp_port_on_the_hosts_loopback(found: dict[str, Any]) -
     assert probe["answer"] == f"host saw {found['token']}"
     # The host's listener, bound to 127.0.0.1 alone, saw the guest's line come from loopback.
     assert found["probe_seen"] == [{"line": found["token"], "peer": "127.0.0.1"}]
+
+
+def test_coordinator_listens_for_agents_on_the_hosts_loopback_only(found: dict[str, Any]) -> None:
+    listening = [e for e in found["coordinator_events"] if e["event"] == "listening for agents"]
+    assert [(e["listen"], e["cluster"]) for e in listening] == [(found["listen"], "numa")]
+    assert found["listen"].startswith("tcp://127.0.0.1:")
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_guest_agent_connects_over_tls_bound_to_its_own_node(
+    found: dict[str, Any], node: int
+) -> None:
+    port = found["listen"].rsplit(":", 1)[1]
+    # The agent, in the guest, connected to the host's loopback as the guest sees it ...
+    said = [
+        e for e in found["agent_events"][str(node)] if e["event"] == "connected to the coordinator"
+    ]
+    assert [e["at"] for e in said] == [f"tcp://10.0.2.2:{port}"]
+    started = [e for e in found["agent_events"][str(node)] if e["event"] == "agent started"]
+    assert [(e["policy"], e["mems"], e["cpus"]) for e in started] == [("bind", [node], [node])]
+    # ... and the coordinator accepted it (its certificate names node-<N>.numa) as that node,
+    # from its loopback, with the binding the guest's kernel reports.
+    accepted = [
+        e
+        for e in found["coordinator_events"]
+        if e["event"] == "agent connected" and e["node"] == node
+    ]
+    assert [(e["mems"], e["cpus"]) for e in accepted] == [([node], [node])]
+    assert accepted[0]["peer"].startswith("127.0.0.1:")
+    [agent] = [a for a in found["status"]["agents"] if a["node"] == node]
+    assert agent["connected"] is True
+    assert (agent["policy"], agent["mems"], agent["cpus"]) == ("bind", [node], [node])
+
+
+def test_no_connection_was_refused(found: dict[str, Any]) -> None:
+    assert found["status"]["agents_refused"] == {}
+    assert sorted(a["node"] for a in found["status"]["agents"]) == list(NODES)
+
+
+def test_guest_agents_stop_cleanly_on_sigterm(found: dict[str, Any]) -> None:
+    assert found["guest"]["exit"] == {"0": 0, "1": 0}
+    assert found["coordinator_exit"] == 0
