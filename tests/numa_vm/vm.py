@@ -14,9 +14,23 @@ to the end (the checks themselves are tests/numa_vm/test_numa_vm.py's). What it 
   initramfs built from them, so later runs fetch nothing.
 
 The guest: 2 vCPUs and 2 x 1 GiB of RAM as NUMA nodes 0 and 1 (distance 21). Its busybox init
-loads virtio and 9p, mounts the host's / read-only over 9p, mounts proc, sysfs, devtmpfs and
-tmpfs over it, chroots, and runs this checkout's venv Python on guest.py; a second, writable 9p
-share (the job folder) carries the batch in and the result out.
+loads virtio, 9p and virtio_net, mounts the host's / read-only over 9p, mounts proc, sysfs,
+devtmpfs and tmpfs over it, chroots, and runs this checkout's venv Python on a script (guest.py
+by default); a second, writable 9p share (the job folder, /run/job) carries the job in and
+result.json out. What else a run may ask for (qemu_command):
+
+- more writable 9p shares (`Share`: a host folder, mounted in the guest at /run/<...> or over
+  the read-only view of a host path), uncached so that the host's writes are seen at once; the
+  guest learns them from the kernel command line (NVM_SHARES=tag=/path,...);
+- a network (`net=True`): a virtio NIC on QEMU's user-mode network, with no port forwarded into
+  the guest. init brings up lo and eth0 as 10.0.2.15/24 with 10.0.2.2 as the default route; a
+  connection from the guest to 10.0.2.2:PORT reaches the host's 127.0.0.1:PORT (QEMU opens it
+  as a socket of its own on the host, as it does for any address the guest connects to). The
+  tests connect to 10.0.2.2 only, and what they start on the host listens on 127.0.0.1 only.
+
+`run_guest` runs a guest to its end; `GuestRun` starts one in the background (its console in
+JOB/console.txt) so that the host can act while it runs (tests/numa_vm/remote.py, which runs
+the real coordinator on the host and its agents in the guest, is built on it).
 """
 
 from __future__ import annotations
