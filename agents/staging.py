@@ -62,9 +62,18 @@ def copy_file(
         os.close(fd_in)
 
 
+def is_counted(st: os.stat_result, expected: Sequence[int]) -> bool:
+    """True if the file `st` describes is the counted one, `expected` = (inode, size, mtime_ns).
+    Inode 0 means the counter could not know this kernel's inode number (the coordinator of a
+    `[[node]] remote` agent, which sees staging through a 9p or NFS share that numbers inodes
+    its own way): then size and mtime_ns alone identify the file."""
+    ino, size, mtime_ns = (int(x) for x in expected)
+    return (st.st_size, st.st_mtime_ns) == (size, mtime_ns) and ino in (0, st.st_ino)
+
+
 def check_source(where: str, st: os.stat_result, expected: Sequence[int] | None) -> None:
     """Refuse a source that is not a single-linked regular file, or not the counted one."""
-    if expected is not None and (st.st_ino, st.st_size, st.st_mtime_ns) != tuple(expected):
+    if expected is not None and not is_counted(st, expected):
         raise StagingError(
             f"{where}: rewritten after the batch counted it (inode, size, mtime "
             f"{(st.st_ino, st.st_size, st.st_mtime_ns)} != counted {tuple(expected)})"

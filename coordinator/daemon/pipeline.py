@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -30,6 +32,7 @@ from coordinator.core.messages import (
     Aggregate,
     Archive,
     Crosscheck,
+    Ident,
     Purge,
     R,
     Request,
@@ -72,6 +75,32 @@ class Context:
     lake_root: str
     in_flight: anyio.Semaphore
     last_placement: dict[int, float]  # node -> placement fraction of the last staged batch
+
+
+def idents_for_agent(idents: dict[str, Ident], *, remote: bool) -> dict[str, Ident]:
+    """File identities (inode, size, mtime_ns) as an agent can check them. An agent in another
+    kernel (`[[node]] remote`) sees staging through a share (9p, NFS) that numbers inodes its
+    own way (Linux's 9p shows the host's inode + 2): its identities carry inode 0, and it
+    compares size and mtime_ns alone (agents.staging.is_counted)."""
+    if not remote:
+        return idents
+    return {name: (0, size, mtime_ns) for name, (_, size, mtime_ns) in idents.items()}
+
+
+def idents_seen_here(folder: Path, reported: dict[str, Ident]) -> dict[str, Ident]:
+    """The identities of the cross-check files a remote agent wrote, as this kernel sees them:
+    where `folder`'s crosscheck_<model>.parquet has the reported size and mtime_ns, its inode
+    here goes in; otherwise the report stays as it is, and the barrier takes the file for a
+    rewrite. (Blocking: run in a thread.)"""
+    out = dict(reported)
+    for model, (_, size, mtime_ns) in reported.items():
+        try:
+            st = os.stat(folder / f"crosscheck_{model}.parquet", follow_symlinks=False)
+        except OSError:
+            continue
+        if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+            out[model] = (st.st_ino, size, mtime_ns)
+    return out
 
 
 class Pipeline:
@@ -188,6 +217,10 @@ class Pipeline:
             raise errors[0]
         return replies
 
+    def _idents_for(self, node: int, idents: dict[str, Ident]) -> dict[str, Ident]:
+        """File identities as node `node`'s agent can check them (see idents_for_agent)."""
+        return idents_for_agent(idents, remote=self.cfg.node(node).remote)
+
     async def _set(self, state: State, *, durable: bool = False, **fields: Any) -> None:
         """Record a state: intermediate ones through the write-behind queue (the steps before
         the commit are redone on resume), the ones after the commit durably."""
@@ -210,7 +243,7 @@ class Pipeline:
         # The agents copy exactly what the barrier counted (checked on the open file).
         idents = {f"{m}.parquet": run.counted[m] for m in run.models if m in run.counted}
         replies = await self._on_nodes(
-            lambda n: Stage(batch_id=run.batch_id, files=files, idents=idents)
+            lambda n: Stage(batch_id=run.batch_id, files=files, idents=self._idents_for(n, idents))
         )
         run.timings[Phase.STAGING.key()] = round((time.perf_counter() - t0) * 1000, 3)
         for n, r in replies.items():
@@ -256,7 +289,12 @@ class Pipeline:
         counted: dict[str, tuple[int, int, int]] = {}
         for n, r in replies.items():
             run.timings[Phase.CROSSCHECK.key(n)] = round(float(r.seconds) * 1000, 3)
-            counted |= r.idents  # (inode, size, mtime_ns) of each file it wrote
+            reported = r.idents  # (inode, size, mtime_ns) of each file it wrote
+            if self.cfg.node(n).remote:  # as that agent's kernel numbers inodes: ours, please
+                reported = await anyio.to_thread.run_sync(
+                    idents_seen_here, self.cfg.paths.staging / run.batch_id, reported
+                )
+            counted |= reported
         # The agents publish before they reply, so every file is final now, and the barrier
         # counts exactly the files they wrote: any other file under those names (a look
         # before the replies may have seen an earlier attempt's) is a rewrite.
@@ -291,7 +329,12 @@ class Pipeline:
             via = "staging" if remote else "tmpfs"
             reply = await self.ctx.hub.request(
                 node,
-                Aggregate(batch_id=run.batch_id, models=run.models, idents=idents, rows_via=via),
+                Aggregate(
+                    batch_id=run.batch_id,
+                    models=run.models,
+                    idents=self._idents_for(node, idents),
+                    rows_via=via,
+                ),
                 within_s=self.cfg.agents.step_timeout_s,
             )
             agg = AggregateFiles.from_reply(
@@ -368,7 +411,9 @@ class Pipeline:
                 models=run.models,
                 # Where a node copy is gone, staging's file is archived only if it is the
                 # one the barrier counted.
-                idents={f"{m}.parquet": run.counted[m] for m in run.counted},
+                idents=self._idents_for(
+                    agg.node, {f"{m}.parquet": run.counted[m] for m in run.counted}
+                ),
             ),
             within_s=self.cfg.agents.step_timeout_s,
         )

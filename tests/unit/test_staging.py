@@ -102,6 +102,31 @@ def test_a_copy_of_another_counted_file_of_the_same_size_is_made_again(tmp_path:
         assert staging.stage(s, t, "b1", ["a.parquet"], expected=counted)[0].bytes == 0
 
 
+def test_an_identity_without_inode_is_checked_by_size_and_mtime(tmp_path: Path) -> None:
+    """What a remote agent is sent (its share numbers inodes its own way): inode 0, size and
+    mtime_ns. The counted file is copied; a rewrite with another mtime, or another size, is
+    refused as it is with the inode."""
+    src = tmp_path / "b1"
+    make_batch(src, {"a.parquet": 5000})
+    st = (src / "a.parquet").stat()
+    dest = tmp_path / "node0"
+    dest.mkdir()
+    portable = {"a.parquet": [0, st.st_size, st.st_mtime_ns]}
+    with Dir.open(src) as s, Dir.open(dest) as t:
+        assert staging.stage(s, t, "b1", ["a.parquet"], expected=portable)[0].bytes == 5000
+        staging.purge(t, "b1")
+        for other in ([0, st.st_size, st.st_mtime_ns + 1], [0, st.st_size + 1, st.st_mtime_ns]):
+            with pytest.raises(StagingError, match="rewritten after the batch counted it"):
+                staging.stage(s, t, "b1", ["a.parquet"], expected={"a.parquet": other})
+        # With an inode, it must be this file's.
+        wrong_inode = {"a.parquet": [st.st_ino + 2, st.st_size, st.st_mtime_ns]}
+        with pytest.raises(StagingError, match="rewritten after the batch counted it"):
+            staging.stage(s, t, "b1", ["a.parquet"], expected=wrong_inode)
+    assert staging.is_counted(st, (st.st_ino, st.st_size, st.st_mtime_ns))
+    assert staging.is_counted(st, (0, st.st_size, st.st_mtime_ns))
+    assert not staging.is_counted(st, (st.st_ino + 2, st.st_size, st.st_mtime_ns))
+
+
 def test_restaging_replaces_a_copy_of_the_wrong_size(tmp_path: Path) -> None:
     src = tmp_path / "b1"
     want = make_batch(src, {"a.parquet": 5000})
