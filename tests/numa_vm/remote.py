@@ -1,30 +1,36 @@
 """The host's side of test_remote_agents.py: the real coordinator here, its agents in a guest.
 
-    python -m tests.numa_vm.remote [--keep] [--no-agents] [--rows N] [--timeout S]
+    python -m tests.numa_vm.remote [--keep] [--no-agents] [--no-batch] [--rows N] [--timeout S]
 
 prints the run's findings as one JSON object (the checks are test_remote_agents.py's). `run`:
 
 1. the guest's kernel and initramfs (vm.prepare); a folder of its own under /tmp with staging,
    lake, runtime and state folders, PostgreSQL ($TEST_DSN, or an embedded server started for
-   the run, as tests/conftest.py does) and a schema of the run's own;
-2. certificates made with trustme: a CA, `coordinator.numa` for the coordinator and
-   `node-<N>.numa` for each node's agent (keys mode 0600);
+   the run, as tests/conftest.py does: the run goes on in a thread of its own at collection
+   time, before any fixture) and a schema of the run's own;
+2. certificates made with trustme, one CA: `coordinator.numa` for the coordinator (kept on the
+   host) and `node-<N>.numa` for each node's agent (in the job share); keys mode 0600;
 3. a plain TCP listener on 127.0.0.1 (the probe: the guest's network, checked on its own) and
    the real coordinatord (`python -m coordinator.daemon`, no --with-agents) whose
    `[agents] listen` is tcp://127.0.0.1:PORT with mutual TLS, both on the host's loopback only;
-   its `[[node]]`s 0 and 1 are `remote = true`;
+   its `[[node]]`s 0 and 1 are `remote = true`, with `staging`, `tmpfs` and `lake` set to the
+   guest's paths. The agents read this same file (the guest sees the host's / read-only);
 4. the guest (vm.py) with QEMU's user-mode network (no hostfwd: the guest connects out, and
    10.0.2.2 is the host's loopback) and three writable 9p shares: the job folder (/run/job:
-   job.json, the agents' certificates, their config, their logs, the result), the host's
-   staging (seen as /run/staging, another path: the agents' config names it) and the host's
-   lake (seen at its host path, so that the lake paths the agents report are the host's);
-   remote_guest.py runs in it: the probe, then the agents of nodes 0 and 1 under numactl;
+   job.json, the agents' certificates, their logs, the result), the host's staging (seen as
+   /run/staging) and the host's lake (seen as /run/lake); remote_guest.py runs in it: the
+   probe, then the agents of nodes 0 and 1 under numactl with --connect tcp://10.0.2.2:PORT and
+   their certificates, node 0's tmpfs a plain tmpfs at /run/nvm/n0, node 1's one mounted with
+   mpol=bind:1 at /run/nvm/n1;
 5. once both agents are connected (the daemon's status), a real batch published with the SDK
-   into the host's staging; the daemon's ledger row when the batch is final, its rows in
-   PostgreSQL, the lake's files and the daemon's status;
-6. the guest told to stop (JOB/stop), its result, and everything stopped and removed.
+   into the host's staging; when the daemon shows it final, its ledger row (state, placement,
+   timings) and its rows read from PostgreSQL, the lake's files (SHA-256), the daemon's status;
+6. the guest told to stop (JOB/stop), its result (the agents' exit statuses, the per-node
+   Shmem it sampled), the daemon stopped, its and the agents' connection events from their
+   logs, and everything removed (unless keep).
 
-With agents=False only steps 1, 3 (the probe) and 4 (no agents) run: the network alone.
+With agents=False only steps 1, 3 (the probe) and 4 (no agents) run: the network alone; with
+batch=False the agents connect and are stopped, no batch.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -48,6 +55,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from tests.numa_vm import vm
 
 ROOT = vm.ROOT
@@ -56,6 +65,7 @@ NODES = (0, 1)
 MODELS = [f"slm-{i}" for i in range(1, 8)]
 BATCH_ID = "remote-batch-1"
 GUEST_STAGING = "/run/staging"  # where the guest mounts the host's staging
+GUEST_LAKE = "/run/lake"  # and the host's lake
 FINAL = {"done", "degraded", "failed"}
 
 
@@ -245,6 +255,10 @@ def query(dsn: str, sql: str, *args: Any) -> list[dict[str, Any]]:
     return asyncio.run(q())
 
 
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def plain(value: Any) -> Any:
     """A value made JSON-plain (datetimes and the like as strings)."""
     return json.loads(json.dumps(value, default=str))
@@ -309,16 +323,15 @@ def run(
                 names |= {f"node{n}": (f"node-{n}.{CLUSTER}", job / "certs") for n in NODES}
                 certs = make_certs(names, job / "certs" / "ca.pem")
                 config = write_coordinator_config(root, dsn, schema, port, certs)
-                agent_config = write_agent_config(job, lake, port)
                 spec["agents"] = {
                     "connect": f"tcp://10.0.2.2:{port}",
-                    "config": "/run/job/agent.toml",
+                    "config": str(config),  # the guest sees the host's / (read-only)
                     "tls_ca": "/run/job/certs/ca.pem",
                     "tls_cert": {str(n): f"/run/job/certs/node{n}.pem" for n in NODES},
                     "tls_key": {str(n): f"/run/job/certs/node{n}.key" for n in NODES},
                     "wait_s": max(60.0, t_end - time.monotonic() - 60),
                 }
-                result["agent_config"] = agent_config.read_text()
+                result["config"] = config.read_text()
                 coordinator = Coordinator(config, root / "run", root / "coordinatord.log")
                 stack.callback(coordinator.stop)
                 wait_for(
@@ -330,7 +343,7 @@ def run(
             (job / "job.json").write_text(json.dumps(spec))
             shares = (
                 vm.Share("staging", staging, GUEST_STAGING),
-                vm.Share("lake", lake, str(lake)),
+                vm.Share("lake", lake, GUEST_LAKE),
             )
             command = vm.qemu_command(
                 kernel, initramfs, job, script=vm.HERE / "remote_guest.py", shares=shares, net=True
@@ -340,9 +353,16 @@ def run(
                     drive(coordinator, guest, staging, rows if batch else 0, t_end, result)
                     if batch:
                         result["ledger"], result["counts"] = read_db(dsn, schema)
-                        result["lake_files"] = sorted(
-                            str(p.relative_to(lake)) for p in lake.rglob("*") if p.is_file()
-                        )
+                        result["lake_root"] = str(lake)
+                        result["lake_files"] = {
+                            str(p.relative_to(lake)): sha256(p)
+                            for p in sorted(lake.rglob("*"))
+                            if p.is_file()
+                        }
+                        result["lake_aggregates_rows"] = {
+                            str(p.relative_to(lake)): pq.read_metadata(p).num_rows
+                            for p in lake.rglob("aggregates.parquet")
+                        }
                         result["staging_left"] = sorted(os.listdir(staging))
                     (job / "stop").touch()
                 result["guest"] = guest.wait()
@@ -378,7 +398,8 @@ def write_coordinator_config(
         "barrier": {"reconcile_s": 1.0},
         # Under TCG the guest's agents are slow: generous heartbeats and step timeouts.
         "agents": {
-            "heartbeat_s": 5.0,
+            "heartbeat_s": 2.0,
+            "dead_after_s": 60.0,
             "step_timeout_s": 300.0,
             "listen": f"tcp://127.0.0.1:{port}",
             "cluster": CLUSTER,
@@ -388,30 +409,20 @@ def write_coordinator_config(
         },
         "log": {"level": "info", "format": "json"},
     }
+    # The agents read this file too (the guest sees it at the same path): their [[node]]
+    # staging, tmpfs and lake are the guest's paths.
     nodes = [
-        {"id": n, "models": models, "remote": True, "staging": GUEST_STAGING}
+        {
+            "id": n,
+            "models": models,
+            "remote": True,
+            "staging": GUEST_STAGING,
+            "tmpfs": f"/run/nvm/n{n}",
+            "lake": GUEST_LAKE,
+        }
         for n, models in node_models().items()
     ]
     return write_toml(root / "coordinator.toml", sections, nodes)
-
-
-def write_agent_config(job: Path, lake: Path, port: int) -> Path:
-    """The guest agents' own config (an agent reads only its --config): the guest's view of
-    staging, the host's lake path (mounted at the same path), node-local tmpfs under /run."""
-    sections = {
-        "paths": {
-            "staging": GUEST_STAGING,
-            "lake": str(lake),
-            "node_tmpfs": "/run/nvm/n{node}",
-            "state_dir": "/run/nvm/state",
-            "runtime_dir": "/run/nvm/run",
-        },
-        "batch": {"models": MODELS, "quorum": len(MODELS)},
-        "agents": {"heartbeat_s": 5.0, "cluster": CLUSTER},
-        "log": {"level": "info", "format": "json"},
-    }
-    nodes = [{"id": n, "models": models} for n, models in node_models().items()]
-    return write_toml(job / "agent.toml", sections, nodes)
 
 
 def drive(
@@ -448,11 +459,13 @@ def drive(
     from coordinator.ctl.demo import synthetic_batch
 
     _, tables = synthetic_batch(rows, seed=11)
-    sizes = {}
+    sizes, digests = {}, {}
     for model, table in tables.items():
         slm.publish(staging, BATCH_ID, model, table)
-        sizes[f"{model}.parquet"] = (staging / BATCH_ID / f"{model}.parquet").stat().st_size
-    result["files"] = sizes
+        # Still there: nothing leaves staging before the whole batch is done.
+        path = staging / BATCH_ID / f"{model}.parquet"
+        sizes[path.name], digests[path.name] = path.stat().st_size, sha256(path)
+    result["files"], result["published_sha256"] = sizes, digests
     t0 = time.monotonic()
 
     def final() -> dict[str, Any] | None:
@@ -478,7 +491,13 @@ def read_db(dsn: str, schema: str) -> tuple[dict[str, Any] | None, dict[str, int
         f" (SELECT count(*) FROM {s}.model_agreement WHERE batch_id = $1) AS pairs",
         BATCH_ID,
     )[0]
-    return (rows[0] if rows else None), counts
+    row = rows[0] if rows else None
+    if row is not None:  # asyncpg hands jsonb over as text
+        row = {k: json.loads(v) if k in JSONB and isinstance(v, str) else v for k, v in row.items()}
+    return row, counts
+
+
+JSONB = {"timings", "staged_bytes", "placement", "consensus_agreement", "counted"}
 
 
 def main(argv: list[str] | None = None) -> int:
