@@ -233,9 +233,22 @@ def postgres(root: Path) -> Iterator[str]:
     # The embedded server may run as another user: its folder must be reachable.
     state = Path(tempfile.mkdtemp(prefix="nc-remote-pg-", dir="/tmp"))
     state.chmod(0o755)
+    # Started in a process of its own: this runs in a thread (tests/early.py) while the
+    # session's fixture may be starting its server, and pgserver's start-up lock is a
+    # process's, not a thread's. The server outlives that process (cleanup_mode=None).
+    code = "import sys, pathlib; from coordinator.daemon import embedded_pg as e; "
+    code += "print(e.start(pathlib.Path(sys.argv[1]))[0])"
     try:
-        dsn, _ = embedded_pg.start(state)
-        yield dsn
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(state)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        if done.returncode != 0:
+            raise vm.VMError(f"embedded PostgreSQL did not start:\n{done.stderr[-3000:]}")
+        yield done.stdout.strip().splitlines()[-1]
     finally:
         with contextlib.suppress(Exception):
             embedded_pg.stop(state, mode="immediate")
