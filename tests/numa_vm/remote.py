@@ -268,6 +268,12 @@ def query(dsn: str, sql: str, *args: Any) -> list[dict[str, Any]]:
     return asyncio.run(q())
 
 
+def drop_schema(dsn: str, schema: str) -> None:
+    """Drop the run's schema (on $TEST_DSN's server, which outlives the run)."""
+    with contextlib.suppress(Exception):
+        query(dsn, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -328,6 +334,7 @@ def run(
             if agents:
                 dsn = stack.enter_context(postgres(root))
                 schema = f"t_{uuid.uuid4().hex[:12]}"
+                stack.callback(drop_schema, dsn, schema)  # after the daemon has stopped
                 port = free_port()
                 result["listen"] = f"tcp://127.0.0.1:{port}"
                 # One CA; the coordinator's key stays on the host, the agents' travel in the
@@ -349,7 +356,7 @@ def run(
                 stack.callback(coordinator.stop)
                 wait_for(
                     lambda: (coordinator.call("status") or {}).get("daemon", {}).get("ready"),
-                    60,
+                    120,
                     "coordinatord to answer on its control socket",
                     coordinator.gone,
                 )

@@ -80,6 +80,11 @@ def found() -> dict[str, Any]:
     return result
 
 
+def test_guest_has_two_numa_nodes_one_cpu_each(found: dict[str, Any]) -> None:
+    topo = found["guest"]["topology"]
+    assert (topo["nodes"], topo["cpus"]) == ([0, 1], {"0": "0", "1": "1"})
+
+
 def test_guest_is_on_user_mode_network_with_the_host_as_gateway(found: dict[str, Any]) -> None:
     net = found["guest"]["net"]
     assert net["interfaces"] == ["eth0", "lo"]
@@ -132,6 +137,7 @@ def test_no_connection_was_refused(found: dict[str, Any]) -> None:
 
 
 def test_guest_agents_stop_cleanly_on_sigterm(found: dict[str, Any]) -> None:
+    assert found["guest"]["stopped_by"] == "host"  # neither had exited before
     assert found["guest"]["exit"] == {"0": 0, "1": 0}
     assert found["coordinator_exit"] == 0
 
