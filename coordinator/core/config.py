@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
@@ -279,6 +280,52 @@ class DatabaseConfig:
         return not self.dsn
 
 
+HOST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,63}")
+
+
+def _host_id(r: _Reader, dotted: str, value: Any, _: Mapping[str, Any]) -> str:
+    """host.id: a name of letters, digits, '.', '-', '_' (1..63); empty means the hostname."""
+    v = r.string(dotted, value)
+    name = v or socket.gethostname()
+    if not HOST_ID_RE.fullmatch(name):
+        expected = "a name of letters, digits, '.', '-' and '_', 1..63 characters"
+        if not v:
+            expected += " (empty takes the machine's hostname, which is not one: set host.id)"
+        raise r.fail(dotted, expected, name)
+    return name
+
+
+def _lease(r: _Reader, dotted: str, value: Any, _: Mapping[str, Any]) -> None:
+    if value < 1.0:
+        raise r.fail(dotted, "a number of seconds >= 1", value)
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """This coordinator's host among several sharing one PostgreSQL database and schema."""
+
+    id: str = field(
+        default="",
+        metadata=meta(
+            "this host's name in the shared ledger (its batches, its leader); empty: the hostname",
+            restart=True,
+            parse=_host_id,
+        ),
+    )
+    lease_s: float = field(
+        default=10.0,
+        metadata=meta(
+            "the leader's lease: a standby of the same host takes over a leader silent this long",
+            restart=True,
+            check=_lease,
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if not self.id:  # the built-in default, Config(): the machine's hostname
+            object.__setattr__(self, "id", socket.gethostname())
+
+
 def _parquet_level(r: _Reader, dotted: str, value: Any, values: Mapping[str, Any]) -> int | None:
     if values["parquet.compression"] in ("zstd", "gzip", "brotli"):
         return r.integer(dotted, value, 1, 22)
@@ -518,6 +565,7 @@ class Config:
         ),
     )
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    host: HostConfig = field(default_factory=HostConfig)
     parquet: ParquetConfig = field(default_factory=ParquetConfig)
     barrier: BarrierConfig = field(default_factory=BarrierConfig)
     crosscheck_function: str = field(

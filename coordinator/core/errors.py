@@ -12,7 +12,9 @@
     ├── ProtocolError        a malformed message on the agent or control socket
     ├── AgentError           an agent reported an error or went away mid-step
     ├── DatabaseError        PostgreSQL is unreachable or refused a write
-    │   └── NotLeaderError   another coordinator holds the leader lock
+    │   ├── NotLeaderError   another coordinator holds the leader lock
+    │   │   └── FencedError  another coordinator of this host took over (a newer epoch)
+    │   └── BatchOfAnotherHost  the batch id is another host's in the shared ledger
     ├── LakeError            the data lake refused a write
     └── ControlError         the control socket could not be reached or answered with an error
         ├── DaemonNotRunning nothing listens on the control socket
@@ -100,6 +102,19 @@ class DatabaseError(CoordinatorError):
 
 class NotLeaderError(DatabaseError):
     """Another coordinator holds the leader lock on this database."""
+
+
+class FencedError(NotLeaderError):
+    """Another coordinator of this host took leadership after us (the host's epoch moved on):
+    nothing of ours may be written any more; the daemon stops."""
+
+    retryable = False
+
+
+class BatchOfAnotherHost(DatabaseError):
+    """The batch id is already another host's in the shared ledger: refused, never written."""
+
+    retryable = False
 
 
 class LakeError(CoordinatorError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from functools import cache
 from typing import Any
@@ -37,4 +38,6 @@ def pause(name: str) -> None:
     """Sleep for the configured `<name>_pause_s` (blocking: called from worker threads)."""
     seconds = float(hooks().get(f"{name}_pause_s", 0))
     if seconds > 0:
+        # A line the test waits for: the process is at the pause point now.
+        print(f"test hook: pausing at {name} for {seconds:g} s", file=sys.stderr, flush=True)
         time.sleep(seconds)

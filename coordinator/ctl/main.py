@@ -155,6 +155,8 @@ def render_status(s: dict[str, Any], *, now: float | None = None) -> str:
     mark = {"running": "●", "degraded": "◐", "stopping": "○"}.get(state, "○")
     ready = d.get("ready")
     head = f"{mark} coordinatord — {state}"
+    if d.get("host"):
+        head = f"{mark} coordinatord on host {d['host']} — {state}"
     if ready is not None:
         head += " (ready)" if ready else " (not ready)"
     lines = [
@@ -208,6 +210,8 @@ def render_status(s: dict[str, Any], *, now: float | None = None) -> str:
         "connected" if db["connected"] else "NOT CONNECTED",
         "leader" if db["leader"] else "NOT LEADER",
     ]
+    if db.get("epoch") is not None:
+        flags.append(f"epoch {db['epoch']}")
     lines.append(f"Database: {where} {db['dsn'] or '-'}; schema {db['schema']}; {', '.join(flags)}")
     if db.get("last_error"):
         lines.append(f"          last error: {db['last_error']}")
@@ -335,7 +339,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_batches(args: argparse.Namespace) -> int:
     """Recent ledger rows, newest first."""
-    rows = _call(args, "batches", limit=args.limit, state=args.state)
+    rows = _call(args, "batches", limit=args.limit, state=args.state, host=args.host)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return EXIT_OK
@@ -358,7 +362,8 @@ def cmd_batches(args: argparse.Namespace) -> int:
         )
     print("\n".join(_table(table, indent="")))
     if not rows:
-        print("(no batches" + (f" in state {args.state})" if args.state else ")"))
+        where = f" of host {args.host}" if args.host else ""
+        print(f"(no batches{where}" + (f" in state {args.state})" if args.state else ")"))
     return EXIT_OK
 
 
@@ -463,6 +468,16 @@ def _limit(text: str) -> int:
     return n
 
 
+def _host(text: str) -> str:
+    from coordinator.core.config import HOST_ID_RE
+
+    if not HOST_ID_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"expected a host id (letters, digits, '.', '-', '_'; 1..63), found {text!r}"
+        )
+    return text
+
+
 def _positive(text: str) -> float:
     try:
         v = float(text)
@@ -520,6 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("batches", parents=[common(30)], help="recent batches from the ledger")
     s.add_argument("--limit", type=_limit, default=20, help="at most N rows (1..10000)")
     s.add_argument("--state", choices=STATES, help="only batches in this state")
+    s.add_argument(
+        "--host",
+        type=_host,
+        help="another host's batches from the shared ledger (default: the daemon's own host)",
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_batches)
 

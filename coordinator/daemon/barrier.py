@@ -29,7 +29,7 @@ from coordinator.core.batch import (
     resume_step,
 )
 from coordinator.core.config import Config
-from coordinator.core.errors import AgentError, CoordinatorError
+from coordinator.core.errors import AgentError, BatchOfAnotherHost, CoordinatorError
 from coordinator.daemon.ledger import Ledger
 from coordinator.daemon.runs import BatchRun, Ident, Runs
 from coordinator.daemon.scanner import Scan, Scanner
@@ -253,8 +253,16 @@ class BarrierLoop:
         }
         state: State | None = None
         if ledger.health.connected:
-            with anyio.move_on_after(5.0):
-                state = await ledger.record_seen(batch_id, **seen)
+            try:
+                with anyio.move_on_after(5.0):
+                    state = await ledger.record_seen(batch_id, **seen)
+            except BatchOfAnotherHost as e:
+                # Another host's batch id: never ours, never written; its files are kept.
+                log.error(
+                    "batch id taken by another host; quarantined", batch_id=batch_id, error=str(e)
+                )
+                await anyio.to_thread.run_sync(self.scanner.quarantine_batch, batch_id, str(e))
+                return None
         if state is None:
             # The database is down: go on optimistically (the commit re-checks the ledger
             # under a row lock, so a batch finished before is never written twice).

@@ -24,7 +24,7 @@ from anyio.abc import SocketAttribute, SocketStream, TaskStatus
 
 from coordinator.core import hooks
 from coordinator.core.batch import State
-from coordinator.core.config import NAME_RE
+from coordinator.core.config import HOST_ID_RE, NAME_RE
 from coordinator.core.errors import ControlError, ProtocolError
 from coordinator.core.protocol import LineReader, decode
 from coordinator.daemon.ledger import Ledger
@@ -124,7 +124,10 @@ def decode_request(line: bytes, *, test_hooks: bool = False) -> dict[str, Any]:
             raise ProtocolError(
                 f"unknown state {state!r}; expected one of {', '.join(s.value for s in State)}"
             )
-        return {"cmd": cmd, "limit": limit, "state": state}
+        host = msg.get("host")
+        if host is not None and (not isinstance(host, str) or not HOST_ID_RE.fullmatch(host)):
+            raise ProtocolError(f"host must be a host id, found {str(host)[:100]!r}")
+        return {"cmd": cmd, "limit": limit, "state": state, "host": host}
     if cmd == "show":
         batch_id = msg.get("batch_id")
         if not isinstance(batch_id, str):
@@ -276,7 +279,7 @@ class ControlServer:
         if d.ledger is None or not d.ledger.is_open:
             raise ControlError(f"the ledger is not open yet (daemon {d.state}); try again")
         if cmd == "batches":
-            return await d.ledger.list(limit=req["limit"], state=req["state"])
+            return await d.ledger.list(limit=req["limit"], state=req["state"], host=req["host"])
         if cmd == "show":
             row = await d.ledger.get(req["batch_id"])
             if row is None:

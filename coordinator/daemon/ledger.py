@@ -9,8 +9,12 @@ failed transaction rather than a second row.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import socket
 import time
+import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,8 +25,15 @@ import anyio
 import asyncpg
 import structlog
 
+from coordinator.core import hooks
 from coordinator.core.batch import COMMITTED_OR_LATER, State, may_move, moves_into
-from coordinator.core.errors import AgentError, DatabaseError, NotLeaderError
+from coordinator.core.errors import (
+    AgentError,
+    BatchOfAnotherHost,
+    DatabaseError,
+    FencedError,
+    NotLeaderError,
+)
 from coordinator.core.summary import COPY_COLUMNS, AggregateSummary
 
 log = structlog.get_logger("coordinator.daemon.ledger")
@@ -84,6 +95,25 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE {s}.batches ADD COLUMN IF NOT EXISTS counted jsonb NOT NULL DEFAULT '{{}}';
     """,
+    # 4: several hosts on one schema. Each batch row is its host's (the rows already there are
+    # the migrating coordinator's host's: `_migrate` sets numa_coordinator.host_id), and each
+    # host's leader holds an epoch and a lease in `leaders` (docs/reliability.md, "Fencing").
+    """
+    ALTER TABLE {s}.batches ADD COLUMN IF NOT EXISTS host_id text;
+    UPDATE {s}.batches SET host_id = current_setting('numa_coordinator.host_id')
+        WHERE host_id IS NULL;
+    ALTER TABLE {s}.batches ALTER COLUMN host_id SET NOT NULL;
+    CREATE INDEX IF NOT EXISTS batches_host_state_idx ON {s}.batches (host_id, state);
+    CREATE TABLE IF NOT EXISTS {s}.leaders (
+        host_id     text PRIMARY KEY,
+        epoch       bigint NOT NULL,
+        holder      text NOT NULL,
+        holder_pid  integer NOT NULL,
+        holder_app  text NOT NULL,
+        lease_until timestamptz NOT NULL,
+        taken_at    timestamptz NOT NULL DEFAULT now()
+    );
+    """,
 )
 
 # Ledger columns a state change may set, with how each is encoded.
@@ -120,9 +150,52 @@ TRANSIENT = (
 )
 
 
-def lock_key(schema: str) -> int:
-    """The advisory-lock key for one schema: a stable signed 64-bit number."""
+def schema_key(schema: str) -> int:
+    """The schema's own advisory-lock key (+1 serialises migrations): a stable signed number."""
     return zlib.crc32(f"numa-coordinator:{schema}".encode()) - 2**31
+
+
+def lock_key(schema: str, host_id: str) -> int:
+    """The leader lock's key for one host on one schema: a stable signed 64-bit number."""
+    digest = hashlib.blake2b(f"numa-coordinator:{schema}:{host_id}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+def lock_ids(key: int) -> tuple[int, int]:
+    """(classid, objid) under which pg_locks shows the advisory lock of a bigint `key`."""
+    unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
+    return unsigned >> 32, unsigned & 0xFFFF_FFFF
+
+
+# -- the lease and epoch rules (pure) ---------------------------------------------------------
+
+
+def next_epoch(ours: int | None, current: int | None) -> int | None:
+    """The epoch to lead with once the lock is taken. A first take bumps the host's epoch
+    (`current`, None when the host never had a leader). A re-take by a leader that lost its
+    lock connection keeps its epoch when nobody moved it meanwhile: no other leader wrote in
+    between. None: another leader did (the epoch moved on); this one is fenced."""
+    if ours is None:
+        return (current or 0) + 1
+    return ours if current == ours else None
+
+
+def may_take_over(
+    *, expired_s: float, lease_s: float, lock_pid: int | None, holder_pid: int | None
+) -> bool:
+    """Whether a standby may terminate the session holding its host's leader lock.
+    `expired_s`: how long ago the recorded lease ran out (negative while it runs); `lock_pid`:
+    the backend holding the lock now (None: free, just take it); `holder_pid`: the one the
+    leaders row records. The recorded holder silent past its lease is taken over; a session
+    that holds the lock without having recorded itself is given one more lease to do so."""
+    if lock_pid is None or holder_pid is None or expired_s <= 0:
+        return False
+    return lock_pid == holder_pid or expired_s > lease_s
+
+
+def renew_every(lease_s: float) -> float:
+    """How often the leader renews its lease (and checks its lock connection)."""
+    return min(1.0, lease_s / 3)
 
 
 @dataclass
@@ -133,19 +206,35 @@ class DbHealth:
     leader: bool = False
     last_error: str = ""
     since: float = field(default_factory=time.time)
+    epoch: int | None = None  # the host's epoch this process leads with, once it led
 
 
 class Ledger:
     """The daemon's one door to PostgreSQL."""
 
     def __init__(
-        self, dsn: str, schema: str, *, retry_max_s: float = 30.0, password: str | None = None
+        self,
+        dsn: str,
+        schema: str,
+        *,
+        host_id: str | None = None,
+        lease_s: float = 10.0,
+        retry_max_s: float = 30.0,
+        password: str | None = None,
     ) -> None:
         self.dsn = dsn
         self.password = password
         self.schema = schema
+        self.host_id = host_id or socket.gethostname()
+        self.lease_s = lease_s
         self.retry_max_s = retry_max_s
         self.health = DbHealth()
+        # Every connection of this process is named so that a standby taking over can end
+        # them all (a transaction of ours paused mid-commit holds the leaders row FOR SHARE).
+        self.app_name = f"numa-coordinator:{uuid.uuid4().hex[:16]}"
+        self.fenced = ""  # why this process may no longer write, once fenced
+        # Called once when fenced (the daemon stops); without it a fenced write raises.
+        self.on_fenced: Callable[[str], None] | None = None
         self._pool: asyncpg.Pool | None = None
         # Write-behind queue of intermediate state changes: batch -> [(state, fields)].
         self._soon: dict[str, list[tuple[State, dict[str, Any]]]] = {}
@@ -160,7 +249,12 @@ class Ledger:
         """Open the pool and migrate the schema; raise DatabaseError if unreachable."""
         try:
             self._pool = await asyncpg.create_pool(
-                self.dsn, min_size=1, max_size=4, command_timeout=120, password=self.password
+                self.dsn,
+                min_size=1,
+                max_size=4,
+                command_timeout=120,
+                password=self.password,
+                server_settings={"application_name": self.app_name},
             )
             async with self._pool.acquire() as conn:
                 await self._migrate(conn)
@@ -177,40 +271,166 @@ class Ledger:
         """True once connect() has opened the pool."""
         return self._pool is not None
 
+    @property
+    def epoch(self) -> int | None:
+        """The host's epoch this process leads with (None before it first led)."""
+        return self.health.epoch
+
+    @property
+    def lock_app_name(self) -> str:
+        """The application_name of the leader lock's connection."""
+        return f"numa-coordinator-leader:{self.schema}:{self.host_id}"[:63]
+
     async def acquire_leadership(self) -> bool:
-        """Try to take the leader lock on a dedicated connection (not pooled: a pool's reset
-        would release it). Return True when this process is the leader."""
+        """Try to take this host's leader lock on a dedicated connection (not pooled: a pool's
+        reset would release it), taking over from a leader silent past its lease, then record
+        the epoch in `leaders`. Return True when this process is the host's leader."""
         if self._leader_conn is not None and not self._leader_conn.is_closed():
             return self.health.leader
+        if self.fenced:
+            return False
+        key = lock_key(self.schema, self.host_id)
+        conn: asyncpg.Connection | None = None
         try:
-            self._leader_conn = await asyncpg.connect(
+            conn = await asyncpg.connect(
                 self.dsn,
                 password=self.password,
-                server_settings={"application_name": f"numa-coordinator-leader:{self.schema}"},
+                server_settings={"application_name": self.lock_app_name},
             )
-            got = await self._leader_conn.fetchval(
-                "SELECT pg_try_advisory_lock($1)", lock_key(self.schema)
-            )
-        except TRANSIENT as e:
+            got = await conn.fetchval("SELECT pg_try_advisory_lock($1)", key)
+            if not got and self.epoch is None and await self._take_over(conn, key):
+                got = await self._lock_within(conn, key, 5.0)
+            epoch: int | None = None
+            if got:
+                epoch = await self._record_leader(conn)
+        except (*TRANSIENT, asyncpg.LockNotAvailableError) as e:
             self._mark_down(e)
             self.held_elsewhere = False
+            if conn is not None:
+                conn.terminate()
             return False
-        self.health.leader = bool(got)
-        self.held_elsewhere = not got
-        if not got:
-            await self._leader_conn.close()
-            self._leader_conn = None
-        return self.health.leader
+        if not got or epoch is None:
+            await conn.close()
+            self.held_elsewhere = True
+            self.health.leader = False
+            if got:  # the lock was free again, but another leader led in between
+                self._fence(
+                    f"host {self.host_id}: another coordinator led meanwhile (the epoch moved"
+                    f" past ours, {self.epoch}); refusing to lead again"
+                )
+            return False
+        self._leader_conn = conn
+        self.held_elsewhere = False
+        self.health.leader = True
+        if epoch != self.epoch:
+            log.info("leadership taken", host=self.host_id, epoch=epoch, previous=self.epoch)
+        self.health.epoch = epoch
+        return True
+
+    async def _record_leader(self, conn: asyncpg.Connection) -> int | None:
+        """With the lock held: in one transaction, read the host's epoch and write ours (bumped
+        on a first take, kept on a re-take nobody interrupted), our lease and our sessions.
+        None when another leader led meanwhile."""
+        async with conn.transaction():
+            # A fenced leader's transaction may still hold the row FOR SHARE: wait, not forever.
+            await conn.execute("SET LOCAL lock_timeout = '5s'")
+            current = await conn.fetchval(
+                f"SELECT epoch FROM {self._s}.leaders WHERE host_id = $1 FOR UPDATE",
+                self.host_id,
+            )
+            epoch = next_epoch(self.epoch, current)
+            if epoch is None:
+                return None
+            await conn.execute(
+                f"INSERT INTO {self._s}.leaders AS l"
+                " (host_id, epoch, holder, holder_pid, holder_app, lease_until)"
+                " VALUES ($1, $2, $3, pg_backend_pid(), $4, now() + make_interval(secs => $5))"
+                " ON CONFLICT (host_id) DO UPDATE SET epoch = EXCLUDED.epoch,"
+                " holder = EXCLUDED.holder, holder_pid = EXCLUDED.holder_pid,"
+                " holder_app = EXCLUDED.holder_app, lease_until = EXCLUDED.lease_until,"
+                " taken_at = CASE WHEN l.epoch = EXCLUDED.epoch THEN l.taken_at ELSE now() END",
+                self.host_id,
+                epoch,
+                f"{socket.gethostname()}:{os.getpid()}",
+                self.app_name,
+                self.lease_s,
+            )
+        return epoch
+
+    async def _take_over(self, conn: asyncpg.Connection, key: int) -> bool:
+        """A standby finding the lock held: if the holder is silent past its lease (stopped,
+        hung, cut off but still holding its session), terminate its sessions. True when it did
+        (the lock is released as the server ends them)."""
+        classid, objid = lock_ids(key)
+        row = await conn.fetchrow(
+            f"SELECT l.epoch, l.holder, l.holder_pid, l.holder_app,"
+            " extract(epoch FROM now() - l.lease_until)::float8 AS expired_s,"
+            " (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            "  AND classid::bigint = $2 AND objid::bigint = $3 AND objsubid = 1"
+            "  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            "  LIMIT 1) AS lock_pid"
+            f" FROM {self._s}.leaders l WHERE l.host_id = $1",
+            self.host_id,
+            classid,
+            objid,
+        )
+        if row is None or not may_take_over(
+            expired_s=row["expired_s"],
+            lease_s=self.lease_s,
+            lock_pid=row["lock_pid"],
+            holder_pid=row["holder_pid"],
+        ):
+            return False
+        # Only if the epoch seen is still the host's and its lease still expired: a leader that
+        # renewed or took over meanwhile is left alone.
+        ended = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(a.pid)) FROM pg_stat_activity a"
+            " WHERE (a.pid = $2 OR a.application_name = $3) AND a.pid <> pg_backend_pid()"
+            f" AND EXISTS (SELECT 1 FROM {self._s}.leaders WHERE host_id = $1 AND epoch = $4"
+            " AND lease_until < now())",
+            self.host_id,
+            row["lock_pid"],
+            row["holder_app"],
+            row["epoch"],
+        )
+        if ended:
+            log.warning(
+                "leader silent past its lease: its sessions terminated, taking over",
+                host=self.host_id,
+                holder=row["holder"],
+                holder_pid=row["lock_pid"],
+                epoch=row["epoch"],
+                expired_s=round(row["expired_s"], 3),
+                sessions=ended,
+            )
+        return bool(ended)
+
+    @staticmethod
+    async def _lock_within(conn: asyncpg.Connection, key: int, seconds: float) -> bool:
+        """Poll for the lock while a terminated holder's session ends."""
+        with anyio.move_on_after(seconds):
+            # The lock is released by the server as the old session ends, in another process.
+            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+            return True
+        return False
 
     async def check_leadership(self) -> bool:
-        """Verify the lock connection is alive; losing it means losing leadership."""
+        """Renew the lease on the lock's connection; losing the connection means losing
+        leadership, and finding the host's epoch moved on means being fenced."""
         conn = self._leader_conn
         if conn is None or conn.is_closed():
             self.health.leader = False
             return False
         try:
             with anyio.fail_after(5):
-                await conn.fetchval("SELECT 1")
+                renewed = await conn.fetchval(
+                    f"UPDATE {self._s}.leaders SET lease_until = now() + make_interval(secs => $3)"
+                    " WHERE host_id = $1 AND epoch = $2 RETURNING true",
+                    self.host_id,
+                    self.epoch,
+                    self.lease_s,
+                )
         except Exception as e:
             # Any failure on the lock's connection (a terminated session can also surface as
             # asyncpg's InternalClientError) means the lock can no longer be vouched for.
@@ -219,7 +439,43 @@ class Ledger:
             conn.terminate()
             self._leader_conn = None
             return False
+        if not renewed:
+            conn.terminate()
+            self._leader_conn = None
+            self._fence(
+                f"host {self.host_id}: another coordinator took leadership (the epoch moved past"
+                f" ours, {self.epoch})"
+            )
+            return False
         return True
+
+    def _fence(self, why: str) -> None:
+        """From now on this process writes nothing; the daemon is told once (it stops)."""
+        if self.fenced:
+            return
+        self.fenced = why
+        self.health.leader = False
+        self.held_elsewhere = True
+        log.error("fenced: this coordinator may no longer write; stepping down", reason=why)
+        if self.on_fenced is not None:
+            self.on_fenced(why)
+
+    async def _check_epoch(self, c: asyncpg.Connection) -> None:
+        """Inside a write's transaction: the host's epoch is still ours (FOR SHARE, so a
+        takeover's bump waits for this transaction, or this one sees the bump). Raise
+        FencedError otherwise, NotLeaderError before this process first led."""
+        if self.fenced:
+            raise FencedError(self.fenced)
+        if self.epoch is None:
+            raise NotLeaderError(f"host {self.host_id}: never led; refusing to write")
+        current = await c.fetchval(
+            f"SELECT epoch FROM {self._s}.leaders WHERE host_id = $1 FOR SHARE", self.host_id
+        )
+        if current != self.epoch:
+            raise FencedError(
+                f"host {self.host_id}: another coordinator took leadership (epoch {current},"
+                f" ours {self.epoch}); write refused"
+            )
 
     async def close(self) -> None:
         """Release the leader lock and close the pool."""
@@ -241,7 +497,11 @@ class Ledger:
     async def _migrate(self, conn: Any) -> None:
         async with conn.transaction():
             # Serialise concurrent migrators (a second coordinator starting at the same time).
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(self.schema) + 1)
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", schema_key(self.schema) + 1)
+            # Rows of a ledger from before several hosts become this host's (migration 4).
+            await conn.execute(
+                "SELECT set_config('numa_coordinator.host_id', $1, true)", self.host_id
+            )
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._s}")
             await conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {self._s}.schema_version ("
@@ -272,9 +532,14 @@ class Ledger:
         while True:
             if self._pool is None:
                 raise DatabaseError("ledger is closed")
+            if self.fenced:
+                await self._refuse(FencedError(self.fenced))
             try:
                 async with self._pool.acquire() as conn:
                     result = await fn(conn)
+            except FencedError as e:
+                self._fence(str(e))
+                await self._refuse(e)
             except TRANSIENT as e:
                 self._mark_down(e)
                 log.warning("database unavailable, retrying", error=str(e), retry_in_s=delay)
@@ -286,6 +551,13 @@ class Ledger:
             self.health.connected = True
             self.health.last_error = ""
             return result
+
+    async def _refuse(self, e: FencedError) -> None:
+        """A fenced write: in the daemon (on_fenced set) it waits for the stop that cancels
+        it, so no step goes on as if it had written; elsewhere it raises."""
+        if self.on_fenced is not None:
+            await anyio.sleep_forever()
+        raise e
 
     # -- the ledger ---------------------------------------------------------------------------
 
@@ -300,23 +572,29 @@ class Ledger:
     ) -> State:
         """Create the ledger row of a batch seen for the first time (if absent).
 
-        Return the batch's state in the ledger."""
+        Return the batch's state in the ledger; BatchOfAnotherHost when the batch id is
+        already another host's (nothing is written, their row is untouched)."""
 
         async def op(c: asyncpg.Connection) -> State:
-            await c.execute(
-                f"INSERT INTO {self._s}.batches (batch_id, state, models_present, models_missing,"
-                " first_seen, deadline_at) VALUES ($1, 'waiting', $2, $3, $4, $5)"
-                " ON CONFLICT (batch_id) DO NOTHING",
-                batch_id,
-                list(models_present),
-                list(models_missing),
-                first_seen,
-                deadline_at,
-            )
-            state = await c.fetchval(
-                f"SELECT state FROM {self._s}.batches WHERE batch_id = $1", batch_id
-            )
-            return State(state)
+            async with c.transaction():
+                await self._check_epoch(c)
+                await c.execute(
+                    f"INSERT INTO {self._s}.batches (batch_id, host_id, state, models_present,"
+                    " models_missing, first_seen, deadline_at)"
+                    " VALUES ($1, $2, 'waiting', $3, $4, $5, $6) ON CONFLICT (batch_id) DO NOTHING",
+                    batch_id,
+                    self.host_id,
+                    list(models_present),
+                    list(models_missing),
+                    first_seen,
+                    deadline_at,
+                )
+                row = await c.fetchrow(
+                    f"SELECT state, host_id FROM {self._s}.batches WHERE batch_id = $1", batch_id
+                )
+            assert row is not None  # inserted above, or there already
+            self._own(batch_id, row["host_id"])
+            return State(row["state"])
 
         return await self._run(op)
 
@@ -335,10 +613,16 @@ class Ledger:
         # The one transition rule (batch.may_move): a move it does not allow changes nothing.
         args.append(sorted(s.value for s in moves_into(state)))
         guard = f"state = ANY(${len(args)}::text[])"
-        sql = f"UPDATE {self._s}.batches SET {', '.join(sets)} WHERE batch_id = $1 AND {guard}"
+        args.append(self.host_id)  # another host's row is never touched
+        sql = (
+            f"UPDATE {self._s}.batches SET {', '.join(sets)} WHERE batch_id = $1 AND {guard}"
+            f" AND host_id = ${len(args)}"
+        )
 
         async def op(c: asyncpg.Connection) -> None:
-            await c.execute(sql, *args)
+            async with c.transaction():
+                await self._check_epoch(c)
+                await c.execute(sql, *args)
 
         await self._run(op)
 
@@ -358,7 +642,14 @@ class Ledger:
         while self._soon.get(batch_id):
             state, fields = self._soon[batch_id][0]
             if "_insert" in fields:
-                await self.record_seen(batch_id, **fields["_insert"])
+                try:
+                    await self.record_seen(batch_id, **fields["_insert"])
+                except BatchOfAnotherHost as e:
+                    # Adopted while the database was down, and another host's: nothing of
+                    # it is written (its commit refuses it too, failing it here alone).
+                    log.error("batch id taken by another host", batch_id=batch_id, error=str(e))
+                    self._soon.pop(batch_id, None)
+                    return
             else:
                 await self.set_state(batch_id, state, **fields)
             queue = self._soon.get(batch_id)
@@ -400,13 +691,17 @@ class Ledger:
 
         async def op(c: asyncpg.Connection) -> State | None:
             async with c.transaction():
-                state = await c.fetchval(
-                    f"SELECT state FROM {self._s}.batches WHERE batch_id = $1 FOR UPDATE",
+                # The fence first: a coordinator that lost its host's leadership commits nothing.
+                await self._check_epoch(c)
+                hooks.pause("commit")  # tests stop the process here, inside the transaction
+                row = await c.fetchrow(
+                    f"SELECT state, host_id FROM {self._s}.batches WHERE batch_id = $1 FOR UPDATE",
                     batch_id,
                 )
-                if state is None:
+                if row is None:
                     raise DatabaseError(f"batch {batch_id}: no ledger row to commit")
-                found = State(state)
+                self._own(batch_id, row["host_id"])
+                found = State(row["state"])
                 if found in COMMITTED_OR_LATER or not may_move(found, State.COMMITTED):
                     return found  # committed before, finished, failed, or never counted
                 # The row lock and the state check above mean no row of this batch is in
@@ -454,23 +749,37 @@ class Ledger:
 
         return await self._run(op)
 
+    def _own(self, batch_id: str, host_id: str) -> None:
+        """BatchOfAnotherHost unless the ledger row of `batch_id` is this host's."""
+        if host_id != self.host_id:
+            raise BatchOfAnotherHost(
+                f"batch {batch_id} is host {host_id}'s in the shared ledger; host"
+                f" {self.host_id} refuses it (batch ids must be unique across hosts)"
+            )
+
     async def open_batches(self) -> list[dict[str, Any]]:
-        """Every batch not in a final state, oldest first: what a restarted daemon resumes."""
+        """Every batch of this host not in a final state, oldest first: what a restarted
+        daemon resumes."""
         final = [State.DONE.value, State.DEGRADED.value, State.FAILED.value]
         rows = await self._run(
             lambda c: c.fetch(
-                f"SELECT * FROM {self._s}.batches WHERE NOT (state = ANY($1::text[]))"
-                " ORDER BY created_at",
+                f"SELECT * FROM {self._s}.batches WHERE host_id = $2"
+                " AND NOT (state = ANY($1::text[])) ORDER BY created_at",
                 final,
+                self.host_id,
             )
         )
         return [_row(r) for r in rows]
 
     async def get(self, batch_id: str) -> dict[str, Any] | None:
-        """One ledger row with its agreement pairs, or None."""
+        """One ledger row of this host with its agreement pairs, or None."""
 
         async def op(c: asyncpg.Connection) -> dict[str, Any] | None:
-            r = await c.fetchrow(f"SELECT * FROM {self._s}.batches WHERE batch_id = $1", batch_id)
+            r = await c.fetchrow(
+                f"SELECT * FROM {self._s}.batches WHERE batch_id = $1 AND host_id = $2",
+                batch_id,
+                self.host_id,
+            )
             if r is None:
                 return None
             out = _row(r)
@@ -484,22 +793,30 @@ class Ledger:
 
         return await self._run(op)
 
-    async def list(self, *, limit: int = 20, state: str | None = None) -> list[dict[str, Any]]:
-        """The most recent ledger rows, newest first, optionally of one state."""
+    async def list(
+        self, *, limit: int = 20, state: str | None = None, host: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The most recent ledger rows of `host` (default: this host), newest first, optionally
+        of one state."""
         rows = await self._run(
             lambda c: c.fetch(
-                f"SELECT * FROM {self._s}.batches WHERE ($2::text IS NULL OR state = $2)"
-                " ORDER BY created_at DESC LIMIT $1",
+                f"SELECT * FROM {self._s}.batches WHERE host_id = $3"
+                " AND ($2::text IS NULL OR state = $2) ORDER BY created_at DESC LIMIT $1",
                 limit,
                 state,
+                host or self.host_id,
             )
         )
         return [_row(r) for r in rows]
 
     async def final_states(self) -> dict[str, int]:
-        """How many batches ended in each final state."""
+        """How many of this host's batches are in each state."""
         rows = await self._run(
-            lambda c: c.fetch(f"SELECT state, count(*) AS n FROM {self._s}.batches GROUP BY state")
+            lambda c: c.fetch(
+                f"SELECT state, count(*) AS n FROM {self._s}.batches WHERE host_id = $1"
+                " GROUP BY state",
+                self.host_id,
+            )
         )
         return {r["state"]: int(r["n"]) for r in rows}
 

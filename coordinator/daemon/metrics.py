@@ -117,7 +117,9 @@ class _LastBatch:
 class Metrics:
     """The daemon's metrics: a private registry, the calls that count events, the endpoint."""
 
-    def __init__(self, node_ids: Iterable[int], status: Callable[[], Status]) -> None:
+    def __init__(
+        self, node_ids: Iterable[int], status: Callable[[], Status], *, host: str = ""
+    ) -> None:
         # The text format would show every counter's `_created` as an extra gauge series;
         # nothing here uses it. (A process-wide switch: the daemon has only this registry.)
         disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -182,6 +184,12 @@ class Metrics:
         ProcessCollector(registry=reg)
         PlatformCollector(registry=reg)
         reg.register(GC_COLLECTOR)
+        # What is served: every series with a `host` label ([host] id), so that the hosts
+        # sharing one database tell apart in one Prometheus (and in the dashboard's $host).
+        self.exposed: CollectorRegistry = reg
+        if host:
+            self.exposed = CollectorRegistry(auto_describe=False)
+            self.exposed.register(_WithHost(reg, host))
 
     # -- events (called by the daemon) --------------------------------------------------------
 
@@ -225,7 +233,7 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """Every metric in the Prometheus text format (what the control socket returns)."""
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed)
 
     async def serve(
         self, listen: str, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -286,7 +294,21 @@ class Metrics:
         if path != "/metrics":
             return _response(404, "text/plain; charset=utf-8", b"not found; try /metrics\n")
         encoder, content_type = choose_encoder(headers.get("accept", ""))
-        return _response(200, content_type, encoder(self.registry), head_only=method == "HEAD")
+        return _response(200, content_type, encoder(self.exposed), head_only=method == "HEAD")
+
+
+class _WithHost(Collector):
+    """Every metric of a registry, each sample labelled `host`."""
+
+    def __init__(self, inner: CollectorRegistry, host: str) -> None:
+        self.inner = inner
+        self.host = host
+
+    def collect(self) -> Iterable[Metric]:
+        for m in self.inner.collect():
+            out = Metric(m.name, m.documentation, m.type, m.unit)
+            out.samples = [s._replace(labels={"host": self.host, **s.labels}) for s in m.samples]
+            yield out
 
 
 async def _read_head(stream: SocketStream) -> bytes:

@@ -73,7 +73,7 @@ class Daemon:
         self.lake_root = lake_root(config.paths.lake)[1]
         self.ledger: Ledger | None = None
         self.dsn = ""
-        self.metrics = Metrics(config.node_ids, self.status)
+        self.metrics = Metrics(config.node_ids, self.status, host=config.host.id)
         self.runs = Runs(on_finished=self._finished)
         self.barrier = BarrierLoop(
             lambda: self.config,
@@ -156,6 +156,7 @@ class Daemon:
 
     def _made_ledger(self, ledger: Ledger, dsn: str) -> None:
         self.ledger, self.dsn = ledger, dsn
+        ledger.on_fenced = self._fenced
         self.barrier.ledger = ledger
         # What every batch's pipeline works with, from now on.
         self._ctx = Context(
@@ -212,6 +213,8 @@ class Daemon:
             "coordinator ready",
             pid=os.getpid(),
             version=__version__,
+            host=cfg.host.id,
+            epoch=ledger.epoch,
             staging=str(cfg.paths.staging),
             nodes=list(cfg.node_ids),
             database=redact_dsn(self.dsn),
@@ -241,6 +244,12 @@ class Daemon:
             )
         else:
             await tg.start(poll, lambda: self.config.barrier, mark, stats)
+
+    def _fenced(self, why: str) -> None:
+        # Another coordinator of this host leads now: stop (exit 1; systemd restarts this one
+        # into standby). Writes refused meanwhile wait for the stop.
+        log.error("fenced: stopping", host=self.config.host.id, reason=why)
+        self._lost_leadership()
 
     def _lost_leadership(self) -> None:
         self.exit_code = 1
@@ -329,6 +338,7 @@ class Daemon:
                 version=__version__,
                 with_agents=self.with_agents,
                 started_at=self.started_at,
+                host=cfg.host.id,
             ),
             config=ConfigInfo(
                 generation=self.reloader.generation,
@@ -367,6 +377,7 @@ class Daemon:
                 leader=bool(health and health.leader),
                 last_error=health.last_error if health else "",
                 queued_writes=self.ledger.queued if self.ledger is not None else 0,
+                epoch=health.epoch if health else None,
             ),
             batches=tuple(b.describe() for b in self.runs),
             finished=tuple(self.runs.finished),

@@ -24,9 +24,11 @@ class DaemonInfo:
     version: str
     with_agents: bool
     started_at: float  # Unix time (metrics only)
+    host: str = ""  # [host] id: whose batches this coordinator works on in the shared ledger
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "host": self.host,
             "state": self.state,
             "ready": self.ready,
             "pid": self.pid,
@@ -176,6 +178,7 @@ class DatabaseInfo:
     leader: bool
     last_error: str
     queued_writes: int  # metrics only: state changes waiting to be written
+    epoch: int | None = None  # the host's leader epoch this process leads with (None: never led)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -184,6 +187,7 @@ class DatabaseInfo:
             "schema": self.schema,
             "connected": self.connected,
             "leader": self.leader,
+            "epoch": self.epoch,
             "last_error": self.last_error,
         }
 

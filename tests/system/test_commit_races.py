@@ -73,9 +73,18 @@ async def make_ledger(
         led = Ledger(pg_dsn, schema, retry_max_s=0.5)
         made.append(led)
         await led.connect()
-        # The leader lock is a separate guard (one daemon per schema); these tests check what
-        # the ledger row lock alone guarantees, so every racer is allowed to write.
+        # The leader lock and the epoch fence are separate guards (one writer per host); these
+        # tests check what the ledger row lock alone guarantees, so every racer is allowed to
+        # write: they all lead with the host's one epoch.
+        await admin.execute(
+            f'INSERT INTO "{schema}".leaders'
+            " (host_id, epoch, holder, holder_pid, holder_app, lease_until)"
+            " VALUES ($1, 1, 'racers', 0, 'racers', now() + interval '1 hour')"
+            " ON CONFLICT (host_id) DO NOTHING",
+            led.host_id,
+        )
         led.health.leader = True
+        led.health.epoch = 1
         return led
 
     yield make

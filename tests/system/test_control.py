@@ -111,7 +111,20 @@ def test_block_loop_is_a_command_only_with_test_hooks_and_takes_bounded_seconds(
 
 
 def test_batches_defaults_to_the_last_20_of_any_state():
-    assert decode_request(b'{"cmd": "batches"}') == {"cmd": "batches", "limit": 20, "state": None}
+    assert decode_request(b'{"cmd": "batches"}') == {
+        "cmd": "batches",
+        "limit": 20,
+        "state": None,
+        "host": None,
+    }
+
+
+def test_batches_of_another_host_takes_a_checked_host_id():
+    line = b'{"cmd": "batches", "host": "node-b.example"}'
+    assert decode_request(line)["host"] == "node-b.example"
+    for bad in ("", "a/b", "x" * 64, 7, True):
+        with pytest.raises(ProtocolError, match="host must be a host id"):
+            decode_request(json.dumps({"cmd": "batches", "host": bad}).encode())
 
 
 # --- the allow-list (pure) -------------------------------------------------------------------
@@ -132,7 +145,9 @@ def test_allow_list_admits_listed_uids_and_members_of_listed_groups_only():
 class FakeLedger:
     is_open = True
 
-    async def list(self, *, limit: int, state: str | None) -> list[dict[str, Any]]:
+    async def list(
+        self, *, limit: int, state: str | None, host: str | None = None
+    ) -> list[dict[str, Any]]:
         return [{"batch_id": f"b{i}", "state": state or "done"} for i in range(limit)]
 
     async def get(self, batch_id: str) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 
 import asyncpg
@@ -136,10 +137,11 @@ def test_losing_the_lock_connection_to_another_holder_stops_writes(env, daemon):
         conn = await asyncpg.connect(env.dsn)
         await conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-            f"numa-coordinator-leader:{env.schema}",
+            f"numa-coordinator-leader:{env.schema}:{socket.gethostname()}"[:63],
         )
+        key = lock_key(env.schema, socket.gethostname())
         for _ in range(100):
-            if await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key(env.schema)):
+            if await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
                 return conn
             await asyncio.sleep(0.02)
         raise AssertionError("could not take the lock after terminating the leader's session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,7 +18,7 @@ from agents.aggregation import rows_csv, summarise
 from agents.consensus import BatchAggregate, aggregate
 from coordinator.core.batch import State, may_move
 from coordinator.core.errors import AgentError, DatabaseError, NotLeaderError
-from coordinator.daemon.ledger import MIGRATIONS, Ledger, lock_key
+from coordinator.daemon.ledger import MIGRATIONS, Ledger, lock_ids, lock_key
 from tests.tables import result
 
 pytestmark = pytest.mark.anyio
@@ -113,6 +114,7 @@ async def test_connect_migrates_to_the_latest_schema_version(
         "batches",
         "aggregates",
         "model_agreement",
+        "leaders",
     }
     assert ledger.health.connected
 
@@ -120,7 +122,7 @@ async def test_connect_migrates_to_the_latest_schema_version(
 async def test_migrating_twice_is_a_no_op(
     make_ledger: MakeLedger, admin: asyncpg.Connection, schema: str
 ) -> None:
-    first = await make_ledger()
+    first = await make_ledger(leader=True)
     await seen(first, "b1")
     second = await make_ledger()  # connect() migrates again on the same schema
     assert await second.schema_version() == len(MIGRATIONS)
@@ -143,7 +145,7 @@ async def test_an_unreachable_database_is_a_database_error(schema: str) -> None:
 async def test_record_seen_creates_the_row_once(
     make_ledger: MakeLedger, admin: asyncpg.Connection, schema: str
 ) -> None:
-    ledger = await make_ledger()
+    ledger = await make_ledger(leader=True)
     assert await seen(ledger, "b1", present=["slm-1"]) is State.WAITING
     assert await seen(ledger, "b1", present=["slm-1", "slm-2"]) is State.WAITING
     assert await count(admin, schema, "batches", "b1") == 1
@@ -153,7 +155,7 @@ async def test_record_seen_creates_the_row_once(
 
 
 async def test_record_seen_returns_the_state_a_batch_already_has(make_ledger: MakeLedger) -> None:
-    ledger = await make_ledger()
+    ledger = await make_ledger(leader=True)
     await seen(ledger, "b1")
     await ledger.set_state("b1", State.STAGED)
     assert await seen(ledger, "b1") is State.STAGED
@@ -162,7 +164,7 @@ async def test_record_seen_returns_the_state_a_batch_already_has(make_ledger: Ma
 async def test_set_state_sets_plain_columns_and_merges_json_columns(
     make_ledger: MakeLedger,
 ) -> None:
-    ledger = await make_ledger()
+    ledger = await make_ledger(leader=True)
     await seen(ledger, "b1")
     await ledger.set_state(
         "b1", State.STAGING, timings={"barrier_s": 1.5}, placement={"0": ["slm-1"]}
@@ -186,7 +188,7 @@ async def test_set_state_sets_plain_columns_and_merges_json_columns(
 
 
 async def test_set_state_refuses_an_unknown_column(make_ledger: MakeLedger) -> None:
-    ledger = await make_ledger()
+    ledger = await make_ledger(leader=True)
     await seen(ledger, "b1")
     with pytest.raises(ValueError, match="bogus"):
         await ledger.set_state("b1", State.READY, bogus=1)
@@ -196,7 +198,7 @@ async def test_set_state_refuses_an_unknown_column(make_ledger: MakeLedger) -> N
 async def test_set_state_never_moves_a_finished_batch(
     make_ledger: MakeLedger, admin: asyncpg.Connection, schema: str
 ) -> None:
-    ledger = await make_ledger()
+    ledger = await make_ledger(leader=True)
     await seen(ledger, "b1")
     await force(admin, schema, "b1", State.DONE)
     await ledger.set_state("b1", State.STAGING)
@@ -222,7 +224,7 @@ async def test_set_state_makes_exactly_the_moves_the_rule_allows(
 ) -> None:
     """The ledger's guard is batch.may_move, pair by pair: an allowed move happens (with its
     fields), any other leaves the row as it was."""
-    ledger = await make_ledger()
+    ledger = await make_ledger(leader=True)
     for new in State:
         bid = f"b-{current.value}-{new.value}"
         await seen(ledger, bid)
@@ -235,7 +237,7 @@ async def test_set_state_makes_exactly_the_moves_the_rule_allows(
 
 
 async def test_queued_state_changes_are_written_in_order_by_flush(make_ledger: MakeLedger) -> None:
-    ledger = await make_ledger()
+    ledger = await make_ledger(leader=True)
     await seen(ledger, "b1")
     ledger.set_state_soon("b1", State.STAGING, timings={"a": 1})
     ledger.set_state_soon("b1", State.STAGED, timings={"b": 2})
@@ -262,7 +264,7 @@ async def test_commit_writes_queued_state_changes_first(make_ledger: MakeLedger)
 async def test_open_batches_leaves_out_final_states(
     make_ledger: MakeLedger, admin: asyncpg.Connection, schema: str
 ) -> None:
-    ledger = await make_ledger()
+    ledger = await make_ledger(leader=True)
     for b, state in [("b1", State.STAGED), ("b2", State.DONE), ("b3", State.FAILED)]:
         await seen(ledger, b)
         await force(admin, schema, b, state)
@@ -364,12 +366,16 @@ async def test_commit_without_a_ledger_row_is_a_database_error(make_ledger: Make
 async def test_commit_refuses_when_not_the_leader(
     make_ledger: MakeLedger, admin: asyncpg.Connection, schema: str
 ) -> None:
+    leader = await make_ledger(leader=True)
+    await seen(leader, "b1")
     ledger = await make_ledger()
-    await seen(ledger, "b1")
+    with pytest.raises(NotLeaderError):
+        await seen(ledger, "b2")  # nothing is written by a ledger that never led
     with pytest.raises(NotLeaderError):
         await commit(ledger, "b1", small_aggregate(), fields={})
     assert await count(admin, schema, "aggregates", "b1") == 0
     assert (await ledger.get("b1") or {})["state"] == "waiting"
+    assert await ledger.get("b2") is None
 
 
 async def test_an_item_every_model_abstained_on_commits_with_confidence_0(
@@ -438,14 +444,16 @@ async def until(pred: Callable[[], Awaitable[bool]]) -> None:
             await anyio.sleep(0.05)
 
 
-async def lock_holder(admin: asyncpg.Connection, schema: str) -> int | None:
-    """The backend pid holding the schema's advisory lock, read from pg_locks."""
-    key = lock_key(schema) & 0xFFFF_FFFF_FFFF_FFFF
+async def lock_holder(
+    admin: asyncpg.Connection, schema: str, host: str = socket.gethostname()
+) -> int | None:
+    """The backend pid holding the leader lock of `host` on the schema, read from pg_locks."""
+    classid, objid = lock_ids(lock_key(schema, host))
     pid: int | None = await admin.fetchval(
         "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
         " AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 1",
-        key >> 32,
-        key & 0xFFFF_FFFF,
+        classid,
+        objid,
     )
     return pid
 

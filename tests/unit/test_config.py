@@ -395,6 +395,7 @@ DEFAULTS_BEFORE: dict[str, Any] = {
         "password_file": "",
         "retry_max_s": 30.0,
     },
+    "host": {"id": "", "lease_s": 10.0},
     "parquet": {"compression": "zstd", "level": 3},
     "barrier": {
         "backend": "inotify",
@@ -434,6 +435,8 @@ RESTART_KEYS = [
     "database.dsn",
     "database.schema",
     "agents.listen",
+    "host.id",
+    "host.lease_s",
     "metrics.listen",
     "node.id",
     "node.remote",
