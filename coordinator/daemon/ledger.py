@@ -230,7 +230,7 @@ class Ledger:
         self.retry_max_s = retry_max_s
         self.health = DbHealth()
         # Every connection of this process is named so that a standby taking over can end
-        # them all (a transaction of ours paused mid-commit holds the leaders row FOR SHARE).
+        # them all (a transaction of ours paused mid-commit holds the leaders row FOR KEY SHARE).
         self.app_name = f"numa-coordinator:{uuid.uuid4().hex[:16]}"
         self.fenced = ""  # why this process may no longer write, once fenced
         # Called once when fenced (the daemon stops); without it a fenced write raises.
@@ -332,7 +332,8 @@ class Ledger:
         on a first take, kept on a re-take nobody interrupted), our lease and our sessions.
         None when another leader led meanwhile."""
         async with conn.transaction():
-            # A fenced leader's transaction may still hold the row FOR SHARE: wait, not forever.
+            # A fenced leader's write may still hold the row FOR KEY SHARE: FOR UPDATE waits for
+            # it to end (terminated by a takeover), not forever.
             await conn.execute("SET LOCAL lock_timeout = '5s'")
             current = await conn.fetchval(
                 f"SELECT epoch FROM {self._s}.leaders WHERE host_id = $1 FOR UPDATE",
@@ -461,15 +462,16 @@ class Ledger:
             self.on_fenced(why)
 
     async def _check_epoch(self, c: asyncpg.Connection) -> None:
-        """Inside a write's transaction: the host's epoch is still ours (FOR SHARE, so a
-        takeover's bump waits for this transaction, or this one sees the bump). Raise
-        FencedError otherwise, NotLeaderError before this process first led."""
+        """Inside a write's transaction: the host's epoch is still ours. The row is read FOR
+        KEY SHARE: a takeover's bump (which reads it FOR UPDATE) waits for this transaction to
+        end, or this one sees the bump; the lease renewals (an UPDATE of a non-key column) do
+        not wait for it. Raise FencedError otherwise, NotLeaderError before this process led."""
         if self.fenced:
             raise FencedError(self.fenced)
         if self.epoch is None:
             raise NotLeaderError(f"host {self.host_id}: never led; refusing to write")
         current = await c.fetchval(
-            f"SELECT epoch FROM {self._s}.leaders WHERE host_id = $1 FOR SHARE", self.host_id
+            f"SELECT epoch FROM {self._s}.leaders WHERE host_id = $1 FOR KEY SHARE", self.host_id
         )
         if current != self.epoch:
             raise FencedError(
