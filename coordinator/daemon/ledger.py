@@ -301,8 +301,13 @@ class Ledger:
             if not got and self.epoch is None and await self._take_over(conn, key):
                 got = await self._lock_within(conn, key, 5.0)
             epoch: int | None = None
+            current: int | None = None
             if got:
                 epoch = await self._record_leader(conn)
+            elif self.epoch is not None:  # a leader that lost its lock session: who has it?
+                current = await conn.fetchval(
+                    f"SELECT epoch FROM {self._s}.leaders WHERE host_id = $1", self.host_id
+                )
         except (*TRANSIENT, asyncpg.LockNotAvailableError) as e:
             self._mark_down(e)
             self.held_elsewhere = False
@@ -317,6 +322,11 @@ class Ledger:
                 self._fence(
                     f"host {self.host_id}: another coordinator led meanwhile (the epoch moved"
                     f" past ours, {self.epoch}); refusing to lead again"
+                )
+            elif self.epoch is not None and current != self.epoch:
+                self._fence(
+                    f"host {self.host_id}: another coordinator took leadership (epoch {current},"
+                    f" ours {self.epoch})"
                 )
             return False
         self._leader_conn = conn
@@ -443,12 +453,27 @@ class Ledger:
         if not renewed:
             conn.terminate()
             self._leader_conn = None
+            current = await self._current_epoch()
             self._fence(
-                f"host {self.host_id}: another coordinator took leadership (the epoch moved past"
-                f" ours, {self.epoch})"
+                f"host {self.host_id}: another coordinator took leadership (epoch {current},"
+                f" ours {self.epoch})"
             )
             return False
         return True
+
+    async def _current_epoch(self) -> int | None:
+        """The host's epoch in `leaders` (None when it cannot be read now)."""
+        if self._pool is None:
+            return None
+        try:
+            with anyio.fail_after(5):
+                async with self._pool.acquire() as c:
+                    epoch: int | None = await c.fetchval(
+                        f"SELECT epoch FROM {self._s}.leaders WHERE host_id = $1", self.host_id
+                    )
+                    return epoch
+        except (*TRANSIENT, asyncpg.PostgresError):
+            return None
 
     def _fence(self, why: str) -> None:
         """From now on this process writes nothing; the daemon is told once (it stops)."""

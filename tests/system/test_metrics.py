@@ -529,8 +529,19 @@ def http_text(port: int) -> str:
         return str(r.read().decode())
 
 
-def http_scrape(port: int) -> Samples:
-    return parse(http_text(port))
+def http_scrape(port: int, host: str | None = None) -> Samples:
+    """The daemon's endpoint, parsed; every sample carries the `host` label ([host] id, by
+    default this machine's hostname), which is checked and then left out of the keys."""
+    text = http_text(port)
+    want = host or socket.gethostname()
+    hosts = {
+        s.labels.get("host") for fam in text_string_to_metric_families(text) for s in fam.samples
+    }
+    assert hosts == {want}, hosts
+    return {
+        (name, frozenset((k, v) for k, v in labels if k != "host")): v
+        for (name, labels), v in parse(text).items()
+    }
 
 
 @pytest.mark.slow
