@@ -91,9 +91,11 @@ lint: install
 bench: install
 	$(BIN)/coordinatorctl bench
 
-# The soak under chaos at a larger size: `make soak N=1000`.
+# The soaks under chaos at a larger size: `make soak N=1000` (one host), `HOSTS_N=600` (the
+# batches of the three-host soak, tests/soak/test_soak_hosts.py).
 soak: install
-	SOAK_BATCHES=$(or $(N),200) $(BIN)/pytest -q -s --timeout=0 tests/soak
+	SOAK_BATCHES=$(or $(N),200) SOAK_HOSTS_BATCHES=$(or $(HOSTS_N),300) \
+		$(BIN)/pytest -q -s --timeout=0 tests/soak
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
