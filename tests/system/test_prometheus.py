@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import re
 import shutil
+import socket
 import subprocess
 import urllib.error
 import urllib.parse
@@ -182,10 +183,14 @@ class Prometheus:
         return self.api("query", query=expr)
 
     def vector(self, expr: str) -> dict[frozenset[tuple[str, str]], float]:
-        """An instant query's result: {labels (without __name__, job, instance): value}."""
+        """An instant query's result: {labels (without __name__, job, instance, host): value}.
+        Every series of the daemon's carries `host`, its [host] id (the hostname here)."""
         reply = self.query(expr)
         assert reply["status"] == "success", (expr, reply)
-        drop = {"__name__", "job", "instance"}
+        for r in reply["data"]["result"]:
+            if r["metric"].get("__name__", "").startswith("numa_coordinator_"):
+                assert r["metric"].get("host") == socket.gethostname(), r["metric"]
+        drop = {"__name__", "job", "instance", "host"}
         return {
             frozenset((k, v) for k, v in r["metric"].items() if k not in drop): float(r["value"][1])
             for r in reply["data"]["result"]
@@ -342,11 +347,14 @@ def test_prometheus_scrapes_a_batch_with_the_values_the_ledger_holds(
     assert prom.value("numa_coordinator_batches_in_flight", state="waiting") == 0
 
 
-def grafana(expr: str, job: str, instance: str) -> str:
+def grafana(expr: str, job: str, instance: str, host: str = socket.gethostname()) -> str:
     """A dashboard expression as Grafana sends it: its variables replaced ($__rate_interval is
     at least four scrape intervals)."""
     return (
-        expr.replace("$__rate_interval", "15s").replace("$instance", instance).replace("$job", job)
+        expr.replace("$__rate_interval", "15s")
+        .replace("$instance", instance)
+        .replace("$job", job)
+        .replace("$host", host)
     )
 
 
@@ -373,13 +381,14 @@ def test_dashboard_queries_parse_and_alert_rules_evaluate_on_the_scraped_series(
     assert used <= names, f"the dashboard queries metrics never scraped: {sorted(used - names)}"
     # The template variables: label_values(selector, label) as Grafana asks for it.
     variables = [e for e in exprs if e.startswith("label_values(")]
-    assert len(variables) == 2
+    assert len(variables) == 3
     for expr in variables:
         m = re.fullmatch(r"label_values\((.+), (\w+)\)", grafana(expr, JOB, target))
         assert m, expr
         reply = prom.api(f"label/{m[2]}/values", **{"match[]": m[1]})
         assert reply["status"] == "success", (expr, reply)
-        assert reply["data"] == [{"job": JOB, "instance": target}[m[2]]], (expr, reply)
+        expected = {"job": JOB, "instance": target, "host": socket.gethostname()}[m[2]]
+        assert reply["data"] == [expected], (expr, reply)
 
     # The alert rules, loaded as shipped: every metric they use is scraped, and every rule has
     # been evaluated without an error.
