@@ -73,7 +73,8 @@ def test_status_batches_and_show_print_what_their_json_holds(env, daemon):
     s = json.loads(out)
     code, human, _ = ctl("status", *sock)
     assert code == 0
-    assert human.splitlines()[0].startswith("● coordinatord — running")
+    head = f"● coordinatord on host {socket.gethostname()} — running"
+    assert human.splitlines()[0].startswith(head)
     assert f"PID: {s['daemon']['pid']}" in human
     assert f"version: {s['daemon']['version']}" in human
     assert f"generation {s['config']['generation']}; never reloaded" in human

@@ -530,9 +530,13 @@ def http_text(port: int) -> str:
 
 
 def http_scrape(port: int, host: str | None = None) -> Samples:
-    """The daemon's endpoint, parsed; every sample carries the `host` label ([host] id, by
+    """The daemon's endpoint, parsed (see `without_host`)."""
+    return without_host(http_text(port), host)
+
+
+def without_host(text: str, host: str | None = None) -> Samples:
+    """A daemon's exposition, parsed; every sample carries the `host` label ([host] id, by
     default this machine's hostname), which is checked and then left out of the keys."""
-    text = http_text(port)
     want = host or socket.gethostname()
     hosts = {
         s.labels.get("host") for fam in text_string_to_metric_families(text) for s in fam.samples
@@ -619,7 +623,7 @@ def test_real_daemon_scraped_after_a_batch_matches_the_ledger(env: Env, daemon):
     assert value(s, "numa_coordinator_batches_in_flight", state="waiting") == 0
 
     # The control socket serves the same registry.
-    c = parse(call(env.socket, "metrics"))
+    c = without_host(call(env.socket, "metrics"))
     assert value(c, "numa_coordinator_batches_total", state="done") == 1
     assert value(c, "numa_coordinator_fleiss_kappa") == pytest.approx(row["fleiss_kappa"])
     assert value(c, f"{h}_sum", node="0", phase="staging") == pytest.approx(

@@ -58,7 +58,9 @@ def test_the_json_has_exactly_the_documented_fields_and_no_metrics_only_ones() -
         "agents_refused",
     }  # fmt: skip
     assert got["agents_refused"] == {}
-    assert set(got["daemon"]) == {"state", "ready", "pid", "uptime_s", "version", "with_agents"}
+    assert set(got["daemon"]) == {
+        "host", "state", "ready", "pid", "uptime_s", "version", "with_agents"
+    }  # fmt: skip
     assert set(got["config"]) == {
         "generation", "files", "last_reload", "models", "quorum", "deadline_s"
     }  # fmt: skip
@@ -69,7 +71,7 @@ def test_the_json_has_exactly_the_documented_fields_and_no_metrics_only_ones() -
         "quarantine_refused", "scan_errors",
     }  # fmt: skip
     assert set(got["database"]) == {
-        "embedded", "dsn", "schema", "connected", "leader", "last_error"
+        "embedded", "dsn", "schema", "connected", "leader", "epoch", "last_error"
     }  # fmt: skip
 
 
