@@ -150,6 +150,9 @@ TRANSIENT = (
 )
 
 
+LOCK_APP_PREFIX = "numa-coordinator-leader:"  # the application_name of a leader lock's session
+
+
 def schema_key(schema: str) -> int:
     """The schema's own advisory-lock key (+1 serialises migrations): a stable signed number."""
     return zlib.crc32(f"numa-coordinator:{schema}".encode()) - 2**31
@@ -181,16 +184,25 @@ def next_epoch(ours: int | None, current: int | None) -> int | None:
 
 
 def may_take_over(
-    *, expired_s: float, lease_s: float, lock_pid: int | None, holder_pid: int | None
+    *,
+    expired_s: float,
+    lease_s: float,
+    lock_pid: int | None,
+    holder_pid: int | None,
+    lock_app: str = "",
 ) -> bool:
     """Whether a standby may terminate the session holding its host's leader lock.
     `expired_s`: how long ago the recorded lease ran out (negative while it runs); `lock_pid`:
     the backend holding the lock now (None: free, just take it); `holder_pid`: the one the
-    leaders row records. The recorded holder silent past its lease is taken over; a session
-    that holds the lock without having recorded itself is given one more lease to do so."""
+    leaders row records; `lock_app`: the application_name of the lock's session. The recorded
+    holder silent past its lease is taken over. A coordinator's session that holds the lock
+    without having recorded itself (stuck between the lock and the bump) is given one more
+    lease to do so; a session of anything else is never ended."""
     if lock_pid is None or holder_pid is None or expired_s <= 0:
         return False
-    return lock_pid == holder_pid or expired_s > lease_s
+    if lock_pid == holder_pid:
+        return True
+    return lock_app.startswith(LOCK_APP_PREFIX) and expired_s > lease_s
 
 
 def renew_every(lease_s: float) -> float:
@@ -279,7 +291,7 @@ class Ledger:
     @property
     def lock_app_name(self) -> str:
         """The application_name of the leader lock's connection."""
-        return f"numa-coordinator-leader:{self.schema}:{self.host_id}"[:63]
+        return f"{LOCK_APP_PREFIX}{self.schema}:{self.host_id}"[:63]
 
     async def acquire_leadership(self) -> bool:
         """Try to take this host's leader lock on a dedicated connection (not pooled: a pool's
@@ -379,7 +391,10 @@ class Ledger:
             " (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
             "  AND classid::bigint = $2 AND objid::bigint = $3 AND objsubid = 1"
             "  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            "  LIMIT 1) AS lock_pid"
+            "  LIMIT 1) AS lock_pid,"
+            " (SELECT a.application_name FROM pg_stat_activity a JOIN pg_locks k ON k.pid = a.pid"
+            "  WHERE k.locktype = 'advisory' AND k.granted AND k.classid::bigint = $2"
+            "  AND k.objid::bigint = $3 AND k.objsubid = 1 LIMIT 1) AS lock_app"
             f" FROM {self._s}.leaders l WHERE l.host_id = $1",
             self.host_id,
             classid,
@@ -390,6 +405,7 @@ class Ledger:
             lease_s=self.lease_s,
             lock_pid=row["lock_pid"],
             holder_pid=row["holder_pid"],
+            lock_app=row["lock_app"] or "",
         ):
             return False
         # Only if the epoch seen is still the host's and its lease still expired: a leader that

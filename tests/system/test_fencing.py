@@ -254,15 +254,26 @@ async def test_a_commit_open_at_the_takeover_is_ended_and_never_lands(
     assert await rows_of(admin, schema, "b1") == 3
 
 
-async def test_a_session_that_never_recorded_itself_is_taken_over_only_after_a_lease(
+async def test_only_a_coordinator_that_never_recorded_itself_is_taken_over_after_a_lease(
     make_ledger: MakeLedger, admin: asyncpg.Connection, schema: str, pg_dsn: str
 ) -> None:
     a = await make_ledger("h", lease_s=2.0)
     await a.close()  # a clean stop: the lock is free, the lease left as it was
-    thief = await asyncpg.connect(pg_dsn)
+    # Anything but a coordinator holding the lock (an operator's psql) is never ended.
+    other = await asyncpg.connect(pg_dsn, server_settings={"application_name": "psql"})
+    standby = await make_ledger("h", leader=False, lease_s=2.0)
+    try:
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1)", lock_key(schema, "h"))
+        await expire_lease(admin, schema, "h", 100.0)
+        assert not await standby.acquire_leadership()
+        assert await _alive(other)
+    finally:
+        await other.close()
+    await until(lambda: lock_free(admin, schema, "h"))
+    # A coordinator stuck between taking the lock and recording itself gets one more lease.
+    thief = await asyncpg.connect(pg_dsn, server_settings={"application_name": a.lock_app_name})
     try:
         assert await thief.fetchval("SELECT pg_try_advisory_lock($1)", lock_key(schema, "h"))
-        standby = await make_ledger("h", leader=False, lease_s=2.0)
         await expire_lease(admin, schema, "h", 1.0)  # expired, but less than a lease ago
         assert not await standby.acquire_leadership()
         await expire_lease(admin, schema, "h", 3.0)  # a whole lease more: taken over

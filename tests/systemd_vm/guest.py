@@ -20,6 +20,7 @@ import os
 import re
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -380,7 +381,8 @@ def hold_leader_lock() -> subprocess.Popen[str]:
         env={**os.environ, "PGPASSWORD": pg["password"]},
     )
     assert p.stdin is not None and p.stdout is not None
-    p.stdin.write(f"SELECT 'locked', pg_advisory_lock({lock_key('numa_coordinator')});\n")
+    key = lock_key("numa_coordinator", socket.gethostname())  # the daemon's [host] id default
+    p.stdin.write(f"SELECT 'locked', pg_advisory_lock({key});\n")
     p.stdin.flush()
     ready, _, _ = select.select([p.stdout], [], [], 120)
     line = p.stdout.readline() if ready else ""

@@ -94,11 +94,19 @@ def test_a_free_lock_or_a_host_without_leader_row_is_never_a_takeover() -> None:
     assert not may_take_over(expired_s=100, lease_s=10, lock_pid=43, holder_pid=None)
 
 
-def test_a_session_not_recorded_as_holder_gets_one_more_lease() -> None:
+def test_a_coordinator_not_recorded_as_holder_gets_one_more_lease() -> None:
     # It took the lock but has not written its epoch yet (or is stuck before it).
-    assert not may_take_over(expired_s=5, lease_s=10, lock_pid=43, holder_pid=42)
-    assert not may_take_over(expired_s=10, lease_s=10, lock_pid=43, holder_pid=42)
-    assert may_take_over(expired_s=10.5, lease_s=10, lock_pid=43, holder_pid=42)
+    app = "numa-coordinator-leader:s:h"
+    assert not may_take_over(expired_s=5, lease_s=10, lock_pid=43, holder_pid=42, lock_app=app)
+    assert not may_take_over(expired_s=10, lease_s=10, lock_pid=43, holder_pid=42, lock_app=app)
+    assert may_take_over(expired_s=10.5, lease_s=10, lock_pid=43, holder_pid=42, lock_app=app)
+
+
+def test_a_session_of_anything_but_a_coordinator_is_never_ended() -> None:
+    for app in ("", "psql", "numa-coordinator:abc"):
+        assert not may_take_over(
+            expired_s=1000, lease_s=10, lock_pid=43, holder_pid=42, lock_app=app
+        )
 
 
 def test_the_lease_is_renewed_at_least_three_times_per_lease_and_every_second() -> None:
