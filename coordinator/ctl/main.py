@@ -155,13 +155,12 @@ def render_status(s: dict[str, Any], *, now: float | None = None) -> str:
     mark = {"running": "●", "degraded": "◐", "stopping": "○"}.get(state, "○")
     ready = d.get("ready")
     head = f"{mark} coordinatord — {state}"
-    if d.get("host"):
-        head = f"{mark} coordinatord on host {d['host']} — {state}"
     if ready is not None:
         head += " (ready)" if ready else " (not ready)"
     lines = [
         head,
         f"     PID: {d['pid']}   uptime: {_duration(d['uptime_s'])}   version: {d['version']}"
+        + (f"   host: {d['host']}" if d.get("host") else "")
         + ("   agents: supervised (--with-agents)" if d.get("with_agents") else ""),
     ]
 

@@ -164,7 +164,7 @@ def test_three_hosts_each_do_their_own_batches_once_and_refuse_anothers_id(
         code, out, _ = ctl("batches", "--socket", str(hosts["host-a"].socket), "--host", "nobody")
         assert code == 0 and "(no batches of host nobody)" in out
         code, out, _ = ctl("status", "--socket", str(hosts["host-b"].socket))
-        assert "coordinatord on host host-b" in out and "epoch 1" in out
+        assert "host: host-b" in out and "epoch 1" in out
 
         # A batch id host-a already used, published on host-b: refused, naming both hosts.
         before = ledger(env, "host-a-batch-0")
