@@ -181,6 +181,8 @@ class Daemon:
         )
         ledger = self.ledger
         assert ledger is not None  # open_ledger made it
+        # The lease is renewed from now on: a start slower than host.lease_s is no takeover.
+        tg.start_soon(keep_leadership, ledger, self._lost_leadership)
         if self.agents_tcp is None:
             await tg.start(self.hub.serve, cfg.paths.agent_socket)
         else:
@@ -201,7 +203,6 @@ class Daemon:
         tg.start_soon(self.barrier.run)
         tg.start_soon(self.barrier.reconcile_loop)
         tg.start_soon(self.barrier.deadline_loop)
-        tg.start_soon(keep_leadership, ledger, self._lost_leadership)
         tg.start_soon(ledger.flush_loop)
         interval = notify.watchdog_interval()
         if interval:
