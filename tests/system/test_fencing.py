@@ -156,6 +156,29 @@ async def test_a_batch_id_of_another_host_is_refused_naming_both_hosts(
     assert await rows_of(admin, schema, "shared-id") == 3
 
 
+async def test_a_batch_adopted_while_the_database_was_down_is_refused_if_another_hosts(
+    make_ledger: MakeLedger, admin: asyncpg.Connection, schema: str
+) -> None:
+    a, b = await make_ledger("host-a"), await make_ledger("host-b")
+    await seen(a, "shared-id")
+    now = datetime.now(UTC)
+    b.insert_seen_soon(
+        "shared-id",
+        models_present=[],
+        models_missing=["slm-1"],
+        first_seen=now,
+        deadline_at=now + timedelta(minutes=10),
+    )
+    b.set_state_soon("shared-id", State.READY, models_present=["slm-1"])
+    await b.flush("shared-id")  # the queued writes are dropped, nothing raised, nothing written
+    assert b.queued == 0
+    with pytest.raises(BatchOfAnotherHost, match=r"host-a.*host-b"):
+        await commit(b, "shared-id")
+    row = await admin.fetchrow(f'SELECT state, host_id FROM "{schema}".batches')
+    assert dict(row) == {"state": "waiting", "host_id": "host-a"}
+    assert await rows_of(admin, schema, "shared-id") == 0
+
+
 async def test_a_ledger_from_before_hosts_is_migrated_to_the_current_host(
     pg_dsn: str, schema: str, admin: asyncpg.Connection, make_ledger: MakeLedger
 ) -> None:
