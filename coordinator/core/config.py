@@ -285,14 +285,27 @@ HOST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,63}")
 
 def _host_id(r: _Reader, dotted: str, value: Any, _: Mapping[str, Any]) -> str:
     """host.id: a name of letters, digits, '.', '-', '_' (1..63); empty means the hostname."""
+    # Empty stays empty here (HostConfig takes the hostname): only the coordinator needs a host
+    # id, and checks the hostname at start (check_host_id); an agent in a guest whose hostname
+    # is "(none)" reads the same file.
     v = r.string(dotted, value)
-    name = v or socket.gethostname()
-    if not HOST_ID_RE.fullmatch(name):
-        expected = "a name of letters, digits, '.', '-' and '_', 1..63 characters"
-        if not v:
-            expected += " (empty takes the machine's hostname, which is not one: set host.id)"
-        raise r.fail(dotted, expected, name)
-    return name
+    if v and not HOST_ID_RE.fullmatch(v):
+        raise r.fail(dotted, _HOST_ID_EXPECTED, v)
+    return v
+
+
+_HOST_ID_EXPECTED = "a name of letters, digits, '.', '-' and '_', 1..63 characters"
+
+
+def check_host_id(cfg: Config) -> None:
+    """The coordinator's check at start: its host id is a name. A configured one was checked
+    when read; the hostname that an empty one takes may not be (ConfigError naming host.id)."""
+    if not HOST_ID_RE.fullmatch(cfg.host.id):
+        where = locate(cfg.provenance.get("host.id", "<defaults>"), "host.id")
+        raise ConfigError(
+            f"{where}: host.id: expected {_HOST_ID_EXPECTED} (empty takes the machine's "
+            f"hostname, which is not one: set host.id), found {cfg.host.id!r}"
+        )
 
 
 def _lease(r: _Reader, dotted: str, value: Any, _: Mapping[str, Any]) -> None:

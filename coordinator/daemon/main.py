@@ -14,7 +14,7 @@ import anyio
 import structlog
 
 from coordinator.core import topology
-from coordinator.core.config import load_config
+from coordinator.core.config import check_host_id, load_config
 from coordinator.core.errors import ConfigError, CoordinatorError
 from coordinator.core.logs import configure
 from coordinator.daemon.service import Daemon
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.config).resolve()
     try:
         config = load_config(path)
+        check_host_id(config)
     except ConfigError as e:
         print(f"coordinatord: error: {e}", file=sys.stderr)
         return 1

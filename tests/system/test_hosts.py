@@ -285,3 +285,34 @@ def test_a_leader_stopped_inside_its_commit_past_its_lease_is_fenced_when_it_wak
     finally:
         for d in (twin, a):
             d.cleanup()
+
+
+def test_a_hostname_that_is_no_host_id_stops_the_coordinator_not_the_agent(env: Env) -> None:
+    """In a UTS namespace whose hostname is "(none)" (a bare guest's): with host.id unset the
+    coordinator refuses to start, naming host.id; the agent, which needs no host id, reads the
+    same file and gets as far as its own checks."""
+    py = sys.executable
+    cfg = str(env.config)
+
+    def in_uts(*cmd: str) -> subprocess.CompletedProcess[str]:
+        # (the hostname tool refuses such a name; the kernel takes it)
+        code = (
+            'import os, socket, sys; socket.sethostname("(none)"); '
+            "os.execv(sys.argv[1], sys.argv[1:])"
+        )
+        return subprocess.run(
+            ["unshare", "-u", py, "-c", code, *cmd],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+
+    daemon = in_uts(py, "-m", "coordinator.daemon", "--config", cfg)
+    assert daemon.returncode == 1, daemon.stderr
+    assert "host.id: expected a name" in daemon.stderr and "set host.id" in daemon.stderr
+    assert "found '(none)'" in daemon.stderr
+    # The agent gets past the config to its binding check (not bound here: exit 3).
+    agent = in_uts(py, "-m", "agents.agent", "--node", "0", "--config", cfg)
+    assert "host.id" not in agent.stderr, agent.stderr
+    assert agent.returncode == 3, agent.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.core.config import Config, load_config
+from coordinator.core.config import Config, check_host_id, load_config
 from coordinator.core.errors import ConfigError
 from coordinator.daemon.ledger import lock_ids, lock_key, may_take_over, next_epoch, renew_every
 
@@ -54,7 +54,11 @@ def test_a_hostname_that_is_no_host_id_asks_for_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(socket, "gethostname", lambda: "bad host")
-    msg = error_of(write(tmp_path, ""))
+    cfg = load_config(write(tmp_path, ""))  # an agent reads it: it needs no host id
+    assert cfg.host.id == "bad host"
+    with pytest.raises(ConfigError) as e:
+        check_host_id(cfg)  # the coordinator does, at start
+    msg = str(e.value)
     assert msg.startswith("<defaults>: host.id: expected a name")
     assert "the machine's hostname, which is not one: set host.id" in msg
     assert msg.endswith("found 'bad host'")
