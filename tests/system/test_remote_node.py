@@ -92,18 +92,21 @@ def start_remote_agent(env: Env, views: Path) -> subprocess.Popen[bytes]:
 def remote(env: Env, tmp_path: Path) -> Iterator[tuple[TwoNodeDaemon, subprocess.Popen[bytes]]]:
     views = tmp_path / "agent-view"
     remote_config(env, views)
-    d = TwoNodeDaemon(env).start(wait=False)
-    agent = start_remote_agent(env, views)
+    d = TwoNodeDaemon(env)
+    agent: subprocess.Popen[bytes] | None = None
     try:
+        d.start(wait=False)
+        agent = start_remote_agent(env, views)
         d.wait_ready()  # both agents connected: node 1's from its own namespace
         yield d, agent
-    finally:
-        agent.terminate()
-        try:
-            agent.wait(10)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
+    finally:  # the daemon and the agent go whatever failed on the way
+        if agent is not None:
+            agent.terminate()
+            try:
+                agent.wait(10)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
         d.cleanup()
 
 
