@@ -18,6 +18,7 @@ from typing import Any
 
 from coordinator.core.errors import CoordinatorError, LayoutError
 from coordinator.core.topology import format_cpulist, load_json, read_topology
+from coordinator.planner.k8s import write_k8s
 from coordinator.planner.layout import VmSpec, hardware_topology, load_layout
 from coordinator.planner.plan import Plan, VmPlan, make_plan, totals
 
@@ -282,6 +283,8 @@ def _cli(args: argparse.Namespace) -> int:
             topo = hardware_topology(layout)
         plan = make_plan(layout, topo)
         written = write_plan(plan, args.out) if args.out is not None else []
+        if args.k8s is not None:
+            written += write_k8s(plan, args.k8s)
     except CoordinatorError as exc:
         print(f"coordinatorctl: error: {exc}", file=sys.stderr)
         return 1
@@ -290,7 +293,8 @@ def _cli(args: argparse.Namespace) -> int:
     else:
         print(render_report(plan), end="")
         if written:
-            print(f"\nWrote {len(written)} files under {args.out}:")
+            where = " and ".join(str(d) for d in (args.out, args.k8s) if d is not None)
+            print(f"\nWrote {len(written)} files under {where}:")
             print("".join(f"  {p}\n" for p in written), end="")
     return 0
 
@@ -311,5 +315,10 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     source.add_argument("--from-host", action="store_true", help="read this machine's sysfs")
     parser.add_argument("--sysfs-root", metavar="DIR", help="read DIR/sys (implies --from-host)")
     parser.add_argument("--out", metavar="DIR", help="write the generated files under DIR")
+    parser.add_argument(
+        "--k8s",
+        metavar="DIR",
+        help="write Kubernetes manifests for kubectl apply -k DIR, checked against the plan",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(func=_cli)

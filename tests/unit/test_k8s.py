@@ -1,0 +1,221 @@
+"""coordinatorctl plan --k8s: the seed layout's manifests validate against Kubernetes' OpenAPI
+schema offline, the ConfigMap's TOML loads as a coordinator config, and every semantic rule of
+check_manifests fails on a manifest that breaks it."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from coordinator.core.config import load_config
+from coordinator.core.errors import LayoutError
+from coordinator.planner.k8s import K8sOptions, check_manifests, render_manifests, write_k8s
+from coordinator.planner.layout import hardware_topology, load_layout
+from coordinator.planner.plan import Plan, make_plan
+
+ROOT = Path(__file__).resolve().parents[2]
+SEED = ROOT / "config" / "layout.seed.toml"
+K8S_VERSION = "1.31.0"  # the k3s release line the manifests target; bump deliberately
+
+
+@pytest.fixture(scope="module")
+def plan() -> Plan:
+    layout = load_layout(SEED)
+    return make_plan(layout, hardware_topology(layout))
+
+
+@pytest.fixture(scope="module")
+def written(plan: Plan, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("k8s")
+    write_k8s(plan, out)
+    return out
+
+
+def _load(path: Path) -> dict[str, Any]:
+    obj = yaml.safe_load(path.read_text())
+    assert isinstance(obj, dict)
+    return obj
+
+
+def test_every_manifest_validates_strictly(written: Path) -> None:
+    kustomization = _load(written / "kustomization.yaml")
+    names = kustomization["resources"]
+    assert sorted(names) == sorted(
+        p.name for p in written.glob("*.yaml") if p.name != "kustomization.yaml"
+    )
+    kinds = []
+    for name in names:
+        obj = _load(written / name)
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        kinds.append(obj["kind"])
+    assert sorted(kinds) == sorted(
+        [
+            "Namespace",
+            "ConfigMap",
+            "Deployment",
+            "PodDisruptionBudget",
+            "Service",
+            "DaemonSet",
+            "DaemonSet",
+        ]
+    )
+
+
+def test_strict_validation_catches_a_misspelt_field(written: Path) -> None:
+    obj = _load(written / "agent-node0.yaml")
+    obj["spec"]["template"]["spec"]["nodeSelecter"] = obj["spec"]["template"]["spec"].pop(
+        "nodeSelector"
+    )
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_no_secret_is_generated(written: Path) -> None:
+    for path in written.glob("*.yaml"):
+        assert _load(path).get("kind") != "Secret", path
+
+
+def test_the_configmap_is_a_valid_coordinator_config(written: Path, tmp_path: Path) -> None:
+    data = _load(written / "configmap.yaml")["data"]["coordinator.toml"]
+    (tmp_path / "coordinator.toml").write_text(data)
+    config = load_config(tmp_path / "coordinator.toml")
+    assert config.agents.listen == "tcp://0.0.0.0:7465"
+    assert config.metrics_listen == "0.0.0.0:9465"
+    assert config.host.id == "k3s"
+    assert [n.id for n in config.nodes] == [0, 1]
+    assert all(n.remote for n in config.nodes)
+    assert config.agents.tls_cert.startswith("/etc/numa-coordinator/tls/")
+    assert "{node}" in config.agents.agent_tls_cert
+
+
+def test_coordinator_deployment(written: Path) -> None:
+    dep = _load(written / "coordinator-deployment.yaml")
+    assert dep["spec"]["replicas"] == 2
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    ports = {
+        p["name"]: p["port"] for p in _load(written / "coordinator-service.yaml")["spec"]["ports"]
+    }
+    assert ports == {"agents": 7465, "metrics": 9465}
+    assert _load(written / "coordinator-pdb.yaml")["spec"]["minAvailable"] == 1
+
+
+def test_agent_daemonsets_follow_the_plan(written: Path) -> None:
+    for node, tmpfs in ((0, "14Gi"), (1, "3Gi")):  # an eighth of the smallest VM on the node
+        spec = _load(written / f"agent-node{node}.yaml")["spec"]["template"]["spec"]
+        assert spec["nodeSelector"] == {"numa-coordinator/numa-node": str(node)}
+        cmd = spec["containers"][0]["command"]
+        assert cmd[:4] == ["numactl", f"--membind={node}", f"--cpunodebind={node}", "staging-agent"]
+        assert cmd[cmd.index("--connect") + 1].startswith("tcp://numa-coordinator.")
+        vols = {v["name"]: v for v in spec["volumes"]}
+        assert vols["tmpfs"]["emptyDir"] == {"medium": "Memory", "sizeLimit": tmpfs}
+        assert vols["staging"]["hostPath"]["path"] == "/data/hot/staging"
+        assert vols["tls"]["secret"]["secretName"] == f"numa-coordinator-agent-node{node}"
+
+
+def test_the_generated_manifests_pass_the_semantic_check(plan: Plan) -> None:
+    assert check_manifests(plan, render_manifests(plan)) == []
+
+
+def _broken(plan: Plan, name: str, edit: Any) -> list[str]:
+    manifests = copy.deepcopy(render_manifests(plan))
+    edit(manifests[name]["spec"]["template"]["spec"])
+    return check_manifests(plan, manifests)
+
+
+def test_selector_on_a_label_the_plan_does_not_emit(plan: Plan) -> None:
+    def edit(spec: dict[str, Any]) -> None:
+        spec["nodeSelector"] = {"numa-coordinator/numa-node": "7"}
+
+    assert any("matches no node label" in p for p in _broken(plan, "agent-node0.yaml", edit))
+
+
+def test_missing_toleration(plan: Plan) -> None:
+    def edit(spec: dict[str, Any]) -> None:
+        spec["tolerations"] = [t for t in spec["tolerations"] if t.get("value") != "tasks"]
+
+    problems = _broken(plan, "agent-node1.yaml", edit)
+    assert any("workload=tasks:NoSchedule" in p and "k3s-worker-tasks" in p for p in problems)
+
+
+def test_command_bound_to_another_node(plan: Plan) -> None:
+    def edit(spec: dict[str, Any]) -> None:
+        cmd = spec["containers"][0]["command"]
+        cmd[1] = "--membind=1"
+
+    assert any("does not bind to NUMA node 0" in p for p in _broken(plan, "agent-node0.yaml", edit))
+
+    def edit_node(spec: dict[str, Any]) -> None:
+        cmd = spec["containers"][0]["command"]
+        cmd[cmd.index("--node") + 1] = "0"
+
+    assert any("--node 1" in p for p in _broken(plan, "agent-node1.yaml", edit_node))
+
+
+def test_tmpfs_over_the_vm_budget(plan: Plan) -> None:
+    def edit(spec: dict[str, Any]) -> None:
+        for v in spec["volumes"]:
+            if "emptyDir" in v:
+                v["emptyDir"]["sizeLimit"] = "30Gi"  # the tasks VM on node 1 has 24 GiB
+
+    assert any(
+        "exceeds the smallest VM on node 1 (24 GiB)" in p
+        for p in _broken(plan, "agent-node1.yaml", edit)
+    )
+
+    def edit_limit(spec: dict[str, Any]) -> None:
+        res = spec["containers"][0]["resources"]
+        res["requests"]["memory"] = res["limits"]["memory"] = "1Gi"  # smaller than the 3Gi tmpfs
+
+    assert any(
+        "must hold the 3Gi tmpfs" in p for p in _broken(plan, "agent-node1.yaml", edit_limit)
+    )
+
+
+def test_not_guaranteed_or_fractional_cpu(plan: Plan) -> None:
+    def edit(spec: dict[str, Any]) -> None:
+        spec["containers"][0]["resources"]["requests"]["cpu"] = "1"
+
+    assert any("not Guaranteed QoS" in p for p in _broken(plan, "agent-node0.yaml", edit))
+
+    def edit_cpu(spec: dict[str, Any]) -> None:
+        res = spec["containers"][0]["resources"]
+        res["requests"]["cpu"] = res["limits"]["cpu"] = "1500m"
+
+    assert any("not an integer" in p for p in _broken(plan, "agent-node0.yaml", edit_cpu))
+
+
+def test_write_refuses_manifests_that_contradict_the_plan(plan: Plan, tmp_path: Path) -> None:
+    # a tmpfs fraction over 1 sizes the emptyDir beyond the VM: the check stops the write
+    with pytest.raises(LayoutError, match="exceeds the smallest VM"):
+        write_k8s(plan, tmp_path, K8sOptions(tmpfs_fraction=2.0))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_writes_the_manifests(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coordinator.ctl.main",
+            "plan",
+            "--layout",
+            str(SEED),
+            "--k8s",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "kustomization.yaml").is_file()
+    assert f"under {tmp_path}" in proc.stdout
