@@ -16,7 +16,13 @@ import yaml
 
 from coordinator.core.config import load_config
 from coordinator.core.errors import LayoutError
-from coordinator.planner.k8s import K8sOptions, check_manifests, render_manifests, write_k8s
+from coordinator.planner.k8s import (
+    K8sOptions,
+    check_manifests,
+    render_manifests,
+    to_yaml,
+    write_k8s,
+)
 from coordinator.planner.layout import hardware_topology, load_layout
 from coordinator.planner.plan import Plan, make_plan
 
@@ -219,3 +225,17 @@ def test_cli_writes_the_manifests(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "kustomization.yaml").is_file()
     assert f"under {tmp_path}" in proc.stdout
+
+
+def test_the_files_hold_exactly_the_checked_objects(plan: Plan, written: Path) -> None:
+    # check_manifests sees the objects; the YAML written must parse back to the very same ones
+    for name, obj in render_manifests(plan).items():
+        assert _load(written / name) == obj, name
+
+
+def test_yaml_emitter_round_trips_awkward_values() -> None:
+    obj = {
+        "a/b": {"empty": {}, "none": [], "text": "line 1\n\n  indented\n", "n": 0, "t": True},
+        "list": [{"k": [1, "2", {"x": "y: z"}]}, [], [[1, 2], {"m": 3}], "- not a list"],
+    }
+    assert yaml.safe_load(to_yaml(obj, "comment")) == obj
