@@ -48,7 +48,7 @@ class K8sOptions:
     dsn: str = "postgresql://numa@postgres:5432/numa"
     agent_port: int = 7465
     metrics_port: int = 9465
-    tmpfs_fraction: float = 0.125  # of the smallest VM's memory on the node
+    tmpfs_fraction: float = 0.125  # of the agent VM's memory (agent_vm)
     agent_cpus: int = 2
     staging_host_path: str = _STAGING
     lake_host_path: str = _LAKE
@@ -91,9 +91,23 @@ def _node_vms(plan: Plan, node: int) -> list[Any]:
     return [vm for vm in plan.vms if vm.spec.node == node]
 
 
+def agent_vm(plan: Plan, node: int) -> Any:
+    """The one worker of NUMA node `node` that runs its staging agent: the VM with the most
+    memory there (the first such in the layout). One agent per node: the coordinator keeps one
+    connection per node, so a second agent for it would push the first off."""
+    vms = _node_vms(plan, node)
+    return max(vms, key=lambda vm: vm.spec.memory_gib) if vms else None
+
+
+def worker_labels(plan: Plan, vm: Any) -> set[tuple[str, str]]:
+    """The labels the plan gives a worker: the layout's, and <prefix>numa-node and <prefix>vm."""
+    prefix = plan.layout.label_prefix
+    auto = {(f"{prefix}numa-node", str(vm.spec.node)), (f"{prefix}vm", vm.spec.name)}
+    return {*vm.spec.labels, *(auto if prefix else set())}
+
+
 def _tmpfs_gib(plan: Plan, node: int, opts: K8sOptions) -> int:
-    smallest = min(vm.spec.memory_gib for vm in _node_vms(plan, node))
-    return max(1, int(smallest * opts.tmpfs_fraction))
+    return max(1, int(agent_vm(plan, node).spec.memory_gib * opts.tmpfs_fraction))
 
 
 def _service_host(opts: K8sOptions) -> str:
@@ -293,8 +307,12 @@ def _agent(plan: Plan, opts: K8sOptions, node: int) -> dict[str, Any]:
             "template": {
                 "metadata": {"labels": select},
                 "spec": {
-                    "nodeSelector": {_numa_label(plan): str(node)},
-                    "tolerations": _tolerations([vm.spec.taint for vm in _node_vms(plan, node)]),
+                    # On the node's one agent worker (agent_vm), by its numa-node and vm labels.
+                    "nodeSelector": {
+                        _numa_label(plan): str(node),
+                        f"{plan.layout.label_prefix}vm": agent_vm(plan, node).spec.name,
+                    },
+                    "tolerations": _tolerations([agent_vm(plan, node).spec.taint]),
                     "containers": [
                         {
                             "name": "staging-agent",
@@ -373,30 +391,27 @@ def _gib(quantity: object) -> int | None:
 def check_manifests(plan: Plan, manifests: dict[str, dict[str, Any]]) -> list[str]:
     """What in the DaemonSets contradicts the plan; empty when they agree."""
     problems: list[str] = []
-    label = f"{plan.layout.label_prefix}numa-node"
-    emitted = {(label, str(vm.spec.node)) for vm in plan.vms}
     for name, obj in manifests.items():
         if obj.get("kind") != "DaemonSet":
             continue
         spec = obj["spec"]["template"]["spec"]
         where = f"{name}: DaemonSet {obj['metadata']['name']}"
-        selector = spec.get("nodeSelector") or {}
-        targets = [v for k, v in selector.items() if (k, v) in emitted]
-        unknown = {k: v for k, v in selector.items() if (k, v) not in emitted}
-        if unknown or not targets:
+        selector = set((spec.get("nodeSelector") or {}).items())
+        workers = [vm for vm in plan.vms if selector and selector <= worker_labels(plan, vm)]
+        if len(workers) != 1:
+            found = ", ".join(vm.spec.k3s_node for vm in workers) or "none"
             problems.append(
-                f"{where}: nodeSelector {selector} matches no node label the plan emits "
-                f"({', '.join(sorted(f'{k}={v}' for k, v in emitted))})"
+                f"{where}: nodeSelector {dict(sorted(selector))} must match exactly one worker "
+                f"by the labels the plan emits (one agent per NUMA node); it matches {found}"
             )
             continue
-        node = int(targets[0])
-        vms = [vm for vm in plan.vms if vm.spec.node == node]
+        vm = workers[0]
+        node = vm.spec.node
         tolerations = spec.get("tolerations") or []
-        problems += [
-            f"{where}: no toleration for taint {vm.spec.taint!r} of {vm.spec.k3s_node}"
-            for vm in vms
-            if _taint(vm.spec.taint) not in tolerations
-        ]
+        if _taint(vm.spec.taint) not in tolerations:
+            problems.append(
+                f"{where}: no toleration for taint {vm.spec.taint!r} of {vm.spec.k3s_node}"
+            )
         containers = spec.get("containers") or []
         for c in containers:
             cmd = c.get("command") or []
@@ -416,7 +431,7 @@ def check_manifests(plan: Plan, manifests: dict[str, dict[str, Any]]) -> list[st
                     f"{where}: cpu limit {lim.get('cpu')!r} is not an integer; the static CPU "
                     "manager pins only integer CPUs"
                 )
-        smallest = min((vm.spec.memory_gib for vm in vms), default=0)
+        budget = vm.spec.memory_gib
         for vol in spec.get("volumes") or []:
             empty = vol.get("emptyDir")
             if empty is None:
@@ -432,15 +447,15 @@ def check_manifests(plan: Plan, manifests: dict[str, dict[str, Any]]) -> list[st
                     f"{where}: emptyDir {vol.get('name')} must be medium Memory with a "
                     "sizeLimit in Gi"
                 )
-            elif size > smallest:
+            elif size > budget:
                 problems.append(
-                    f"{where}: emptyDir {vol.get('name')} of {size}Gi exceeds the smallest VM "
-                    f"on node {node} ({smallest} GiB)"
+                    f"{where}: emptyDir {vol.get('name')} of {size}Gi exceeds the memory of "
+                    f"{vm.spec.k3s_node} ({budget} GiB)"
                 )
-            elif limit is None or size > limit or limit > smallest:
+            elif limit is None or size > limit or limit > budget:
                 problems.append(
-                    f"{where}: memory limit {limit}Gi must hold the {size}Gi tmpfs and fit the "
-                    f"smallest VM on node {node} ({smallest} GiB)"
+                    f"{where}: memory limit {limit}Gi must hold the {size}Gi tmpfs and fit "
+                    f"{vm.spec.k3s_node} ({budget} GiB)"
                 )
     return problems
 

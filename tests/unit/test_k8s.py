@@ -114,9 +114,13 @@ def test_coordinator_deployment(written: Path) -> None:
 
 
 def test_agent_daemonsets_follow_the_plan(written: Path) -> None:
-    for node, tmpfs in ((0, "14Gi"), (1, "3Gi")):  # an eighth of the smallest VM on the node
+    # One agent per NUMA node, on the node's largest worker; its tmpfs an eighth of that VM.
+    for node, vm, tmpfs in ((0, "slm-heavy", "14Gi"), (1, "data", "7Gi")):
         spec = _load(written / f"agent-node{node}.yaml")["spec"]["template"]["spec"]
-        assert spec["nodeSelector"] == {"numa-coordinator/numa-node": str(node)}
+        assert spec["nodeSelector"] == {
+            "numa-coordinator/numa-node": str(node),
+            "numa-coordinator/vm": vm,
+        }
         cmd = spec["containers"][0]["command"]
         assert cmd[:4] == ["numactl", f"--membind={node}", f"--cpunodebind={node}", "staging-agent"]
         assert cmd[cmd.index("--connect") + 1].startswith("tcp://numa-coordinator.")
@@ -140,15 +144,26 @@ def test_selector_on_a_label_the_plan_does_not_emit(plan: Plan) -> None:
     def edit(spec: dict[str, Any]) -> None:
         spec["nodeSelector"] = {"numa-coordinator/numa-node": "7"}
 
-    assert any("matches no node label" in p for p in _broken(plan, "agent-node0.yaml", edit))
+    assert any("it matches none" in p for p in _broken(plan, "agent-node0.yaml", edit))
+
+
+def test_a_selector_on_several_workers_would_run_two_agents_for_one_node(plan: Plan) -> None:
+    def edit(spec: dict[str, Any]) -> None:
+        spec["nodeSelector"] = {"numa-coordinator/numa-node": "1"}  # data, slm and tasks
+
+    problems = _broken(plan, "agent-node1.yaml", edit)
+    assert any(
+        "exactly one worker" in p and "k3s-worker-data, k3s-worker-slm, k3s-worker-tasks" in p
+        for p in problems
+    ), problems
 
 
 def test_missing_toleration(plan: Plan) -> None:
     def edit(spec: dict[str, Any]) -> None:
-        spec["tolerations"] = [t for t in spec["tolerations"] if t.get("value") != "tasks"]
+        spec["tolerations"] = [t for t in spec["tolerations"] if t.get("value") != "data"]
 
     problems = _broken(plan, "agent-node1.yaml", edit)
-    assert any("workload=tasks:NoSchedule" in p and "k3s-worker-tasks" in p for p in problems)
+    assert any("workload=data:NoSchedule" in p and "k3s-worker-data" in p for p in problems)
 
 
 def test_command_bound_to_another_node(plan: Plan) -> None:
@@ -169,19 +184,19 @@ def test_tmpfs_over_the_vm_budget(plan: Plan) -> None:
     def edit(spec: dict[str, Any]) -> None:
         for v in spec["volumes"]:
             if "emptyDir" in v:
-                v["emptyDir"]["sizeLimit"] = "30Gi"  # the tasks VM on node 1 has 24 GiB
+                v["emptyDir"]["sizeLimit"] = "61Gi"  # the data VM on node 1 has 60 GiB
 
     assert any(
-        "exceeds the smallest VM on node 1 (24 GiB)" in p
+        "exceeds the memory of k3s-worker-data (60 GiB)" in p
         for p in _broken(plan, "agent-node1.yaml", edit)
     )
 
     def edit_limit(spec: dict[str, Any]) -> None:
         res = spec["containers"][0]["resources"]
-        res["requests"]["memory"] = res["limits"]["memory"] = "1Gi"  # smaller than the 3Gi tmpfs
+        res["requests"]["memory"] = res["limits"]["memory"] = "1Gi"  # smaller than the 7Gi tmpfs
 
     assert any(
-        "must hold the 3Gi tmpfs" in p for p in _broken(plan, "agent-node1.yaml", edit_limit)
+        "must hold the 7Gi tmpfs" in p for p in _broken(plan, "agent-node1.yaml", edit_limit)
     )
 
 
@@ -200,7 +215,7 @@ def test_not_guaranteed_or_fractional_cpu(plan: Plan) -> None:
 
 def test_write_refuses_manifests_that_contradict_the_plan(plan: Plan, tmp_path: Path) -> None:
     # a tmpfs fraction over 1 sizes the emptyDir beyond the VM: the check stops the write
-    with pytest.raises(LayoutError, match="exceeds the smallest VM"):
+    with pytest.raises(LayoutError, match="exceeds the memory of"):
         write_k8s(plan, tmp_path, K8sOptions(tmpfs_fraction=2.0))
     assert list(tmp_path.iterdir()) == []
 
