@@ -18,6 +18,7 @@ from typing import Any
 
 from coordinator.core.errors import CoordinatorError, LayoutError
 from coordinator.core.topology import format_cpulist, load_json, read_topology
+from coordinator.planner.chain import check_chain, topology_from_capabilities
 from coordinator.planner.k8s import write_k8s
 from coordinator.planner.layout import VmSpec, hardware_topology, load_layout
 from coordinator.planner.plan import Plan, VmPlan, make_plan, totals
@@ -277,11 +278,22 @@ def _cli(args: argparse.Namespace) -> int:
         layout = load_layout(args.layout)
         if args.topology is not None:
             topo = load_json(args.topology)
+        elif args.capabilities is not None:
+            try:
+                caps = Path(args.capabilities).read_text()
+            except OSError as exc:
+                raise LayoutError(f"--capabilities {args.capabilities}: {exc}") from exc
+            topo = topology_from_capabilities(caps, args.capabilities)
         elif args.from_host or args.sysfs_root is not None:
             topo = read_topology(args.sysfs_root or "/")
         else:
             topo = hardware_topology(layout)
         plan = make_plan(layout, topo)
+        if args.check_chain:
+            domains = {vm.spec.name: render_domain_fragment(vm) for vm in plan.vms}
+            result = check_chain(plan, domains)
+            print(result.report, end="")
+            return 1 if result.problems else 0
         written = write_plan(plan, args.out) if args.out is not None else []
         if args.k8s is not None:
             written += write_k8s(plan, args.k8s)
@@ -313,6 +325,9 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "--topology", metavar="FILE", help="topology JSON from 'coordinatorctl topology --json'"
     )
     source.add_argument("--from-host", action="store_true", help="read this machine's sysfs")
+    source.add_argument(
+        "--capabilities", metavar="FILE", help="the host's NUMA topology from 'virsh capabilities'"
+    )
     parser.add_argument("--sysfs-root", metavar="DIR", help="read DIR/sys (implies --from-host)")
     parser.add_argument("--out", metavar="DIR", help="write the generated files under DIR")
     parser.add_argument(
@@ -321,4 +336,10 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="write Kubernetes manifests for kubectl apply -k DIR, checked against the plan",
     )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument(
+        "--check-chain",
+        action="store_true",
+        help="report each worker's pin chain (host thread, vCPU pin, guest NUMA node, kubelet, "
+        "agent container); exit 1 on any break",
+    )
     parser.set_defaults(func=_cli)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import pytest
 import yaml
 
 from coordinator.core.errors import LayoutError
+from coordinator.planner.chain import check_chain, topology_from_capabilities
 from coordinator.planner.k8s import agent_cpus_by_worker, render_manifests, write_k8s
 from coordinator.planner.kubelet import (
     KubeletOptions,
@@ -21,6 +24,7 @@ from coordinator.planner.kubelet import (
 )
 from coordinator.planner.layout import hardware_topology, load_layout
 from coordinator.planner.plan import Plan, make_plan
+from coordinator.planner.render import render_domain_fragment
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "config" / "layout.seed.toml"
@@ -125,3 +129,167 @@ def test_host_reserve_overlapping_a_vcpu_is_refused(plan: Plan, tmp_path: Path) 
     )
     with pytest.raises(LayoutError, match="reserved host cpu"):
         write_k8s(bad, tmp_path)
+
+
+# --- plan --check-chain: host thread -> libvirt vCPU pin -> guest NUMA node -> kubelet -> agent
+
+
+def _domains(plan: Plan) -> dict[str, str]:
+    return {vm.spec.name: render_domain_fragment(vm) for vm in plan.vms}
+
+
+def _edit(text: str, old: str, new: str) -> str:
+    assert old in text
+    return text.replace(old, new, 1)
+
+
+def test_the_seed_chain_breaks_only_where_node1s_agent_binds_a_node_its_guest_lacks(
+    plan: Plan,
+) -> None:
+    result = check_chain(plan, _domains(plan))
+    assert "k3s-worker-slm-heavy (vm slm-heavy, host NUMA node 0):" in result.report
+    assert "  libvirt vCPU pin  vCPU 0-31 -> 2-17,38-53" in result.report
+    assert "  kubelet           reserved 0-1, allocatable 2-31" in result.report
+    # the domain XML gives each guest one NUMA node, 0: numactl --membind=1 fails in data's guest
+    assert result.problems == (
+        "agent container: agent-node1.yaml: numactl --membind=1 on k3s-worker-data, whose "
+        "guest has NUMA node(s) 0",
+        "agent container: agent-node1.yaml: numactl --cpunodebind=1 on k3s-worker-data, whose "
+        "guest has NUMA node(s) 0",
+        "agent container: agent-node1.yaml: '2' CPUs on k3s-worker-data, but guest NUMA node 1 "
+        "has 0 allocatable CPUs",
+    )
+    assert result.report.rstrip().splitlines()[-4] == "pin chain: BROKEN"
+
+
+def test_a_guest_with_the_agents_numa_node_closes_the_chain(plan: Plan) -> None:
+    domains = _domains(plan)
+    domains["data"] = _edit(
+        domains["data"],
+        "</cpu>",
+        '<numa><cell id="0" cpus="0-7" memory="30" unit="GiB"/>'
+        '<cell id="1" cpus="8-15" memory="30" unit="GiB"/></numa></cpu>',
+    )
+    result = check_chain(plan, domains)
+    assert result.problems == ()
+    assert result.report.endswith("pin chain: OK\n")
+    assert "  guest NUMA node   0: cpus 0-7, 1: cpus 8-15" in result.report
+
+
+def test_each_link_names_itself_when_broken(plan: Plan) -> None:
+    heavy = next(vm for vm in plan.vms if vm.spec.name == "slm-heavy")
+    cases = {
+        "libvirt vCPU pin: vm 'slm-heavy': vCPUs 3 are not pinned": (
+            "slm-heavy",
+            f'vcpu="3" cpuset="{dict(heavy.vcpupins)[3]}"',
+            'vcpu="3" cpuset="70"',
+        ),
+        "libvirt vCPU pin: vm 'slm-heavy': numatune memory is not bound to node 0": (
+            "slm-heavy",
+            'nodeset="0"',
+            'nodeset="1"',
+        ),
+        "libvirt vCPU pin: vm 'slm-heavy': emulatorpin 2 runs on vCPU threads": (
+            "slm-heavy",
+            '<emulatorpin cpuset="0-1,36-37"',
+            '<emulatorpin cpuset="0-2,36-37"',
+        ),
+        "guest NUMA node: vm 'slm-heavy': vCPUs 16-31 are in no guest NUMA node": (
+            "slm-heavy",
+            "</cpu>",
+            '<numa><cell id="0" cpus="0-15" memory="118" unit="GiB"/></numa></cpu>',
+        ),
+    }
+    for want, (vm, old, new) in cases.items():
+        domains = _domains(plan)
+        domains[vm] = _edit(domains[vm], old, new)
+        problems = check_chain(plan, domains).problems
+        assert any(p.startswith(want) for p in problems), (want, problems)
+
+
+def test_kubelet_and_agent_links(plan: Plan) -> None:
+    kubelets = {vm.spec.k3s_node: render_kubelet_config(vm) for vm in plan.vms}
+    kubelets["k3s-worker-slm-heavy"]["reservedSystemCPUs"] = "0-31"
+    kubelets["k3s-worker-slm-heavy"]["reservedMemory"][0]["numaNode"] = 3
+    problems = check_chain(plan, _domains(plan), kubelets).problems
+    assert any(
+        p.startswith("kubelet: k3s-worker-slm-heavy: reservedMemory on guest NUMA node 3")
+        for p in problems
+    )
+    assert any(
+        p.startswith(
+            "agent container: agent-node0.yaml: '2' CPUs on k3s-worker-slm-heavy, but "
+            "guest NUMA node 0 has 0 allocatable CPUs"
+        )
+        for p in problems
+    )
+
+
+def test_host_thread_on_the_wrong_node(plan: Plan) -> None:
+    heavy = next(vm for vm in plan.vms if vm.spec.name == "slm-heavy")
+    away = plan.topology.node(1).cores[-1]
+    bad_vm = dataclasses.replace(heavy, cores=(*heavy.cores[:-1], away))
+    bad = dataclasses.replace(plan, vms=tuple(bad_vm if v is heavy else v for v in plan.vms))
+    problems = check_chain(bad, _domains(bad)).problems
+    assert any(
+        p.startswith("host thread: vm 'slm-heavy': host cpus 35,71 are not on node 0")
+        for p in problems
+    ), problems
+
+
+def _capabilities(plan: Plan) -> str:
+    cells = "".join(
+        f'<cell id="{n.id}"><memory unit="KiB">{n.mem_total_kib}</memory><distances>'
+        + "".join(f'<sibling id="{o}" value="{d}"/>' for o, d in n.distances)
+        + f'</distances><cpus num="{len(n.cpus)}">'
+        + "".join(
+            f'<cpu id="{t}" socket_id="{c.package}" die_id="0" core_id="{c.core_id}" '
+            f'siblings="{",".join(map(str, c.threads))}"/>'
+            for c in n.cores
+            for t in c.threads
+        )
+        + "</cpus></cell>"
+        for n in plan.topology.nodes
+    )
+    return (
+        f'<capabilities><host><uuid>x</uuid><topology><cells num="{len(plan.topology.nodes)}">'
+        f"{cells}</cells></topology></host></capabilities>"
+    )
+
+
+def test_capabilities_give_the_same_topology(plan: Plan) -> None:
+    topo = topology_from_capabilities(_capabilities(plan), "caps.xml")
+    for mine, theirs in zip(topo.nodes, plan.topology.nodes, strict=True):
+        assert (mine.id, mine.cpus, mine.cores, mine.mem_total_kib) == (
+            theirs.id,
+            theirs.cpus,
+            theirs.cores,
+            theirs.mem_total_kib,
+        )
+    with pytest.raises(LayoutError, match=r"caps\.xml: no host/topology/cells/cell"):
+        topology_from_capabilities("<capabilities/>", "caps.xml")
+    with pytest.raises(LayoutError, match=r"caps\.xml: not XML"):
+        topology_from_capabilities("<capabilities", "caps.xml")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator.ctl.main", "plan", "--layout", str(SEED), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def test_cli_check_chain_from_capabilities(plan: Plan, tmp_path: Path) -> None:
+    caps = tmp_path / "caps.xml"
+    caps.write_text(_capabilities(plan))
+    proc = _cli("--capabilities", str(caps), "--check-chain")
+    assert proc.returncode == 1, proc.stderr
+    assert "k3s-worker-data (vm data, host NUMA node 1):" in proc.stdout
+    assert "pin chain: BROKEN" in proc.stdout
+    assert "numactl --membind=1 on k3s-worker-data" in proc.stdout
+    proc = _cli("--capabilities", str(tmp_path / "missing.xml"), "--check-chain")
+    assert proc.returncode == 1
+    assert f"--capabilities {tmp_path / 'missing.xml'}" in proc.stderr
