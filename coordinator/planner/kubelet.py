@@ -74,7 +74,13 @@ def render_kubelet_config(vm: VmPlan, opts: KubeletOptions | None = None) -> dic
         "reservedSystemCPUs": format_cpulist(reserved_cpus(vm, opts)),
         "kubeReserved": {"memory": f"{opts.kube_reserved_mib}Mi"},
         "systemReserved": {"memory": f"{opts.system_reserved_mib}Mi"},
-        "evictionHard": {"memory.available": f"{opts.eviction_mib}Mi"},
+        # Setting evictionHard replaces the kubelet's defaults, so the others are restated.
+        "evictionHard": {
+            "memory.available": f"{opts.eviction_mib}Mi",
+            "nodefs.available": "10%",
+            "nodefs.inodesFree": "5%",
+            "imagefs.available": "15%",
+        },
         "reservedMemory": [
             {"numaNode": 0, "limits": {"memory": f"{opts.reserved_memory_mib}Mi"}},
         ],
