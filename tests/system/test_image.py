@@ -193,13 +193,16 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     copied = [a for w, a in _stages(CONTAINERFILE.read_text())[0] if w == "COPY"]
     assert copied, "the build stage copies nothing"
     for args in copied:
-        *names, _dest = args.split()
+        *names, dest = args.split()
+        into = dest.endswith("/") or len(names) > 1  # COPY's rule: a folder when it ends in /
         for name in names:
-            path = ROOT / name
-            if path.is_dir():
-                shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+            path, target = ROOT / name, src / dest
+            if path.is_dir():  # COPY copies a folder's contents, not the folder itself
+                shutil.copytree(path, target, ignore=shutil.ignore_patterns("__pycache__"))
             else:
-                shutil.copy2(path, src / name)
+                target = target / path.name if into else target
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
     out = tmp_path_factory.mktemp("wheels")
     argv = BUILD_COMMAND.replace("/wheels", str(out)).split()
     built = _run([sys.executable, *argv[1:]], cwd=src)
