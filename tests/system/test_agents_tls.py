@@ -128,24 +128,29 @@ def node0(d: Daemon) -> dict[str, Any]:
     return next(a for a in d.status()["agents"] if a["node"] == 0)
 
 
+def agent_command(env: Env, *args: str) -> list[str]:
+    """staging-agent for node 0 under numactl, bound to node 0, with extra arguments."""
+    return [
+        "numactl",
+        "--membind=0",
+        "--cpunodebind=0",
+        sys.executable,
+        "-m",
+        "agents.agent",
+        "--node",
+        "0",
+        "--config",
+        str(env.config),
+        *args,
+    ]
+
+
 class Agent:
     """A real staging-agent for node 0, started by the test, bound with numactl."""
 
     def __init__(self, env: Env, *args: str) -> None:
         self.log = env.root / f"agent-{time.monotonic_ns()}.log"
-        cmd = [
-            "numactl",
-            "--membind=0",
-            "--cpunodebind=0",
-            sys.executable,
-            "-m",
-            "agents.agent",
-            "--node",
-            "0",
-            "--config",
-            str(env.config),
-            *args,
-        ]
+        cmd = agent_command(env, *args)
         with open(self.log, "ab") as f:
             self.proc = subprocess.Popen(
                 cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
@@ -542,24 +547,9 @@ def test_keys_others_may_read_and_missing_files_stop_both_sides_at_start(
     agent_key.write_bytes(Path(pki.key("node-0")).read_bytes())
     agent_key.chmod(0o604)  # others may read it
     r = subprocess.run(
-        [
-            "numactl",
-            "--membind=0",
-            "--cpunodebind=0",
-            sys.executable,
-            "-m",
-            "agents.agent",
-            "--node",
-            "0",
-            "--config",
-            str(env.config),
-            "--connect",
-            listen,
-            "--tls-cert",
-            pki.cert("node-0"),
-            "--tls-key",
-            str(agent_key),
-        ],
+        agent_command(
+            env, "--connect", listen, "--tls-cert", pki.cert("node-0"), "--tls-key", str(agent_key)
+        ),
         capture_output=True,
         text=True,
         cwd=ROOT,
