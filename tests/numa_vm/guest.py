@@ -21,7 +21,6 @@ agents, and writes everything to JOB_DIR/result.json. The checks are test_numa_v
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -39,60 +38,13 @@ sys.path.insert(0, str(ROOT))
 
 import anyio  # noqa: E402
 from anyio.abc import SocketStream  # noqa: E402
+from guestlib import mount_tmpfs, shmem_kb, topology, uptime  # noqa: E402
 
 from coordinator.core.protocol import AGENT_TYPES, LineReader, decode, encode  # noqa: E402
 
 WORK = Path("/run/nvm")
 SOCKET = WORK / "agents.sock"
 STEP_TIMEOUT = 120.0
-
-
-def uptime() -> float:
-    """Seconds since the guest booted."""
-    return float(Path("/proc/uptime").read_text().split()[0])
-
-
-def shmem_kb() -> dict[str, int]:
-    """Shmem (tmpfs and shared memory) per node, in kB, from the kernel's per-node meminfo.
-
-    The node counters lag behind per-CPU deltas (folded about once a second); stat_refresh
-    folds them now, so a delta is exact rather than off by a few dozen pages.
-    """
-    try:
-        Path("/proc/sys/vm/stat_refresh").write_text("1")
-    except OSError:  # EINVAL when some unrelated counter is transiently negative
-        time.sleep(2.0)
-    out = {}
-    for d in sorted(Path("/sys/devices/system/node").glob("node[0-9]*")):
-        for line in (d / "meminfo").read_text().splitlines():
-            # "Node 1 Shmem:             2048 kB"
-            parts = line.split()
-            if parts[2] == "Shmem:":
-                out[parts[1]] = int(parts[3])
-    return out
-
-
-def topology() -> dict[str, Any]:
-    """Nodes, their CPUs and distances as the guest kernel sees them."""
-    base = Path("/sys/devices/system/node")
-    nodes = sorted(int(d.name[4:]) for d in base.glob("node[0-9]*"))
-    return {
-        "nodes": nodes,
-        "cpus": {str(n): (base / f"node{n}" / "cpulist").read_text().strip() for n in nodes},
-        "distance": {
-            str(n): [int(x) for x in (base / f"node{n}" / "distance").read_text().split()]
-            for n in nodes
-        },
-    }
-
-
-def mount_tmpfs(target: Path, options: str) -> None:
-    """mount -t tmpfs -o OPTIONS tmpfs TARGET, through libc (no mount binary needed)."""
-    target.mkdir(parents=True, exist_ok=True)
-    libc = ctypes.CDLL(None, use_errno=True)
-    rc = libc.mount(b"tmpfs", os.fsencode(target), b"tmpfs", 0, options.encode())
-    if rc != 0:
-        raise OSError(ctypes.get_errno(), f"mount tmpfs on {target} -o {options}")
 
 
 def write_config(path: Path, node_tmpfs: str) -> Path:
@@ -197,10 +149,10 @@ async def drive(result: dict[str, Any], agents: dict[str, int]) -> None:
         batch = SPEC["batch_id"]
         files = [f"{m}.parquet" for m in SPEC["models"]]
         for label in agents:
-            before = shmem_kb()
+            before = shmem_kb(refresh=True)
             t0 = time.monotonic()
             reply = await conns[label].request({"type": "stage", "batch_id": batch, "files": files})
-            after = shmem_kb()
+            after = shmem_kb(refresh=True)
             result["stage"][label] = {
                 "reply": reply,
                 "wall_s": round(time.monotonic() - t0, 3),
@@ -217,11 +169,11 @@ async def drive(result: dict[str, Any], agents: dict[str, int]) -> None:
             )
             result["crosscheck"][label] = {"reply": reply}
         for label in ("node0", "node1"):
-            before = shmem_kb()
+            before = shmem_kb(refresh=True)
             reply = await conns[label].request(
                 {"type": "aggregate", "batch_id": batch, "models": SPEC["models"]}
             )
-            after = shmem_kb()
+            after = shmem_kb(refresh=True)
             files = {}
             tmpfs = conns[label].hello["tmpfs"]  # the reply's paths are relative to it
             for key in ("rows_csv", "parquet"):
@@ -245,9 +197,9 @@ async def drive(result: dict[str, Any], agents: dict[str, int]) -> None:
             # relative to the lake's root
             result["archive"]["files"] = sorted(os.listdir(WORK / "lake" / reply["lake_path"]))
         for label in agents:
-            before = shmem_kb()
+            before = shmem_kb(refresh=True)
             reply = await conns[label].request({"type": "purge", "batch_id": batch})
-            after = shmem_kb()
+            after = shmem_kb(refresh=True)
             result["purge"][label] = {
                 "reply": reply,
                 "shmem_kb_delta": {n: after[n] - before[n] for n in after},

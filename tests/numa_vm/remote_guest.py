@@ -23,7 +23,6 @@ JOB_DIR/agent-node<N>.log.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -40,33 +39,9 @@ JOB = Path(sys.argv[1])
 SPEC = json.loads((JOB / "job.json").read_text())
 ROOT = Path(SPEC["root"])
 WORK = Path("/run/nvm")
+from guestlib import mount_tmpfs, shmem_kb, topology, uptime  # noqa: E402
+
 HOST = "10.0.2.2"  # the host's loopback, as QEMU's user-mode network presents it
-
-
-def uptime() -> float:
-    """Seconds since the guest booted."""
-    return float(Path("/proc/uptime").read_text().split()[0])
-
-
-def shmem_kb() -> dict[str, int]:
-    """Shmem (tmpfs and shared memory) per node, in kB, from the kernel's per-node meminfo."""
-    out = {}
-    for d in sorted(Path("/sys/devices/system/node").glob("node[0-9]*")):
-        for line in (d / "meminfo").read_text().splitlines():
-            parts = line.split()  # "Node 1 Shmem:             2048 kB"
-            if parts[2] == "Shmem:":
-                out[parts[1]] = int(parts[3])
-    return out
-
-
-def topology() -> dict[str, Any]:
-    """Nodes and their CPUs as the guest kernel sees them."""
-    base = Path("/sys/devices/system/node")
-    nodes = sorted(int(d.name[4:]) for d in base.glob("node[0-9]*"))
-    return {
-        "nodes": nodes,
-        "cpus": {str(n): (base / f"node{n}" / "cpulist").read_text().strip() for n in nodes},
-    }
 
 
 def network() -> dict[str, Any]:
@@ -96,15 +71,6 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
             "answer": answer.decode().strip(),
             "seconds": round(time.monotonic() - t0, 3),
         }
-
-
-def mount_tmpfs(target: Path, options: str) -> None:
-    """mount -t tmpfs -o OPTIONS tmpfs TARGET, through libc (no mount binary needed)."""
-    target.mkdir(parents=True, exist_ok=True)
-    libc = ctypes.CDLL(None, use_errno=True)
-    rc = libc.mount(b"tmpfs", os.fsencode(target), b"tmpfs", 0, options.encode())
-    if rc != 0:
-        raise OSError(ctypes.get_errno(), f"mount tmpfs on {target} -o {options}")
 
 
 class Sampler(threading.Thread):
