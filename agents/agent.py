@@ -86,6 +86,7 @@ class Agent:
         self.models = config.node(node).models
         self.crosscheck_fn = load_crosscheck(config.crosscheck_function)
         self.lake = Lake(paths.lake)
+        self.lake_uri = paths.lake
         # Every file under these is reached from their descriptors, never followed through a
         # link (coordinator.core.roots): staging is shared with the models' writers.
         self.staging = Root(paths.staging)
@@ -260,7 +261,11 @@ class Agent:
                             "memory; the batch is aggregated again"
                         )
                     fds.append((name, _open_checked(local, name, None)))
-            _, nbytes = self.lake.archive_fds(batch_id, date, fds)
+            commits: dict[str, tuple[str, str]] | None = None
+            if msg.bases:
+                nbytes, commits = self._archive_iceberg(msg, dict(fds))
+            else:
+                _, nbytes = self.lake.archive_fds(batch_id, date, fds)
         finally:
             for _, fd in fds:
                 os.close(fd)
@@ -270,7 +275,30 @@ class Agent:
             bytes=nbytes,
             seconds=time.perf_counter() - t0,
             node=self.node,
+            commits=commits,
         )
+
+    def _archive_iceberg(
+        self, msg: Archive, sources: dict[str, int]
+    ) -> tuple[int, dict[str, tuple[str, str]]]:
+        """The Iceberg lake: write the batch's data files and each table's next metadata file
+        from the locations the coordinator sent; the coordinator commits them (docs/lake.md)."""
+        from agents import iceberg
+        from coordinator.core.iceberg import warehouse_and_properties
+        from coordinator.core.summary import AggregateSummary
+
+        _, props = warehouse_and_properties(self.lake_uri, self.config.lake.credentials_file)
+        rows = iceberg.rows_for(
+            msg.batch_id,
+            msg.date,
+            list(msg.models),
+            sources,
+            AggregateSummary.from_wire(msg.summary or {}),
+        )
+        prepared = iceberg.prepare_batch(
+            msg.batch_id, msg.date, self.config.lake.namespace, msg.bases, rows, props
+        )
+        return prepared.bytes, dict(prepared)
 
     def purge(self, msg: Purge) -> Purged:
         """Drop the batch's node-local copies."""

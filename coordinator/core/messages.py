@@ -177,6 +177,9 @@ class Archived(Reply):
     lake_path: str  # relative to the lake's root: batches/date=YYYY-MM-DD/batch=<id>
     bytes: int
     seconds: float
+    # Iceberg lake: table -> [the metadata location it started from, the one it wrote ("" when
+    # the table already held the batch)]; the coordinator swaps them in (docs/lake.md).
+    commits: dict[str, tuple[str, str]] | None = field(default=None, metadata=_OMIT_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -245,6 +248,10 @@ class Archive(Request[Archived]):
     date: str  # YYYY-MM-DD, the lake partition
     models: tuple[str, ...]
     idents: dict[str, Ident] = field(default_factory=dict)  # <m>.parquet -> as counted
+    # Iceberg lake: table -> its current metadata location (empty: the plain Parquet lake),
+    # and the aggregate's summary (the agreement table's rows).
+    bases: dict[str, str] | None = field(default=None, metadata=_OMIT_NONE)
+    summary: dict[str, Any] | None = field(default=None, metadata=_OMIT_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -34,9 +34,16 @@ from coordinator.core.errors import (
     FencedError,
     NotLeaderError,
 )
+from coordinator.core.iceberg import CATALOG_NAME
 from coordinator.core.summary import COPY_COLUMNS, AggregateSummary
 
 log = structlog.get_logger("coordinator.daemon.ledger")
+
+
+class _LakeMoved(Exception):
+    """A lake table's catalog row moved since the agent read it (rolls the transaction back)."""
+
+
 T = TypeVar("T")
 
 # Each entry moves the schema from version i to i+1. Never edit a shipped entry: append.
@@ -791,6 +798,85 @@ class Ledger:
             return None
 
         return await self._run(op)
+
+    async def lake_locations(self, catalog_schema: str, namespace: str) -> dict[str, str]:
+        """The Iceberg lake's tables and their current metadata locations, from the catalog's
+        rows (pyiceberg's SQL catalog, `catalog_schema`)."""
+
+        async def op(c: asyncpg.Connection) -> dict[str, str]:
+            rows = await c.fetch(
+                f'SELECT table_name, metadata_location FROM "{catalog_schema}".iceberg_tables'
+                " WHERE catalog_name = $1 AND table_namespace = $2",
+                CATALOG_NAME,
+                namespace,
+            )
+            return {r["table_name"]: r["metadata_location"] for r in rows}
+
+        return await self._run(op)
+
+    async def commit_archive(
+        self,
+        batch_id: str,
+        *,
+        catalog_schema: str,
+        namespace: str,
+        commits: Mapping[str, tuple[str, str]],
+        lake_path: str,
+        timings: Mapping[str, Any],
+    ) -> bool:
+        """The Iceberg lake's commit and the ledger's, in one transaction: each table's
+        catalog row moves from the metadata location the agent started from to the one it
+        wrote (a compare-and-set, as pyiceberg's SQL catalog commits), and the batch moves to
+        `archived`. Return False, and write nothing, when a table moved meanwhile (another
+        writer committed first: the caller prepares again) or the batch is not `committed`
+        any more (archived before: nothing to do)."""
+        if not self.health.leader:
+            raise NotLeaderError("not the leader: refusing to archive batch " + batch_id)
+        await self.flush(batch_id)
+
+        async def op(c: asyncpg.Connection) -> bool:
+            async with c.transaction():
+                await self._check_epoch(c)
+                row = await c.fetchrow(
+                    f"SELECT state, host_id FROM {self._s}.batches WHERE batch_id = $1 FOR UPDATE",
+                    batch_id,
+                )
+                if row is None:
+                    raise DatabaseError(f"batch {batch_id}: no ledger row to archive")
+                self._own(batch_id, row["host_id"])
+                if not may_move(State(row["state"]), State.ARCHIVED):
+                    return False
+                for table, (base, new) in commits.items():
+                    if not new:
+                        continue  # the table already held the batch
+                    status = await c.execute(
+                        f'UPDATE "{catalog_schema}".iceberg_tables'
+                        " SET metadata_location = $5, previous_metadata_location = $4"
+                        " WHERE catalog_name = $1 AND table_namespace = $2 AND table_name = $3"
+                        " AND metadata_location = $4",
+                        CATALOG_NAME,
+                        namespace,
+                        table,
+                        base,
+                        new,
+                    )
+                    if status != "UPDATE 1":
+                        raise _LakeMoved(table)
+                hooks.pause("lake_commit")  # tests kill the process here, inside the transaction
+                await c.execute(
+                    f"UPDATE {self._s}.batches SET state = 'archived', lake_path = $2,"
+                    " timings = timings || $3::jsonb, updated_at = now() WHERE batch_id = $1",
+                    batch_id,
+                    lake_path,
+                    json.dumps(dict(timings)),
+                )
+            return True
+
+        try:
+            return await self._run(op)
+        except _LakeMoved as e:
+            log.warning("lake table moved meanwhile; preparing again", table=str(e))
+            return False
 
     def _own(self, batch_id: str, host_id: str) -> None:
         """BatchOfAnotherHost unless the ledger row of `batch_id` is this host's."""

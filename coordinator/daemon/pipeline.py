@@ -10,7 +10,7 @@ import enum
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,12 @@ from coordinator.core.batch import State, Step, aggregate_node, may_move
 from coordinator.core.errors import (
     AgentError,
     CoordinatorError,
+    LakeError,
     NoSpaceError,
     NotLeaderError,
     ProtocolError,
 )
+from coordinator.core.iceberg import LakeSpec
 from coordinator.core.lake_paths import batch_key, batch_path
 from coordinator.core.messages import (
     Aggregate,
@@ -75,6 +77,10 @@ class Context:
     lake_root: str
     in_flight: anyio.Semaphore
     last_placement: dict[int, float]  # node -> placement fraction of the last staged batch
+    # The Iceberg lake (lake.format = "iceberg"), None for the plain Parquet one; its commits
+    # are made one at a time (each is a compare-and-set on the tables' catalog rows).
+    lake: LakeSpec | None = None
+    lake_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
 
 def idents_for_agent(idents: dict[str, Ident], *, remote: bool) -> dict[str, Ident]:
@@ -400,7 +406,12 @@ class Pipeline:
     async def archive(self, agg: AggregateFiles) -> None:
         """The aggregating agent copies the batch into the lake (raw results from its node's
         copies, cross-check results from staging, its aggregates.parquet last); the
-        coordinator's own process copies nothing."""
+        coordinator's own process copies nothing. An Iceberg lake's commit is the
+        coordinator's, in the ledger's transaction (`_archive_iceberg`)."""
+        if self.ctx.lake is not None:
+            async with self.ctx.lake_lock:
+                await self._archive_iceberg(agg, self.ctx.lake)
+            return
         run = self.run_
         t0 = time.perf_counter()
         reply = await self.ctx.hub.request(
@@ -428,6 +439,62 @@ class Pipeline:
         run.timings[Phase.ARCHIVE.key(agg.node)] = round(float(reply.seconds) * 1000, 3)
         await self._set(State.ARCHIVED, durable=True, lake_path=path, timings=run.timings)
         self.log.info("batch archived", lake=path, bytes=reply.bytes, node=agg.node)
+
+    async def _archive_iceberg(self, agg: AggregateFiles, lake: LakeSpec) -> None:
+        """The agent writes the batch's data files and each table's next metadata file from
+        the tables' current metadata locations; this process then swaps the locations in the
+        catalog and marks the batch archived in one transaction (docs/lake.md). Raises
+        LakeError when a table moved meanwhile (another writer): the retry prepares again."""
+        run = self.run_
+        t0 = time.perf_counter()
+        bases = await self.ledger.lake_locations(lake.schema, lake.namespace)
+        reply = await self.ctx.hub.request(
+            agg.node,
+            Archive(
+                batch_id=run.batch_id,
+                date=run.date,
+                models=run.models,
+                idents=self._idents_for(
+                    agg.node, {f"{m}.parquet": run.counted[m] for m in run.counted}
+                ),
+                bases=bases,
+                summary=agg.summary.to_wire(),
+            ),
+            within_s=self.cfg.agents.step_timeout_s,
+        )
+        commits = dict(reply.commits or {})
+        if set(commits) != set(bases) or any(commits[t][0] != bases[t] for t in commits):
+            raise ProtocolError(
+                f"agent on node {agg.node}: archived {run.batch_id} from metadata "
+                f"{commits}, expected the bases {bases}"
+            )
+        if len({bool(new) for _, new in commits.values()}) > 1:
+            # The tables are committed together or not at all: some holding the batch and
+            # others not is a lake someone else changed.
+            raise LakeError(
+                f"lake: batch {run.batch_id} is in some tables and not others: {commits}"
+            )
+        hooks.crash_point("lake_prepared")  # tests kill -9 here: files written, nothing committed
+        run.timings[Phase.ARCHIVE.key()] = round((time.perf_counter() - t0) * 1000, 3)
+        run.timings[Phase.ARCHIVE.key(agg.node)] = round(float(reply.seconds) * 1000, 3)
+        where = commits["aggregates"][1] or bases["aggregates"]
+        done = await self.ledger.commit_archive(
+            run.batch_id,
+            catalog_schema=lake.schema,
+            namespace=lake.namespace,
+            commits=commits,
+            lake_path=where,
+            timings=run.timings,
+        )
+        if not done:
+            state = await self.ledger.get(run.batch_id)
+            if state is not None and state["state"] in (State.ARCHIVED.value, State.DONE.value):
+                self.log.warning("batch was archived before; nothing committed again")
+            else:
+                raise LakeError(f"lake: a table moved while {run.batch_id} was prepared")
+        self.ctx.runs.move(run, State.ARCHIVED)
+        hooks.crash_point(State.ARCHIVED.value)
+        self.log.info("batch archived", lake=where, bytes=reply.bytes, node=agg.node)
 
     async def _archive_until_done(self, agg: AggregateFiles | None) -> None:
         """The rows are committed, so the lake must follow: retry a failing lake with backoff

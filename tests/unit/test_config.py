@@ -397,6 +397,7 @@ DEFAULTS_BEFORE: dict[str, Any] = {
     },
     "host": {"id": "", "lease_s": 10.0},
     "parquet": {"compression": "zstd", "level": 3},
+    "lake": {"format": "parquet", "namespace": "numa", "credentials_file": ""},
     "barrier": {
         "backend": "inotify",
         "debounce_ms": 20,
@@ -436,6 +437,9 @@ RESTART_KEYS = [
     "database.schema",
     "host.id",
     "host.lease_s",
+    "lake.format",
+    "lake.namespace",
+    "lake.credentials_file",
     "agents.listen",
     "metrics.listen",
     "node.id",
@@ -447,6 +451,7 @@ RESTART_KEYS = [
 
 CHOICES = {
     "parquet.compression": ("zstd", "snappy", "gzip", "brotli", "lz4", "none"),
+    "lake.format": ("parquet", "iceberg"),
     "barrier.backend": ("inotify", "watchfiles", "notify", "poll"),
     "log.level": ("debug", "info", "warning", "error"),
     "log.format": ("auto", "json", "console"),

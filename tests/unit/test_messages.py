@@ -366,8 +366,11 @@ def test_the_fields_a_message_may_leave_out() -> None:
         ("aggregate", "req"),
         ("aggregate", "rows_via"),
         ("aggregated", "req"),
+        ("archive", "bases"),
         ("archive", "idents"),
         ("archive", "req"),
+        ("archive", "summary"),
+        ("archived", "commits"),
         ("archived", "req"),
         ("crosscheck", "req"),
         ("crosschecked", "idents"),
@@ -545,3 +548,30 @@ def test_decode_of_a_valid_message_with_one_field_replaced_never_raises_anything
         decode(json.dumps(obj).encode())
     except ProtocolError:
         pass
+
+
+def test_the_iceberg_lake_fields_go_on_the_wire_only_when_set_and_round_trip() -> None:
+    """The plain lake's archive and archived keep their wire form; the Iceberg lake's bases,
+    summary and commits travel and come back as they were (a pair as a tuple)."""
+    plain = messages.Archive(batch_id="b", date="2024-05-01", models=("m",))
+    assert b"bases" not in messages.encode(plain) and b"summary" not in messages.encode(plain)
+    msg = messages.Archive(
+        batch_id="b",
+        date="2024-05-01",
+        models=("m",),
+        bases={"aggregates": "file:///l/a/metadata/00000-x.metadata.json"},
+        summary={"rows": 1},
+    )
+    assert messages.decode(messages.encode(msg)) == msg
+    reply = messages.Archived(
+        batch_id="b",
+        lake_path="batches/date=2024-05-01/batch=b",
+        bytes=1,
+        seconds=0.5,
+        node=0,
+        commits={"aggregates": ("file:///old.metadata.json", "file:///new.metadata.json")},
+    )
+    assert messages.decode(messages.encode(reply)) == reply
+    bad = messages.to_dict(reply) | {"commits": {"aggregates": ["only one"]}}
+    with pytest.raises(ProtocolError, match="archived: field 'commits'"):
+        messages.from_dict(bad)

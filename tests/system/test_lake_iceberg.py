@@ -1,0 +1,222 @@
+"""The lake as Apache Iceberg tables (docs/lake.md), with a real daemon, real agents and the
+embedded PostgreSQL: every batch is in every table exactly once, committed in the same
+transaction that marks it archived, whatever process is killed -9 wherever between the data
+files, the metadata files and that commit. Read back by two readers independent of the writer:
+pyiceberg's scan and DuckDB's iceberg_scan (the avro and iceberg extensions loaded from their
+wheels), both against PostgreSQL's own rows."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from coordinator.core.config import load_config
+from coordinator.core.iceberg import TABLES, LakeSpec, lake_spec
+from coordinator.ctl import lake as ctl_lake
+from tests.conftest import MODELS, Env, wait_until
+from tests.faultlib import FINAL, ROWS, db_rows, hooks, ledger, publish_all
+
+N_PAIRS = len(MODELS) * (len(MODELS) - 1) // 2
+
+
+def spec_of(env: Env) -> LakeSpec:
+    return lake_spec(load_config(env.config), env.dsn)
+
+
+@pytest.fixture
+def iceberg(env: Env) -> Env:
+    env.write_config(lake={"format": "iceberg"})
+    return env
+
+
+def duckdb_con() -> Any:
+    duckdb = pytest.importorskip("duckdb")
+    import duckdb_ext  # type: ignore[import-not-found]  # the extension wheels' folder
+
+    base = Path(next(iter(duckdb_ext.__path__))) / "extensions" / "v1.4.4" / "linux_amd64"
+    con = duckdb.connect(config={"allow_unsigned_extensions": "true"})
+    con.execute(f"LOAD '{base / 'avro.duckdb_extension'}'")
+    con.execute(f"LOAD '{base / 'iceberg.duckdb_extension'}'")
+    return con
+
+
+def pyiceberg_rows(spec: LakeSpec, table: str, batch_id: str) -> pa.Table:
+    from pyiceberg.expressions import EqualTo
+
+    cat = ctl_lake.open_catalog(spec)
+    try:
+        t = cat.load_table(spec.identifier(table))
+        return t.scan(row_filter=EqualTo("batch_id", batch_id)).to_arrow()
+    finally:
+        cat.engine.dispose()
+
+
+def metadata_of(spec: LakeSpec, table: str) -> str:
+    cat = ctl_lake.open_catalog(spec)
+    try:
+        return str(cat.load_table(spec.identifier(table)).metadata_location)
+    finally:
+        cat.engine.dispose()
+
+
+def snapshots_of(spec: LakeSpec, table: str, batch_id: str) -> int:
+    return sum(1 for s in ctl_lake.snapshots(spec, table) if s["batch_id"] == batch_id)
+
+
+def assert_in_lake_once(env: Env, batch_id: str, *, rows: int = ROWS) -> None:
+    """The batch is done; each table holds one snapshot of it and its rows once; pyiceberg and
+    DuckDB read the same counts, and the consensus of every item equals PostgreSQL's."""
+    row = ledger(env, batch_id)
+    assert row is not None and row["state"] == "done", row
+    spec = spec_of(env)
+    expected = {
+        "results": rows * len(MODELS),
+        "crosschecks": rows * len(MODELS),
+        "aggregates": rows,
+        "agreement": N_PAIRS,
+    }
+    con = duckdb_con()
+    for table in TABLES:
+        assert snapshots_of(spec, table, batch_id) == 1, (table, batch_id)
+        got = pyiceberg_rows(spec, table, batch_id)
+        assert got.num_rows == expected[table], (table, batch_id, got.num_rows)
+        n = con.execute(
+            f"SELECT count(*) FROM iceberg_scan('{metadata_of(spec, table)}') WHERE batch_id = ?",
+            [batch_id],
+        ).fetchone()[0]
+        assert n == expected[table], ("duckdb", table, batch_id, n)
+    pg = {
+        r["item_id"]: r["consensus"]
+        for r in db_rows(
+            env, "SELECT item_id, consensus FROM {s}.aggregates WHERE batch_id = $1", batch_id
+        )
+    }
+    assert len(pg) == rows
+    lake = pyiceberg_rows(spec, "aggregates", batch_id)
+    assert dict(zip(lake["item_id"].to_pylist(), lake["consensus"].to_pylist(), strict=True)) == pg
+    duck = con.execute(
+        f"SELECT item_id, consensus FROM iceberg_scan('{metadata_of(spec, 'aggregates')}')"
+        " WHERE batch_id = ?",
+        [batch_id],
+    ).fetchall()
+    assert dict(duck) == pg
+    assert row["lake_path"].endswith(".metadata.json")
+    assert not (env.staging / batch_id).exists()
+
+
+def test_batches_are_committed_into_the_tables_once_and_read_back_alike(iceberg, daemon):
+    d = daemon().start()
+    # An all-numeric batch id stays a string in every reader.
+    ids = ["20240501", "ice-b"]
+    for i, bid in enumerate(ids):
+        publish_all(iceberg, bid, seed=3100 + i)
+    for bid in ids:
+        assert d.wait_state(bid, FINAL)["state"] == "done"
+    for bid in ids:
+        assert_in_lake_once(iceberg, bid)
+    spec = spec_of(iceberg)
+    con = duckdb_con()
+    typ = con.execute(
+        f"SELECT DISTINCT typeof(batch_id) FROM iceberg_scan('{metadata_of(spec, 'aggregates')}')"
+    ).fetchall()
+    assert typ == [("VARCHAR",)]
+    # The catalog's rows and the ledger's agree: the ledger names the aggregates snapshot's
+    # metadata file of the last batch archived, or an older one.
+    assert ctl_lake.orphans(spec) == []
+
+
+# -- kill -9 at every point between the files and the commit -----------------------------------
+
+
+@pytest.mark.parametrize("point", ["lake_prepared", "archived"])
+def test_coordinator_killed_around_the_lake_commit_lands_the_batch_once(iceberg, daemon, point):
+    d = daemon(extra_env=hooks(crash_at=point)).start()
+    bid = f"ice-{point.replace('_', '-')}"
+    publish_all(iceberg, bid, seed=3200 + len(point))
+    assert d.proc.wait(60) == -signal.SIGKILL, d.tail()
+    state = ledger(iceberg, bid)["state"]
+    spec = spec_of(iceberg)
+    if point == "lake_prepared":
+        # Files written, nothing committed: neither the ledger nor any table has the batch.
+        assert state == "committed"
+        assert all(snapshots_of(spec, t, bid) == 0 for t in TABLES)
+        left = ctl_lake.orphans(spec)
+        assert {o.table.split(".")[1] for o in left} == set(TABLES)
+    else:
+        assert state == "archived"
+        assert all(snapshots_of(spec, t, bid) == 1 for t in TABLES)
+    d2 = daemon().start()
+    assert d2.wait_state(bid, FINAL)["state"] == "done"
+    assert_in_lake_once(iceberg, bid)
+    left = ctl_lake.orphans(spec)
+    if point == "lake_prepared":
+        assert left, "the first attempt's files are orphans"
+        assert ctl_lake.remove_orphans(spec, left) == len(left)
+    assert ctl_lake.orphans(spec) == []
+    assert_in_lake_once(iceberg, bid)
+
+
+def test_coordinator_killed_inside_the_commit_transaction_commits_neither(iceberg, daemon):
+    d = daemon(extra_env=hooks(lake_commit_pause_s=30)).start()
+    bid = "ice-in-tx"
+    publish_all(iceberg, bid, seed=3301)
+    wait_until(lambda: "pausing at lake_commit" in d.log.read_text(), 60, "the commit's pause")
+    # The catalog rows are updated, uncommitted, the ledger row not yet: kill -9 here.
+    d.kill9()
+    spec = spec_of(iceberg)
+    wait_until(lambda: ledger(iceberg, bid)["state"] == "committed", 30, "the rollback")
+    assert all(snapshots_of(spec, t, bid) == 0 for t in TABLES)
+    d2 = daemon().start()
+    assert d2.wait_state(bid, FINAL)["state"] == "done"
+    assert_in_lake_once(iceberg, bid)
+
+
+@pytest.mark.parametrize("point", ["iceberg_data", "iceberg_metadata"])
+def test_agent_killed_between_its_files_is_restarted_and_the_batch_lands_once(
+    iceberg, daemon, point
+):
+    d = daemon(extra_env=hooks(**{f"{point}_pause_s": 5})).start()
+    bid = f"ice-{point.replace('_', '-')}"
+    publish_all(iceberg, bid, seed=3400 + len(point))
+    [agent] = d.status()["agents"]
+    wait_until(lambda: f"pausing at {point}" in d.log.read_text(), 60, f"the agent at {point}")
+    os.kill(agent["pid"], signal.SIGKILL)
+    assert d.wait_state(bid, FINAL, timeout=120)["state"] == "done"
+    assert_in_lake_once(iceberg, bid)
+    spec = spec_of(iceberg)
+    left = ctl_lake.orphans(spec)
+    assert left, "the killed attempt's files are orphans"
+    ctl_lake.remove_orphans(spec, left)
+    assert ctl_lake.orphans(spec) == []
+    assert_in_lake_once(iceberg, bid)
+
+
+def test_expire_and_compact_keep_every_batch_once(iceberg, daemon):
+    d = daemon().start()
+    ids = ["ice-m1", "ice-m2", "ice-m3"]
+    for i, bid in enumerate(ids):
+        publish_all(iceberg, bid, seed=3500 + i)
+        assert d.wait_state(bid, FINAL)["state"] == "done"
+    spec = spec_of(iceberg)
+    day = dt.date.fromisoformat(ledger(iceberg, ids[0])["first_seen"].date().isoformat())
+    before = ctl_lake.tables(spec)
+    assert {t["table"]: t["data_files"] for t in before} == {spec.identifier(t): 3 for t in TABLES}
+    done = ctl_lake.compact(spec, day)
+    assert done == dict.fromkeys(TABLES, (3, 1))
+    for bid in ids:
+        for table in TABLES:
+            assert pyiceberg_rows(spec, table, bid).num_rows > 0
+    expired = ctl_lake.expire(spec, dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1))
+    assert all(n >= 3 for n in expired.values()), expired
+    left = ctl_lake.orphans(spec)
+    assert left  # the files of the compacted and expired snapshots
+    ctl_lake.remove_orphans(spec, left)
+    assert ctl_lake.orphans(spec) == []
+    for bid in ids:
+        assert pyiceberg_rows(spec, "aggregates", bid).num_rows == ROWS
