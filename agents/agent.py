@@ -296,7 +296,7 @@ class Agent:
             AggregateSummary.from_wire(msg.summary or {}),
         )
         prepared = iceberg.prepare_batch(
-            msg.batch_id, msg.date, self.config.lake.namespace, msg.bases, rows, props
+            msg.batch_id, msg.date, self.config.lake.namespace, msg.bases or {}, rows, props
         )
         return prepared.bytes, dict(prepared)
 

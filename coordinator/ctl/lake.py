@@ -188,3 +188,117 @@ def remove_orphans(spec: LakeSpec, found: list[Orphan]) -> int:
         fs.delete_file(o.path)
         n += 1
     return n
+
+
+# -- coordinatorctl lake ------------------------------------------------------------------------
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """'45s', '30m', '12h', '7d' as a timedelta; ValueError naming the value otherwise."""
+    number, unit = text[:-1], text[-1:]
+    if unit not in _UNITS or not number.isdigit():
+        raise ValueError(f"--older-than {text!r}: expected a number and s, m, h or d (e.g. 7d)")
+    return dt.timedelta(seconds=int(number) * _UNITS[unit])
+
+
+def spec_from_config(path: str, dsn: str = "") -> LakeSpec:
+    """The Iceberg lake of a config file; the database from `dsn`, database.dsn, or the
+    embedded server running under state_dir. ConfigError when the lake is not Iceberg."""
+    from coordinator.core.config import load_config
+    from coordinator.core.errors import ConfigError
+    from coordinator.core.iceberg import lake_spec
+
+    cfg = load_config(path)
+    if cfg.lake.format != "iceberg":
+        raise ConfigError(f"{path}: lake.format is {cfg.lake.format!r}; lake commands need iceberg")
+    password = ""
+    if cfg.database.password_file:
+        try:
+            with open(cfg.database.password_file) as f:
+                password = f.read().strip()
+        except OSError as e:
+            raise ConfigError(
+                f"database.password_file {cfg.database.password_file}: {e.strerror}"
+            ) from None
+    dsn = dsn or cfg.database.dsn
+    if not dsn:
+        from pgserver.utils import PostmasterInfo
+
+        pgdata = cfg.paths.state_dir / "pgdata"
+        info = PostmasterInfo.read_from_pgdata(pgdata)
+        if info is None or not info.is_running():
+            raise ConfigError(
+                f"the embedded PostgreSQL under {pgdata} is not running (start coordinatord,"
+                " or give --dsn)"
+            )
+        dsn = info.get_uri()
+    return lake_spec(cfg, dsn, password)
+
+
+def _cli(args: Any) -> int:
+    import json
+    import sys
+
+    from coordinator.core.errors import ConfigError
+
+    try:
+        spec = spec_from_config(args.config, args.dsn or "")
+        if args.lake_command == "tables":
+            out: Any = tables(spec)
+            lines = [
+                f"{t['table']:<20} snapshots {t['snapshots']:>4}  files {t['data_files']:>5}"
+                f"  rows {t['rows']:>10}  bytes {t['bytes']:>12}  {t['metadata']}"
+                for t in out
+            ]
+        elif args.lake_command == "snapshots":
+            out = snapshots(spec, args.table)
+            lines = [
+                f"{s['snapshot_id']:>20}  {s['at']}  {s['operation']:<9} "
+                f"batch {s['batch_id'] or '-'}  +{s['added_rows']} rows"
+                for s in out
+            ]
+        elif args.lake_command == "expire":
+            cutoff = dt.datetime.now(dt.UTC) - parse_duration(args.older_than)
+            out = expire(spec, cutoff)
+            lines = [f"{spec.identifier(t)}: {n} snapshot(s) expired" for t, n in out.items()]
+        elif args.lake_command == "compact":
+            out = compact(spec, dt.date.fromisoformat(args.day))
+            lines = [f"{spec.identifier(t)}: {a} file(s) -> {b}" for t, (a, b) in out.items()]
+        else:
+            found = orphans(spec, args.min_age_s)
+            removed = remove_orphans(spec, found) if args.delete else 0
+            out = {
+                "orphans": [{"table": o.table, "path": o.path, "size": o.size} for o in found],
+                "deleted": removed,
+            }
+            lines = [f"{o.table}  {o.size:>10}  {o.path}" for o in found]
+            lines.append(
+                f"{len(found)} orphan(s)" + (f", {removed} deleted" if args.delete else "")
+            )
+    except (ConfigError, ValueError) as e:
+        print(f"coordinatorctl: lake: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2, default=str) if args.json else "\n".join(lines))
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add `lake tables|snapshots|expire|compact|orphans` to coordinatorctl."""
+    p = subparsers.add_parser("lake", help="the Iceberg lake: tables, snapshots, maintenance")
+    p.add_argument("--config", default="/etc/numa-coordinator/coordinator.toml")
+    p.add_argument("--dsn", help="the ledger's PostgreSQL (default: database.dsn, or embedded)")
+    p.add_argument("--json", action="store_true")
+    sub = p.add_subparsers(dest="lake_command", required=True)
+    sub.add_parser("tables", help="each table: snapshots, files, rows, bytes")
+    s = sub.add_parser("snapshots", help="a table's snapshots and the batch each appended")
+    s.add_argument("table", choices=TABLES)
+    s = sub.add_parser("expire", help="expire snapshots older than a duration")
+    s.add_argument("--older-than", required=True, help="e.g. 7d, 12h, 30m")
+    s = sub.add_parser("compact", help="rewrite a day's small files into larger ones")
+    s.add_argument("--day", required=True, help="YYYY-MM-DD")
+    s = sub.add_parser("orphans", help="files no snapshot names; --delete removes them")
+    s.add_argument("--min-age-s", type=float, default=3600.0)
+    s.add_argument("--delete", action="store_true")
+    p.set_defaults(func=_cli)

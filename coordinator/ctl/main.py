@@ -22,6 +22,7 @@ from coordinator.core.batch import State
 from coordinator.core.config import DEFAULTS, config_files, explain, load_config, redact_dsn
 from coordinator.core.errors import ConfigError, ControlError, CoordinatorError, DaemonNotRunning
 from coordinator.core.timings import Timings
+from coordinator.ctl import lake
 from coordinator.planner import render
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_UNKNOWN = 0, 1, 2, 3, 4
@@ -562,6 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     topology.register_cli(sub)
     render.register_cli(sub)
     bench.register_cli(sub)
+    lake.register_cli(sub)
     return p
 
 

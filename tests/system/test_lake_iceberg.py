@@ -8,8 +8,12 @@ wheels), both against PostgreSQL's own rows."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -197,26 +201,75 @@ def test_agent_killed_between_its_files_is_restarted_and_the_batch_lands_once(
     assert_in_lake_once(iceberg, bid)
 
 
-def test_expire_and_compact_keep_every_batch_once(iceberg, daemon):
+def lake_ctl(env: Env, *argv: str) -> Any:
+    """`coordinatorctl lake --json ...` as a user runs it (a process of its own); its JSON."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coordinator.ctl",
+            "lake",
+            "--config",
+            str(env.config),
+            "--dsn",
+            env.dsn,
+            "--json",
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_lake_commands_list_expire_compact_and_clean_and_every_batch_stays_once(iceberg, daemon):
     d = daemon().start()
     ids = ["ice-m1", "ice-m2", "ice-m3"]
     for i, bid in enumerate(ids):
         publish_all(iceberg, bid, seed=3500 + i)
         assert d.wait_state(bid, FINAL)["state"] == "done"
     spec = spec_of(iceberg)
-    day = dt.date.fromisoformat(ledger(iceberg, ids[0])["first_seen"].date().isoformat())
-    before = ctl_lake.tables(spec)
+    day = ledger(iceberg, ids[0])["first_seen"].astimezone(dt.UTC).date().isoformat()
+    before = lake_ctl(iceberg, "tables")
     assert {t["table"]: t["data_files"] for t in before} == {spec.identifier(t): 3 for t in TABLES}
-    done = ctl_lake.compact(spec, day)
-    assert done == dict.fromkeys(TABLES, (3, 1))
+    assert {t["table"]: t["rows"] for t in before}[spec.identifier("aggregates")] == 3 * ROWS
+    snaps = lake_ctl(iceberg, "snapshots", "aggregates")
+    assert [s["batch_id"] for s in snaps] == ids
+    assert lake_ctl(iceberg, "compact", "--day", day) == {t: [3, 1] for t in TABLES}
     for bid in ids:
         for table in TABLES:
             assert pyiceberg_rows(spec, table, bid).num_rows > 0
-    expired = ctl_lake.expire(spec, dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1))
-    assert all(n >= 3 for n in expired.values()), expired
-    left = ctl_lake.orphans(spec)
-    assert left  # the files of the compacted and expired snapshots
-    ctl_lake.remove_orphans(spec, left)
-    assert ctl_lake.orphans(spec) == []
+    # Nothing is older than an hour: nothing expires, and the superseded files are too young
+    # for the default --min-age-s.
+    assert lake_ctl(iceberg, "expire", "--older-than", "1h") == dict.fromkeys(TABLES, 0)
+    assert lake_ctl(iceberg, "orphans")["orphans"] == []
+    time.sleep(1.1)  # the snapshots' times are in milliseconds: make them all older than 1 s
+    # Three appends, and the compaction's overwrite (a delete and an append): all but the
+    # current one expire.
+    assert lake_ctl(iceberg, "expire", "--older-than", "1s") == dict.fromkeys(TABLES, 4)
+    left = lake_ctl(iceberg, "orphans", "--min-age-s", "0", "--delete")
+    assert left["orphans"] and left["deleted"] == len(left["orphans"])
+    assert lake_ctl(iceberg, "orphans", "--min-age-s", "0")["orphans"] == []
     for bid in ids:
         assert pyiceberg_rows(spec, "aggregates", bid).num_rows == ROWS
+        assert pyiceberg_rows(spec, "results", bid).num_rows == ROWS * len(MODELS)
+    con = duckdb_con()
+    n = con.execute(
+        f"SELECT count(*) FROM iceberg_scan('{metadata_of(spec, 'aggregates')}')"
+    ).fetchone()[0]
+    assert n == 3 * ROWS
+
+
+def test_lake_commands_refuse_a_parquet_lake_naming_the_key(env):
+    r = subprocess.run(
+        [sys.executable, "-m", "coordinator.ctl", "lake", "--config", str(env.config), "tables"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert r.returncode == 1
+    assert "lake.format is 'parquet'" in r.stderr
