@@ -26,7 +26,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyiceberg.catalog import MetastoreCatalog
-from pyiceberg.io import load_file_io
 from pyiceberg.table import CommitTableResponse, StaticTable, Table
 from pyiceberg.typedef import Identifier
 
@@ -157,12 +156,14 @@ class Prepared(dict[str, tuple[str, str]]):
     bytes: int = 0
 
 
-def _write_data(fs: Any, path: str, rows: pa.Table, local: bool) -> int:
+def _write_data(path: str, rows: pa.Table, properties: Mapping[str, str]) -> int:
     """One data file, whole under its final name: locally through a dot-temp name, fsync and
-    rename; on an object store one PUT (a multipart upload is visible only when completed),
-    under a key no other attempt uses."""
-    if local:
-        folder, name = path.rsplit("/", 1)
+    rename; on S3 one conditional PUT (If-None-Match: *) of the final key, so no object is
+    ever renamed or replaced: a key that exists already is refused by the store."""
+    parts = urllib.parse.urlsplit(path)
+    if parts.scheme in ("", "file"):
+        target = parts.path
+        folder, name = target.rsplit("/", 1)
         os.makedirs(folder, exist_ok=True)
         tmp = f"{folder}/.{name}.tmp"
         try:
@@ -172,15 +173,45 @@ def _write_data(fs: Any, path: str, rows: pa.Table, local: bool) -> int:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(tmp, path)
+            os.rename(tmp, target)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        return os.stat(path).st_size
-    with fs.open_output_stream(path) as out:
-        pq.write_table(rows, out, compression="zstd")
-        return int(out.tell())
+        return os.stat(target).st_size
+    if parts.scheme not in ("s3", "s3a"):
+        raise LakeError(f"{path}: the Iceberg lake writes to file:// or s3:// only")
+    buf = pa.BufferOutputStream()
+    pq.write_table(rows, buf, compression="zstd")
+    body = buf.getvalue().to_pybytes()
+    put_once(properties, parts.netloc, parts.path.lstrip("/"), body)
+    return len(body)
+
+
+def put_once(properties: Mapping[str, str], bucket: str, key: str, body: bytes) -> None:
+    """PUT `body` at s3://bucket/key only if no object is there (If-None-Match: *); LakeError
+    naming the key when one is. The client is configured as pyiceberg's FileIO is (endpoint,
+    region, keys from lake.credentials_file, else the environment's)."""
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=properties.get("s3.endpoint"),
+        region_name=properties.get("s3.region"),
+        aws_access_key_id=properties.get("s3.access-key-id"),
+        aws_secret_access_key=properties.get("s3.secret-access-key"),
+        aws_session_token=properties.get("s3.session-token"),
+    )
+    try:
+        s3.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+            raise LakeError(f"s3://{bucket}/{key} exists already: refused to replace it") from e
+        raise LakeError(f"s3://{bucket}/{key}: {e}") from e
+    except BotoCoreError as e:
+        raise LakeError(f"s3://{bucket}/{key}: {e}") from e
 
 
 def _fsync_tree(paths: Sequence[str]) -> None:
@@ -232,11 +263,8 @@ def prepare_batch(
             ):
                 out[name] = (bases[name], "")
                 continue
-            local = table.metadata.location.startswith("file:")
-            fs = None if local else _fs(table.io, table.metadata.location)
             path = f"{table.metadata.location}/data/day={date}/{batch_id}-{attempt}.parquet"
-            target = path.removeprefix("file://") if local else _strip_scheme(path)
-            out.bytes += _write_data(fs, target, rows[name], local)
+            out.bytes += _write_data(path, rows[name], properties)
             written.append(path)
             hooks.pause("iceberg_data")  # tests kill the agent here: a data file, no metadata
         for name, table in tables.items():
@@ -277,19 +305,3 @@ def _new_files(catalog: Preparing, prepared: Prepared) -> list[str]:
                 if m.added_snapshot_id == snap.snapshot_id
             ]
     return out
-
-
-def _fs(io: Any, location: str) -> Any:
-    """The pyarrow filesystem pyiceberg's PyArrowFileIO uses for `location`."""
-    parts = urllib.parse.urlsplit(location)
-    return io.fs_by_scheme(parts.scheme or "file", parts.netloc)
-
-
-def _strip_scheme(path: str) -> str:
-    parts = urllib.parse.urlsplit(path)
-    return f"{parts.netloc}{parts.path}"
-
-
-def io_for(location: str, properties: Mapping[str, str]) -> Any:
-    """pyiceberg's FileIO for a location (for readers of the lake)."""
-    return load_file_io(properties=dict(properties), location=location)
