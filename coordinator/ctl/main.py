@@ -450,7 +450,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo end to end on the embedded default."""
     from coordinator.ctl.demo import render, run_demo
 
-    summary = run_demo(batches=args.batches, rows=args.rows, state_dir=args.state_dir)
+    summary = run_demo(
+        batches=args.batches, rows=args.rows, state_dir=args.state_dir, lake_format=args.lake
+    )
     print(json.dumps(summary, indent=2, default=str) if args.json else render(summary))
     return EXIT_OK if summary["ok"] else EXIT_ERROR
 
@@ -555,6 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batches", type=int, default=3)
     s.add_argument("--rows", type=int, default=10_000)
     s.add_argument("--state-dir", help="keep lake, staging and database here afterwards")
+    s.add_argument(
+        "--lake",
+        choices=("parquet", "iceberg"),
+        default="parquet",
+        help="the lake's format (make demo: iceberg, and prints a query to paste)",
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_demo)
 
