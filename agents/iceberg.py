@@ -267,24 +267,44 @@ def prepare_batch(
             out.bytes += _write_data(path, rows[name], properties)
             written.append(path)
             hooks.pause("iceberg_data")  # tests kill the agent here: a data file, no metadata
-        for name, table in tables.items():
-            if out.get(name):
-                continue
-            path = next(p for p in written if f"/{name}/data/" in p)
-            tx = table.transaction()
-            tx.add_files(
-                [path], snapshot_properties={BATCH_PROPERTY: batch_id}, check_duplicate_files=False
-            )
-            tx.commit_transaction()
-            out[name] = catalog.staged[table.name()]
+        register(
+            catalog,
+            batch_id,
+            {n: t for n, t in tables.items() if not out.get(n)},
+            {n: next(p for p in written if f"/{n}/data/" in p) for n in tables if not out.get(n)},
+            out,
+        )
     except LakeError:
         raise
     except (OSError, pa.ArrowException, ValueError) as e:
         raise LakeError(f"archive of {batch_id} into the Iceberg lake: {e}") from e
+    hooks.pause("iceberg_metadata")  # tests kill the agent here: metadata written, unanswered
+    return out
+
+
+def register(
+    catalog: Preparing,
+    batch_id: str,
+    tables: Mapping[str, Table],
+    paths: Mapping[str, str],
+    out: Prepared,
+) -> Prepared:
+    """Register each table's data file (`paths`, already whole at its final location) with
+    `add_files` (one snapshot per table, BATCH_PROPERTY in its summary) through `catalog`,
+    which writes the manifests and the next metadata file and commits nothing; fsync what was
+    written on a local warehouse. `out` gets (base, new) per table."""
+    for name, table in tables.items():
+        tx = table.transaction()
+        tx.add_files(
+            [paths[name]],
+            snapshot_properties={BATCH_PROPERTY: batch_id},
+            check_duplicate_files=False,
+        )
+        tx.commit_transaction()
+        out[name] = catalog.staged[table.name()]
     _fsync_tree(
         [p.removeprefix("file://") for p in _new_files(catalog, out) if p.startswith("file:")]
     )
-    hooks.pause("iceberg_metadata")  # tests kill the agent here: metadata written, unanswered
     return out
 
 

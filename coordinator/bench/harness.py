@@ -40,9 +40,20 @@ from coordinator.daemon import embedded_pg
 ROOT = Path(__file__).resolve().parents[2]
 
 
-PHASES = ("codecs", "archive", "staging", "barrier", "idle", "full", "lag", "ingest", "notify")
+PHASES = (
+    "codecs",
+    "archive",
+    "staging",
+    "lake",
+    "barrier",
+    "idle",
+    "full",
+    "lag",
+    "ingest",
+    "notify",
+)
 # The phases that need PostgreSQL, and those of them that need the (inotify) daemon.
-DATABASE_PHASES = ("barrier", "idle", "full", "lag", "ingest", "notify")
+DATABASE_PHASES = ("lake", "barrier", "idle", "full", "lag", "ingest", "notify")
 DAEMON_PHASES = ("barrier", "idle", "full", "lag", "ingest")
 
 
@@ -141,6 +152,7 @@ class Measured:
     full: list[dict[str, Any]] = field(default_factory=list)
     lag: dict[str, Any] = field(default_factory=dict)
     ingest: dict[str, Any] = field(default_factory=dict)
+    lake: dict[str, list[float]] = field(default_factory=dict)
     reader: str = ""
     listen_reader: str = ""
     psql: str = ""
@@ -595,6 +607,11 @@ def run(p: Params, *, dsn: str = "") -> Measured:
             dsn, _ = embedded_pg.start(d.state)
             started_pg = True
         db = dsn
+
+        def lake() -> None:
+            m.lake = anchors.lake_commit(db, d.root / "iceberg", m.rows, p.reps + 2)
+
+        phase("lake", "Iceberg lake commit: ours against pyiceberg's add_files", lake)
         notify_phase = (
             "notify",
             f"barrier, notify backend: {p.barrier_batches} announced batches "
