@@ -346,6 +346,21 @@ def _parquet_level(r: _Reader, dotted: str, value: Any, values: Mapping[str, Any
     return None if value in (None, 0) else r.integer(dotted, value, 0, 22)
 
 
+def _one_lake_for_iceberg(r: _Reader, dotted: str, value: Any, values: Mapping[str, Any]) -> None:
+    """An Iceberg lake is the same place for every agent: a snapshot names its files by
+    absolute location, so a [[node]] lake elsewhere would name files others cannot read."""
+    if value != "iceberg":
+        return
+    for i, n in enumerate(values.get("node", ())):
+        if n.lake and n.lake != values["paths.lake"]:
+            raise r.fail(
+                f"node[{i}].lake",
+                f"empty or paths.lake ({values['paths.lake']!r}) with lake.format = 'iceberg' "
+                "(a snapshot names its files by absolute location)",
+                n.lake,
+            )
+
+
 @dataclass(frozen=True)
 class LakeConfig:
     """What the lake is: plain Parquet folders, or Apache Iceberg tables (docs/lake.md)."""
@@ -357,6 +372,7 @@ class LakeConfig:
             " catalog, committed with the ledger",
             restart=True,
             lower=True,
+            check=_one_lake_for_iceberg,
         ),
     )
     namespace: str = field(

@@ -45,7 +45,16 @@ def iceberg(request: pytest.FixtureRequest, env: Env) -> Env:
         server: Moto = request.getfixturevalue("moto")
         name = request.getfixturevalue("bucket")
         uri = f"s3://{name}/lake?endpoint_override={HOST}:{server.port}&scheme=http&region={REGION}"
-        env.write_config(paths={"lake": uri}, lake={"format": "iceberg"})
+        # The keys from the file the config names, none in the environment: every writer and
+        # reader (daemon, agents, coordinatorctl) must take them from there.
+        keys = env.root / "s3.keys"
+        keys.write_text("access_key_id = testing\nsecret_access_key = testing\n")
+        monkeypatch = request.getfixturevalue("monkeypatch")
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        env.write_config(
+            paths={"lake": uri}, lake={"format": "iceberg", "credentials_file": str(keys)}
+        )
     else:
         env.write_config(lake={"format": "iceberg"})
     return env
