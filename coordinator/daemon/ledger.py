@@ -844,7 +844,9 @@ class Ledger:
                 if row is None:
                     raise DatabaseError(f"batch {batch_id}: no ledger row to archive")
                 self._own(batch_id, row["host_id"])
-                if not may_move(State(row["state"]), State.ARCHIVED):
+                if State(row["state"]) is not State.COMMITTED:
+                    # Archived before (this attempt is stale: its tables must not move), or
+                    # not committed at all: nothing is written.
                     return False
                 for table, (base, new) in commits.items():
                     if not new:
