@@ -66,7 +66,8 @@ def duckdb_con(spec: LakeSpec) -> Any:
     import duckdb
     import duckdb_ext  # type: ignore[import-not-found]  # the extension wheels' folder
 
-    base = Path(next(iter(duckdb_ext.__path__))) / "extensions" / "v1.4.4" / "linux_amd64"
+    root = Path(next(iter(duckdb_ext.__path__))) / "extensions" / f"v{duckdb.__version__}"
+    [base] = [p.parent for p in root.glob("*/iceberg.duckdb_extension")]  # this platform's
     con = duckdb.connect(config={"allow_unsigned_extensions": "true"})
     con.execute(f"LOAD '{base / 'avro.duckdb_extension'}'")
     con.execute(f"LOAD '{base / 'iceberg.duckdb_extension'}'")
