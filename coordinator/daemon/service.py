@@ -230,8 +230,20 @@ class Daemon:
         """The Iceberg lake: its catalog schema and tables, created where absent (docs/lake.md)."""
         cfg = self.config
         self._status_line("creating the Iceberg lake's tables where absent")
+        from sqlalchemy.exc import DBAPIError  # the catalog's driver, loaded for this lake only
+
         spec = lake_spec(cfg, self.dsn, ledger.password or "")
-        await anyio.to_thread.run_sync(ensure_tables, spec)
+        delay = 0.2
+        while True:
+            try:
+                await anyio.to_thread.run_sync(ensure_tables, spec)
+                break
+            except DBAPIError as e:
+                # The database went away, or another coordinator made the same schema or
+                # tables at the same moment: look again (what exists now is kept).
+                log.warning("iceberg catalog not ready, retrying", error=str(e), retry_in_s=delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, cfg.database.retry_max_s)
         assert self._ctx is not None  # made with the ledger
         self._ctx = dataclasses.replace(self._ctx, lake=spec)
         log.info("iceberg lake ready", warehouse=spec.warehouse, catalog_schema=spec.schema)

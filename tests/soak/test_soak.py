@@ -123,7 +123,9 @@ def test_soak_under_chaos_loses_nothing_and_duplicates_nothing(env: Env, daemon,
     assert left_tmpfs == []
 
 
-def iceberg_mismatches(env: Env, dsn: str, ids: list[str]) -> tuple[list[str], list[str]]:
+def iceberg_mismatches(
+    env: Env, dsn: str, ids: list[str], rows: int = ROWS
+) -> tuple[list[str], list[str]]:
     """The Iceberg lake against PostgreSQL after the storm: each batch has one snapshot in each
     table, and its aggregates (item, consensus) are PostgreSQL's, row for row; the files the
     killed attempts left are orphans, removed here (afterwards none is left, and the tables
@@ -174,7 +176,7 @@ def iceberg_mismatches(env: Env, dsn: str, ids: list[str]) -> tuple[list[str], l
     bad = [
         b
         for b in ids
-        if any(per_table[t][b] != 1 for t in TABLES) or n_results[b] != ROWS * len(MODELS)
+        if any(per_table[t][b] != 1 for t in TABLES) or n_results[b] != rows * len(MODELS)
     ]
     if got != pg:
         bad.append(f"aggregates differ from PostgreSQL in {len(got - pg) + len(pg - got)} rows")
