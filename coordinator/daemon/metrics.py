@@ -43,7 +43,6 @@ from coordinator import __version__
 from coordinator.core.batch import FINAL, State
 from coordinator.core.errors import ConfigError
 from coordinator.core.summary import AggregateSummary
-from coordinator.core.timings import Timings
 from coordinator.daemon.runs import BatchRun
 from coordinator.daemon.status import Status
 
@@ -216,10 +215,9 @@ class Metrics:
         state = run.state.value
         self.batches.labels(state=state).inc()
         self.last.finished_at[state] = time.time()
-        timings = Timings.from_json(run.timings)
-        for phase, ms in timings.phases():
+        for phase, ms in run.timings.phases():
             self.phase.labels(phase=phase.value).observe(ms / 1000)
-        for phase, n, ms in timings.nodes():
+        for phase, n, ms in run.timings.nodes():
             if phase in NODE_PHASES:
                 self.node_phase.labels(node=str(n), phase=phase.value).observe(ms / 1000)
         for node, nbytes in run.staged_bytes.items():
