@@ -21,6 +21,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import anyio
 import structlog
@@ -59,6 +60,7 @@ from coordinator.core.messages import (
     Request,
     Stage,
     Staged,
+    StepName,
     decode,
     encode,
 )
@@ -390,7 +392,7 @@ async def serve(agent: Agent, link: Link, bound: binding.Binding) -> bool:
             log.error("step failed", step=msg.TYPE, batch_id=msg.batch_id, error=str(e))
             # The code tells the coordinator whether a retry can help (errors.ERROR_CODES).
             reply = Error(
-                step=msg.TYPE,
+                step=cast(StepName, msg.TYPE),  # every request's TYPE is a StepName
                 code=error_code(e),
                 message=str(e),
                 batch_id=msg.batch_id,

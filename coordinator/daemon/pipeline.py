@@ -36,6 +36,7 @@ from coordinator.core.messages import (
     Purge,
     R,
     Request,
+    RowsVia,
     Stage,
 )
 from coordinator.core.summary import AggregateFiles
@@ -326,7 +327,7 @@ class Pipeline:
             # An agent in another kernel leaves the rows in the batch's staging folder, the
             # one folder both kernels see; otherwise they stay in its node's memory.
             remote = self.cfg.node(node).remote
-            via = "staging" if remote else "tmpfs"
+            via: RowsVia = "staging" if remote else "tmpfs"
             reply = await self.ctx.hub.request(
                 node,
                 Aggregate(
