@@ -26,10 +26,12 @@ from coordinator.planner.kubelet import (
     render_k3s_kubelet_arg,
     render_kubelet_config,
 )
-from coordinator.planner.plan import Plan
+from coordinator.planner.plan import GUEST_NODE, Plan
 
 __all__ = [
+    "AgentArgs",
     "K8sOptions",
+    "agent_args",
     "check_manifests",
     "render_kubelet_files",
     "render_manifests",
@@ -286,13 +288,17 @@ def _agent(plan: Plan, opts: K8sOptions, node: int) -> dict[str, Any]:
     select = {"app.kubernetes.io/name": "staging-agent", "numa-coordinator/node": str(node)}
     tmpfs = _tmpfs_gib(plan, node, opts)
     resources = {"cpu": str(opts.agent_cpus), "memory": f"{tmpfs + _AGENT_OVERHEAD_GIB}Gi"}
+    # The agent runs inside its worker VM, whose guest has one NUMA node, 0 (the host node
+    # `node` the VM sits on): it binds to guest node 0 and serves, as node-<node>, host node node.
     command = [
         "numactl",
-        f"--membind={node}",
-        f"--cpunodebind={node}",
+        f"--membind={GUEST_NODE}",
+        f"--cpunodebind={GUEST_NODE}",
         "staging-agent",
         "--node",
         str(node),
+        "--bind-node",
+        str(GUEST_NODE),
         "--config",
         f"{_CONFIG_DIR}/coordinator.toml",
         "--connect",
@@ -396,6 +402,67 @@ def _gib(quantity: object) -> int | None:
     return int(m.group(1))
 
 
+@dataclass(frozen=True)
+class AgentArgs:
+    """What an agent container's command says about its node and its binding."""
+
+    membind: int | None  # numactl --membind=G, as the guest numbers its nodes
+    cpunodebind: int | None  # numactl --cpunodebind=G
+    node: int | None  # staging-agent --node N: the host node it serves (its certificate's)
+    bind_node: int | None  # staging-agent --bind-node G (default: --node)
+
+
+def _flag(cmd: list[str], name: str) -> int | None:
+    """``--name=V`` or ``--name V`` as an int; None when absent or not a number."""
+    for i, arg in enumerate(cmd):
+        text = None
+        if arg.startswith(f"{name}="):
+            text = arg.split("=", 1)[1]
+        elif arg == name and i + 1 < len(cmd):
+            text = cmd[i + 1]
+        if text is not None:
+            return int(text) if text.isdigit() else None
+    return None
+
+
+def agent_args(cmd: list[str]) -> AgentArgs:
+    """The numactl binding and the agent's --node/--bind-node of a container command."""
+    numactl = cmd[: cmd.index("staging-agent")] if "staging-agent" in cmd else cmd
+    agent = cmd[len(numactl) :]
+    node = _flag(agent, "--node")
+    bind = _flag(agent, "--bind-node") if "--bind-node" in agent else node
+    return AgentArgs(_flag(numactl, "--membind"), _flag(numactl, "--cpunodebind"), node, bind)
+
+
+def check_agent_command(vm: Any, cmd: list[str], where: str) -> list[str]:
+    """An agent container's command against its worker: numactl binds one node of the worker's
+    guest, the one the agent's --bind-node names, and --node is the host node the VM sits on."""
+    problems: list[str] = []
+    a = agent_args(cmd)
+    cells = vm.guest_cells
+    have = ", ".join(str(c) for c in sorted(cells))
+    if cmd[:1] != ["numactl"] or "staging-agent" not in cmd:
+        return [f"{where}: command {cmd} is not numactl ... staging-agent ..."]
+    for flag, value in (("--membind", a.membind), ("--cpunodebind", a.cpunodebind)):
+        if value not in cells:
+            problems.append(
+                f"{where}: numactl {flag}={value if value is not None else '?'} is no NUMA node "
+                f"of vm {vm.spec.name!r}'s guest (it has node {have})"
+            )
+    if a.membind != a.bind_node or a.cpunodebind != a.bind_node:
+        problems.append(
+            f"{where}: numactl binds node {a.membind}/{a.cpunodebind} but the agent checks its "
+            f"binding against node {a.bind_node} (--bind-node, else --node): it would refuse "
+            "to run"
+        )
+    if a.node != vm.spec.node:
+        problems.append(
+            f"{where}: command {cmd} does not serve --node {vm.spec.node}, the host NUMA node "
+            f"vm {vm.spec.name!r} sits on"
+        )
+    return problems
+
+
 def check_manifests(plan: Plan, manifests: dict[str, dict[str, Any]]) -> list[str]:
     """What in the DaemonSets contradicts the plan; empty when they agree."""
     problems: list[str] = []
@@ -414,7 +481,6 @@ def check_manifests(plan: Plan, manifests: dict[str, dict[str, Any]]) -> list[st
             )
             continue
         vm = workers[0]
-        node = vm.spec.node
         tolerations = spec.get("tolerations") or []
         if _taint(vm.spec.taint) not in tolerations:
             problems.append(
@@ -422,14 +488,8 @@ def check_manifests(plan: Plan, manifests: dict[str, dict[str, Any]]) -> list[st
             )
         containers = spec.get("containers") or []
         for c in containers:
-            cmd = c.get("command") or []
-            want = [f"--membind={node}", f"--cpunodebind={node}"]
-            if cmd[:1] != ["numactl"] or any(w not in cmd for w in want):
-                problems.append(f"{where}: command {cmd} does not bind to NUMA node {node}")
-            if "--node" not in cmd or cmd[cmd.index("--node") + 1 : cmd.index("--node") + 2] != [
-                str(node)
-            ]:
-                problems.append(f"{where}: command {cmd} does not serve --node {node}")
+            cmd = [str(a) for a in c.get("command") or []]
+            problems += check_agent_command(vm, cmd, where)
             res = c.get("resources") or {}
             req, lim = res.get("requests") or {}, res.get("limits") or {}
             if req != lim:

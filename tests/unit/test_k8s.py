@@ -122,7 +122,17 @@ def test_agent_daemonsets_follow_the_plan(written: Path) -> None:
             "numa-coordinator/vm": vm,
         }
         cmd = spec["containers"][0]["command"]
-        assert cmd[:4] == ["numactl", f"--membind={node}", f"--cpunodebind={node}", "staging-agent"]
+        # Inside its worker VM, whose guest has one NUMA node (0): bound there, serving node N.
+        assert cmd[:8] == [
+            "numactl",
+            "--membind=0",
+            "--cpunodebind=0",
+            "staging-agent",
+            "--node",
+            str(node),
+            "--bind-node",
+            "0",
+        ]
         assert cmd[cmd.index("--connect") + 1].startswith("tcp://numa-coordinator.")
         vols = {v["name"]: v for v in spec["volumes"]}
         assert vols["tmpfs"]["emptyDir"] == {"medium": "Memory", "sizeLimit": tmpfs}
@@ -166,18 +176,55 @@ def test_missing_toleration(plan: Plan) -> None:
     assert any("workload=data:NoSchedule" in p and "k3s-worker-data" in p for p in problems)
 
 
-def test_command_bound_to_another_node(plan: Plan) -> None:
-    def edit(spec: dict[str, Any]) -> None:
-        cmd = spec["containers"][0]["command"]
-        cmd[1] = "--membind=1"
+def _command(edit: Any) -> Any:
+    def apply(spec: dict[str, Any]) -> None:
+        edit(spec["containers"][0]["command"])
 
-    assert any("does not bind to NUMA node 0" in p for p in _broken(plan, "agent-node0.yaml", edit))
+    return apply
 
-    def edit_node(spec: dict[str, Any]) -> None:
-        cmd = spec["containers"][0]["command"]
+
+def test_numactl_on_a_node_the_guest_lacks(plan: Plan) -> None:
+    # node 1's host number where the guest's is meant: data's guest has node 0 only
+    def edit(cmd: list[str]) -> None:
+        cmd[1:3] = ["--membind=1", "--cpunodebind=1"]
+        cmd[cmd.index("--bind-node") + 1] = "1"
+
+    problems = _broken(plan, "agent-node1.yaml", _command(edit))
+    assert any(
+        "numactl --membind=1 is no NUMA node of vm 'data''s guest (it has node 0)" in p
+        for p in problems
+    ), problems
+    assert any("numactl --cpunodebind=1 is no NUMA node" in p for p in problems), problems
+
+
+def test_numactl_and_bind_node_disagree(plan: Plan) -> None:
+    def drop(cmd: list[str]) -> None:  # without --bind-node the agent checks node 1
+        i = cmd.index("--bind-node")
+        del cmd[i : i + 2]
+
+    problems = _broken(plan, "agent-node1.yaml", _command(drop))
+    assert any(
+        "numactl binds node 0/0 but the agent checks its binding against node 1" in p
+        for p in problems
+    ), problems
+
+
+def test_agent_claims_another_host_node(plan: Plan) -> None:
+    def edit(cmd: list[str]) -> None:
         cmd[cmd.index("--node") + 1] = "0"
 
-    assert any("--node 1" in p for p in _broken(plan, "agent-node1.yaml", edit_node))
+    problems = _broken(plan, "agent-node1.yaml", _command(edit))
+    assert any(
+        "does not serve --node 1, the host NUMA node vm 'data' sits on" in p for p in problems
+    ), problems
+
+
+def test_a_command_without_numactl(plan: Plan) -> None:
+    def edit(cmd: list[str]) -> None:
+        del cmd[:3]
+
+    problems = _broken(plan, "agent-node0.yaml", _command(edit))
+    assert any("is not numactl ... staging-agent" in p for p in problems), problems
 
 
 def test_tmpfs_over_the_vm_budget(plan: Plan) -> None:
