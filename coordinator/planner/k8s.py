@@ -181,10 +181,18 @@ def _shared_volumes(opts: K8sOptions) -> list[dict[str, Any]]:
 
 def _coordinator(plan: Plan, opts: K8sOptions, taints: list[str]) -> list[dict[str, Any]]:
     select = {"app.kubernetes.io/name": "coordinatord"}
-    probe = {
-        "httpGet": {"path": "/metrics", "port": "metrics"},
+    # Ready only on the leader (/ready answers 503 on the standby), so the Service sends
+    # agents to the one replica that serves them; alive on both (/live), so the kubelet never
+    # restarts the standby for waiting.
+    readiness = {
+        "httpGet": {"path": "/ready", "port": "metrics"},
         "periodSeconds": 5,
-        "failureThreshold": 3,
+        "failureThreshold": 2,
+    }
+    liveness = {
+        "httpGet": {"path": "/live", "port": "metrics"},
+        "periodSeconds": 10,
+        "failureThreshold": 6,
     }
     deployment = {
         "apiVersion": "apps/v1",
@@ -234,7 +242,8 @@ def _coordinator(plan: Plan, opts: K8sOptions, taints: list[str]) -> list[dict[s
                                 {"name": "agents", "containerPort": opts.agent_port},
                                 {"name": "metrics", "containerPort": opts.metrics_port},
                             ],
-                            "readinessProbe": probe,
+                            "readinessProbe": readiness,
+                            "livenessProbe": liveness,
                             "volumeMounts": _volume_mounts(
                                 ("config", _CONFIG_DIR + "/coordinator.toml", True),
                                 ("tls", _TLS_DIR, True),

@@ -105,7 +105,9 @@ def test_coordinator_deployment(written: Path) -> None:
     dep = _load(written / "coordinator-deployment.yaml")
     assert dep["spec"]["replicas"] == 2
     container = dep["spec"]["template"]["spec"]["containers"][0]
-    assert container["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    # Ready on the leader alone; alive on leader and standby alike (test_hosts.py runs both)
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/live", "port": "metrics"}
     ports = {
         p["name"]: p["port"] for p in _load(written / "coordinator-service.yaml")["spec"]["ports"]
     }
