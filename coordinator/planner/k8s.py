@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from coordinator.core.errors import LayoutError
 from coordinator.planner.kubelet import (
@@ -33,6 +34,7 @@ __all__ = [
     "K8sOptions",
     "agent_args",
     "check_manifests",
+    "check_options",
     "render_kubelet_files",
     "render_manifests",
     "to_yaml",
@@ -48,9 +50,24 @@ _TMPFS = "/var/lib/numa-coordinator/tmpfs"
 _AGENT_OVERHEAD_GIB = 1  # the agent's own heap beside its tmpfs, inside the same memory limit
 
 
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_HOST_ID = re.compile(r"[A-Za-z0-9._-]{1,63}")  # as [host] id (coordinator.core.config)
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE = re.compile(
+    rf"(?:{_COMPONENT}(?:\.{_COMPONENT})*(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
+)
+
+
+def _subdomain(text: str) -> bool:
+    return len(text) <= 253 and _DNS_SUBDOMAIN.fullmatch(text) is not None
+
+
 @dataclass(frozen=True)
 class K8sOptions:
-    """What the layout does not say about the cluster."""
+    """What the layout does not say about the cluster; each value checked on creation
+    (LayoutError naming the field as ``coordinatorctl plan``'s flag, e.g. ``--namespace``)."""
 
     namespace: str = "numa-coordinator"
     image: str = "numa-coordinator:0.1.0"
@@ -62,11 +79,73 @@ class K8sOptions:
     agent_cpus: int = 2
     staging_host_path: str = _STAGING
     lake_host_path: str = _LAKE
+    # The Secrets the pods mount; their names only (no value is ever generated).
+    db_secret: str = "numa-coordinator-db"  # key: password
+    tls_secret: str = "numa-coordinator-tls"  # keys: ca.pem, coordinator.pem, coordinator.key
+    agent_secret: str = "numa-coordinator-agent-node{node}"  # keys: ca.pem, node-N.pem/.key
     # the models cross-checked on each node: config/coordinator.toml's (edit the ConfigMap)
     models: tuple[tuple[int, tuple[str, ...]], ...] = (
         (0, ("slm-1", "slm-2", "slm-3", "slm-4")),
         (1, ("slm-5", "slm-6", "slm-7")),
     )
+
+    def __post_init__(self) -> None:
+        problems = check_options(self)
+        if problems:
+            raise LayoutError("; ".join(problems))
+
+    def agent_secret_name(self, node: int) -> str:
+        return self.agent_secret.replace("{node}", str(node))
+
+
+def check_options(opts: K8sOptions) -> list[str]:
+    """Every value of ``opts`` that Kubernetes, the coordinator or the pods would refuse, each
+    named by its ``plan`` flag."""
+    problems: list[str] = []
+
+    def bad(flag: str, value: object, expected: str) -> None:
+        problems.append(f"{flag} {value!r}: {expected}")
+
+    if not _DNS_LABEL.fullmatch(opts.namespace):
+        bad("--namespace", opts.namespace, "a DNS-1123 label (a-z, 0-9, '-', 1..63 characters)")
+    if len(opts.image) > 255 or not _IMAGE.fullmatch(opts.image):
+        bad("--image", opts.image, "an image reference such as registry:5000/name:tag")
+    if not _HOST_ID.fullmatch(opts.host_id):
+        bad("--host-id", opts.host_id, "a name of letters, digits, '.', '-' and '_', 1..63")
+    dsn = urlsplit(opts.dsn)
+    if dsn.scheme not in ("postgresql", "postgres") or not dsn.hostname:
+        bad("--dsn", opts.dsn, "a postgresql://USER@HOST:PORT/DB URI")
+    elif dsn.password is not None:
+        bad(
+            "--dsn",
+            opts.dsn.replace(f":{dsn.password}@", ":***@"),
+            "must hold no password: it goes into the Secret --db-secret (key password)",
+        )
+    for flag, port in (("--agent-port", opts.agent_port), ("--metrics-port", opts.metrics_port)):
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            bad(flag, port, "a TCP port 1..65535")
+    if opts.agent_port == opts.metrics_port:
+        bad("--metrics-port", opts.metrics_port, "must differ from --agent-port")
+    if not 0 < opts.tmpfs_fraction < 1:
+        bad("--tmpfs-fraction", opts.tmpfs_fraction, "a fraction of the VM's memory, 0 < f < 1")
+    if isinstance(opts.agent_cpus, bool) or not isinstance(opts.agent_cpus, int):
+        bad("--agent-cpus", opts.agent_cpus, "a whole number of CPUs, 1 or more")
+    elif opts.agent_cpus < 1:
+        bad("--agent-cpus", opts.agent_cpus, "a whole number of CPUs, 1 or more")
+    for flag, path in (
+        ("--staging-host-path", opts.staging_host_path),
+        ("--lake-host-path", opts.lake_host_path),
+    ):
+        if not path.startswith("/") or "\n" in path:
+            bad(flag, path, "an absolute path on the workers")
+    for flag, name in (("--db-secret", opts.db_secret), ("--tls-secret", opts.tls_secret)):
+        if not _subdomain(name):
+            bad(flag, name, "a Secret name (a DNS-1123 subdomain: a-z, 0-9, '-', '.')")
+    if "{node}" not in opts.agent_secret:
+        bad("--agent-secret", opts.agent_secret, "must hold {node}: one Secret per node")
+    elif not _subdomain(opts.agent_secret.replace("{node}", "0")):
+        bad("--agent-secret", opts.agent_secret, "with {node} replaced, a Secret name")
+    return problems
 
 
 def _numa_label(plan: Plan) -> str:
@@ -257,11 +336,11 @@ def _coordinator(plan: Plan, opts: K8sOptions, taints: list[str]) -> list[dict[s
                         *_shared_volumes(opts),
                         {
                             "name": "tls",
-                            "secret": {"secretName": "numa-coordinator-tls", "defaultMode": 0o400},
+                            "secret": {"secretName": opts.tls_secret, "defaultMode": 0o400},
                         },
                         {
                             "name": "db",
-                            "secret": {"secretName": "numa-coordinator-db", "defaultMode": 0o400},
+                            "secret": {"secretName": opts.db_secret, "defaultMode": 0o400},
                         },
                     ],
                 },
@@ -350,7 +429,7 @@ def _agent(plan: Plan, opts: K8sOptions, node: int) -> dict[str, Any]:
                         {
                             "name": "tls",
                             "secret": {
-                                "secretName": f"numa-coordinator-agent-node{node}",
+                                "secretName": opts.agent_secret_name(node),
                                 "defaultMode": 0o400,
                             },
                         },

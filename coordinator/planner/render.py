@@ -19,7 +19,7 @@ from typing import Any
 from coordinator.core.errors import CoordinatorError, LayoutError
 from coordinator.core.topology import format_cpulist, load_json, read_topology
 from coordinator.planner.chain import check_chain, topology_from_capabilities
-from coordinator.planner.k8s import write_k8s
+from coordinator.planner.k8s import K8sOptions, write_k8s
 from coordinator.planner.layout import VmSpec, hardware_topology, load_layout
 from coordinator.planner.plan import Plan, VmPlan, make_plan, totals
 
@@ -307,6 +307,19 @@ def _cli(args: argparse.Namespace) -> int:
     if args.domains is not None and not args.check_chain:
         print("coordinatorctl: error: --domains is read by --check-chain only", file=sys.stderr)
         return 2
+    given = {field: v for flag, field in _K8S_FLAGS if (v := getattr(args, field)) is not None}
+    if given and args.k8s is None and not args.check_chain:
+        flags = ", ".join(flag for flag, field in _K8S_FLAGS if field in given)
+        print(
+            f"coordinatorctl: error: {flags}: only with --k8s DIR (or --check-chain)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        opts = K8sOptions(**given)
+    except LayoutError as exc:
+        print(f"coordinatorctl: error: {exc}", file=sys.stderr)
+        return 2
     try:
         layout = load_layout(args.layout)
         if args.topology is not None:
@@ -328,12 +341,12 @@ def _cli(args: argparse.Namespace) -> int:
                 if args.domains is not None
                 else {vm.spec.name: render_domain_fragment(vm) for vm in plan.vms}
             )
-            result = check_chain(plan, domains)
+            result = check_chain(plan, domains, opts=opts)
             print(result.report, end="")
             return 1 if result.problems else 0
         written = write_plan(plan, args.out) if args.out is not None else []
         if args.k8s is not None:
-            written += write_k8s(plan, args.k8s)
+            written += write_k8s(plan, args.k8s, opts)
     except CoordinatorError as exc:
         print(f"coordinatorctl: error: {exc}", file=sys.stderr)
         return 1
@@ -346,6 +359,73 @@ def _cli(args: argparse.Namespace) -> int:
             print(f"\nWrote {len(written)} files under {where}:")
             print("".join(f"  {p}\n" for p in written), end="")
     return 0
+
+
+# plan's flags for K8sOptions: (flag, field); each value is checked by K8sOptions itself.
+_K8S_FLAGS = (
+    ("--namespace", "namespace"),
+    ("--image", "image"),
+    ("--host-id", "host_id"),
+    ("--dsn", "dsn"),
+    ("--db-secret", "db_secret"),
+    ("--tls-secret", "tls_secret"),
+    ("--agent-secret", "agent_secret"),
+    ("--agent-port", "agent_port"),
+    ("--metrics-port", "metrics_port"),
+    ("--agent-cpus", "agent_cpus"),
+    ("--tmpfs-fraction", "tmpfs_fraction"),
+    ("--staging-host-path", "staging_host_path"),
+    ("--lake-host-path", "lake_host_path"),
+)
+
+
+def _k8s_flags(parser: argparse.ArgumentParser) -> None:
+    d = K8sOptions()
+    group = parser.add_argument_group(
+        "Kubernetes (with --k8s DIR)", "what the layout does not say about the cluster"
+    )
+    add = group.add_argument
+    add("--namespace", metavar="NS", help=f"the namespace of everything (default {d.namespace})")
+    add("--image", metavar="REF", help=f"the image every container runs (default {d.image})")
+    add("--host-id", metavar="ID", help=f"[host] id of both replicas (default {d.host_id})")
+    add("--dsn", metavar="URI", help=f"database.dsn, without a password (default {d.dsn})")
+    add("--db-secret", metavar="NAME", help=f"Secret with the DB password (default {d.db_secret})")
+    add(
+        "--tls-secret",
+        metavar="NAME",
+        help=f"Secret with the coordinator's TLS (default {d.tls_secret})",
+    )
+    add(
+        "--agent-secret",
+        metavar="NAME",
+        help=f"Secret with node N's agent TLS, {{node}} for N (default {d.agent_secret})",
+    )
+    add("--agent-port", type=int, metavar="PORT", help=f"agents' TLS port (default {d.agent_port})")
+    add(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help=f"metrics/readiness port (default {d.metrics_port})",
+    )
+    add(
+        "--agent-cpus", type=int, metavar="N", help=f"whole CPUs per agent (default {d.agent_cpus})"
+    )
+    add(
+        "--tmpfs-fraction",
+        type=float,
+        metavar="F",
+        help=f"each agent's tmpfs as a share of its VM's memory (default {d.tmpfs_fraction})",
+    )
+    add(
+        "--staging-host-path",
+        metavar="DIR",
+        help=f"staging on the workers (default {d.staging_host_path})",
+    )
+    add(
+        "--lake-host-path",
+        metavar="DIR",
+        help=f"the lake on the workers (default {d.lake_host_path})",
+    )
 
 
 def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -385,4 +465,5 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="with --check-chain: check the domain XML in DIR/<vm>.xml (virsh dumpxml, or the "
         "domains/ plan --out wrote) instead of the generated one",
     )
+    _k8s_flags(parser)
     parser.set_defaults(func=_cli)

@@ -263,9 +263,9 @@ def test_not_guaranteed_or_fractional_cpu(plan: Plan) -> None:
 
 
 def test_write_refuses_manifests_that_contradict_the_plan(plan: Plan, tmp_path: Path) -> None:
-    # a tmpfs fraction over 1 sizes the emptyDir beyond the VM: the check stops the write
-    with pytest.raises(LayoutError, match="exceeds the memory of"):
-        write_k8s(plan, tmp_path, K8sOptions(tmpfs_fraction=2.0))
+    # agents asking for more CPUs than their workers can pin: the kubelet check stops the write
+    with pytest.raises(LayoutError, match="asks for 64 CPUs but only 30 of 32"):
+        write_k8s(plan, tmp_path, K8sOptions(agent_cpus=64))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -303,3 +303,105 @@ def test_yaml_emitter_round_trips_awkward_values() -> None:
         "list": [{"k": [1, "2", {"x": "y: z"}]}, [], [[1, 2], {"m": 3}], "- not a list"],
     }
     assert yaml.safe_load(to_yaml(obj, "comment")) == obj
+
+
+def _plan_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator.ctl.main", "plan", "--layout", str(SEED), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def test_cli_flags_set_what_the_layout_does_not_say(tmp_path: Path) -> None:
+    proc = _plan_cli(
+        *("--k8s", str(tmp_path)),
+        *("--namespace", "nc-prod", "--image", "registry.local:5000/team/numa-coordinator:0.2.0"),
+        *("--host-id", "prod", "--dsn", "postgresql://numa@db.example:5432/numa"),
+        *("--db-secret", "db-pw", "--tls-secret", "coord-tls", "--agent-secret", "agent-{node}"),
+        *("--agent-port", "8465", "--metrics-port", "9000", "--agent-cpus", "4"),
+        *("--tmpfs-fraction", "0.25"),
+        *("--staging-host-path", "/srv/staging", "--lake-host-path", "/srv/lake"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    kustomization = _load(tmp_path / "kustomization.yaml")
+    assert kustomization["namespace"] == "nc-prod"
+    for name in kustomization["resources"]:
+        obj = _load(tmp_path / name)
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        meta = obj["metadata"]
+        assert (meta["name"] if obj["kind"] == "Namespace" else meta["namespace"]) == "nc-prod"
+    dep = _load(tmp_path / "coordinator-deployment.yaml")["spec"]["template"]["spec"]
+    [coord] = dep["containers"]
+    assert coord["image"] == "registry.local:5000/team/numa-coordinator:0.2.0"
+    assert {p["name"]: p["containerPort"] for p in coord["ports"]} == {
+        "agents": 8465,
+        "metrics": 9000,
+    }
+    secrets = {v["name"]: v["secret"]["secretName"] for v in dep["volumes"] if "secret" in v}
+    assert secrets == {"tls": "coord-tls", "db": "db-pw"}
+    toml = _load(tmp_path / "configmap.yaml")["data"]["coordinator.toml"]
+    (tmp_path / "c.toml").write_text(toml)
+    config = load_config(tmp_path / "c.toml")
+    assert (config.host.id, config.database.dsn) == (
+        "prod",
+        "postgresql://numa@db.example:5432/numa",
+    )
+    assert (config.agents.listen, config.metrics_listen) == ("tcp://0.0.0.0:8465", "0.0.0.0:9000")
+    for node, tmpfs in ((0, "29Gi"), (1, "15Gi")):  # a quarter of 118 and of 60 GiB
+        spec = _load(tmp_path / f"agent-node{node}.yaml")["spec"]["template"]["spec"]
+        [agent] = spec["containers"]
+        assert agent["image"] == "registry.local:5000/team/numa-coordinator:0.2.0"
+        cmd = agent["command"]
+        assert cmd[cmd.index("--connect") + 1] == (
+            "tcp://numa-coordinator.nc-prod.svc.cluster.local:8465"
+        )
+        assert agent["resources"]["limits"]["cpu"] == "4"
+        vols = {v["name"]: v for v in spec["volumes"]}
+        assert vols["tls"]["secret"]["secretName"] == f"agent-{node}"
+        assert vols["tmpfs"]["emptyDir"]["sizeLimit"] == tmpfs
+        assert vols["staging"]["hostPath"]["path"] == "/srv/staging"
+        assert vols["lake"]["hostPath"]["path"] == "/srv/lake"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--namespace", "NC_prod"), "--namespace 'NC_prod': a DNS-1123 label"),
+        (("--image", "Numa Coordinator"), "--image 'Numa Coordinator': an image reference"),
+        (("--host-id", "a b"), "--host-id 'a b': a name of letters"),
+        (("--dsn", "mysql://db/numa"), "--dsn 'mysql://db/numa': a postgresql://"),
+        (
+            ("--dsn", "postgresql://numa:secret@db/numa"),
+            "--dsn 'postgresql://numa:***@db/numa': must hold no password",
+        ),
+        (("--db-secret", "DB_pw"), "--db-secret 'DB_pw': a Secret name"),
+        (("--agent-secret", "agent-tls"), "--agent-secret 'agent-tls': must hold {node}"),
+        (("--agent-port", "70000"), "--agent-port 70000: a TCP port 1..65535"),
+        (("--metrics-port", "7465"), "--metrics-port 7465: must differ from --agent-port"),
+        (("--agent-cpus", "0"), "--agent-cpus 0: a whole number of CPUs"),
+        (("--tmpfs-fraction", "1.5"), "--tmpfs-fraction 1.5: a fraction of the VM's memory"),
+        (("--staging-host-path", "data/staging"), "--staging-host-path 'data/staging': an abs"),
+        (("--agent-cpus", "two"), "argument --agent-cpus: invalid int value: 'two'"),
+    ],
+)
+def test_cli_refuses_a_bad_flag_value_naming_it(
+    tmp_path: Path, flags: tuple[str, str], message: str
+) -> None:
+    out = tmp_path / "k8s"
+    proc = _plan_cli("--k8s", str(out), *flags)
+    assert proc.returncode == 2
+    assert message in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+def test_cli_k8s_flags_need_k8s_or_the_chain() -> None:
+    proc = _plan_cli("--image", "numa-coordinator:0.2.0", "--agent-cpus", "4")
+    assert proc.returncode == 2
+    assert "--image, --agent-cpus: only with --k8s DIR (or --check-chain)" in proc.stderr
+    # the chain checks the manifests these flags make: 31 CPUs do not fit data's 14 allocatable
+    proc = _plan_cli("--check-chain", "--agent-cpus", "31")
+    assert proc.returncode == 1
+    assert "'31' CPUs on k3s-worker-data, but guest NUMA node 0 has 14 allocatable" in proc.stdout
