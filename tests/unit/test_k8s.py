@@ -20,6 +20,7 @@ from coordinator.planner.k8s import (
     K8sOptions,
     check_manifests,
     render_manifests,
+    secret_layout,
     to_yaml,
     write_k8s,
 )
@@ -364,6 +365,11 @@ def test_cli_flags_set_what_the_layout_does_not_say(tmp_path: Path) -> None:
         assert vols["tmpfs"]["emptyDir"]["sizeLimit"] == tmpfs
         assert vols["staging"]["hostPath"]["path"] == "/srv/staging"
         assert vols["lake"]["hostPath"]["path"] == "/srv/lake"
+    script = (tmp_path / "secrets" / "create.sh").read_text()
+    assert "kubectl -n nc-prod create secret generic db-pw --from-file=password\n" in script
+    assert "create secret generic agent-1 --from-file=ca.pem" in script
+    scrape = _load(tmp_path / "prometheus" / "scrape-config.yaml")["scrape_configs"][0]
+    assert scrape["kubernetes_sd_configs"][0]["namespaces"]["names"] == ["nc-prod"]
 
 
 @pytest.mark.parametrize(
@@ -405,3 +411,91 @@ def test_cli_k8s_flags_need_k8s_or_the_chain() -> None:
     proc = _plan_cli("--check-chain", "--agent-cpus", "31")
     assert proc.returncode == 1
     assert "'31' CPUs on k3s-worker-data, but guest NUMA node 0 has 14 allocatable" in proc.stdout
+
+
+def _secret_mounts(spec: dict[str, Any]) -> dict[str, str]:
+    """mountPath -> secretName of a pod spec's Secret volumes."""
+    secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+    [container] = spec["containers"]
+    return {
+        m["mountPath"]: secrets[m["name"]]
+        for m in container["volumeMounts"]
+        if m["name"] in secrets
+    }
+
+
+def test_the_secret_layout_holds_every_file_the_pods_read_and_no_value(
+    plan: Plan, written: Path, tmp_path: Path
+) -> None:
+    layout = secret_layout(plan, K8sOptions())
+    # every Secret the manifests mount is in the layout, and nothing else
+    mounted = {
+        s
+        for obj in render_manifests(plan).values()
+        if obj["kind"] in ("Deployment", "DaemonSet")
+        for s in _secret_mounts(obj["spec"]["template"]["spec"]).values()
+    }
+    assert mounted == set(layout)
+    # every file the ConfigMap's config makes a pod read from a Secret mount is a key of it
+    (tmp_path / "c.toml").write_text(_load(written / "configmap.yaml")["data"]["coordinator.toml"])
+    config = load_config(tmp_path / "c.toml")
+    a = config.agents
+    pods: list[tuple[str, list[str]]] = [
+        (
+            "coordinator-deployment.yaml",
+            [a.tls_cert, a.tls_key, a.tls_ca, str(config.database.password_file)],
+        )
+    ]
+    for node in (0, 1):
+        files = [f.replace("{node}", str(node)) for f in (a.agent_tls_cert, a.agent_tls_key)]
+        pods.append((f"agent-node{node}.yaml", [*files, a.tls_ca]))
+    for name, files in pods:
+        mounts = _secret_mounts(_load(written / name)["spec"]["template"]["spec"])
+        for f in files:
+            [(mount, secret)] = [(m, s) for m, s in mounts.items() if f.startswith(m + "/")]
+            assert f.removeprefix(mount + "/") in layout[secret], (name, f, secret)
+    # the script creates exactly these, from files, in the namespace; it holds no secret
+    script = (written / "secrets" / "create.sh").read_text()
+    made = {}
+    for line in script.splitlines():
+        if line.startswith("kubectl"):
+            words = line.split()
+            assert words[:6] == ["kubectl", "-n", "numa-coordinator", "create", "secret", "generic"]
+            made[words[6]] = tuple(w.removeprefix("--from-file=") for w in words[7:])
+    assert made == layout
+    assert "PRIVATE KEY" not in script and "CERTIFICATE" not in script
+    assert (written / "secrets" / "create.sh").stat().st_mode & 0o111
+    kustomization = _load(written / "kustomization.yaml")
+    assert not any(r.startswith(("secrets", "prometheus")) for r in kustomization["resources"])
+
+
+def test_prometheus_scrapes_both_coordinator_pods_on_their_metrics_port(written: Path) -> None:
+    dep = _load(written / "coordinator-deployment.yaml")
+    template = dep["spec"]["template"]
+    [container] = template["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    # the annotations of the kubernetes-pods convention
+    assert template["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(ports["metrics"]),
+        "prometheus.io/path": "/metrics",
+    }
+    # the static job: this namespace's pods with the Deployment's label, on the port named metrics
+    [job] = _load(written / "prometheus" / "scrape-config.yaml")["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    [sd] = job["kubernetes_sd_configs"]
+    assert sd["role"] == "pod"
+    assert sd["namespaces"]["names"] == [dep["metadata"]["namespace"]]
+    [selector] = sd["selectors"]
+    wanted = dict(kv.split("=", 1) for kv in selector["label"].split(","))
+    assert wanted.items() <= template["metadata"]["labels"].items()
+    assert wanted == dep["spec"]["selector"]["matchLabels"]
+    keep = [r for r in job["relabel_configs"] if r.get("action") == "keep"]
+    assert keep == [
+        {
+            "source_labels": ["__meta_kubernetes_pod_container_port_name"],
+            "regex": "metrics",
+            "action": "keep",
+        }
+    ]
+    assert "metrics" in ports
