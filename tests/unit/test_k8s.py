@@ -499,3 +499,25 @@ def test_prometheus_scrapes_both_coordinator_pods_on_their_metrics_port(written:
         }
     ]
     assert "metrics" in ports
+
+
+def test_the_kubernetes_validate_command_passes_the_written_files_and_fails_a_bad_one(
+    written: Path, tmp_path: Path
+) -> None:
+    """The check as an operator runs it: `kubernetes-validate --strict -k 1.31.0 FILES`."""
+    tool = Path(sys.executable).parent / "kubernetes-validate"
+    names = _load(written / "kustomization.yaml")["resources"]
+
+    def validate(*files: Path) -> subprocess.CompletedProcess[str]:
+        cmd = [str(tool), "--strict", "-k", K8S_VERSION, *map(str, files)]
+        return subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
+
+    proc = validate(*(written / n for n in names))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    bad = tmp_path / "agent-node0.yaml"
+    bad.write_text(
+        (written / "agent-node0.yaml").read_text().replace("nodeSelector:", "nodeSelecter:")
+    )
+    proc = validate(bad)
+    assert proc.returncode != 0
+    assert "nodeSelecter" in proc.stdout + proc.stderr
