@@ -5,9 +5,14 @@ a ConfigMap, the coordinator as a two-replica Deployment (the leader lock keeps 
 a PodDisruptionBudget and a Service, and one staging-agent DaemonSet per NUMA node, selected by
 the node label the plan puts on that node's k3s workers, tolerating their taints, in Guaranteed
 QoS with integer CPUs (so the static CPU manager pins it) and a memory-backed emptyDir as the
-node's tmpfs. Secrets (the database password, the TLS material) are referenced, never generated.
-``check_manifests`` is the project's own semantic check of them; the CLI runs it before writing.
-Everything but ``write_k8s`` is pure; see ``docs/layout.md`` "Deploy on k3s".
+node's tmpfs. Inside its worker VM an agent binds to the guest's one NUMA node, 0, and serves
+host node N (``numactl --membind=0 --cpunodebind=0 staging-agent --node N --bind-node 0``).
+The coordinator is Ready only as the leader (``/ready``). Secrets (the database password, the
+TLS material) are referenced, never generated: ``secrets/create.sh`` names them and their files;
+``prometheus/scrape-config.yaml`` is a scrape job for Prometheus. ``check_manifests`` is the
+project's own semantic check of them; the CLI runs it before writing. ``K8sOptions`` holds
+what the layout does not say (``plan --k8s``'s flags), each value checked. Everything but
+``write_k8s`` is pure; see ``docs/layout.md`` "Deploy on k3s".
 """
 
 from __future__ import annotations
