@@ -399,6 +399,8 @@ def _interleaved(plan: Plan) -> Plan:
 
 
 def test_cli_check_chain_of_applied_domains(plan: Plan, tmp_path: Path) -> None:
+    seed = _cli("--check-chain")  # the generated artefacts of the seed: closed
+    assert (seed.returncode, seed.stdout.splitlines()[-1]) == (0, "pin chain: OK"), seed.stdout
     assert _cli("--out", str(tmp_path / "plan")).returncode == 0
     domains = tmp_path / "plan" / "domains"
     assert _cli("--check-chain", "--domains", str(domains)).returncode == 0
