@@ -482,6 +482,9 @@ def test_prometheus_scrapes_both_coordinator_pods_on_their_metrics_port(written:
     }
     # the static job: this namespace's pods with the Deployment's label, on the port named metrics
     [job] = _load(written / "prometheus" / "scrape-config.yaml")["scrape_configs"]
+    # the job name docs/prometheus/alerts.yml's NumaCoordinatorDown counts on
+    alerts = (ROOT / "docs" / "prometheus" / "alerts.yml").read_text()
+    assert f'up{{job="{job["job_name"]}"}} == 0' in alerts
     assert job["metrics_path"] == "/metrics"
     [sd] = job["kubernetes_sd_configs"]
     assert sd["role"] == "pod"
