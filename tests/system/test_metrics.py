@@ -637,3 +637,39 @@ def test_real_daemon_scraped_after_a_batch_matches_the_ledger(env: Env, daemon):
     names = exposed_names(http_text(port))
     used = {n for e in dashboard_exprs() + alert_exprs() for n in METRIC_NAME.findall(e)}
     assert used <= names, sorted(used - names)
+
+
+def _reply(m: Metrics, head: str) -> tuple[int, bytes]:
+    raw = m.http_reply(head.encode())
+    status, _, body = raw.partition(b"\r\n\r\n")
+    return int(status.split(b" ")[1]), body
+
+
+def test_ready_answers_200_only_once_started_as_the_leader_and_live_always(tmp_path):
+    d = make_daemon(tmp_path)
+    m = metrics_of(d)
+    host = d.config.host.id
+    steps = [
+        ("starting", False, 503, "not ready: starting: starting"),
+        (
+            "connecting",
+            False,
+            503,
+            "not ready: connecting: connecting to the database and taking the leader lock",
+        ),
+        (
+            "standby",
+            False,
+            503,
+            f"not ready: standby: another coordinator holds the leader lock of host {host!r}; "
+            "this one waits",
+        ),
+        ("running", True, 200, f"ready: running, the leader of host {host!r}, serving agents"),
+        ("stopping", True, 503, "not ready: stopping: stopping"),
+    ]
+    for state, ready, code, text in steps:
+        d.state, d.ready = state, ready
+        assert _reply(m, "GET /ready HTTP/1.1\r\nHost: x") == (code, (text + "\n").encode())
+        assert _reply(m, "HEAD /ready HTTP/1.1\r\nHost: x") == (code, b"")
+        assert _reply(m, "GET /live HTTP/1.1\r\nHost: x") == (200, f"alive: {state}\n".encode())
+    assert _reply(m, "POST /ready HTTP/1.1\r\nHost: x")[0] == 405
