@@ -118,6 +118,12 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 # Ledger columns a state change may set, with how each is encoded.
+def _flat_timings(value: Timings | Mapping[str, object]) -> dict[str, float]:
+    """The ledger's flat `timings` object (core/timings.py) of a Timings, or of a mapping of
+    its keys (read as Timings.from_json reads one: ValueError naming a key that is no number)."""
+    return (value if isinstance(value, Timings) else Timings.from_json(value)).to_json()
+
+
 _JSON_COLS = frozenset({"timings", "staged_bytes", "placement", "consensus_agreement", "counted"})
 _PLAIN_COLS = frozenset(
     {
@@ -647,8 +653,8 @@ class Ledger:
         sets = ["state = $2", "updated_at = now()"]
         args: list[Any] = [batch_id, state.value]
         for key, value in fields.items():
-            if isinstance(value, Timings):  # the ledger's flat object (core/timings.py)
-                value = value.to_json()
+            if key == "timings":
+                value = _flat_timings(value)
             args.append(json.dumps(value) if key in _JSON_COLS else value)
             if key in _JSON_COLS:
                 sets.append(f"{key} = {key} || ${len(args)}::jsonb")
@@ -789,7 +795,7 @@ class Ledger:
                     inserted,
                     agg.fleiss_kappa,
                     json.dumps(agg.consensus_agreement),
-                    json.dumps(fields.get("timings", Timings()).to_json()),
+                    json.dumps(_flat_timings(fields.get("timings", {}))),
                 )
             return None
 
