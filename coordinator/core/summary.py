@@ -19,6 +19,7 @@ from typing import Any
 
 from coordinator.core.errors import ProtocolError
 from coordinator.core.messages import Aggregated
+from coordinator.core.rowsfile import RowsIdent
 
 __all__ = [
     "COPY_COLUMNS",
@@ -125,6 +126,7 @@ class AggregateFiles:
     rows_csv: Path  # COPY payload, COPY_COLUMNS with a header
     parquet: Path  # aggregates.parquet for the lake
     seconds: float
+    rows_ident: RowsIdent | None = None  # the rows CSV as its writer reported it
 
     @classmethod
     def from_reply(
@@ -160,4 +162,5 @@ class AggregateFiles:
             rows_csv=rows_csv,
             parquet=parquet,
             seconds=float(reply.seconds),
+            rows_ident=RowsIdent(*reply.rows_ident, sha256=reply.rows_sha256),
         )
