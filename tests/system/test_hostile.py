@@ -339,13 +339,20 @@ def csv_aggregates(data: bytes) -> set[tuple[str, str | None, int]]:
     }
 
 
-def refusals(d) -> list[str]:
-    """The coordinator's logged refusals of a rows file."""
-    lines = d.log.read_text(errors="replace").splitlines()
+def logged(d, event: str, batch_id: str) -> list[dict[str, object]]:
+    """The daemon's log lines of `event` about `batch_id`."""
+    lines = [
+        json.loads(ln)
+        for ln in d.log.read_text(errors="replace").splitlines()
+        if ln.startswith("{")
+    ]
+    return [ln for ln in lines if ln.get("event") == event and ln.get("batch_id") == batch_id]
+
+
+def refusals(d, batch_id: str) -> list[str]:
+    """The coordinator's logged refusals of a batch's rows file."""
     return [
-        json.loads(ln)["error"]
-        for ln in lines
-        if ln.startswith("{") and "aggregated rows refused" in ln
+        str(ln["error"]) for ln in logged(d, "aggregated rows refused; aggregating again", batch_id)
     ]
 
 
@@ -420,7 +427,7 @@ def test_the_rows_csv_in_staging_changed_between_aggregate_and_commit_never_reac
         assert opens.files() == []  # nothing outside staging was opened, through any link
     assert db_aggregates(env, bid) == csv_aggregates(genuine) != csv_aggregates(forged)
     assert_exactly_once(env, bid, published=pub)
-    [why] = refusals(d)
+    [why] = refusals(d, bid)
     assert f"batch {bid}: rows file {env.staging}/{bid}/.aggregates.csv: " in why
     assert ("symbolic link" if attack == "link" else "content changed") in why, why
     assert listing(outside) == before
@@ -449,7 +456,7 @@ def test_a_batch_folder_swapped_for_a_link_before_the_commit_of_staged_rows_fail
         assert opens.files() == []
     assert row["state"] == "failed"
     assert "symbolic link" in row["error"], row["error"]
-    [why] = refusals(d)
+    [why] = refusals(d, bid)
     assert f"batch {bid}: rows file {env.staging}/{bid}/.aggregates.csv: " in why
     assert "symbolic link" in why
     assert db_aggregates(env, bid) == set()
@@ -493,6 +500,8 @@ def test_a_batch_folder_swapped_for_a_link_after_aggregation_is_archived_from_no
 
 
 def test_a_model_file_swapped_for_a_link_after_stage_is_never_read(env, daemon, outside):
+    """Between stage and cross-check: every step after the stage reads the node's copies, and
+    staging's scanner only ever looks at the link itself."""
     gate = env.root / "release"
     d = daemon(extra_env=held("staged", "model-late", gate)).start()
     before = listing(outside)
@@ -506,8 +515,12 @@ def test_a_model_file_swapped_for_a_link_after_stage_is_never_read(env, daemon, 
         row = d.wait_state("model-late", FINAL, timeout=90)
         assert opens.files() == []
     assert row["state"] == "done", row["error"]
+    # The lake has the bytes counted and staged, from node memory; the link was reported and
+    # never looked through, and went with the folder at cleanup.
     lake = assert_exactly_once(env, "model-late", published=pub)
     assert (lake / name).read_bytes() != (outside / name).read_bytes()
+    [ignored] = [ln for ln in logged(d, "ignored in staging", "model-late") if ln["name"] == name]
+    assert ignored["reason"] == "symlink (never followed)"
     assert listing(outside) == before
 
 
@@ -536,4 +549,8 @@ def test_a_crosscheck_file_swapped_for_a_link_before_aggregation_is_never_read(
     assert row["state"] == "done", row["error"]
     lake = assert_exactly_once(env, bid, published=pub)
     assert (lake / name).read_bytes() != (outside / name).read_bytes()
+    [ignored] = [ln for ln in logged(d, "ignored in staging", bid) if ln["name"] == name]
+    assert ignored["reason"] == "symlink (never followed)"
+    [redo] = [ln for ln in logged(d, "step failed, retrying", bid) if ln["step"] == "crosscheck"]
+    assert f"missing or rewritten after the step: ['{model}']" in str(redo["error"])
     assert listing(outside) == before
