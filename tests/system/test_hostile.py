@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -431,6 +432,50 @@ def test_the_rows_csv_in_staging_changed_between_aggregate_and_commit_never_reac
     assert f"batch {bid}: rows file {env.staging}/{bid}/.aggregates.csv: " in why
     assert ("symbolic link" if attack == "link" else "content changed") in why, why
     assert listing(outside) == before
+
+
+def test_rows_forged_again_after_the_second_aggregation_fail_the_batch(env, remote_pair):
+    """A writer that rewrites every rows file the agent writes (same size, mtime put back):
+    the first refusal is retried by aggregating again, the second fails the batch, naming the
+    batch and the file, with nothing in PostgreSQL and its files left in staging."""
+    bid = batch_aggregated_on(1, "rows-twice")
+    # Every aggregation of the batch waits 2 s before its reply: the attacker's window.
+    d = remote_pair(hooks(aggregate_pause_s=2.0, aggregate_pause_batch=bid))
+    csv = env.staging / bid / ".aggregates.csv"
+    forged_inodes: set[int] = set()
+    stop = threading.Event()
+
+    def attacker() -> None:
+        while not stop.wait(0.02):
+            try:
+                st = csv.stat()
+                if st.st_ino in forged_inodes:
+                    continue
+                data = csv.read_bytes()
+                with csv.open("r+b") as f:
+                    f.write(forge(data))
+                os.utime(csv, ns=(st.st_atime_ns, st.st_mtime_ns))
+                forged_inodes.add(st.st_ino)
+            except FileNotFoundError:
+                continue
+
+    thread = threading.Thread(target=attacker, daemon=True)
+    thread.start()
+    try:
+        publish_all(env, bid, seed=31)
+        row = d.wait_state(bid, FINAL, timeout=90)
+    finally:
+        stop.set()
+        thread.join()
+    assert row["state"] == "failed"
+    where = f"batch {bid}: rows file {env.staging}/{bid}/.aggregates.csv: content changed"
+    assert row["error"].startswith(where), row["error"]
+    assert [w[: len(where)] for w in refusals(d, bid)] == [where, where]
+    assert len(forged_inodes) == 2  # two aggregations, each file forged
+    assert db_aggregates(env, bid) == set()
+    assert lake_dirs(env, bid) == []
+    assert (env.staging / bid / f"{MODELS[0]}.parquet").exists()  # left for inspection
+    served(env, d, "after-rows-twice", seed=32)
 
 
 def test_a_batch_folder_swapped_for_a_link_before_the_commit_of_staged_rows_fails_the_batch(
