@@ -12,6 +12,7 @@ Pure: the wire form of the summary; the files (and the CSV encoding) are written
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ PARQUET_NAME = "aggregates.parquet"
 # The rows CSV of an agent in another kernel, in the batch's staging folder (a dot name: the
 # barrier never counts it, and it goes with the folder at cleanup).
 STAGED_CSV_NAME = ".aggregates.csv"
+# The rows CSV's hash in an `aggregated` reply: a SHA-256 hex digest.
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 # Where the rows CSV goes (the `aggregate` request's rows_via).
 ROWS_VIA = ("tmpfs", "staging")
 
@@ -155,6 +158,11 @@ class AggregateFiles:
                 raise ProtocolError(
                     f"agent on node {node}: aggregated reply: {key} is {got!r}, expected {want!r}"
                 )
+        if not _SHA256.fullmatch(reply.rows_sha256):
+            raise ProtocolError(
+                f"agent on node {node}: aggregated reply: rows_sha256 is "
+                f"{reply.rows_sha256[:80]!r}, expected 64 lowercase hex digits"
+            )
         rows_csv, parquet = rows_root / want_csv, local_root / want_parquet
         return cls(
             summary=AggregateSummary.from_wire(reply.summary),

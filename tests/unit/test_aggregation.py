@@ -244,6 +244,8 @@ def test_an_agent_in_another_kernel_leaves_its_rows_in_staging(tmp_path: Path) -
         {"parquet": "/var/lib/other/aggregates.parquet"},
         {"rows_csv": "/dev/shm/node1/b1/aggregates.csv"},  # absolute: never taken
         {"rows_csv": "b2/aggregates.csv"},  # another batch's
+        {"rows_sha256": "AB" * 32},  # not as hashlib writes it
+        {"rows_sha256": ""},
         {"rows_csv": "b1/../b2/aggregates.csv"},
         {"batch_id": "b2", "rows_csv": "b2/aggregates.csv", "parquet": "b2/aggregates.parquet"},
     ],
@@ -264,6 +266,8 @@ def test_a_reply_naming_any_other_file_is_refused(tmp_path: Path, over: dict[str
         ({"rows_csv": None}, "rows_csv"),
         ({"seconds": "soon"}, "seconds"),
         ({"summary": []}, "summary"),
+        ({"rows_ident": [1, 2]}, "rows_ident"),
+        ({"rows_sha256": 7}, "rows_sha256"),
     ],
 )
 def test_a_mistyped_reply_is_refused_before_it_is_read(
