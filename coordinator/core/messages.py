@@ -173,6 +173,11 @@ class Aggregated(Reply):
     rows_csv: str
     parquet: str
     seconds: float
+    # The rows CSV as the agent wrote it: [inode, size, mtime_ns] (the inode as its kernel
+    # numbers it) and the SHA-256 of its bytes; the coordinator COPYs it only if it still is
+    # that file with those bytes (coordinator.core.rowsfile).
+    rows_ident: Ident
+    rows_sha256: str
 
 
 @dataclass(frozen=True, kw_only=True)
