@@ -118,6 +118,7 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+
 # Ledger columns a state change may set, with how each is encoded.
 def _flat_timings(value: Timings | Mapping[str, object]) -> dict[str, float]:
     """The ledger's flat `timings` object (core/timings.py) of a Timings, or of a mapping of
