@@ -21,6 +21,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import anyio
 import structlog
@@ -59,6 +60,7 @@ from coordinator.core.messages import (
     Request,
     Stage,
     Staged,
+    StepName,
     decode,
     encode,
 )
@@ -76,9 +78,12 @@ DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")  # a lake partition (date=YYYY-MM-DD)
 class Agent:
     """The agent's request handlers, independent of the socket so tests can call them."""
 
-    def __init__(self, config: Config, node: int) -> None:
+    def __init__(self, config: Config, node: int, bind_node: int | None = None) -> None:
         self.config = config
         self.node = node
+        # The NUMA node of this agent's own kernel it is bound to, where its copies must land:
+        # `node` itself, or, in a VM on host node `node`, the guest's node (--bind-node).
+        self.bind_node = node if bind_node is None else bind_node
         # The folders as this agent sees them ([[node]] staging, tmpfs, lake where its kernel
         # mounts them elsewhere); every path it sends is relative to one of them.
         paths = config.agent_paths(node)
@@ -122,7 +127,7 @@ class Agent:
 
                 def measure() -> placement.BatchPlacement:
                     try:
-                        return placement.measure({name: Path(fd_path(fd)) / name}, self.node)
+                        return placement.measure({name: Path(fd_path(fd)) / name}, self.bind_node)
                     finally:
                         os.close(fd)
 
@@ -132,7 +137,8 @@ class Agent:
                 files = stg.stage(
                     src, self.local.dir(), batch_id, names, check, expected=msg.idents
                 )
-            hooks.pause("staged")  # tests change staging here, between stage and cross-check
+            # tests change staging here, between stage and cross-check
+            hooks.pause("staged", batch_id)
             seconds = time.perf_counter() - t0
             reply = Staged(
                 batch_id=batch_id,
@@ -148,7 +154,7 @@ class Agent:
                 log.error("could not measure placement", batch_id=batch_id, error=str(e))
                 return reply
         where = placement.BatchPlacement(
-            self.node,
+            self.bind_node,
             parts[0].method if parts else placement.usable_method(),
             {n: f for p in parts for n, f in p.files.items()},
             sum(p.seconds for p in parts),
@@ -187,7 +193,7 @@ class Agent:
             # The second barrier counts exactly these files: another file under the name is
             # a rewrite (quarantined), never aggregated.
             idents[model] = (st.st_ino, st.st_size, st.st_mtime_ns)
-            hooks.pause("crosscheck")  # tests kill the agent here, mid-cross-check
+            hooks.pause("crosscheck", batch_id)  # tests kill the agent here, mid-cross-check
         return Crosschecked(
             batch_id=batch_id,
             outputs=outputs,
@@ -218,13 +224,18 @@ class Agent:
                 level=self.config.parquet.level,
                 rows_via=msg.rows_via,
             )
-        hooks.pause("aggregate")  # tests kill the agent here, its files written, unanswered
+        ident = out.rows_ident
+        assert ident is not None  # aggregate_batch reports what it wrote
+        # tests kill the agent here (or change staging), its files written, unanswered
+        hooks.pause("aggregate", batch_id)
         return Aggregated(  # paths relative to the roots (docs/protocol.md §3)
             batch_id=batch_id,
             summary=out.summary.to_wire(),
             rows_csv=f"{batch_id}/{rows_name(msg.rows_via)}",
             parquet=f"{batch_id}/{PARQUET_NAME}",
             seconds=out.seconds,
+            rows_ident=(ident.inode, ident.size, ident.mtime_ns),
+            rows_sha256=ident.sha256,
             node=self.node,
         )
 
@@ -418,7 +429,7 @@ async def serve(agent: Agent, link: Link, bound: binding.Binding) -> bool:
             log.error("step failed", step=msg.TYPE, batch_id=msg.batch_id, error=str(e))
             # The code tells the coordinator whether a retry can help (errors.ERROR_CODES).
             reply = Error(
-                step=msg.TYPE,
+                step=cast(StepName, msg.TYPE),  # every request's TYPE is a StepName
                 code=error_code(e),
                 message=str(e),
                 batch_id=msg.batch_id,
@@ -589,6 +600,14 @@ def main(argv: list[str] | None = None) -> int:
         "--connect",
         help="unix, or tcp://HOST:PORT of the coordinator (mutual TLS); default: agents.listen",
     )
+    p.add_argument(
+        "--bind-node",
+        type=int,
+        metavar="G",
+        help="the NUMA node, as this agent's own kernel numbers them, that numactl binds it to "
+        "and its copies must land on: a VM's guest node, when the VM sits on host node --node "
+        "(only for a remote = true node); default: --node",
+    )
     p.add_argument("--tls-cert", help="this agent's certificate (default: agents.agent_tls_cert)")
     p.add_argument("--tls-key", help="this agent's private key (default: agents.agent_tls_key)")
     p.add_argument("--tls-ca", help="the CA to trust (default: agents.tls_ca)")
@@ -599,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
             tls.parse_endpoint(args.connect)
         except ValueError as e:
             p.error(f"--connect: {e}")
+    if args.bind_node is not None and args.bind_node < 0:
+        p.error(f"--bind-node: {args.bind_node} is not a NUMA node number (0 or more)")
     if args.parent_pid:
         die_with_parent(args.parent_pid)
     try:
@@ -609,13 +630,20 @@ def main(argv: list[str] | None = None) -> int:
     configure(config.log.level, config.log.format, node=args.node, role="agent")
     try:
         node_cfg = config.node(args.node)
-        bound = binding.check(args.node, cpus=node_cfg.cpus)
+        bind_node = args.node if args.bind_node is None else args.bind_node
+        if bind_node != args.node and not node_cfg.remote:
+            raise ConfigError(
+                f"--bind-node {bind_node} differs from --node {args.node}, but node "
+                f"{args.node} is not remote = true in {args.config}: an agent in the "
+                "coordinator's own kernel binds to its node itself"
+            )
+        bound = binding.check(bind_node, cpus=node_cfg.cpus)
     except (BindingError, ConfigError) as e:
         log.error("refusing to run", reason=str(e))
         print(f"staging-agent: refusing to run on node {args.node}: {e}", file=sys.stderr)
         return EXIT_UNBOUND
     try:
-        agent = Agent(config, args.node)
+        agent = Agent(config, args.node, bind_node)
     except ConfigError as e:
         print(f"staging-agent: error: {e}", file=sys.stderr)
         return 1
@@ -630,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("removed partial copies left by a previous agent", files=removed)
     # Bulk copies and cross-checks yield to the coordinator's event loop when CPUs are short.
     os.nice(5)
-    log.info("agent started", pid=os.getpid(), **bound.as_dict())
+    log.info("agent started", pid=os.getpid(), bind_node=bind_node, **bound.as_dict())
     anyio.run(run, agent, link, bound, backend="asyncio", backend_options={"use_uvloop": True})
     return 0
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import os
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -27,6 +26,7 @@ from coordinator.core.errors import (
     NoSpaceError,
     NotLeaderError,
     ProtocolError,
+    RowsRefused,
 )
 from coordinator.core.iceberg import LakeSpec
 from coordinator.core.lake_paths import batch_key, batch_path
@@ -38,8 +38,11 @@ from coordinator.core.messages import (
     Purge,
     R,
     Request,
+    RowsVia,
     Stage,
 )
+from coordinator.core.roots import Dir, Root
+from coordinator.core.rowsfile import RowsFile
 from coordinator.core.summary import AggregateFiles
 from coordinator.core.timings import Phase
 from coordinator.daemon.barrier import BarrierLoop
@@ -93,19 +96,25 @@ def idents_for_agent(idents: dict[str, Ident], *, remote: bool) -> dict[str, Ide
     return {name: (0, size, mtime_ns) for name, (_, size, mtime_ns) in idents.items()}
 
 
-def idents_seen_here(folder: Path, reported: dict[str, Ident]) -> dict[str, Ident]:
+def idents_seen_here(staging: Root, batch_id: str, reported: dict[str, Ident]) -> dict[str, Ident]:
     """The identities of the cross-check files a remote agent wrote, as this kernel sees them:
-    where `folder`'s crosscheck_<model>.parquet has the reported size and mtime_ns, its inode
-    here goes in; otherwise the report stays as it is, and the barrier takes the file for a
-    rewrite. (Blocking: run in a thread.)"""
+    where the batch folder's crosscheck_<model>.parquet (reached by descriptor, never through
+    a link) is a regular file of the reported size and mtime_ns, its inode here goes in;
+    otherwise the report stays as it is, and the barrier takes the file for a rewrite.
+    (Blocking: run in a thread.)"""
     out = dict(reported)
-    for model, (_, size, mtime_ns) in reported.items():
-        try:
-            st = os.stat(folder / f"crosscheck_{model}.parquet", follow_symlinks=False)
-        except OSError:
-            continue
-        if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
-            out[model] = (st.st_ino, size, mtime_ns)
+    try:
+        folder = staging.sub(batch_id)
+    except OSError:  # gone, or a link: nothing of it is seen here
+        return out
+    with folder:
+        for model, (_, size, mtime_ns) in reported.items():
+            try:
+                st = folder.lstat(f"crosscheck_{model}.parquet")
+            except (OSError, ValueError):
+                continue
+            if stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+                out[model] = (st.st_ino, size, mtime_ns)
     return out
 
 
@@ -118,6 +127,7 @@ class Pipeline:
         self.cfg = run.config
         self.ledger = ctx.ledger
         self.log = log.bind(batch_id=run.batch_id)
+        self.rows_problem: RowsRefused | None = None  # why the last commit refused the rows
 
     async def run(self, step: Step) -> None:
         """Run from `step` (stage, archive or cleanup) to the end; on an unrecoverable error
@@ -139,7 +149,9 @@ class Pipeline:
                         if committed is not Commit.ROWS_GONE:
                             break
                     else:
-                        raise AgentError("the aggregated rows vanished twice before the commit")
+                        raise self.rows_problem or AgentError(
+                            "the aggregated rows vanished twice before the commit"
+                        )
                     if committed is Commit.STOP:
                         return
                 step = Step.ARCHIVE
@@ -251,9 +263,9 @@ class Pipeline:
         replies = await self._on_nodes(
             lambda n: Stage(batch_id=run.batch_id, files=files, idents=self._idents_for(n, idents))
         )
-        run.timings[Phase.STAGING.key()] = round((time.perf_counter() - t0) * 1000, 3)
+        run.timings.since(Phase.STAGING, t0)
         for n, r in replies.items():
-            run.timings[Phase.STAGING.key(n)] = round(r.seconds * 1000, 3)
+            run.timings.set(Phase.STAGING, r.seconds * 1000, n)
         run.staged_bytes = {str(n): r.bytes for n, r in replies.items()}
         placement: dict[str, Any] = {
             str(n): r.placement for n, r in replies.items() if r.placement is not None
@@ -294,18 +306,18 @@ class Pipeline:
         )
         counted: dict[str, tuple[int, int, int]] = {}
         for n, r in replies.items():
-            run.timings[Phase.CROSSCHECK.key(n)] = round(float(r.seconds) * 1000, 3)
+            run.timings.set(Phase.CROSSCHECK, float(r.seconds) * 1000, n)
             reported = r.idents  # (inode, size, mtime_ns) of each file it wrote
             if self.cfg.node(n).remote:  # as that agent's kernel numbers inodes: ours, please
                 reported = await anyio.to_thread.run_sync(
-                    idents_seen_here, self.cfg.paths.staging / run.batch_id, reported
+                    idents_seen_here, self.ctx.scanner.root, run.batch_id, reported
                 )
             counted |= reported
         # The agents publish before they reply, so every file is final now, and the barrier
         # counts exactly the files they wrote: any other file under those names (a look
         # before the replies may have seen an earlier attempt's) is a rewrite.
         await self.ctx.barrier.crosschecks(run, counted, self.cfg.barrier.reconcile_s)
-        run.timings[Phase.CROSSCHECK.key()] = round((time.perf_counter() - t0) * 1000, 3)
+        run.timings.since(Phase.CROSSCHECK, t0)
         await self._set(State.CROSSCHECKED, timings=run.timings)
 
     async def aggregate(self, *, record: bool = True) -> AggregateFiles:
@@ -332,7 +344,7 @@ class Pipeline:
             # An agent in another kernel leaves the rows in the batch's staging folder, the
             # one folder both kernels see; otherwise they stay in its node's memory.
             remote = self.cfg.node(node).remote
-            via = "staging" if remote else "tmpfs"
+            via: RowsVia = "staging" if remote else "tmpfs"
             reply = await self.ctx.hub.request(
                 node,
                 Aggregate(
@@ -354,8 +366,8 @@ class Pipeline:
 
         await self._retrying("aggregate", step)
         assert agg is not None  # _retrying returns only after a step that set it
-        run.timings[Phase.AGGREGATE.key()] = round((time.perf_counter() - t0) * 1000, 3)
-        run.timings[Phase.AGGREGATE.key(agg.node)] = round(agg.seconds * 1000, 3)
+        run.timings.since(Phase.AGGREGATE, t0)
+        run.timings.set(Phase.AGGREGATE, agg.seconds * 1000, agg.node)
         return agg
 
     async def commit(self, agg: AggregateFiles) -> Commit:
@@ -365,10 +377,11 @@ class Pipeline:
         deadline) stops."""
         run = self.run_
         t0 = time.perf_counter()
+        rows = _rows_file(agg, remote=self.cfg.node(agg.node).remote)
         while True:
             try:
                 found = await self.ledger.commit(
-                    run.batch_id, agg.summary, agg.rows_csv, fields={"timings": run.timings}
+                    run.batch_id, agg.summary, rows, fields={"timings": run.timings}
                 )
                 break
             except NotLeaderError:
@@ -376,7 +389,13 @@ class Pipeline:
             except AgentError as e:
                 self.log.warning("aggregated rows gone before the commit", error=str(e))
                 return Commit.ROWS_GONE
-        run.timings[Phase.COMMIT.key()] = round((time.perf_counter() - t0) * 1000, 3)
+            except RowsRefused as e:
+                # Not the file the agent wrote (a link, a rewrite: nothing of it committed).
+                # Aggregating again writes a fresh one; a second refusal fails the batch.
+                self.rows_problem = e
+                self.log.error("aggregated rows refused; aggregating again", error=str(e))
+                return Commit.ROWS_GONE
+        run.timings.since(Phase.COMMIT, t0)
         if found is State.FAILED:
             self.log.warning("batch was marked failed meanwhile; its files stay in staging")
             self.ctx.runs.settle(run, found)
@@ -435,8 +454,8 @@ class Pipeline:
                 f"{reply.lake_path!r}, expected {key!r} (relative to the lake's root)"
             )
         path = batch_path(self.ctx.lake_root, run.batch_id, run.date)
-        run.timings[Phase.ARCHIVE.key()] = round((time.perf_counter() - t0) * 1000, 3)
-        run.timings[Phase.ARCHIVE.key(agg.node)] = round(float(reply.seconds) * 1000, 3)
+        run.timings.since(Phase.ARCHIVE, t0)
+        run.timings.set(Phase.ARCHIVE, float(reply.seconds) * 1000, agg.node)
         await self._set(State.ARCHIVED, durable=True, lake_path=path, timings=run.timings)
         self.log.info("batch archived", lake=path, bytes=reply.bytes, node=agg.node)
 
@@ -475,8 +494,8 @@ class Pipeline:
                 f"lake: batch {run.batch_id} is in some tables and not others: {commits}"
             )
         hooks.crash_point("lake_prepared")  # tests kill -9 here: files written, nothing committed
-        run.timings[Phase.ARCHIVE.key()] = round((time.perf_counter() - t0) * 1000, 3)
-        run.timings[Phase.ARCHIVE.key(agg.node)] = round(float(reply.seconds) * 1000, 3)
+        run.timings.since(Phase.ARCHIVE, t0)
+        run.timings.set(Phase.ARCHIVE, float(reply.seconds) * 1000, agg.node)
         where = commits["aggregates"][1] or bases["aggregates"]
         done = await self.ledger.commit_archive(
             run.batch_id,
@@ -541,18 +560,34 @@ class Pipeline:
         t0 = time.perf_counter()
         await self._purge()
         await anyio.to_thread.run_sync(self.ctx.scanner.remove_batch, run.batch_id)
-        run.timings[Phase.CLEANUP.key()] = round((time.perf_counter() - t0) * 1000, 3)
+        run.timings.since(Phase.CLEANUP, t0)
         final = State.DEGRADED if run.degraded else State.DONE
         await self._set(
             final, durable=True, timings=run.timings, finished_at=dt.datetime.now(dt.UTC)
         )
-        self.log.info("batch finished", state=final.value, timings=run.timings)
+        self.log.info("batch finished", state=final.value, timings=run.timings.to_json())
         self.ctx.runs.finish(run)
 
 
 def _archivable(agg: AggregateFiles, models: tuple[str, ...]) -> bool:
     """True while the aggregating node still holds what its archive copies: the aggregates
-    and the cross-check copies the vote read."""
+    and the cross-check copies the vote read, each a regular file (looked at by descriptor
+    from the node's tmpfs, never through a link: a link there is no copy of the vote's)."""
     folder = agg.parquet.parent
     names = [agg.parquet.name, *(f"crosscheck_{m}.parquet" for m in models)]
-    return all((folder / n).exists() for n in names)
+    try:
+        with Dir.open(folder.parent) as tmpfs, tmpfs.sub(folder.name) as batch:
+            return all(stat.S_ISREG(batch.lstat(n).st_mode) for n in names)
+    except (OSError, ValueError):
+        return False
+
+
+def _rows_file(agg: AggregateFiles, *, remote: bool) -> RowsFile:
+    """The rows CSV to COPY, as the agent reported it; an agent in another kernel numbers
+    inodes its own way, so only size, mtime_ns and the content are compared."""
+    if agg.rows_ident is None:
+        raise ProtocolError(f"agent on node {agg.node}: aggregated reply without rows_ident")
+    folder = agg.rows_csv.parent
+    return RowsFile(
+        folder.parent, folder.name, agg.rows_csv.name, agg.rows_ident, check_inode=not remote
+    )

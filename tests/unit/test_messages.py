@@ -182,6 +182,8 @@ CASES: list[tuple[Message, dict[str, Any]]] = [
             rows_csv="b1/aggregates.csv",
             parquet="b1/aggregates.parquet",
             seconds=0.08,
+            rows_ident=(41, 300, 1795878000223456789),
+            rows_sha256="ab" * 32,
             req=10,
             node=1,
         ),
@@ -192,6 +194,8 @@ CASES: list[tuple[Message, dict[str, Any]]] = [
             "rows_csv": "b1/aggregates.csv",
             "parquet": "b1/aggregates.parquet",
             "seconds": 0.08,
+            "rows_ident": [41, 300, 1795878000223456789],
+            "rows_sha256": "ab" * 32,
             "req": 10,
             "node": 1,
         },
@@ -439,6 +443,14 @@ def test_the_error_says_what_was_expected_and_what_was_found() -> None:
         ("crosschecked", "idents", {"slm-1": None}, r"object of \[int, int, int\]"),
         ("aggregated", "summary", [], "object"),
         ("error", "batch_id", 5, "str or null"),
+        (
+            "error",
+            "step",
+            "restage",
+            "one of 'stage', 'crosscheck', 'aggregate', 'archive', 'purge'",
+        ),
+        ("error", "step", 1, "one of 'stage'"),
+        ("aggregate", "rows_via", "/tmp", "one of 'tmpfs', 'staging'"),
         ("error", "node", None, "int"),
     ],
 )
@@ -575,3 +587,10 @@ def test_the_iceberg_lake_fields_go_on_the_wire_only_when_set_and_round_trip() -
     bad = messages.to_dict(reply) | {"commits": {"aggregates": ["only one"]}}
     with pytest.raises(ProtocolError, match="archived: field 'commits'"):
         messages.from_dict(bad)
+
+
+def test_every_request_type_is_a_step_an_error_can_name() -> None:
+    """The agent writes `Error(step=msg.TYPE)` for any request: each request's TYPE must be
+    one of StepName's values, or the coordinator could not decode the agent's error."""
+    requests = {cls.TYPE for cls in messages.TYPES.values() if issubclass(cls, messages.Request)}
+    assert requests == set(typing.get_args(messages.StepName))
