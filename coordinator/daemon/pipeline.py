@@ -40,6 +40,7 @@ from coordinator.core.messages import (
 )
 from coordinator.core.summary import AggregateFiles
 from coordinator.core.timings import Phase
+from coordinator.core.usage import BatchCompression
 from coordinator.daemon.barrier import BarrierLoop
 from coordinator.daemon.hub import Hub
 from coordinator.daemon.ledger import Ledger
@@ -249,6 +250,17 @@ class Pipeline:
         for n, r in replies.items():
             run.timings[Phase.STAGING.key(n)] = round(r.seconds * 1000, 3)
         run.staged_bytes = {str(n): r.bytes for n, r in replies.items()}
+        for n, r in sorted(replies.items()):
+            run.add_usage(n, r)
+            # Every node reads the same files' footers: the first that could tells.
+            run.compression = run.compression or BatchCompression.from_reply(r)
+        squeezed: dict[str, Any] = {}
+        if run.compression is not None:
+            squeezed = {
+                "compressed_bytes": run.compression.compressed_bytes,
+                "decoded_bytes": run.compression.decoded_bytes,
+                "encode_cpu_s": run.compression.encode_cpu_s,
+            }
         placement: dict[str, Any] = {
             str(n): r.placement for n, r in replies.items() if r.placement is not None
         }
@@ -272,7 +284,12 @@ class Pipeline:
             )
         run.placement = placement
         await self._set(
-            State.STAGED, staged_bytes=run.staged_bytes, timings=run.timings, placement=placement
+            State.STAGED,
+            staged_bytes=run.staged_bytes,
+            timings=run.timings,
+            placement=placement,
+            node_usage=run.usage_rows(),
+            **squeezed,
         )
         self.log.info("batch staged", bytes=run.staged_bytes)
 
@@ -289,6 +306,7 @@ class Pipeline:
         counted: dict[str, tuple[int, int, int]] = {}
         for n, r in replies.items():
             run.timings[Phase.CROSSCHECK.key(n)] = round(float(r.seconds) * 1000, 3)
+            run.add_usage(n, r)
             reported = r.idents  # (inode, size, mtime_ns) of each file it wrote
             if self.cfg.node(n).remote:  # as that agent's kernel numbers inodes: ours, please
                 reported = await anyio.to_thread.run_sync(
@@ -300,7 +318,7 @@ class Pipeline:
         # before the replies may have seen an earlier attempt's) is a rewrite.
         await self.ctx.barrier.crosschecks(run, counted, self.cfg.barrier.reconcile_s)
         run.timings[Phase.CROSSCHECK.key()] = round((time.perf_counter() - t0) * 1000, 3)
-        await self._set(State.CROSSCHECKED, timings=run.timings)
+        await self._set(State.CROSSCHECKED, timings=run.timings, node_usage=run.usage_rows())
 
     async def aggregate(self, *, record: bool = True) -> AggregateFiles:
         """Have one node's agent aggregate the batch; the rows stay in its node-local memory
@@ -337,6 +355,7 @@ class Pipeline:
                 ),
                 within_s=self.cfg.agents.step_timeout_s,
             )
+            run.add_usage(node, reply)
             agg = AggregateFiles.from_reply(
                 reply,
                 node,
@@ -387,7 +406,9 @@ class Pipeline:
             return Commit.STOP
         if found is None:
             self.ctx.metrics.batch_committed(agg.summary)
-        await self._set(State.COMMITTED, durable=True, timings=run.timings)
+        await self._set(
+            State.COMMITTED, durable=True, timings=run.timings, node_usage=run.usage_rows()
+        )
         self.log.info(
             "batch committed",
             rows=agg.summary.rows,
@@ -426,7 +447,13 @@ class Pipeline:
         path = batch_path(self.ctx.lake_root, run.batch_id, run.date)
         run.timings[Phase.ARCHIVE.key()] = round((time.perf_counter() - t0) * 1000, 3)
         run.timings[Phase.ARCHIVE.key(agg.node)] = round(float(reply.seconds) * 1000, 3)
-        await self._set(State.ARCHIVED, durable=True, lake_path=path, timings=run.timings)
+        await self._set(
+            State.ARCHIVED,
+            durable=True,
+            lake_path=path,
+            timings=run.timings,
+            node_usage=run.usage_rows(),  # an aggregation done again after the commit
+        )
         self.log.info("batch archived", lake=path, bytes=reply.bytes, node=agg.node)
 
     async def _archive_until_done(self, agg: AggregateFiles | None) -> None:
