@@ -354,7 +354,7 @@ def file_bytes(fd: int, method: Method = "move_pages") -> Counter[int]:
     """Bytes per page status (node, or NOT_IN_MEMORY) of the open file `fd`, without reading
     in a page that is not in memory: each window is mapped (read-only, shared, not populated),
     mincore(2) says which pages are resident (the page cache of a disk file, or tmpfs), only
-    those are mapped in (MADV_POPULATE_READ, else a read of one byte each), and the kernel
+    those are mapped in (MADV_POPULATE_READ, Linux 5.14), and the kernel
     tells their nodes. The others count as NOT_IN_MEMORY. Exact to the byte with move_pages;
     with numa_maps (pages per node only) the file's partial last page is taken off the pages
     not in memory, else off the largest node's."""
@@ -391,11 +391,14 @@ def file_bytes(fd: int, method: Method = "move_pages") -> Counter[int]:
 
 
 def _map_in(addr: int, length: int) -> None:
-    """Map the (resident) pages of a range in, as a read would, reading nothing new in."""
-    if _libc.madvise(addr, length, _MADV_POPULATE_READ) == 0:
-        return
-    for a in range(addr, addr + length, PAGE):  # a kernel before 5.14: one byte of each page
-        ctypes.c_char.from_address(a).value  # noqa: B018 (the read is the point)
+    """Map the (resident) pages of a range in, as a read would; OSError where the kernel
+    cannot (before Linux 5.14: no MADV_POPULATE_READ), or where a read would fault (EFAULT: the
+    file was truncated meanwhile). Touching the pages instead would turn that fault into a
+    SIGBUS that kills the agent."""
+    if _libc.madvise(addr, length, _MADV_POPULATE_READ) != 0:
+        err = ctypes.get_errno()
+        why = "needs Linux 5.14" if err == errno.EINVAL else os.strerror(err)
+        raise OSError(err, f"madvise(MADV_POPULATE_READ): {why}")
 
 
 def count_bytes(fds: Mapping[str, int], node: int, method: Method | None = None) -> NodeBytes:

@@ -11,6 +11,7 @@ to node 0 (a deliberately wrong binding). The real cross-node copy is tests/numa
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import subprocess
 import sys
@@ -103,6 +104,36 @@ def test_pages_dropped_from_the_cache_count_as_not_in_memory_and_are_not_read_in
     after = look(path, method)
     assert sum(after.values()) == size
     assert 0 < sum(b for s, b in after.items() if s >= 0) <= size
+
+
+TRUNCATED = """
+import ctypes, os, sys
+from agents import placement as p
+fd = os.open(sys.argv[1], os.O_RDONLY)
+addr = p._libc.mmap(None, 3 * p.PAGE, p._PROT_READ, p._MAP_SHARED, fd, 0)
+os.truncate(sys.argv[1], 0)  # the producer truncates the file under the look
+try:
+    p._map_in(addr, 3 * p.PAGE)
+except OSError as e:
+    print("OSError", e.errno)
+"""
+
+
+def test_a_file_truncated_under_the_look_is_an_oserror_never_a_sigbus(tmp_path: Path) -> None:
+    """A read of a mapped page past the end of a truncated file is a SIGBUS, which would kill
+    the agent: mapping the pages in must fail with an error instead."""
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(3 * PAGE))
+    done = subprocess.run(
+        [sys.executable, "-c", TRUNCATED, str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert done.stdout.split() == ["OSError", str(errno.EFAULT)]
 
 
 def test_a_tmpfs_file_counts_on_the_node_that_wrote_it(shm_file: Path) -> None:
