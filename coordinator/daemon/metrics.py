@@ -29,7 +29,6 @@ from prometheus_client import (
     GC_COLLECTOR,
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     PlatformCollector,
     ProcessCollector,
@@ -124,6 +123,8 @@ class _LastBatch:
     agreement: dict[str, float | None] = field(default_factory=dict)
     committed: bool = False
     finished_at: dict[str, float] = field(default_factory=dict)  # final state -> Unix time
+    compression_ratio: float | None = None  # decoded / compressed of its models' files
+    peak_rss: dict[str, float] = field(default_factory=dict)  # node -> its agent's peak RSS
 
 
 class Metrics:
@@ -206,12 +207,6 @@ class Metrics:
             ["node"],
             registry=reg,
         )
-        self.peak_rss = Gauge(
-            f"{p}_agent_peak_rss_bytes",
-            "A node's agent's peak resident set during the last finished batch.",
-            ["node"],
-            registry=reg,
-        )
         self.compressed = Counter(
             f"{p}_files_compressed_bytes",
             "Column-chunk bytes of finished batches' models' files as stored (zstd).",
@@ -226,11 +221,6 @@ class Metrics:
             f"{p}_encode_cpu_seconds",
             "CPU seconds the SDK recorded writing finished batches' models' files (Parquet"
             " encoding and zstd compression), where every file of the batch recorded them.",
-            registry=reg,
-        )
-        self.ratio = Gauge(
-            f"{p}_compression_ratio",
-            "Decoded / compressed bytes of the last finished batch's models' files.",
             registry=reg,
         )
         self.lag = Histogram(
@@ -306,16 +296,19 @@ class Metrics:
                 if absent:
                     self.absent.labels(node=node, step=step).inc(getattr(u, absent) or 0)
             self.decode_cpu.labels(node=node).inc(u.decode_cpu_s or 0.0)
-            if u.peak_rss_bytes is not None:
-                self.peak_rss.labels(node=node).set(u.peak_rss_bytes)
+        if run.usage:  # the last batch's peaks: only the nodes it has one of
+            self.last.peak_rss = {
+                str(n): float(u.peak_rss_bytes)
+                for n, u in run.usage.items()
+                if u.peak_rss_bytes is not None
+            }
         c = run.compression
         if c is not None:
             self.compressed.inc(c.compressed_bytes)
             self.decoded.inc(c.decoded_bytes)
             if c.encode_cpu_s is not None:
                 self.encode_cpu.inc(c.encode_cpu_s)
-            if c.ratio is not None:
-                self.ratio.set(c.ratio)
+            self.last.compression_ratio = c.ratio
 
     def loop_lag(self, seconds: float) -> None:
         """Record one event-loop lag sample."""
@@ -545,6 +538,13 @@ class _StateCollector(Collector):
             doc = "Each model's agreement with the consensus in the last committed batch."
             agreement = {k: _nan(v) for k, v in last.agreement.items()}
             out.append(_family(G, "consensus_agreement_ratio", doc, agreement, "model"))
+
+        if last.compression_ratio is not None:
+            doc = "Decoded / compressed bytes of the last finished batch's models' files."
+            out.append(_family(G, "compression_ratio", doc, last.compression_ratio))
+        if last.peak_rss:
+            doc = "Each node's agent's peak resident set over the last finished batch's steps."
+            out.append(_family(G, "agent_peak_rss_bytes", doc, last.peak_rss, "node"))
 
         # The file barrier.
         w = st.watcher
