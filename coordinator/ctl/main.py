@@ -470,8 +470,8 @@ def render_usage(row: dict[str, Any]) -> list[str]:
     for node, u in sorted(usage.items(), key=lambda kv: int(kv[0])):
         peak = u.get("peak_rss_bytes")
         rss = _bytes(peak) if peak is not None else "-"
-        if peak is not None and decoded:
-            rss += f" ({peak / decoded:.1f}x decoded)"
+        if peak is not None and stored and decoded:
+            rss += f" ({peak / stored:.1f}x stored, {peak / decoded:.1f}x decoded)"
         cpu = u.get("decode_cpu_s")
         table.append(
             [

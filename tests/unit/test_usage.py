@@ -241,7 +241,7 @@ def test_show_prints_the_ratio_and_each_nodes_bytes_cpu_and_peak() -> None:
     node1 = next(line for line in lines if line.strip().startswith("node1"))
     assert lines.index(node0) < lines.index(node1)
     assert "0 B / 4.0 KiB + 0 B" in node0  # the stage: nothing from another node
-    assert "0.500 s" in node0 and "6.8 KiB (2.0x decoded)" in node0
+    assert "0.500 s" in node0 and "6.8 KiB (7.0x stored, 2.0x decoded)" in node0
     assert "4.0 KiB / 4.0 KiB + ?" in node1  # all from another node; whether in memory unknown
     assert node1.split()[-1] == "-"  # no peak reported
 
