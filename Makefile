@@ -9,12 +9,12 @@ STAMP := $(VENV)/.installed
 RUN_NEEDS := numactl=numactl python3-venv=python3-venv
 # The suite needs: virt-xml-validate and xmllint (the layout plan's libvirt XML is validated);
 # qemu-system-x86_64, a static /bin/busybox and cpio (the two-node NUMA guest); prometheus and
-# promtool (the alert rules' tests, a real Prometheus scraping a daemon); systemd-nspawn and
-# systemd's tools (the units under a real systemd); bindfs (a FUSE staging
+# promtool (the alert rules' tests, a real Prometheus scraping a daemon); systemd and its
+# tools (the units under a real systemd, PID 1 of the QEMU guest: tests/systemd_vm); bindfs (a FUSE staging
 # folder whose writers the daemon's inotify does not hear: tests/system/test_remote_writes.py).
 TEST_NEEDS := $(RUN_NEEDS) virt-xml-validate=libvirt-clients xmllint=libxml2-utils \
 	qemu-system-x86_64=qemu-system-x86 busybox-static=busybox-static cpio=cpio \
-	prometheus=prometheus promtool=prometheus systemd-nspawn=systemd-container \
+	prometheus=prometheus promtool=prometheus \
 	systemd=systemd systemd-analyze=systemd systemd-sysusers=systemd systemd-tmpfiles=systemd \
 	bindfs=bindfs
 

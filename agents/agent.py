@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pyarrow as pa
@@ -63,6 +63,7 @@ from coordinator.core.messages import (
     Request,
     Stage,
     Staged,
+    StepName,
     decode,
     encode,
 )
@@ -80,9 +81,12 @@ DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")  # a lake partition (date=YYYY-MM-DD)
 class Agent:
     """The agent's request handlers, independent of the socket so tests can call them."""
 
-    def __init__(self, config: Config, node: int) -> None:
+    def __init__(self, config: Config, node: int, bind_node: int | None = None) -> None:
         self.config = config
         self.node = node
+        # The NUMA node of this agent's own kernel it is bound to, where its copies must land:
+        # `node` itself, or, in a VM on host node `node`, the guest's node (--bind-node).
+        self.bind_node = node if bind_node is None else bind_node
         # The folders as this agent sees them ([[node]] staging, tmpfs, lake where its kernel
         # mounts them elsewhere); every path it sends is relative to one of them.
         paths = config.agent_paths(node)
@@ -108,7 +112,7 @@ class Agent:
     def stage(self, msg: Stage) -> Staged:
         """Copy the batch's files into node-local tmpfs; say where the source pages were, what
         the files' footers say of their compression, and the step's peak RSS."""
-        sources = _PageLooks(self.node, "stage")
+        sources = _PageLooks(self.bind_node, "stage")
         with self.meter.step() as usage:
             reply = self._stage(msg, sources.look)
             with self.local.sub(reply.batch_id) as local:
@@ -135,7 +139,7 @@ class Agent:
 
                 def measure() -> placement.BatchPlacement:
                     try:
-                        return placement.measure({name: Path(fd_path(fd)) / name}, self.node)
+                        return placement.measure({name: Path(fd_path(fd)) / name}, self.bind_node)
                     finally:
                         os.close(fd)
 
@@ -167,7 +171,7 @@ class Agent:
                 log.error("could not measure placement", batch_id=batch_id, error=str(e))
                 return reply
         where = placement.BatchPlacement(
-            self.node,
+            self.bind_node,
             parts[0].method if parts else placement.usable_method(),
             {n: f for p in parts for n, f in p.files.items()},
             sum(p.seconds for p in parts),
@@ -195,7 +199,7 @@ class Agent:
         with self.local.sub(self.batch_id(batch_id)) as local:
             # Where the copies' pages are just before the read (all on this node, unless the
             # placement went wrong), and the process's CPU seconds reading them.
-            read = _PageLooks(self.node, "crosscheck").read(
+            read = _PageLooks(self.bind_node, "crosscheck").read(
                 local, [f"{m}.parquet" for m in present]
             )
             with accounting.cpu_seconds() as decode_cpu:
@@ -247,7 +251,7 @@ class Agent:
             # (the other nodes' files on the other nodes: this step's cross-node transfer),
             # and, after the vote, the node-local copies it read (expected all on this node).
             names = [f"crosscheck_{m}.parquet" for m in models]
-            copied = _PageLooks(self.node, "aggregate").copied_from(src, names)
+            copied = _PageLooks(self.bind_node, "aggregate").copied_from(src, names)
             out = aggregation.aggregate_batch(
                 src,
                 local,
@@ -260,7 +264,7 @@ class Agent:
                 level=self.config.parquet.level,
                 rows_via=msg.rows_via,
             )
-            read = _PageLooks(self.node, "aggregate").read(local, names)
+            read = _PageLooks(self.bind_node, "aggregate").read(local, names)
         hooks.pause("aggregate")  # tests kill the agent here, its files written, unanswered
         return Aggregated(  # paths relative to the roots (docs/protocol.md §3)
             batch_id=batch_id,
@@ -542,7 +546,7 @@ async def serve(agent: Agent, link: Link, bound: binding.Binding) -> bool:
             log.error("step failed", step=msg.TYPE, batch_id=msg.batch_id, error=str(e))
             # The code tells the coordinator whether a retry can help (errors.ERROR_CODES).
             reply = Error(
-                step=msg.TYPE,
+                step=cast(StepName, msg.TYPE),  # every request's TYPE is a StepName
                 code=error_code(e),
                 message=str(e),
                 batch_id=msg.batch_id,
@@ -713,6 +717,14 @@ def main(argv: list[str] | None = None) -> int:
         "--connect",
         help="unix, or tcp://HOST:PORT of the coordinator (mutual TLS); default: agents.listen",
     )
+    p.add_argument(
+        "--bind-node",
+        type=int,
+        metavar="G",
+        help="the NUMA node, as this agent's own kernel numbers them, that numactl binds it to "
+        "and its copies must land on: a VM's guest node, when the VM sits on host node --node "
+        "(only for a remote = true node); default: --node",
+    )
     p.add_argument("--tls-cert", help="this agent's certificate (default: agents.agent_tls_cert)")
     p.add_argument("--tls-key", help="this agent's private key (default: agents.agent_tls_key)")
     p.add_argument("--tls-ca", help="the CA to trust (default: agents.tls_ca)")
@@ -723,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
             tls.parse_endpoint(args.connect)
         except ValueError as e:
             p.error(f"--connect: {e}")
+    if args.bind_node is not None and args.bind_node < 0:
+        p.error(f"--bind-node: {args.bind_node} is not a NUMA node number (0 or more)")
     if args.parent_pid:
         die_with_parent(args.parent_pid)
     try:
@@ -733,13 +747,20 @@ def main(argv: list[str] | None = None) -> int:
     configure(config.log.level, config.log.format, node=args.node, role="agent")
     try:
         node_cfg = config.node(args.node)
-        bound = binding.check(args.node, cpus=node_cfg.cpus)
+        bind_node = args.node if args.bind_node is None else args.bind_node
+        if bind_node != args.node and not node_cfg.remote:
+            raise ConfigError(
+                f"--bind-node {bind_node} differs from --node {args.node}, but node "
+                f"{args.node} is not remote = true in {args.config}: an agent in the "
+                "coordinator's own kernel binds to its node itself"
+            )
+        bound = binding.check(bind_node, cpus=node_cfg.cpus)
     except (BindingError, ConfigError) as e:
         log.error("refusing to run", reason=str(e))
         print(f"staging-agent: refusing to run on node {args.node}: {e}", file=sys.stderr)
         return EXIT_UNBOUND
     try:
-        agent = Agent(config, args.node)
+        agent = Agent(config, args.node, bind_node)
     except ConfigError as e:
         print(f"staging-agent: error: {e}", file=sys.stderr)
         return 1
@@ -754,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("removed partial copies left by a previous agent", files=removed)
     # Bulk copies and cross-checks yield to the coordinator's event loop when CPUs are short.
     os.nice(5)
-    log.info("agent started", pid=os.getpid(), **bound.as_dict())
+    log.info("agent started", pid=os.getpid(), bind_node=bind_node, **bound.as_dict())
     anyio.run(run, agent, link, bound, backend="asyncio", backend_options={"use_uvloop": True})
     return 0
 

@@ -26,6 +26,7 @@ import anyio
 from coordinator.core.batch import State
 from coordinator.core.config import load_config
 from coordinator.core.logs import configure
+from coordinator.core.timings import Phase
 from coordinator.daemon.service import Daemon
 
 TICK_S = 0.001
@@ -51,7 +52,7 @@ def step_of(daemon: Daemon) -> str:
         tag = _STEP.get(run.state)
         if tag is None:
             continue
-        if tag == "aggregate" and "aggregate_ms" in run.timings:
+        if tag == "aggregate" and run.timings.has(Phase.AGGREGATE):
             tag = "commit"  # aggregated, now in Ledger.commit (the state changes after it)
         best = max(best, TAGS.index(tag))
     return TAGS[best]

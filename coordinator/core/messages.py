@@ -20,7 +20,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from coordinator.core import protocol
 from coordinator.core.errors import ProtocolError
@@ -41,8 +41,10 @@ __all__ = [
     "Purged",
     "Reply",
     "Request",
+    "RowsVia",
     "Stage",
     "Staged",
+    "StepName",
     "decode",
     "encode",
     "from_dict",
@@ -51,6 +53,11 @@ __all__ = [
 
 # Field metadata: the key is left out of the wire form while the value is None.
 _OMIT_NONE: Mapping[str, bool] = {"omit_none": True}
+
+# Where an aggregating agent writes the rows CSV (Aggregate.rows_via).
+RowsVia = Literal["tmpfs", "staging"]
+# The type of a request, as an Error names the step that failed.
+StepName = Literal["stage", "crosscheck", "aggregate", "archive", "purge"]
 
 # [inode, size, mtime_ns] of a file, as a barrier counted it or an agent wrote it.
 Ident = tuple[int, int, int]
@@ -223,7 +230,7 @@ class Error(Reply):
     """A step failed; `code` says whether a retry can help (errors.ERROR_CODES)."""
 
     TYPE = "error"
-    step: str  # the request's type
+    step: StepName  # the request's type
     code: str
     message: str
     batch_id: str | None
@@ -263,7 +270,7 @@ class Aggregate(Request[Aggregated]):
     # Where the rows CSV goes for the coordinator's COPY: "tmpfs" (the node's tmpfs, which the
     # coordinator reads on the same kernel) or "staging" (the batch's staging folder, for an
     # agent in another kernel: [[node]] remote).
-    rows_via: str = "tmpfs"
+    rows_via: RowsVia = "tmpfs"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -408,6 +415,10 @@ def _convert(value: object, hint: Any) -> object:
             return value
         raise _Mismatch
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        raise _Mismatch
     if origin is types.UnionType or origin is typing.Union:
         for arg in args:
             try:
@@ -436,6 +447,8 @@ def _describe(hint: Any) -> str:
     if hint in names:
         return names[hint]
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
     if origin is types.UnionType or origin is typing.Union:
         return " or ".join(_describe(a) for a in args)
     if origin is tuple:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Iterator, Mapping
 from enum import StrEnum
 
@@ -59,10 +60,24 @@ class Timings:
         self._ms: dict[str, float] = {}
 
     def set(self, phase: Phase, ms: float, node: int | None = None) -> Timings:
-        """Record `phase` (node `node`'s part of it when given) as `ms` milliseconds; return
-        self, so that calls chain."""
-        self._ms[phase.key(node)] = float(ms)
+        """Record `phase` (node `node`'s part of it when given) as `ms` milliseconds, kept to
+        the microsecond; return self, so that calls chain."""
+        self._ms[phase.key(node)] = round(float(ms), 3)
         return self
+
+    def since(self, phase: Phase, t0: float, node: int | None = None) -> Timings:
+        """Record `phase` as the time since `t0`, a `time.perf_counter()` reading."""
+        return self.set(phase, (time.perf_counter() - t0) * 1000, node)
+
+    def merge(self, flat: Mapping[str, object]) -> Timings:
+        """Take in what the ledger already holds for the batch (a resumed run), read as
+        `from_json` reads it; what this run sets later wins."""
+        self._ms.update(Timings.from_json(flat).to_json())
+        return self
+
+    def has(self, phase: Phase, node: int | None = None) -> bool:
+        """Whether `phase` (node `node`'s part of it when given) is recorded."""
+        return phase.key(node) in self._ms
 
     def to_json(self) -> dict[str, float]:
         """The ledger's flat object: {"staging_ms": 12.5, "staging_node0_ms": 11.0, ...}."""

@@ -30,6 +30,7 @@ from coordinator.core.batch import (
 )
 from coordinator.core.config import Config
 from coordinator.core.errors import AgentError, BatchOfAnotherHost, CoordinatorError
+from coordinator.core.timings import Phase
 from coordinator.daemon.ledger import Ledger
 from coordinator.daemon.runs import BatchRun, Ident, Runs
 from coordinator.daemon.scanner import Scan, Scanner
@@ -320,7 +321,7 @@ class BarrierLoop:
         ledger = self._ledger()
         now = time.time()
         run.models = run.present
-        run.timings["barrier_wait_ms"] = round((now - run.first_seen) * 1000, 3)
+        run.timings.set(Phase.BARRIER_WAIT, (now - run.first_seen) * 1000)
         ledger.set_state_soon(
             run.batch_id,
             State.READY,
@@ -357,7 +358,7 @@ class BarrierLoop:
             run = BatchRun(
                 row["batch_id"], cfg, state, first, deadline, degraded=bool(row["degraded"])
             )
-            run.timings.update(row["timings"] or {})
+            run.timings.merge(row["timings"] or {})
             if state is not State.WAITING:
                 run.models = tuple(row["models_present"])
                 run.present = run.models

@@ -35,6 +35,7 @@ from coordinator.core.errors import (
     NotLeaderError,
 )
 from coordinator.core.summary import COPY_COLUMNS, AggregateSummary
+from coordinator.core.timings import Timings
 from coordinator.core.usage import FIELDS as USAGE_FIELDS
 
 log = structlog.get_logger("coordinator.daemon.ledger")
@@ -684,6 +685,8 @@ class Ledger:
         args: list[Any] = [batch_id, state.value]
         usage = _usage_rows(batch_id, fields.pop(_USAGE, None) or {})  # checked before a write
         for key, value in fields.items():
+            if isinstance(value, Timings):  # the ledger's flat object (core/timings.py)
+                value = value.to_json()
             args.append(json.dumps(value) if key in _JSON_COLS else value)
             if key in _JSON_COLS:
                 sets.append(f"{key} = {key} || ${len(args)}::jsonb")
@@ -826,7 +829,7 @@ class Ledger:
                     inserted,
                     agg.fleiss_kappa,
                     json.dumps(agg.consensus_agreement),
-                    json.dumps(dict(fields.get("timings", {}))),
+                    json.dumps(fields.get("timings", Timings()).to_json()),
                 )
             return None
 

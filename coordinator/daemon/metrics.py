@@ -43,7 +43,6 @@ from coordinator import __version__
 from coordinator.core.batch import FINAL, State
 from coordinator.core.errors import ConfigError
 from coordinator.core.summary import AggregateSummary
-from coordinator.core.timings import Timings
 from coordinator.daemon.runs import BatchRun
 from coordinator.daemon.status import Status
 
@@ -280,10 +279,9 @@ class Metrics:
         state = run.state.value
         self.batches.labels(state=state).inc()
         self.last.finished_at[state] = time.time()
-        timings = Timings.from_json(run.timings)
-        for phase, ms in timings.phases():
+        for phase, ms in run.timings.phases():
             self.phase.labels(phase=phase.value).observe(ms / 1000)
-        for phase, n, ms in timings.nodes():
+        for phase, n, ms in run.timings.nodes():
             if phase in NODE_PHASES:
                 self.node_phase.labels(node=str(n), phase=phase.value).observe(ms / 1000)
         for node, nbytes in run.staged_bytes.items():
@@ -323,7 +321,8 @@ class Metrics:
     async def serve(
         self, listen: str, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Serve `GET /metrics` on `listen` ("127.0.0.1:9464") until cancelled."""
+        """Serve `GET /metrics`, `/ready` and `/live` on `listen` ("127.0.0.1:9464") until
+        cancelled."""
         host, port = parse_listen(listen)
         try:
             listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
@@ -358,6 +357,28 @@ class Metrics:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 pass
 
+    def readiness(self) -> tuple[int, str]:
+        """``GET /ready``: 200 only on the coordinator that serves agents now, the leader of
+        its host (start-up done, READY=1 sent; running, or degraded with the database away);
+        503 with the reason on a standby, while starting or connecting, and while stopping.
+        A Kubernetes Service routes agents only to Ready pods, so only to the leader."""
+        d = self.status().daemon
+        who = f"host {d.host!r}" if d.host else "its host"
+        if d.ready and d.state in ("running", "degraded"):
+            return 200, f"ready: {d.state}, the leader of {who}, serving agents"
+        why = {
+            "standby": f"another coordinator holds the leader lock of {who}; this one waits",
+            "starting": "starting",
+            "connecting": "connecting to the database and taking the leader lock",
+            "stopping": "stopping",
+            "stopped": "stopped",
+        }.get(d.state, "not serving agents")
+        return 503, f"not ready: {d.state}: {why}"
+
+    def liveness(self) -> tuple[int, str]:
+        """``GET /live``: 200 whenever the event loop answers, leader or standby alike."""
+        return 200, f"alive: {self.status().daemon.state}"
+
     def http_reply(self, head: bytes) -> bytes:
         """The whole HTTP response to one request head (GET or HEAD of /metrics)."""
         lines = head.decode("latin-1").split("\r\n")
@@ -373,9 +394,16 @@ class Metrics:
         if method not in ("GET", "HEAD"):
             return _response(405, "text/plain; charset=utf-8", b"GET only\n", allow="GET, HEAD")
         path = target.split("?", 1)[0]
+        head_only = method == "HEAD"
         if path == "/":
-            body = b"numa-coordinator: metrics at /metrics\n"
-            return _response(200, "text/plain; charset=utf-8", body, head_only=method == "HEAD")
+            body = (
+                b"numa-coordinator: metrics at /metrics, readiness at /ready, liveness at /live\n"
+            )
+            return _response(200, "text/plain; charset=utf-8", body, head_only=head_only)
+        if path in ("/ready", "/live"):
+            code, text = self.readiness() if path == "/ready" else self.liveness()
+            body = (text + "\n").encode()
+            return _response(code, "text/plain; charset=utf-8", body, head_only=head_only)
         if path != "/metrics":
             return _response(404, "text/plain; charset=utf-8", b"not found; try /metrics\n")
         encoder, content_type = choose_encoder(headers.get("accept", ""))
@@ -405,7 +433,13 @@ async def _read_head(stream: SocketStream) -> bytes:
     return bytes(buf.split(b"\r\n\r\n", 1)[0])
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
 
 
 def _response(

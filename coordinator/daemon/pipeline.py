@@ -36,6 +36,7 @@ from coordinator.core.messages import (
     Purge,
     R,
     Request,
+    RowsVia,
     Stage,
 )
 from coordinator.core.summary import AggregateFiles
@@ -246,9 +247,9 @@ class Pipeline:
         replies = await self._on_nodes(
             lambda n: Stage(batch_id=run.batch_id, files=files, idents=self._idents_for(n, idents))
         )
-        run.timings[Phase.STAGING.key()] = round((time.perf_counter() - t0) * 1000, 3)
+        run.timings.since(Phase.STAGING, t0)
         for n, r in replies.items():
-            run.timings[Phase.STAGING.key(n)] = round(r.seconds * 1000, 3)
+            run.timings.set(Phase.STAGING, r.seconds * 1000, n)
         run.staged_bytes = {str(n): r.bytes for n, r in replies.items()}
         for n, r in sorted(replies.items()):
             run.add_usage(n, r)
@@ -305,7 +306,7 @@ class Pipeline:
         )
         counted: dict[str, tuple[int, int, int]] = {}
         for n, r in replies.items():
-            run.timings[Phase.CROSSCHECK.key(n)] = round(float(r.seconds) * 1000, 3)
+            run.timings.set(Phase.CROSSCHECK, float(r.seconds) * 1000, n)
             run.add_usage(n, r)
             reported = r.idents  # (inode, size, mtime_ns) of each file it wrote
             if self.cfg.node(n).remote:  # as that agent's kernel numbers inodes: ours, please
@@ -317,7 +318,7 @@ class Pipeline:
         # counts exactly the files they wrote: any other file under those names (a look
         # before the replies may have seen an earlier attempt's) is a rewrite.
         await self.ctx.barrier.crosschecks(run, counted, self.cfg.barrier.reconcile_s)
-        run.timings[Phase.CROSSCHECK.key()] = round((time.perf_counter() - t0) * 1000, 3)
+        run.timings.since(Phase.CROSSCHECK, t0)
         await self._set(State.CROSSCHECKED, timings=run.timings, node_usage=run.usage_rows())
 
     async def aggregate(self, *, record: bool = True) -> AggregateFiles:
@@ -344,7 +345,7 @@ class Pipeline:
             # An agent in another kernel leaves the rows in the batch's staging folder, the
             # one folder both kernels see; otherwise they stay in its node's memory.
             remote = self.cfg.node(node).remote
-            via = "staging" if remote else "tmpfs"
+            via: RowsVia = "staging" if remote else "tmpfs"
             reply = await self.ctx.hub.request(
                 node,
                 Aggregate(
@@ -367,8 +368,8 @@ class Pipeline:
 
         await self._retrying("aggregate", step)
         assert agg is not None  # _retrying returns only after a step that set it
-        run.timings[Phase.AGGREGATE.key()] = round((time.perf_counter() - t0) * 1000, 3)
-        run.timings[Phase.AGGREGATE.key(agg.node)] = round(agg.seconds * 1000, 3)
+        run.timings.since(Phase.AGGREGATE, t0)
+        run.timings.set(Phase.AGGREGATE, agg.seconds * 1000, agg.node)
         return agg
 
     async def commit(self, agg: AggregateFiles) -> Commit:
@@ -389,7 +390,7 @@ class Pipeline:
             except AgentError as e:
                 self.log.warning("aggregated rows gone before the commit", error=str(e))
                 return Commit.ROWS_GONE
-        run.timings[Phase.COMMIT.key()] = round((time.perf_counter() - t0) * 1000, 3)
+        run.timings.since(Phase.COMMIT, t0)
         if found is State.FAILED:
             self.log.warning("batch was marked failed meanwhile; its files stay in staging")
             self.ctx.runs.settle(run, found)
@@ -445,8 +446,8 @@ class Pipeline:
                 f"{reply.lake_path!r}, expected {key!r} (relative to the lake's root)"
             )
         path = batch_path(self.ctx.lake_root, run.batch_id, run.date)
-        run.timings[Phase.ARCHIVE.key()] = round((time.perf_counter() - t0) * 1000, 3)
-        run.timings[Phase.ARCHIVE.key(agg.node)] = round(float(reply.seconds) * 1000, 3)
+        run.timings.since(Phase.ARCHIVE, t0)
+        run.timings.set(Phase.ARCHIVE, float(reply.seconds) * 1000, agg.node)
         await self._set(
             State.ARCHIVED,
             durable=True,
@@ -501,12 +502,12 @@ class Pipeline:
         t0 = time.perf_counter()
         await self._purge()
         await anyio.to_thread.run_sync(self.ctx.scanner.remove_batch, run.batch_id)
-        run.timings[Phase.CLEANUP.key()] = round((time.perf_counter() - t0) * 1000, 3)
+        run.timings.since(Phase.CLEANUP, t0)
         final = State.DEGRADED if run.degraded else State.DONE
         await self._set(
             final, durable=True, timings=run.timings, finished_at=dt.datetime.now(dt.UTC)
         )
-        self.log.info("batch finished", state=final.value, timings=run.timings)
+        self.log.info("batch finished", state=final.value, timings=run.timings.to_json())
         self.ctx.runs.finish(run)
 
 

@@ -20,6 +20,7 @@ from coordinator.core.batch import FINAL, State, may_move
 from coordinator.core.config import Config
 from coordinator.core.errors import CoordinatorError
 from coordinator.core.messages import Aggregated, Crosschecked, Staged
+from coordinator.core.timings import Timings
 from coordinator.core.usage import BatchCompression, NodeUsage
 
 Ident = tuple[int, int, int]  # (inode, size, mtime_ns): a file as the barrier counted it
@@ -45,7 +46,7 @@ class BatchRun:
     # The cross-check files as the second barrier counted them: model -> ident. The
     # aggregating agent copies exactly these (checked on the open file) or refuses.
     cc_counted: dict[str, Ident] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)
     staged_bytes: dict[str, int] = field(default_factory=dict)
     placement: dict[str, Any] = field(default_factory=dict)
     placement_flag: str = ""
@@ -146,5 +147,5 @@ class Runs:
         else:
             self.ended[run.batch_id] = run.state
         self.finished.appendleft(
-            {**run.describe(), "finished_at": time.time(), "timings": dict(run.timings)}
+            {**run.describe(), "finished_at": time.time(), "timings": run.timings.to_json()}
         )

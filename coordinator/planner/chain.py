@@ -17,7 +17,7 @@ from typing import Any
 
 from coordinator.core.errors import LayoutError
 from coordinator.core.topology import Core, Node, Topology, format_cpulist, parse_cpulist
-from coordinator.planner.k8s import K8sOptions, render_manifests, worker_labels
+from coordinator.planner.k8s import K8sOptions, agent_args, render_manifests, worker_labels
 from coordinator.planner.kubelet import (
     KubeletOptions,
     check_host_reserve,
@@ -87,6 +87,23 @@ def topology_from_capabilities(text: str, source: str = "<capabilities>") -> Top
     return Topology(nodes=tuple(sorted(nodes, key=lambda n: n.id)), source=source)
 
 
+_GIB = {"KiB": 1 / 1024**2, "k": 1 / 1024**2, "MiB": 1 / 1024, "M": 1 / 1024, "GiB": 1.0, "G": 1.0}
+
+
+def _cells_gib(domain: ET.Element) -> float | None:
+    """The memory of the domain's <cpu><numa> cells, in GiB; None without cells. A cell whose
+    memory cannot be read counts as 0, so that the sum disagrees."""
+    cells = domain.findall("./cpu/numa/cell")
+    if not cells:
+        return None
+    total = 0.0
+    for c in cells:
+        factor = _GIB.get(c.get("unit", "KiB"))
+        text = c.get("memory", "")
+        total += int(text) * factor if factor is not None and text.isdigit() else 0.0
+    return total
+
+
 @dataclass(frozen=True)
 class ChainResult:
     """The report (one block per worker) and every break, each starting with its link."""
@@ -101,14 +118,6 @@ def _guest_nodes(domain: ET.Element, vcpus: int) -> dict[int, tuple[int, ...]]:
     if not cells:
         return {0: tuple(range(vcpus))}
     return {int(c.get("id", "0")): parse_cpulist(c.get("cpus", "")) for c in cells}
-
-
-def _numactl_node(cmd: list[str], flag: str) -> int | None:
-    for arg in cmd:
-        if arg.startswith(f"--{flag}="):
-            text = arg.split("=", 1)[1]
-            return int(text) if text.isdigit() else None
-    return None
 
 
 def check_chain(
@@ -192,6 +201,12 @@ def check_chain(
                 f"guest NUMA node: vm {name!r}: vCPUs {format_cpulist(unplaced)} are in no "
                 "guest NUMA node"
             )
+        cell_mem = _cells_gib(root)
+        if cell_mem is not None and cell_mem != vm.spec.memory_gib:
+            problems.append(
+                f"guest NUMA node: vm {name!r}: its <numa> cells hold {cell_mem:g} GiB, not the "
+                f"VM's {vm.spec.memory_gib} GiB"
+            )
         lines.append(
             "  guest NUMA node   "
             + ", ".join(f"{n}: cpus {format_cpulist(c)}" for n, c in sorted(nodes.items()))
@@ -232,14 +247,26 @@ def check_chain(
             cmd = [str(a) for a in c.get("command") or []]
             cpus = str(((c.get("resources") or {}).get("limits") or {}).get("cpu", ""))
             nodes = guest.get(k3s, {})
-            for flag in ("membind", "cpunodebind"):
-                node = _numactl_node(cmd, flag)
+            args = agent_args(cmd)
+            for flag, node in (("membind", args.membind), ("cpunodebind", args.cpunodebind)):
                 if node not in nodes:
                     problems.append(
                         f"{where}: numactl --{flag}={node} on {k3s}, whose guest has NUMA "
                         f"node(s) {format_cpulist(sorted(nodes)) or 'none'}"
                     )
-            node = _numactl_node(cmd, "cpunodebind")
+                elif node != args.bind_node:
+                    problems.append(
+                        f"{where}: numactl --{flag}={node} on {k3s}, but the agent checks its "
+                        f"binding against guest node {args.bind_node} (--bind-node, else "
+                        "--node): it would refuse to run"
+                    )
+            if args.node != workers[0].spec.node:
+                problems.append(
+                    f"{where}: the agent claims --node {args.node} (its certificate node-"
+                    f"{args.node}) on {k3s}, whose vm sits on host NUMA node "
+                    f"{workers[0].spec.node}"
+                )
+            node = args.cpunodebind
             usable = set(allocatable.get(k3s, ())) & set(
                 nodes.get(node, ()) if node is not None else ()
             )
@@ -249,8 +276,8 @@ def check_chain(
                     f"{len(usable)} allocatable CPUs"
                 )
             lines.append(
-                f"{k3s}: agent container {obj['metadata']['name']}: numactl node "
-                f"{_numactl_node(cmd, 'cpunodebind')}, {cpus} CPUs"
+                f"{k3s}: agent container {obj['metadata']['name']}: host node {args.node}, "
+                f"numactl guest node {args.cpunodebind}, {cpus} CPUs"
             )
     verdict = (
         "pin chain: OK\n"

@@ -5,9 +5,14 @@ a ConfigMap, the coordinator as a two-replica Deployment (the leader lock keeps 
 a PodDisruptionBudget and a Service, and one staging-agent DaemonSet per NUMA node, selected by
 the node label the plan puts on that node's k3s workers, tolerating their taints, in Guaranteed
 QoS with integer CPUs (so the static CPU manager pins it) and a memory-backed emptyDir as the
-node's tmpfs. Secrets (the database password, the TLS material) are referenced, never generated.
-``check_manifests`` is the project's own semantic check of them; the CLI runs it before writing.
-Everything but ``write_k8s`` is pure; see ``docs/layout.md`` "Deploy on k3s".
+node's tmpfs. Inside its worker VM an agent binds to the guest's one NUMA node, 0, and serves
+host node N (``numactl --membind=0 --cpunodebind=0 staging-agent --node N --bind-node 0``).
+The coordinator is Ready only as the leader (``/ready``). Secrets (the database password, the
+TLS material) are referenced, never generated: ``secrets/create.sh`` names them and their files;
+``prometheus/scrape-config.yaml`` is a scrape job for Prometheus. ``check_manifests`` is the
+project's own semantic check of them; the CLI runs it before writing. ``K8sOptions`` holds
+what the layout does not say (``plan --k8s``'s flags), each value checked. Everything but
+``write_k8s`` is pure; see ``docs/layout.md`` "Deploy on k3s".
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from coordinator.core.errors import LayoutError
 from coordinator.planner.kubelet import (
@@ -26,13 +32,19 @@ from coordinator.planner.kubelet import (
     render_k3s_kubelet_arg,
     render_kubelet_config,
 )
-from coordinator.planner.plan import Plan
+from coordinator.planner.plan import GUEST_NODE, Plan
 
 __all__ = [
+    "AgentArgs",
     "K8sOptions",
+    "agent_args",
     "check_manifests",
+    "check_options",
     "render_kubelet_files",
     "render_manifests",
+    "render_prometheus",
+    "render_secrets_script",
+    "secret_layout",
     "to_yaml",
     "write_k8s",
 ]
@@ -44,11 +56,27 @@ _STAGING = "/data/hot/staging"
 _LAKE = "/data/lake"
 _TMPFS = "/var/lib/numa-coordinator/tmpfs"
 _AGENT_OVERHEAD_GIB = 1  # the agent's own heap beside its tmpfs, inside the same memory limit
+_COORDINATOR = {"app.kubernetes.io/name": "coordinatord"}  # the coordinator pods' label
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_HOST_ID = re.compile(r"[A-Za-z0-9._-]{1,63}")  # as [host] id (coordinator.core.config)
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE = re.compile(
+    rf"(?:{_COMPONENT}(?:\.{_COMPONENT})*(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
+)
+
+
+def _subdomain(text: str) -> bool:
+    return len(text) <= 253 and _DNS_SUBDOMAIN.fullmatch(text) is not None
 
 
 @dataclass(frozen=True)
 class K8sOptions:
-    """What the layout does not say about the cluster."""
+    """What the layout does not say about the cluster; each value checked on creation
+    (LayoutError naming the field as ``coordinatorctl plan``'s flag, e.g. ``--namespace``)."""
 
     namespace: str = "numa-coordinator"
     image: str = "numa-coordinator:0.1.0"
@@ -60,11 +88,73 @@ class K8sOptions:
     agent_cpus: int = 2
     staging_host_path: str = _STAGING
     lake_host_path: str = _LAKE
+    # The Secrets the pods mount; their names only (no value is ever generated).
+    db_secret: str = "numa-coordinator-db"  # key: password
+    tls_secret: str = "numa-coordinator-tls"  # keys: ca.pem, coordinator.pem, coordinator.key
+    agent_secret: str = "numa-coordinator-agent-node{node}"  # keys: ca.pem, node-N.pem/.key
     # the models cross-checked on each node: config/coordinator.toml's (edit the ConfigMap)
     models: tuple[tuple[int, tuple[str, ...]], ...] = (
         (0, ("slm-1", "slm-2", "slm-3", "slm-4")),
         (1, ("slm-5", "slm-6", "slm-7")),
     )
+
+    def __post_init__(self) -> None:
+        problems = check_options(self)
+        if problems:
+            raise LayoutError("; ".join(problems))
+
+    def agent_secret_name(self, node: int) -> str:
+        return self.agent_secret.replace("{node}", str(node))
+
+
+def check_options(opts: K8sOptions) -> list[str]:
+    """Every value of ``opts`` that Kubernetes, the coordinator or the pods would refuse, each
+    named by its ``plan`` flag."""
+    problems: list[str] = []
+
+    def bad(flag: str, value: object, expected: str) -> None:
+        problems.append(f"{flag} {value!r}: {expected}")
+
+    if not _DNS_LABEL.fullmatch(opts.namespace):
+        bad("--namespace", opts.namespace, "a DNS-1123 label (a-z, 0-9, '-', 1..63 characters)")
+    if len(opts.image) > 255 or not _IMAGE.fullmatch(opts.image):
+        bad("--image", opts.image, "an image reference such as registry:5000/name:tag")
+    if not _HOST_ID.fullmatch(opts.host_id):
+        bad("--host-id", opts.host_id, "a name of letters, digits, '.', '-' and '_', 1..63")
+    dsn = urlsplit(opts.dsn)
+    if dsn.scheme not in ("postgresql", "postgres") or not dsn.hostname:
+        bad("--dsn", opts.dsn, "a postgresql://USER@HOST:PORT/DB URI")
+    elif dsn.password is not None:
+        bad(
+            "--dsn",
+            opts.dsn.replace(f":{dsn.password}@", ":***@"),
+            "must hold no password: it goes into the Secret --db-secret (key password)",
+        )
+    for flag, port in (("--agent-port", opts.agent_port), ("--metrics-port", opts.metrics_port)):
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            bad(flag, port, "a TCP port 1..65535")
+    if opts.agent_port == opts.metrics_port:
+        bad("--metrics-port", opts.metrics_port, "must differ from --agent-port")
+    if not 0 < opts.tmpfs_fraction < 1:
+        bad("--tmpfs-fraction", opts.tmpfs_fraction, "a fraction of the VM's memory, 0 < f < 1")
+    if isinstance(opts.agent_cpus, bool) or not isinstance(opts.agent_cpus, int):
+        bad("--agent-cpus", opts.agent_cpus, "a whole number of CPUs, 1 or more")
+    elif opts.agent_cpus < 1:
+        bad("--agent-cpus", opts.agent_cpus, "a whole number of CPUs, 1 or more")
+    for flag, path in (
+        ("--staging-host-path", opts.staging_host_path),
+        ("--lake-host-path", opts.lake_host_path),
+    ):
+        if not path.startswith("/") or "\n" in path:
+            bad(flag, path, "an absolute path on the workers")
+    for flag, name in (("--db-secret", opts.db_secret), ("--tls-secret", opts.tls_secret)):
+        if not _subdomain(name):
+            bad(flag, name, "a Secret name (a DNS-1123 subdomain: a-z, 0-9, '-', '.')")
+    if "{node}" not in opts.agent_secret:
+        bad("--agent-secret", opts.agent_secret, "must hold {node}: one Secret per node")
+    elif not _subdomain(opts.agent_secret.replace("{node}", "0")):
+        bad("--agent-secret", opts.agent_secret, "with {node} replaced, a Secret name")
+    return problems
 
 
 def _numa_label(plan: Plan) -> str:
@@ -178,11 +268,19 @@ def _shared_volumes(opts: K8sOptions) -> list[dict[str, Any]]:
 
 
 def _coordinator(plan: Plan, opts: K8sOptions, taints: list[str]) -> list[dict[str, Any]]:
-    select = {"app.kubernetes.io/name": "coordinatord"}
-    probe = {
-        "httpGet": {"path": "/metrics", "port": "metrics"},
+    select = dict(_COORDINATOR)
+    # Ready only on the leader (/ready answers 503 on the standby), so the Service sends
+    # agents to the one replica that serves them; alive on both (/live), so the kubelet never
+    # restarts the standby for waiting.
+    readiness = {
+        "httpGet": {"path": "/ready", "port": "metrics"},
         "periodSeconds": 5,
-        "failureThreshold": 3,
+        "failureThreshold": 2,
+    }
+    liveness = {
+        "httpGet": {"path": "/live", "port": "metrics"},
+        "periodSeconds": 10,
+        "failureThreshold": 6,
     }
     deployment = {
         "apiVersion": "apps/v1",
@@ -192,7 +290,17 @@ def _coordinator(plan: Plan, opts: K8sOptions, taints: list[str]) -> list[dict[s
             "replicas": 2,
             "selector": {"matchLabels": select},
             "template": {
-                "metadata": {"labels": select},
+                "metadata": {
+                    "labels": select,
+                    # The scrape convention of Prometheus' kubernetes-pods job (and of the
+                    # prometheus-community chart); prometheus/scrape-config.yaml is the same
+                    # as a job of its own.
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(opts.metrics_port),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
                 "spec": {
                     "affinity": {
                         "nodeAffinity": {
@@ -232,7 +340,8 @@ def _coordinator(plan: Plan, opts: K8sOptions, taints: list[str]) -> list[dict[s
                                 {"name": "agents", "containerPort": opts.agent_port},
                                 {"name": "metrics", "containerPort": opts.metrics_port},
                             ],
-                            "readinessProbe": probe,
+                            "readinessProbe": readiness,
+                            "livenessProbe": liveness,
                             "volumeMounts": _volume_mounts(
                                 ("config", _CONFIG_DIR + "/coordinator.toml", True),
                                 ("tls", _TLS_DIR, True),
@@ -246,11 +355,11 @@ def _coordinator(plan: Plan, opts: K8sOptions, taints: list[str]) -> list[dict[s
                         *_shared_volumes(opts),
                         {
                             "name": "tls",
-                            "secret": {"secretName": "numa-coordinator-tls", "defaultMode": 0o400},
+                            "secret": {"secretName": opts.tls_secret, "defaultMode": 0o400},
                         },
                         {
                             "name": "db",
-                            "secret": {"secretName": "numa-coordinator-db", "defaultMode": 0o400},
+                            "secret": {"secretName": opts.db_secret, "defaultMode": 0o400},
                         },
                     ],
                 },
@@ -286,13 +395,17 @@ def _agent(plan: Plan, opts: K8sOptions, node: int) -> dict[str, Any]:
     select = {"app.kubernetes.io/name": "staging-agent", "numa-coordinator/node": str(node)}
     tmpfs = _tmpfs_gib(plan, node, opts)
     resources = {"cpu": str(opts.agent_cpus), "memory": f"{tmpfs + _AGENT_OVERHEAD_GIB}Gi"}
+    # The agent runs inside its worker VM, whose guest has one NUMA node, 0 (the host node
+    # `node` the VM sits on): it binds to guest node 0 and serves, as node-<node>, host node node.
     command = [
         "numactl",
-        f"--membind={node}",
-        f"--cpunodebind={node}",
+        f"--membind={GUEST_NODE}",
+        f"--cpunodebind={GUEST_NODE}",
         "staging-agent",
         "--node",
         str(node),
+        "--bind-node",
+        str(GUEST_NODE),
         "--config",
         f"{_CONFIG_DIR}/coordinator.toml",
         "--connect",
@@ -335,7 +448,7 @@ def _agent(plan: Plan, opts: K8sOptions, node: int) -> dict[str, Any]:
                         {
                             "name": "tls",
                             "secret": {
-                                "secretName": f"numa-coordinator-agent-node{node}",
+                                "secretName": opts.agent_secret_name(node),
                                 "defaultMode": 0o400,
                             },
                         },
@@ -377,6 +490,67 @@ def render_manifests(plan: Plan, opts: K8sOptions | None = None) -> dict[str, di
     return out
 
 
+def render_prometheus(opts: K8sOptions) -> dict[str, Any]:
+    """A Prometheus ``scrape_configs`` job for both coordinator replicas (no ServiceMonitor, no
+    operator): pods of the namespace with the coordinator's label, on their ``metrics`` port.
+    Both replicas are scraped; the standby's series say ``daemon_state{state="standby"}``."""
+    label = ",".join(f"{k}={v}" for k, v in _COORDINATOR.items())
+    return {
+        "scrape_configs": [
+            {
+                "job_name": "numa-coordinator",
+                "metrics_path": "/metrics",
+                "kubernetes_sd_configs": [
+                    {
+                        "role": "pod",
+                        "namespaces": {"names": [opts.namespace]},
+                        "selectors": [{"role": "pod", "label": label}],
+                    }
+                ],
+                "relabel_configs": [
+                    {
+                        "source_labels": ["__meta_kubernetes_pod_container_port_name"],
+                        "regex": "metrics",
+                        "action": "keep",
+                    },
+                    {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+                ],
+            }
+        ]
+    }
+
+
+def secret_layout(plan: Plan, opts: K8sOptions) -> dict[str, tuple[str, ...]]:
+    """Secret name -> the keys (file names) the pods read from it: the coordinator's TLS files
+    and the database password as the ConfigMap names them, and each node's agent's TLS files.
+    Names only: no value is ever generated."""
+    nodes = [n.spec.id for n in plan.nodes if _node_vms(plan, n.spec.id)]
+    out: dict[str, tuple[str, ...]] = {
+        opts.tls_secret: ("ca.pem", "coordinator.pem", "coordinator.key"),
+        opts.db_secret: ("password",),
+    }
+    for node in nodes:
+        out[opts.agent_secret_name(node)] = ("ca.pem", f"node-{node}.pem", f"node-{node}.key")
+    return out
+
+
+def render_secrets_script(plan: Plan, opts: K8sOptions) -> str:
+    """``secrets/create.sh``: the kubectl commands that create every Secret the manifests mount,
+    from files of those names in the current folder; it holds no secret value."""
+    lines = [
+        "#!/bin/sh",
+        f"# The Secrets the manifests mount (generated by coordinatorctl plan --k8s from "
+        f"{plan.layout.path}).",
+        "# Run in a folder holding the files named below (docs/operations.md, 'Agents in VMs',",
+        "# makes them); nothing here is a secret. See docs/layout.md, 'Deploy on k3s'.",
+        "set -eu",
+    ]
+    for name, keys in secret_layout(plan, opts).items():
+        files = " ".join(f"--from-file={k}" for k in keys)
+        lines.append(f"kubectl -n {opts.namespace} create secret generic {name} {files}")
+    return "\n".join(lines) + "\n"
+
+
 def _kustomization(names: list[str], opts: K8sOptions) -> dict[str, Any]:
     return {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
@@ -394,6 +568,67 @@ def _gib(quantity: object) -> int | None:
     if m is None or m.group(2) is None:
         return None
     return int(m.group(1))
+
+
+@dataclass(frozen=True)
+class AgentArgs:
+    """What an agent container's command says about its node and its binding."""
+
+    membind: int | None  # numactl --membind=G, as the guest numbers its nodes
+    cpunodebind: int | None  # numactl --cpunodebind=G
+    node: int | None  # staging-agent --node N: the host node it serves (its certificate's)
+    bind_node: int | None  # staging-agent --bind-node G (default: --node)
+
+
+def _flag(cmd: list[str], name: str) -> int | None:
+    """``--name=V`` or ``--name V`` as an int; None when absent or not a number."""
+    for i, arg in enumerate(cmd):
+        text = None
+        if arg.startswith(f"{name}="):
+            text = arg.split("=", 1)[1]
+        elif arg == name and i + 1 < len(cmd):
+            text = cmd[i + 1]
+        if text is not None:
+            return int(text) if text.isdigit() else None
+    return None
+
+
+def agent_args(cmd: list[str]) -> AgentArgs:
+    """The numactl binding and the agent's --node/--bind-node of a container command."""
+    numactl = cmd[: cmd.index("staging-agent")] if "staging-agent" in cmd else cmd
+    agent = cmd[len(numactl) :]
+    node = _flag(agent, "--node")
+    bind = _flag(agent, "--bind-node") if "--bind-node" in agent else node
+    return AgentArgs(_flag(numactl, "--membind"), _flag(numactl, "--cpunodebind"), node, bind)
+
+
+def check_agent_command(vm: Any, cmd: list[str], where: str) -> list[str]:
+    """An agent container's command against its worker: numactl binds one node of the worker's
+    guest, the one the agent's --bind-node names, and --node is the host node the VM sits on."""
+    problems: list[str] = []
+    a = agent_args(cmd)
+    cells = vm.guest_cells
+    have = ", ".join(str(c) for c in sorted(cells))
+    if cmd[:1] != ["numactl"] or "staging-agent" not in cmd:
+        return [f"{where}: command {cmd} is not numactl ... staging-agent ..."]
+    for flag, value in (("--membind", a.membind), ("--cpunodebind", a.cpunodebind)):
+        if value not in cells:
+            problems.append(
+                f"{where}: numactl {flag}={value if value is not None else '?'} is no NUMA node "
+                f"of vm {vm.spec.name!r}'s guest (it has node {have})"
+            )
+    if a.membind != a.bind_node or a.cpunodebind != a.bind_node:
+        problems.append(
+            f"{where}: numactl binds node {a.membind}/{a.cpunodebind} but the agent checks its "
+            f"binding against node {a.bind_node} (--bind-node, else --node): it would refuse "
+            "to run"
+        )
+    if a.node != vm.spec.node:
+        problems.append(
+            f"{where}: command {cmd} does not serve --node {vm.spec.node}, the host NUMA node "
+            f"vm {vm.spec.name!r} sits on"
+        )
+    return problems
 
 
 def check_manifests(plan: Plan, manifests: dict[str, dict[str, Any]]) -> list[str]:
@@ -414,7 +649,6 @@ def check_manifests(plan: Plan, manifests: dict[str, dict[str, Any]]) -> list[st
             )
             continue
         vm = workers[0]
-        node = vm.spec.node
         tolerations = spec.get("tolerations") or []
         if _taint(vm.spec.taint) not in tolerations:
             problems.append(
@@ -422,14 +656,8 @@ def check_manifests(plan: Plan, manifests: dict[str, dict[str, Any]]) -> list[st
             )
         containers = spec.get("containers") or []
         for c in containers:
-            cmd = c.get("command") or []
-            want = [f"--membind={node}", f"--cpunodebind={node}"]
-            if cmd[:1] != ["numactl"] or any(w not in cmd for w in want):
-                problems.append(f"{where}: command {cmd} does not bind to NUMA node {node}")
-            if "--node" not in cmd or cmd[cmd.index("--node") + 1 : cmd.index("--node") + 2] != [
-                str(node)
-            ]:
-                problems.append(f"{where}: command {cmd} does not serve --node {node}")
+            cmd = [str(a) for a in c.get("command") or []]
+            problems += check_agent_command(vm, cmd, where)
             res = c.get("resources") or {}
             req, lim = res.get("requests") or {}, res.get("limits") or {}
             if req != lim:
@@ -568,6 +796,13 @@ def write_k8s(plan: Plan, out: str | Path, opts: K8sOptions | None = None) -> li
     files = {name: to_yaml(obj, comment) for name, obj in manifests.items()}
     files["kustomization.yaml"] = to_yaml(_kustomization(list(manifests), opts), comment)
     files.update(render_kubelet_files(plan, opts))
+    # Not Kubernetes objects (kustomization.yaml does not list them): Prometheus' side, and the
+    # Secrets to create by hand.
+    files["prometheus/scrape-config.yaml"] = to_yaml(
+        render_prometheus(opts),
+        f"{comment} Merge into prometheus.yml; or rely on the pods' prometheus.io annotations.",
+    )
+    files["secrets/create.sh"] = render_secrets_script(plan, opts)
     written: list[Path] = []
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -575,6 +810,7 @@ def write_k8s(plan: Plan, out: str | Path, opts: K8sOptions | None = None) -> li
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             (out / name).write_text(text)
             written.append(out / name)
+        (out / "secrets/create.sh").chmod(0o755)
     except OSError as exc:
         raise LayoutError(f"cannot write manifests under {out}: {exc}") from exc
     return written

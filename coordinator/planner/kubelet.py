@@ -2,7 +2,8 @@
 
 The agents' DaemonSets ask for integer CPUs in Guaranteed QoS; only a kubelet running the static
 CPU manager, the single-numa-node topology manager and the Static memory manager actually pins
-them. Each worker VM sits on one host NUMA node, so inside the guest there is one NUMA node (0).
+them. Each worker VM sits on one host NUMA node, so inside the guest there is one NUMA node (0;
+the domain XML's one ``<numa>`` cell, ``VmPlan.guest_cells``).
 The kubelet keeps the guest's first ``kubelet_reserved_cores`` cores (their SMT threads, guest
 vCPUs 0..) for the system and kube daemons, as the host keeps its lowest cores (``host_cores``)
 for emulator threads and the coordinator; the rest is allocatable. ``check_kubelet`` refuses a

@@ -17,6 +17,7 @@ from coordinator.core.topology import Core, Node, Topology, format_cpulist
 from coordinator.planner.layout import Layout, NodeSpec, VmSpec
 
 __all__ = [
+    "GUEST_NODE",
     "NodePlan",
     "Plan",
     "Totals",
@@ -27,6 +28,8 @@ __all__ = [
 ]
 
 _KIB_PER_GIB = 1024 * 1024
+# Inside every worker VM its one NUMA node (the host node it sits on) is numbered 0.
+GUEST_NODE = 0
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,13 @@ class VmPlan:
         # pinning in this order makes guest siblings share a host core and its L1/L2.
         flat = (t for core in self.cores for t in core.threads)
         return tuple(enumerate(flat))
+
+    @property
+    def guest_cells(self) -> dict[int, tuple[int, ...]]:
+        """The guest's NUMA nodes -> their vCPUs. The VM sits on one host node (its vCPUs and,
+        by numatune, its memory), so its guest has one NUMA node, 0, holding every vCPU and all
+        its memory; host node ``spec.node`` is guest node 0 inside it."""
+        return {GUEST_NODE: tuple(range(len(self.cores) * self.threads_per_core))}
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,13 @@ prints the run's findings as one JSON object (the checks are test_remote_agents.
    Shmem it sampled), the daemon stopped, its and the agents' connection events from their
    logs, and everything removed (unless keep).
 
+7. with `k8s` (the agent container commands of `plan --k8s`'s DaemonSets), before step 6's
+   end: the first agents stopped (JOB/stop), the same guest runs those command lines as given
+   but for the config's path and the coordinator's address (k8s_command), each node's tmpfs a
+   plain tmpfs again (an emptyDir of medium Memory); once both are connected, a second batch
+   (K8S_BATCH_ID) goes through as in step 5, and the guest is told to stop them (JOB/stop2).
+   Its findings go to result["k8s"].
+
 With agents=False only steps 1, 3 (the probe) and 4 (no agents) run: the network alone; with
 batch=False the agents connect and are stopped, no batch.
 """
@@ -64,6 +71,7 @@ CLUSTER = "numa"
 NODES = (0, 1)
 MODELS = [f"slm-{i}" for i in range(1, 8)]
 BATCH_ID = "remote-batch-1"
+K8S_BATCH_ID = "remote-batch-k8s"  # the second phase's, through the DaemonSets' command lines
 GUEST_STAGING = "/run/staging"  # where the guest mounts the host's staging
 GUEST_LAKE = "/run/lake"  # and the host's lake
 FINAL = {"done", "degraded", "failed"}
@@ -283,11 +291,14 @@ def plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def json_lines(path: Path, events: set[str]) -> list[dict[str, Any]]:
-    """The JSON log lines of `path` whose event is one of `events`."""
+def json_lines(
+    path: Path, events: set[str], start: int = 0, end: int | None = None
+) -> list[dict[str, Any]]:
+    """The JSON log lines of `path` (from byte `start` to `end`) whose event is in `events`."""
     out = []
     if path.is_file():
-        for line in path.read_text(errors="replace").splitlines():
+        text = path.read_bytes()[start:end].decode(errors="replace")
+        for line in text.splitlines():
             with contextlib.suppress(ValueError):
                 record = json.loads(line)
                 if isinstance(record, dict) and record.get("event") in events:
@@ -306,8 +317,12 @@ def run(
     rows: int = 50_000,
     timeout: float = 600.0,
     keep: bool = False,
+    k8s: dict[int, list[str]] | None = None,
 ) -> dict[str, Any]:
-    """The whole run (see the module's docstring); VMError when it could not be carried out."""
+    """The whole run (see the module's docstring); VMError when it could not be carried out.
+    With `k8s` ({node: the agent container's command of its DaemonSet}), a second phase in the
+    same guest runs those command lines (k8s_command: only the config's path and the
+    coordinator's address replaced) and takes a second batch; its findings go to result["k8s"]."""
     if shutil.which(vm.QEMU) is None:
         raise vm.VMError(f"{vm.QEMU} not found: install the Debian package qemu-system-x86")
     t_end = time.monotonic() + timeout
@@ -350,7 +365,14 @@ def run(
                     "tls_cert": {str(n): f"/run/job/certs/node{n}.pem" for n in NODES},
                     "tls_key": {str(n): f"/run/job/certs/node{n}.key" for n in NODES},
                     "wait_s": max(60.0, t_end - time.monotonic() - 60),
+                    "k8s": None,
                 }
+                if k8s is not None and batch:
+                    connect = f"tcp://10.0.2.2:{port}"
+                    commands = {str(n): k8s_command(c, config, connect) for n, c in k8s.items()}
+                    spec["agents"]["k8s"] = commands
+                    result["k8s"] = {"manifest": {str(n): c for n, c in k8s.items()}}
+                    result["k8s"]["commands"] = commands
                 result["config"] = config.read_text()
                 coordinator = Coordinator(config, root / "run", root / "coordinatord.log")
                 stack.callback(coordinator.stop)
@@ -368,30 +390,40 @@ def run(
             command = vm.qemu_command(
                 kernel, initramfs, job, script=vm.HERE / "remote_guest.py", shares=shares, net=True
             )
+            phase2: int | None = None  # where the second phase starts in the daemon's log
             with vm.GuestRun(command, job, t_end - time.monotonic(), tail=6000) as guest:
                 if coordinator is not None:
                     drive(coordinator, guest, staging, rows if batch else 0, t_end, result)
                     if batch:
-                        result["ledger"], result["counts"] = read_db(dsn, schema)
-                        result["lake_root"] = str(lake)
-                        result["lake_files"] = {
-                            str(p.relative_to(lake)): sha256(p)
-                            for p in sorted(lake.rglob("*"))
-                            if p.is_file()
-                        }
-                        result["lake_aggregates_rows"] = {
-                            str(p.relative_to(lake)): pq.read_metadata(p).num_rows
-                            for p in lake.rglob("aggregates.parquet")
-                        }
-                        result["staging_left"] = sorted(os.listdir(staging))
+                        collect(result, dsn, schema, lake, staging, BATCH_ID)
                     (job / "stop").touch()
+                    if spec["agents"]["k8s"]:
+                        phase2 = coordinator.log.stat().st_size
+                        first = {a.get("pid") for a in result["status"]["agents"]}
+                        second = result["k8s"]
+                        drive(
+                            coordinator, guest, staging, rows, t_end, second,
+                            batch_id=K8S_BATCH_ID, seed=12, not_pids=frozenset(first),
+                        )  # fmt: skip
+                        collect(second, dsn, schema, lake, staging, K8S_BATCH_ID)
+                        (job / "stop2").touch()
                 result["guest"] = guest.wait()
             if coordinator is not None:
                 result["coordinator_exit"] = coordinator.stop()
-                result["coordinator_events"] = json_lines(coordinator.log, COORDINATOR_EVENTS)
+                result["coordinator_events"] = json_lines(
+                    coordinator.log, COORDINATOR_EVENTS, end=phase2
+                )
                 result["agent_events"] = {
                     str(n): json_lines(job / f"agent-node{n}.log", AGENT_EVENTS) for n in NODES
                 }
+                if phase2 is not None:
+                    result["k8s"]["coordinator_events"] = json_lines(
+                        coordinator.log, COORDINATOR_EVENTS, start=phase2
+                    )
+                    result["k8s"]["agent_events"] = {
+                        str(n): json_lines(job / f"k8s-agent-node{n}.log", AGENT_EVENTS)
+                        for n in NODES
+                    }
         result["probe_seen"] = list(probe.seen)
         if keep:
             result["root"] = str(root)
@@ -399,6 +431,39 @@ def run(
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def collect(
+    result: dict[str, Any], dsn: str, schema: str, lake: Path, staging: Path, batch_id: str
+) -> None:
+    """A final batch's ledger row and rows, the lake's files (SHA-256) and staging's leftovers."""
+    result["ledger"], result["counts"] = read_db(dsn, schema, batch_id)
+    result["lake_root"] = str(lake)
+    result["lake_files"] = {
+        str(p.relative_to(lake)): sha256(p)
+        for p in sorted(lake.rglob("*"))
+        if p.is_file() and f"batch={batch_id}" in p.parts
+    }
+    result["lake_aggregates_rows"] = {
+        str(p.relative_to(lake)): pq.read_metadata(p).num_rows
+        for p in lake.rglob("aggregates.parquet")
+        if f"batch={batch_id}" in p.parts
+    }
+    result["staging_left"] = sorted(os.listdir(staging))
+
+
+def k8s_command(cmd: list[str], config: Path, connect: str) -> list[str]:
+    """A DaemonSet's agent command with only what must change in the guest replaced: the value
+    of --config (the ConfigMap's file in the pod) by the run's config file, and of --connect
+    (the Service's name) by the host's loopback as the guest reaches it. numactl's binding,
+    staging-agent, --node and --bind-node stay as the manifest has them; the TLS files come from
+    the config (agents.agent_tls_cert/agent_tls_key/tls_ca), as in the pod."""
+    out = list(cmd)
+    for flag, value in (("--config", str(config)), ("--connect", connect)):
+        if flag not in out:
+            raise vm.VMError(f"the manifest's agent command has no {flag}: {cmd}")
+        out[out.index(flag) + 1] = value
+    return out
 
 
 def write_coordinator_config(
@@ -426,6 +491,10 @@ def write_coordinator_config(
             "tls_cert": certs["coordinator"]["cert"],
             "tls_key": certs["coordinator"]["key"],
             "tls_ca": certs["ca"]["cert"],
+            # the agents' files as the guest sees the job share (the k8s phase's command lines
+            # pass none, as the pods' do not; the first phase's pass --tls-* anyway)
+            "agent_tls_cert": "/run/job/certs/node{node}.pem",
+            "agent_tls_key": "/run/job/certs/node{node}.key",
         },
         "log": {"level": "info", "format": "json"},
     }
@@ -452,9 +521,13 @@ def drive(
     rows: int,
     t_end: float,
     result: dict[str, Any],
+    *,
+    batch_id: str = BATCH_ID,
+    seed: int = 11,
+    not_pids: frozenset[Any] = frozenset(),
 ) -> None:
-    """Wait for both agents, publish the batch, wait for it to be final; what the daemon said
-    goes into `result`."""
+    """Wait for both agents (none of them a process of `not_pids`: the phase before's), publish
+    the batch, wait for it to be final; what the daemon said goes into `result`."""
 
     def gone() -> str:
         if not guest.running():
@@ -465,7 +538,8 @@ def drive(
     def connected() -> list[dict[str, Any]] | None:
         status = coordinator.call("status")
         agents = status["agents"] if status else []
-        return agents if agents and all(a.get("connected") for a in agents) else None
+        ok = agents and all(a.get("connected") and a.get("pid") not in not_pids for a in agents)
+        return agents if ok else None
 
     t0 = time.monotonic()
     result["agents"] = wait_for(
@@ -478,18 +552,18 @@ def drive(
     from agents import slm
     from coordinator.ctl.demo import synthetic_batch
 
-    _, tables = synthetic_batch(rows, seed=11)
+    _, tables = synthetic_batch(rows, seed=seed)
     sizes, digests = {}, {}
     for model, table in tables.items():
-        slm.publish(staging, BATCH_ID, model, table)
+        slm.publish(staging, batch_id, model, table)
         # Still there: nothing leaves staging before the whole batch is done.
-        path = staging / BATCH_ID / f"{model}.parquet"
+        path = staging / batch_id / f"{model}.parquet"
         sizes[path.name], digests[path.name] = path.stat().st_size, sha256(path)
     result["files"], result["published_sha256"] = sizes, digests
     t0 = time.monotonic()
 
     def final() -> dict[str, Any] | None:
-        row = coordinator.call("show", batch_id=BATCH_ID)
+        row = coordinator.call("show", batch_id=batch_id)
         return row if row and row.get("state") in FINAL else None
 
     try:
@@ -500,16 +574,18 @@ def drive(
     result["status"] = coordinator.call("status")
 
 
-def read_db(dsn: str, schema: str) -> tuple[dict[str, Any] | None, dict[str, int]]:
+def read_db(
+    dsn: str, schema: str, batch_id: str = BATCH_ID
+) -> tuple[dict[str, Any] | None, dict[str, int]]:
     """The batch's ledger row, and its rows in PostgreSQL: aggregates and model agreement."""
     s = f'"{schema}"'
-    rows = query(dsn, f"SELECT * FROM {s}.batches WHERE batch_id = $1", BATCH_ID)
+    rows = query(dsn, f"SELECT * FROM {s}.batches WHERE batch_id = $1", batch_id)
     counts = query(
         dsn,
         f"SELECT (SELECT count(*) FROM {s}.aggregates WHERE batch_id = $1) AS aggregates,"
         f" (SELECT count(DISTINCT item_id) FROM {s}.aggregates WHERE batch_id = $1) AS items,"
         f" (SELECT count(*) FROM {s}.model_agreement WHERE batch_id = $1) AS pairs",
-        BATCH_ID,
+        batch_id,
     )[0]
     row = rows[0] if rows else None
     if row is not None:  # asyncpg hands jsonb over as text

@@ -13,11 +13,15 @@ JOB_DIR (a writable 9p share) holds job.json, written by the host:
   agents.agent --node N --config CONFIG --connect URL --tls-cert ... --tls-key ... --tls-ca
   ...` for N = 0 and 1 (node 0's tmpfs a plain tmpfs, placed by the agent's bound policy;
   node 1's mounted with mpol=bind:1, as the systemd units do), then wait until the host writes
-  JOB_DIR/stop (or both agents have exited, or wait_s has passed) and stop them with SIGTERM.
+  JOB_DIR/stop (or both agents have exited, or wait_s has passed) and stop them with SIGTERM;
+  agents.k8s: null, or {node: argv}: then, in the same guest, the agent command lines of the
+  k8s DaemonSets (`plan --k8s`), run as given until the host writes JOB_DIR/stop2
+  (run_k8s_agents), their logs JOB_DIR/k8s-agent-node<N>.log.
 
 Meanwhile a sampler reads the kernel's per-node Shmem four times a second: what the batch's
 copies took on each node, seen from inside the guest. Everything goes to JOB_DIR/result.json:
-{net, probe, topology, exit, shmem_kb: {baseline, peak, last}, error?}. The agents' logs are
+{net, probe, topology, exit, shmem_kb: {baseline, peak, last}, k8s?: {exit, stopped_by,
+shmem_kb}, error?}. The agents' logs are
 JOB_DIR/agent-node<N>.log.
 """
 
@@ -142,6 +146,47 @@ def run_agents(spec: dict[str, Any], result: dict[str, Any]) -> None:
         result["shmem_kb"] = sampler.stop()
 
 
+def run_k8s_agents(spec: dict[str, Any], result: dict[str, Any]) -> None:
+    """The second phase: the k8s DaemonSets' agent command lines as the host hands them over
+    ({node: argv}: numactl ... staging-agent ..., run as they are), `staging-agent` found on
+    PATH in the venv and importing this checkout. Each node's tmpfs is a plain tmpfs again,
+    mounted over the first phase's (what `emptyDir: {medium: Memory}` gives a pod). Runs until
+    the host writes JOB/stop2; exits, Shmem and how it stopped go to result["k8s"]."""
+    out: dict[str, Any] = {"exit": {}}
+    result["k8s"] = out
+    for n in (0, 1):
+        mount_tmpfs(WORK / f"n{n}", "size=256m,mode=0750")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+    sampler = Sampler()
+    sampler.start()
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    for node, argv in spec.items():
+        with open(JOB / f"k8s-agent-node{node}.log", "wb") as log:
+            procs[node] = subprocess.Popen(
+                argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+    out["started_s"] = uptime()
+    try:
+        t_end = time.monotonic() + float(SPEC["agents"]["wait_s"])
+        while time.monotonic() < t_end and not (JOB / "stop2").exists():
+            if all(p.poll() is not None for p in procs.values()):
+                break
+            time.sleep(0.2)
+        out["stopped_by"] = "host" if (JOB / "stop2").exists() else "timeout or exits"
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for n, p in procs.items():
+            try:
+                out["exit"][n] = p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out["exit"][n] = "killed after 30 s"
+        out["shmem_kb"] = sampler.stop()
+
+
 def main() -> int:
     """The whole guest job; result.json is written whatever happens."""
     result: dict[str, Any] = {"started_s": uptime(), "exit": {}}
@@ -151,6 +196,8 @@ def main() -> int:
         result["probe"] = probe(SPEC["probe"])
         if SPEC.get("agents"):
             run_agents(SPEC["agents"], result)
+            if SPEC["agents"].get("k8s"):
+                run_k8s_agents(SPEC["agents"]["k8s"], result)
     except BaseException as e:
         result["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
     finally:

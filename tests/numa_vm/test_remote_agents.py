@@ -24,6 +24,15 @@ tests/early.py, like test_numa_vm.py's guest) does it all; the tests check what 
   whole batch on the agent's own node, and the guest's per-node Shmem counters, sampled four
   times a second, saw at least the batch's pages on each node and saw them go.
 
+Then, in the same guest (no second boot), the k8s DaemonSets' own agent command lines: the
+YAML `coordinatorctl plan --layout config/layout.seed.toml --k8s DIR` writes is parsed, each
+agent container's command taken as it is (`numactl --membind=0 --cpunodebind=0 staging-agent
+--node N --bind-node 0 ...`), only the value of --config (the run's config file for the
+ConfigMap's) and of --connect (10.0.2.2:PORT for the Service's name) replaced, and run in the
+guest with each node's tmpfs a plain tmpfs as the pod's memory emptyDir is. Both agents connect
+as their host node, bound as the manifest says (guest node 0), a second batch goes through, and
+its copies are measured on guest node 0, by the agents and by the guest's Shmem counters.
+
 Over 9p the guest sees other inode numbers than the host (Linux's 9p adds 2): the batch gets
 through only because a remote agent's file identities are compared without the inode
 (docs/protocol.md, "File identities"). A run takes about 30 s on an idle 2-core host (guest
@@ -36,16 +45,22 @@ once into tests/numa_vm/.cache/). `python -m tests.numa_vm.remote` runs the same
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from coordinator.planner.k8s import agent_args
 from tests import early
 from tests.numa_vm import remote, vm
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.timeout(900),
+    pytest.mark.timeout(1200),
     pytest.mark.skipif(
         shutil.which(vm.QEMU) is None,
         reason=f"{vm.QEMU} not installed (Debian package qemu-system-x86)",
@@ -61,8 +76,34 @@ MIN_FRACTION = 0.99
 SLACK_KB = 256
 
 
+SEED = vm.ROOT / "config" / "layout.seed.toml"
+
+
+def manifest_commands() -> dict[int, list[str]]:
+    """Each node's agent container command (command + args) from the DaemonSet YAML that the
+    real `coordinatorctl plan --k8s` writes for the seed layout."""
+    out = Path(tempfile.mkdtemp(prefix="nc-k8s-"))
+    try:
+        plan = ["plan", "--layout", str(SEED), "--k8s", str(out)]
+        subprocess.run(
+            [sys.executable, "-m", "coordinator.ctl.main", *plan],
+            cwd=vm.ROOT,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        commands = {}
+        for node in NODES:
+            daemonset = yaml.safe_load((out / f"agent-node{node}.yaml").read_text())
+            [container] = daemonset["spec"]["template"]["spec"]["containers"]
+            commands[node] = [*container.get("command", []), *container.get("args", [])]
+        return commands
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def run() -> dict[str, Any]:
-    return remote.run(rows=ROWS, timeout=600)
+    return remote.run(rows=ROWS, timeout=900, k8s=manifest_commands())
 
 
 early.register(__name__, run)  # boots while the rest of the suite runs
@@ -202,3 +243,91 @@ def test_the_guests_kernel_saw_the_copies_on_each_node_and_saw_them_go(
     base, peak, last = (shmem[k][str(node)] for k in ("baseline", "peak", "last"))
     assert peak - base >= batch_pages(found) * PAGE_KB - SLACK_KB, shmem
     assert abs(last - base) <= SLACK_KB, shmem
+
+
+# --- the second phase: the k8s DaemonSets' agent command lines in the same guest -------------
+
+
+@pytest.fixture(scope="module")
+def k8s(found: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = found["k8s"]
+    return out
+
+
+def test_k8s_agents_ran_the_manifests_command_lines(k8s: dict[str, Any]) -> None:
+    for node in NODES:
+        manifest, ran = k8s["manifest"][str(node)], k8s["commands"][str(node)]
+        assert manifest[:4] == ["numactl", "--membind=0", "--cpunodebind=0", "staging-agent"]
+        assert len(ran) == len(manifest)
+        changed = [i for i, (a, b) in enumerate(zip(manifest, ran, strict=True)) if a != b]
+        # only the values of --config and --connect
+        assert [manifest[i - 1] for i in changed] == ["--config", "--connect"], (manifest, ran)
+        assert ran[ran.index("--connect") + 1].startswith("tcp://10.0.2.2:")
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_k8s_agent_is_bound_as_its_manifest_says_and_accepted_as_its_host_node(
+    found: dict[str, Any], k8s: dict[str, Any], node: int
+) -> None:
+    args = agent_args(k8s["manifest"][str(node)])
+    assert (args.node, args.membind, args.cpunodebind, args.bind_node) == (node, 0, 0, 0)
+    guest_cpus = [int(c) for c in found["guest"]["topology"]["cpus"][str(args.cpunodebind)]]
+    started = [e for e in k8s["agent_events"][str(node)] if e["event"] == "agent started"]
+    # the guest's kernel, asked by the agent: memory bound to the manifest's --membind node, CPUs
+    # those of its --cpunodebind node
+    assert [(e["policy"], e["mems"], e["cpus"], e["bind_node"]) for e in started] == [
+        ("bind", [args.membind], guest_cpus, args.bind_node)
+    ]
+    port = found["listen"].rsplit(":", 1)[1]
+    said = [
+        e for e in k8s["agent_events"][str(node)] if e["event"] == "connected to the coordinator"
+    ]
+    assert [e["at"] for e in said] == [f"tcp://10.0.2.2:{port}"]
+    accepted = [
+        e
+        for e in k8s["coordinator_events"]
+        if e["event"] == "agent connected" and e["node"] == node
+    ]
+    assert [(e["mems"], e["cpus"]) for e in accepted] == [([args.membind], guest_cpus)]
+    [agent] = [a for a in k8s["status"]["agents"] if a["node"] == node]
+    assert (agent["connected"], agent["policy"], agent["mems"]) == (True, "bind", [args.membind])
+    assert k8s["status"]["agents_refused"] == {}
+
+
+def test_k8s_agents_take_a_batch_to_done(k8s: dict[str, Any]) -> None:
+    row = k8s["ledger"]
+    assert (row["state"], row["error"], row["degraded"]) == ("done", None, False), row["error"]
+    assert row["rows"] == ROWS
+    assert k8s["counts"]["aggregates"] == ROWS
+    assert k8s["lake_aggregates_rows"] == {
+        f"{row['lake_path'].removeprefix(k8s['lake_root'] + '/')}/aggregates.parquet": ROWS
+    }
+    assert k8s["staging_left"] == []
+
+
+def test_k8s_agents_stop_cleanly_on_sigterm(found: dict[str, Any]) -> None:
+    assert found["guest"]["k8s"]["stopped_by"] == "host"
+    assert found["guest"]["k8s"]["exit"] == {"0": 0, "1": 0}
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_k8s_agent_staged_onto_its_bound_guest_node(k8s: dict[str, Any], node: int) -> None:
+    bound = agent_args(k8s["manifest"][str(node)]).membind
+    p = k8s["ledger"]["placement"][str(node)]
+    assert (p["node"], p["method"]) == (bound, "move_pages")
+    assert p["pages"] == p["local_pages"] == batch_pages(k8s)
+    assert p["nodes"] == {str(bound): p["pages"]}
+    assert p["fraction"] >= MIN_FRACTION
+
+
+def test_the_guests_kernel_saw_both_k8s_agents_copies_on_guest_node_0(
+    found: dict[str, Any], k8s: dict[str, Any]
+) -> None:
+    """Both DaemonSets bind to guest node 0: node 0's Shmem held both agents' copies at once,
+    node 1's never held one agent's, and the purges gave everything back."""
+    shmem = found["guest"]["k8s"]["shmem_kb"]
+    pages_kb = batch_pages(k8s) * PAGE_KB
+    rise = {n: shmem["peak"][n] - shmem["baseline"][n] for n in ("0", "1")}
+    assert rise["0"] >= 2 * pages_kb - SLACK_KB, shmem
+    assert rise["1"] < pages_kb // 2, shmem
+    assert all(abs(shmem["last"][n] - shmem["baseline"][n]) <= SLACK_KB for n in ("0", "1")), shmem

@@ -9,9 +9,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -316,3 +319,52 @@ def test_a_hostname_that_is_no_host_id_stops_the_coordinator_not_the_agent(env: 
     agent = in_uts(py, "-m", "agents.agent", "--node", "0", "--config", cfg)
     assert "host.id" not in agent.stderr, agent.stderr
     assert agent.returncode == 3, agent.stderr
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    """GET http://127.0.0.1:PORT/PATH: status and body, a 503 as well as a 200."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return int(r.status), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_only_the_leader_is_ready_and_the_standby_becomes_ready_when_it_takes_over(
+    env: Env, host_env: MakeHost
+) -> None:
+    """/ready (the k8s Deployment's readinessProbe) follows leadership; /live (its
+    livenessProbe) answers on both replicas."""
+    ports = {"leader": _port(), "twin": _port()}
+    a_env = host_env("host-a", metrics={"listen": f"127.0.0.1:{ports['leader']}"})
+    twin_env = host_env("host-a", twin=True, metrics={"listen": f"127.0.0.1:{ports['twin']}"})
+    a = Daemon(a_env).start()
+    twin = Daemon(twin_env).start(wait=False)
+    try:
+        wait_until(lambda: standby(twin), 30, "the second coordinator of host-a to stand by")
+        assert _get(ports["leader"], "/ready") == (
+            200,
+            "ready: running, the leader of host 'host-a', serving agents\n",
+        )
+        assert _get(ports["twin"], "/ready") == (
+            503,
+            "not ready: standby: another coordinator holds the leader lock of host 'host-a'; "
+            "this one waits\n",
+        )
+        assert _get(ports["leader"], "/live") == (200, "alive: running\n")
+        assert _get(ports["twin"], "/live") == (200, "alive: standby\n")
+        assert a.stop() == 0  # the leader goes; the standby takes the lock
+        wait_until(
+            lambda: _get(ports["twin"], "/ready")[0] == 200, 60, "the standby to become ready"
+        )
+        assert _get(ports["twin"], "/ready")[1].startswith("ready: running, the leader of")
+        assert twin.status()["database"]["leader"] is True
+    finally:
+        for d in (twin, a):
+            d.cleanup()

@@ -22,6 +22,7 @@ from coordinator.core.config import load_config
 from coordinator.core.errors import ConfigError
 from coordinator.core.messages import Crosschecked, Heartbeat, Hello, Staged
 from coordinator.core.summary import AggregateSummary
+from coordinator.core.timings import Timings
 from coordinator.core.usage import BatchCompression
 from coordinator.ctl.client import call
 from coordinator.daemon.hub import AgentConn
@@ -111,21 +112,23 @@ def metrics_of(d: Daemon) -> Metrics:
 def finished_run(d: Daemon, state: State = State.DONE) -> BatchRun:
     now = time.time()
     run = BatchRun("b-1", d.config, state, now - 10, now + 600)
-    run.timings = {
-        "barrier_wait_ms": 1500.0,
-        "staging_ms": 250.0,
-        "staging_node0_ms": 200.0,
-        "staging_node1_ms": 240.0,
-        "crosscheck_ms": 900.0,
-        "crosscheck_node0_ms": 800.0,
-        "crosscheck_node1_ms": 850.0,
-        "aggregate_ms": 40.0,
-        "aggregate_node1_ms": 35.0,
-        "commit_ms": 30.0,
-        "archive_ms": 60.0,
-        "archive_node1_ms": 55.0,
-        "cleanup_ms": 5.0,
-    }
+    run.timings = Timings.from_json(
+        {
+            "barrier_wait_ms": 1500.0,
+            "staging_ms": 250.0,
+            "staging_node0_ms": 200.0,
+            "staging_node1_ms": 240.0,
+            "crosscheck_ms": 900.0,
+            "crosscheck_node0_ms": 800.0,
+            "crosscheck_node1_ms": 850.0,
+            "aggregate_ms": 40.0,
+            "aggregate_node1_ms": 35.0,
+            "commit_ms": 30.0,
+            "archive_ms": 60.0,
+            "archive_node1_ms": 55.0,
+            "cleanup_ms": 5.0,
+        }
+    )
     run.staged_bytes = {"0": 1000, "1": 3000}
     for n, remote in ((0, 0), (1, 1000)):
         run.add_usage(
@@ -274,7 +277,7 @@ async def test_failed_batch_counts_as_failed_and_keeps_the_last_committed_agreem
     m = metrics_of(d)
     m.batch_committed(batch_aggregate(0.4, {"m-a": 0.7}))
     run = finished_run(d, State.FAILED)
-    run.timings = {"barrier_wait_ms": 100.0}
+    run.timings = Timings.from_json({"barrier_wait_ms": 100.0})
     run.staged_bytes = {}
     m.batch_finished(run)
     s = scrape(m)
@@ -692,3 +695,39 @@ def test_real_daemon_scraped_after_a_batch_matches_the_ledger(env: Env, daemon):
     names = exposed_names(http_text(port))
     used = {n for e in dashboard_exprs() + alert_exprs() for n in METRIC_NAME.findall(e)}
     assert used <= names, sorted(used - names)
+
+
+def _reply(m: Metrics, head: str) -> tuple[int, bytes]:
+    raw = m.http_reply(head.encode())
+    status, _, body = raw.partition(b"\r\n\r\n")
+    return int(status.split(b" ")[1]), body
+
+
+def test_ready_answers_200_only_once_started_as_the_leader_and_live_always(tmp_path):
+    d = make_daemon(tmp_path)
+    m = metrics_of(d)
+    host = d.config.host.id
+    steps = [
+        ("starting", False, 503, "not ready: starting: starting"),
+        (
+            "connecting",
+            False,
+            503,
+            "not ready: connecting: connecting to the database and taking the leader lock",
+        ),
+        (
+            "standby",
+            False,
+            503,
+            f"not ready: standby: another coordinator holds the leader lock of host {host!r}; "
+            "this one waits",
+        ),
+        ("running", True, 200, f"ready: running, the leader of host {host!r}, serving agents"),
+        ("stopping", True, 503, "not ready: stopping: stopping"),
+    ]
+    for state, ready, code, text in steps:
+        d.state, d.ready = state, ready
+        assert _reply(m, "GET /ready HTTP/1.1\r\nHost: x") == (code, (text + "\n").encode())
+        assert _reply(m, "HEAD /ready HTTP/1.1\r\nHost: x") == (code, b"")
+        assert _reply(m, "GET /live HTTP/1.1\r\nHost: x") == (200, f"alive: {state}\n".encode())
+    assert _reply(m, "POST /ready HTTP/1.1\r\nHost: x")[0] == 405

@@ -75,8 +75,10 @@ def start_remote_agent(env: Env, views: Path) -> subprocess.Popen[bytes]:
             f"mount --bind {env.lake} {views / 'lake'}",
             f"mount -t tmpfs -o size=1m,mode=0500 hidden {env.staging}",
             f"mount -t tmpfs -o size=1m,mode=0500 hidden {env.lake}",
+            # The real agent, no stand-in: node 1's agent bound to this kernel's node, as a
+            # k8s DaemonSet's is to its VM's guest node 0 (--bind-node, docs/layout.md).
             f"exec numactl --membind={HOST_NODE} --cpunodebind={HOST_NODE} {sys.executable}"
-            f" -m tests.one_host agent --node 1 --config {env.config}",
+            f" -m agents.agent --node 1 --bind-node {HOST_NODE} --config {env.config}",
         ]
     )
     log = (env.root / "remote-agent.log").open("ab")
@@ -122,6 +124,13 @@ def test_a_remote_node_aggregates_through_staging_and_relative_paths(
     timings = json.loads(timings) if isinstance(timings, str) else timings
     assert "aggregate_node1_ms" in timings  # node 1 aggregated it
     assert_exactly_once(env, bid, published=published)
+    # Node 1's copies were measured on the node its agent is bound to in its own kernel.
+    placement = ledger(env, bid)["placement"]
+    placement = json.loads(placement) if isinstance(placement, str) else placement
+    assert placement["1"]["node"] == HOST_NODE
+    assert placement["1"]["fraction"] >= 0.99, placement["1"]
+    [agent1] = [a for a in d.status()["agents"] if a["node"] == 1]
+    assert (agent1["policy"], agent1["mems"]) == ("bind", [HOST_NODE])
     # The agent's memory was its own: nothing of it ever showed in the coordinator's view.
     assert files_under(env.tmpfs / "node1") == []
     assert agent.poll() is None
@@ -137,3 +146,37 @@ def test_with_agents_starts_no_agent_for_a_remote_node(
         ln for ln in lines if ln.get("event") == "agent started" and ln.get("pid") and "cmd" in ln
     ]
     assert [s["node"] for s in started] == [0], started
+
+
+def _agent(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real staging-agent under numactl bound to this host's node, refused at start."""
+    return subprocess.run(
+        [
+            *("numactl", f"--membind={HOST_NODE}", f"--cpunodebind={HOST_NODE}"),
+            *(sys.executable, "-m", "agents.agent", "--config", str(env.config), *args),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_bind_node_is_refused_where_it_cannot_hold(env: Env, tmp_path: Path) -> None:
+    remote_config(env, tmp_path / "agent-view")
+    # node 1 bound to node 0 without saying so: its binding check expects node 1
+    proc = _agent(env, "--node", "1")
+    assert proc.returncode == 3, proc.stderr
+    assert "expected bind to node 1" in proc.stderr
+    # a local node's agent runs in the coordinator's kernel: no other node to bind
+    proc = _agent(env, "--node", "0", "--bind-node", "1")
+    assert proc.returncode == 3, proc.stderr
+    assert "--bind-node 1 differs from --node 0, but node 0 is not remote = true" in proc.stderr
+    # bound to one node, claiming another in its own kernel
+    proc = _agent(env, "--node", "1", "--bind-node", "1")
+    assert proc.returncode == 3, proc.stderr
+    assert "expected bind to node 1" in proc.stderr
+    proc = _agent(env, "--node", "1", "--bind-node", "-1")
+    assert proc.returncode == 2
+    assert "--bind-node: -1 is not a NUMA node number" in proc.stderr

@@ -115,3 +115,29 @@ def test_no_circle_of_imports() -> None:
             visit(module, [])
     assert len(graph.modules) > 40  # the walk saw the house
     assert circles == []
+
+
+def cited_sources() -> list[tuple[str, str]]:
+    """(document, path) of every `….py` source the README and docs/ cite in backticks."""
+    import re
+
+    out = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        found = set(re.findall(r"`([A-Za-z0-9_./-]+\.py)[`:]", doc.read_text()))
+        out.extend((doc.name, path) for path in sorted(found))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("doc", "path"), cited_sources(), ids=[f"{d}:{p}" for d, p in cited_sources()]
+)
+def test_every_source_file_the_docs_cite_exists(doc: str, path: str) -> None:
+    """A path with a folder is from the repository root or from coordinator/ (`core/batch.py`);
+    a bare test module's name is found under tests/. Other bare names (`vm.py`) are read in
+    the context of the paragraph and not checked."""
+    if "/" in path:
+        assert (ROOT / path).is_file() or (ROOT / "coordinator" / path).is_file(), (
+            f"{doc} cites {path}, which is not in the repository (moved or renamed?)"
+        )
+    elif path.startswith("test_"):
+        assert list((ROOT / "tests").rglob(path)), f"{doc} cites {path}, found nowhere under tests/"

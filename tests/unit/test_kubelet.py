@@ -143,15 +143,40 @@ def _edit(text: str, old: str, new: str) -> str:
     return text.replace(old, new, 1)
 
 
-def test_the_seed_chain_breaks_only_where_node1s_agent_binds_a_node_its_guest_lacks(
-    plan: Plan,
-) -> None:
+def test_the_seed_chain_is_closed(plan: Plan) -> None:
     result = check_chain(plan, _domains(plan))
+    assert result.problems == ()
     assert "k3s-worker-slm-heavy (vm slm-heavy, host NUMA node 0):" in result.report
     assert "  libvirt vCPU pin  vCPU 0-31 -> 2-17,38-53" in result.report
+    # each guest has one NUMA node, 0, the host node numatune binds it to
+    assert "  guest NUMA node   0: cpus 0-15" in result.report
     assert "  kubelet           reserved 0-1, allocatable 2-31" in result.report
-    # the domain XML gives each guest one NUMA node, 0: numactl --membind=1 fails in data's guest
-    assert result.problems == (
+    assert (
+        "k3s-worker-data: agent container staging-agent-node1: host node 1, numactl guest "
+        "node 0, 2 CPUs" in result.report
+    )
+    assert result.report.endswith("pin chain: OK\n")
+
+
+def test_the_domain_gives_the_guest_one_numa_cell_with_all_of_the_vm(plan: Plan) -> None:
+    data = next(vm for vm in plan.vms if vm.spec.name == "data")
+    text = render_domain_fragment(data)
+    assert '<cell id="0" cpus="0-15" memory="60" unit="GiB" />' in text
+    assert '<memory mode="strict" nodeset="1" />' in text
+
+
+def _agent_cmd(manifests: dict[str, Any], name: str) -> list[str]:
+    cmd: list[str] = manifests[name]["spec"]["template"]["spec"]["containers"][0]["command"]
+    return cmd
+
+
+def test_agent_link_binding_a_node_the_guest_lacks(plan: Plan) -> None:
+    manifests = copy.deepcopy(render_manifests(plan))
+    cmd = _agent_cmd(manifests, "agent-node1.yaml")
+    cmd[1:3] = ["--membind=1", "--cpunodebind=1"]  # the host's number, not the guest's
+    cmd[cmd.index("--bind-node") + 1] = "1"
+    problems = check_chain(plan, _domains(plan), manifests=manifests).problems
+    assert problems == (
         "agent container: agent-node1.yaml: numactl --membind=1 on k3s-worker-data, whose "
         "guest has NUMA node(s) 0",
         "agent container: agent-node1.yaml: numactl --cpunodebind=1 on k3s-worker-data, whose "
@@ -159,20 +184,43 @@ def test_the_seed_chain_breaks_only_where_node1s_agent_binds_a_node_its_guest_la
         "agent container: agent-node1.yaml: '2' CPUs on k3s-worker-data, but guest NUMA node 1 "
         "has 0 allocatable CPUs",
     )
-    assert result.report.rstrip().splitlines()[-4] == "pin chain: BROKEN"
 
 
-def test_a_guest_with_the_agents_numa_node_closes_the_chain(plan: Plan) -> None:
+def test_agent_link_bind_node_other_than_numactls(plan: Plan) -> None:
+    manifests = copy.deepcopy(render_manifests(plan))
+    cmd = _agent_cmd(manifests, "agent-node1.yaml")
+    i = cmd.index("--bind-node")
+    del cmd[i : i + 2]  # the agent would check its binding against node 1
+    problems = check_chain(plan, _domains(plan), manifests=manifests).problems
+    assert problems[0] == (
+        "agent container: agent-node1.yaml: numactl --membind=0 on k3s-worker-data, but the "
+        "agent checks its binding against guest node 1 (--bind-node, else --node): it would "
+        "refuse to run"
+    )
+
+
+def test_agent_link_claiming_another_host_node(plan: Plan) -> None:
+    manifests = copy.deepcopy(render_manifests(plan))
+    cmd = _agent_cmd(manifests, "agent-node1.yaml")
+    cmd[cmd.index("--node") + 1] = "0"
+    cmd[cmd.index("--bind-node") + 1] = "0"
+    problems = check_chain(plan, _domains(plan), manifests=manifests).problems
+    assert problems == (
+        "agent container: agent-node1.yaml: the agent claims --node 0 (its certificate "
+        "node-0) on k3s-worker-data, whose vm sits on host NUMA node 1",
+    )
+
+
+def test_a_guest_with_two_cells_still_closes_when_the_agent_binds_one(plan: Plan) -> None:
     domains = _domains(plan)
     domains["data"] = _edit(
         domains["data"],
-        "</cpu>",
-        '<numa><cell id="0" cpus="0-7" memory="30" unit="GiB"/>'
-        '<cell id="1" cpus="8-15" memory="30" unit="GiB"/></numa></cpu>',
+        '<cell id="0" cpus="0-15" memory="60" unit="GiB" />',
+        '<cell id="0" cpus="0-7" memory="30" unit="GiB"/><cell id="1" cpus="8-15" memory="30" '
+        'unit="GiB"/>',
     )
     result = check_chain(plan, domains)
     assert result.problems == ()
-    assert result.report.endswith("pin chain: OK\n")
     assert "  guest NUMA node   0: cpus 0-7, 1: cpus 8-15" in result.report
 
 
@@ -196,8 +244,13 @@ def test_each_link_names_itself_when_broken(plan: Plan) -> None:
         ),
         "guest NUMA node: vm 'slm-heavy': vCPUs 16-31 are in no guest NUMA node": (
             "slm-heavy",
-            "</cpu>",
-            '<numa><cell id="0" cpus="0-15" memory="118" unit="GiB"/></numa></cpu>',
+            'cpus="0-31"',
+            'cpus="0-15"',
+        ),
+        "guest NUMA node: vm 'slm-heavy': its <numa> cells hold 64 GiB, not the VM's 118 GiB": (
+            "slm-heavy",
+            'memory="118" unit="GiB" />',
+            'memory="64" unit="GiB" />',
         ),
     }
     for want, (vm, old, new) in cases.items():
@@ -286,10 +339,95 @@ def test_cli_check_chain_from_capabilities(plan: Plan, tmp_path: Path) -> None:
     caps = tmp_path / "caps.xml"
     caps.write_text(_capabilities(plan))
     proc = _cli("--capabilities", str(caps), "--check-chain")
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "k3s-worker-data (vm data, host NUMA node 1):" in proc.stdout
-    assert "pin chain: BROKEN" in proc.stdout
-    assert "numactl --membind=1 on k3s-worker-data" in proc.stdout
+    assert proc.stdout.endswith("pin chain: OK\n")
     proc = _cli("--capabilities", str(tmp_path / "missing.xml"), "--check-chain")
     assert proc.returncode == 1
     assert f"--capabilities {tmp_path / 'missing.xml'}" in proc.stderr
+
+
+def test_cli_check_chain_names_the_kubelet_and_agent_links_of_a_broken_layout(
+    tmp_path: Path,
+) -> None:
+    # node 1's agent worker shrunk to one core: the kubelet keeps it, no CPU is left to pin;
+    # and the tasks VM given 2 GiB, less than the kubelet's memory reserve (2148Mi)
+    text = _edit(SEED.read_text(), "cores = 8\nthreads = 16", "cores = 1\nthreads = 2")
+    text = _edit(text, "memory_gib = 24", "memory_gib = 2")
+    layout = tmp_path / "layout.toml"
+    layout.write_text(text)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coordinator.ctl.main",
+            "plan",
+            "--layout",
+            str(layout),
+            "--check-chain",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "pin chain: BROKEN" in proc.stdout
+    assert (
+        "  - kubelet: kubelet/k3s-worker-tasks.yaml: reservedMemory 2148Mi does not fit vm "
+        "'tasks' (2 GiB)" in proc.stdout
+    )
+    assert (
+        "  - agent container: agent-node1.yaml: '2' CPUs on k3s-worker-data, but guest NUMA "
+        "node 0 has 0 allocatable CPUs" in proc.stdout
+    )
+
+
+def _interleaved(plan: Plan) -> Plan:
+    """The plan's host with its threads renumbered: node n's core k is threads 2k+n, 2k+n+T/2."""
+    half = sum(len(n.cpus) for n in plan.topology.nodes) // 2
+    nodes = []
+    for n in plan.topology.nodes:
+        cores = tuple(
+            dataclasses.replace(c, threads=(2 * k + n.id, 2 * k + n.id + half))
+            for k, c in enumerate(n.cores)
+        )
+        cpus = tuple(sorted(t for c in cores for t in c.threads))
+        nodes.append(dataclasses.replace(n, cores=cores, cpus=cpus))
+    topology = dataclasses.replace(plan.topology, nodes=tuple(nodes))
+    return dataclasses.replace(plan, topology=topology)
+
+
+def test_cli_check_chain_of_applied_domains(plan: Plan, tmp_path: Path) -> None:
+    seed = _cli("--check-chain")  # the generated artefacts of the seed: closed
+    assert (seed.returncode, seed.stdout.splitlines()[-1]) == (0, "pin chain: OK"), seed.stdout
+    assert _cli("--out", str(tmp_path / "plan")).returncode == 0
+    domains = tmp_path / "plan" / "domains"
+    assert _cli("--check-chain", "--domains", str(domains)).returncode == 0
+    heavy = next(vm for vm in plan.vms if vm.spec.name == "slm-heavy")
+    path = domains / "slm-heavy.xml"
+    pin = f'vcpu="3" cpuset="{dict(heavy.vcpupins)[3]}"'
+    path.write_text(_edit(path.read_text(), pin, 'vcpu="3" cpuset="1"'))
+    path = domains / "data.xml"
+    path.write_text(_edit(path.read_text(), 'cpus="0-15"', 'cpus="0-13"'))
+    (domains / "tasks.xml").unlink()
+    proc = _cli("--check-chain", "--domains", str(domains))
+    assert proc.returncode == 1
+    broken = proc.stdout.split("pin chain: BROKEN\n")[1].splitlines()
+    assert broken == [
+        "  - libvirt vCPU pin: vm 'slm-heavy': vCPUs 3 are not pinned to the plan's host threads "
+        "(vcpupin vcpu -> cpuset, one thread each)",
+        "  - guest NUMA node: vm 'data': vCPUs 14-15 are in no guest NUMA node",
+        "  - libvirt vCPU pin: vm 'tasks': no domain XML",
+    ]
+    # The same applied domains, checked against a host whose CPUs are numbered otherwise (node
+    # 0 the even threads, node 1 the odd): every pin is off the plan made from that host.
+    caps = tmp_path / "caps.xml"
+    caps.write_text(_capabilities(_interleaved(plan)))
+    proc = _cli("--capabilities", str(caps), "--check-chain", "--domains", str(domains))
+    assert proc.returncode == 1
+    assert "  - libvirt vCPU pin: vm 'data': vCPUs 0-15 are not pinned" in proc.stdout
+    assert _cli("--domains", str(domains)).returncode == 2
+    proc = _cli("--check-chain", "--domains", str(tmp_path / "none"))
+    assert proc.returncode == 1
+    assert f"--domains {tmp_path / 'none'}: not a folder" in proc.stderr

@@ -453,6 +453,14 @@ def test_the_error_says_what_was_expected_and_what_was_found() -> None:
         ("crosschecked", "idents", {"slm-1": None}, r"object of \[int, int, int\]"),
         ("aggregated", "summary", [], "object"),
         ("error", "batch_id", 5, "str or null"),
+        (
+            "error",
+            "step",
+            "restage",
+            "one of 'stage', 'crosscheck', 'aggregate', 'archive', 'purge'",
+        ),
+        ("error", "step", 1, "one of 'stage'"),
+        ("aggregate", "rows_via", "/tmp", "one of 'tmpfs', 'staging'"),
         ("error", "node", None, "int"),
     ],
 )
@@ -562,3 +570,10 @@ def test_decode_of_a_valid_message_with_one_field_replaced_never_raises_anything
         decode(json.dumps(obj).encode())
     except ProtocolError:
         pass
+
+
+def test_every_request_type_is_a_step_an_error_can_name() -> None:
+    """The agent writes `Error(step=msg.TYPE)` for any request: each request's TYPE must be
+    one of StepName's values, or the coordinator could not decode the agent's error."""
+    requests = {cls.TYPE for cls in messages.TYPES.values() if issubclass(cls, messages.Request)}
+    assert requests == set(typing.get_args(messages.StepName))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -153,3 +154,21 @@ def test_unknown_keys_are_kept_but_not_counted_as_phases() -> None:
 def test_a_value_that_is_not_milliseconds_is_refused_naming_the_key(bad: object) -> None:
     with pytest.raises(ValueError, match="'staging_node1_ms'"):
         Timings.from_json({"staging_ms": 1.0, "staging_node1_ms": bad})
+
+
+def test_set_keeps_microseconds_and_since_measures_from_a_perf_counter_reading() -> None:
+    t = Timings().set(Phase.STAGING, 12.34567).set(Phase.STAGING, 1.0004, 1)
+    assert t.to_json() == {"staging_ms": 12.346, "staging_node1_ms": 1.0}
+    t0 = time.perf_counter() - 0.5  # half a second ago
+    ms = Timings().since(Phase.COMMIT, t0).to_json()["commit_ms"]
+    assert 500 <= ms < 60_000
+
+
+def test_merge_takes_the_ledgers_values_and_later_sets_win() -> None:
+    t = Timings().merge({"barrier_wait_ms": 7.0, "staging_node0_ms": 3.0})
+    assert t.has(Phase.BARRIER_WAIT) and t.has(Phase.STAGING, 0)
+    assert not t.has(Phase.STAGING) and not t.has(Phase.STAGING, 1)
+    t.set(Phase.STAGING, 4.0, 0)
+    assert t.to_json() == {"barrier_wait_ms": 7.0, "staging_node0_ms": 4.0}
+    with pytest.raises(ValueError, match="'commit_ms'"):
+        t.merge({"commit_ms": "soon"})
