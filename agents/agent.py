@@ -155,7 +155,8 @@ class Agent:
                     expected=msg.idents,
                     on_source=on_source,
                 )
-            hooks.pause("staged")  # tests change staging here, between stage and cross-check
+            # tests change staging here, between stage and cross-check
+            hooks.pause("staged", batch_id)
             seconds = time.perf_counter() - t0
             reply = Staged(
                 batch_id=batch_id,
@@ -221,7 +222,7 @@ class Agent:
             # The second barrier counts exactly these files: another file under the name is
             # a rewrite (quarantined), never aggregated.
             idents[model] = (st.st_ino, st.st_size, st.st_mtime_ns)
-            hooks.pause("crosscheck")  # tests kill the agent here, mid-cross-check
+            hooks.pause("crosscheck", batch_id)  # tests kill the agent here, mid-cross-check
         return Crosschecked(
             batch_id=batch_id,
             outputs=outputs,
@@ -265,13 +266,18 @@ class Agent:
                 rows_via=msg.rows_via,
             )
             read = _PageLooks(self.bind_node, "aggregate").read(local, names)
-        hooks.pause("aggregate")  # tests kill the agent here, its files written, unanswered
+        ident = out.rows_ident
+        assert ident is not None  # aggregate_batch reports what it wrote
+        # tests kill the agent here (or change staging), its files written, unanswered
+        hooks.pause("aggregate", batch_id)
         return Aggregated(  # paths relative to the roots (docs/protocol.md §3)
             batch_id=batch_id,
             summary=out.summary.to_wire(),
             rows_csv=f"{batch_id}/{rows_name(msg.rows_via)}",
             parquet=f"{batch_id}/{PARQUET_NAME}",
             seconds=out.seconds,
+            rows_ident=(ident.inode, ident.size, ident.mtime_ns),
+            rows_sha256=ident.sha256,
             node=self.node,
             **copied,
             **read,

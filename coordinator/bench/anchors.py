@@ -32,6 +32,7 @@ from agents.crosscheck import crosscheck
 from agents.lake import Lake
 from coordinator.core import files
 from coordinator.core.messages import Purge, Stage, Staged
+from coordinator.core.rowsfile import RowsFile, ident_of
 from coordinator.core.summary import COPY_COLUMNS
 from coordinator.daemon.hub import Hub
 from coordinator.daemon.ledger import Ledger
@@ -423,12 +424,19 @@ async def _ingest(
 
         async def ours(bid: str) -> None:
             await fresh(bid)
-            csv = tmp / f"{bid}.csv"  # as the agent leaves it in node-local tmpfs
-            await anyio.to_thread.run_sync(agg_csv_with_batch, agg.items, bid, csv)
+            # As the agent leaves it in node-local tmpfs, and reports it: the commit opens it
+            # by descriptor and hashes it as it sends it, as the daemon's does.
+            (tmp / bid).mkdir(exist_ok=True)
+            csv = tmp / bid / "aggregates.csv"
+            data = await anyio.to_thread.run_sync(rows_csv, agg.items, bid)
+            csv.write_bytes(data)
+            rows_file = RowsFile(tmp, bid, csv.name, ident_of(csv.stat(), data))
+            del data
             t0 = time.perf_counter()
-            assert await ledger.commit(bid, summary, csv, fields={}) is None
+            assert await ledger.commit(bid, summary, rows_file, fields={}) is None
             times["ours"].append(time.perf_counter() - t0)
             csv.unlink()
+            (tmp / bid).rmdir()
 
         async def via_psql(bid: str) -> None:
             assert psql is not None

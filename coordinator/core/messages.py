@@ -193,6 +193,11 @@ class Aggregated(Reply):
     rows_csv: str
     parquet: str
     seconds: float
+    # The rows CSV as the agent wrote it: [inode, size, mtime_ns] (the inode as its kernel
+    # numbers it) and the SHA-256 of its bytes; the coordinator COPYs it only if it still is
+    # that file with those bytes (coordinator.core.rowsfile).
+    rows_ident: Ident
+    rows_sha256: str
     # The cross-check files it copied from staging (all, the other nodes' among them: this
     # step's cross-node transfer), of them the bytes on another node's pages and not in
     # memory; the copies the vote read and of them the bytes not on this node (expected 0);

@@ -34,6 +34,7 @@ from coordinator.core.errors import (
     FencedError,
     NotLeaderError,
 )
+from coordinator.core.rowsfile import RowsFile, RowsReader
 from coordinator.core.summary import COPY_COLUMNS, AggregateSummary
 from coordinator.core.timings import Timings
 from coordinator.core.usage import FIELDS as USAGE_FIELDS
@@ -145,7 +146,14 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+
 # Ledger columns a state change may set, with how each is encoded.
+def _flat_timings(value: Timings | Mapping[str, object]) -> dict[str, float]:
+    """The ledger's flat `timings` object (core/timings.py) of a Timings, or of a mapping of
+    its keys (read as Timings.from_json reads one: ValueError naming a key that is no number)."""
+    return (value if isinstance(value, Timings) else Timings.from_json(value)).to_json()
+
+
 _JSON_COLS = frozenset({"timings", "staged_bytes", "placement", "consensus_agreement", "counted"})
 _PLAIN_COLS = frozenset(
     {
@@ -685,8 +693,8 @@ class Ledger:
         args: list[Any] = [batch_id, state.value]
         usage = _usage_rows(batch_id, fields.pop(_USAGE, None) or {})  # checked before a write
         for key, value in fields.items():
-            if isinstance(value, Timings):  # the ledger's flat object (core/timings.py)
-                value = value.to_json()
+            if key == "timings":
+                value = _flat_timings(value)
             args.append(json.dumps(value) if key in _JSON_COLS else value)
             if key in _JSON_COLS:
                 sets.append(f"{key} = {key} || ${len(args)}::jsonb")
@@ -761,21 +769,26 @@ class Ledger:
         self,
         batch_id: str,
         agg: AggregateSummary,
-        rows: Path,
+        rows: Path | RowsFile,
         *,
         fields: Mapping[str, Any],
     ) -> State | None:
         """Write a batch's aggregates and agreement and move its ledger row to `committed`,
         all in one transaction. `rows` is the batch's COPY CSV file (streamed as it is read) and
-        must hold exactly `agg.rows` rows. Return None when written;
+        must hold exactly `agg.rows` rows: an agent's file (`RowsFile`), opened by descriptor
+        and checked against what the agent reported as it is read, or a path the caller
+        trusts (a benchmark's, a test's own). Return None when written;
         otherwise write nothing and return the state found (the batch was already committed,
-        or finished before). AgentError when the file is gone (nothing written)."""
+        or finished before). AgentError when the file is gone, RowsRefused when it is not the
+        agent's (nothing written either way)."""
         if not self.health.leader:
             raise NotLeaderError("not the leader: refusing to write batch " + batch_id)
         await self.flush(batch_id)
         pairs = [(batch_id, p.model_a, p.model_b, p.agreement, p.n_common) for p in agg.agreement]
+        rows_file = rows if isinstance(rows, RowsFile) else None
 
         async def op(c: asyncpg.Connection) -> State | None:
+            reader: RowsReader | None = None
             async with c.transaction():
                 # The fence first: a coordinator that lost its host's leadership commits nothing.
                 await self._check_epoch(c)
@@ -793,26 +806,36 @@ class Ledger:
                 # The row lock and the state check above mean no row of this batch is in
                 # `aggregates`: COPY straight into it (a temp table and INSERT ... ON CONFLICT
                 # would read every row twice and make a speculative insert of each).
-                # A path is read in chunks by asyncpg (in a worker thread) and sent as read:
+                # The file is read in chunks by asyncpg (in a worker thread) and sent as read:
                 # the rows pass through this process without being decoded or held whole.
+                # An agent's file is opened here, by descriptor (never through a link), and
+                # hashed as it is sent: bytes other than the agent's abort the COPY (RowsRefused,
+                # raised at the end of the file), and the transaction with it.
                 try:
+                    if rows_file is not None:
+                        reader = await anyio.to_thread.run_sync(rows_file.open)
+                    # asyncpg takes a path, or anything with read(n) (called in a thread)
+                    source: Any = rows if reader is None else reader
                     status = await c.copy_to_table(
                         "aggregates",
                         schema_name=self.schema,
-                        source=rows,
+                        source=source,
                         columns=list(COPY_COLUMNS),
                         format="csv",
                         header=True,
                     )
                 except FileNotFoundError as e:
                     # Not the database's fault (an OSError would be retried as one): the
-                    # agent's file is gone; asyncpg opens it before it sends the COPY.
+                    # agent's file is gone; it is opened before the COPY is sent.
                     raise AgentError(f"batch {batch_id}: rows file gone: {e}") from e
+                finally:
+                    if reader is not None:
+                        reader.close()
                 inserted = int(status.split()[-1])
                 if inserted != agg.rows:
                     # Raising inside the transaction rolls the COPY back.
                     raise DatabaseError(
-                        f"batch {batch_id}: {rows} "
+                        f"batch {batch_id}: {rows if rows_file is None else rows_file.where} "
                         f"held {inserted} rows, the aggregate counted {agg.rows}"
                     )
                 await c.executemany(
@@ -829,7 +852,7 @@ class Ledger:
                     inserted,
                     agg.fleiss_kappa,
                     json.dumps(agg.consensus_agreement),
-                    json.dumps(fields.get("timings", Timings()).to_json()),
+                    json.dumps(_flat_timings(fields.get("timings", {}))),
                 )
             return None
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import os
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -26,6 +25,7 @@ from coordinator.core.errors import (
     NoSpaceError,
     NotLeaderError,
     ProtocolError,
+    RowsRefused,
 )
 from coordinator.core.lake_paths import batch_key, batch_path
 from coordinator.core.messages import (
@@ -39,6 +39,8 @@ from coordinator.core.messages import (
     RowsVia,
     Stage,
 )
+from coordinator.core.roots import Dir, Root
+from coordinator.core.rowsfile import RowsFile
 from coordinator.core.summary import AggregateFiles
 from coordinator.core.timings import Phase
 from coordinator.core.usage import BatchCompression
@@ -89,19 +91,25 @@ def idents_for_agent(idents: dict[str, Ident], *, remote: bool) -> dict[str, Ide
     return {name: (0, size, mtime_ns) for name, (_, size, mtime_ns) in idents.items()}
 
 
-def idents_seen_here(folder: Path, reported: dict[str, Ident]) -> dict[str, Ident]:
+def idents_seen_here(staging: Root, batch_id: str, reported: dict[str, Ident]) -> dict[str, Ident]:
     """The identities of the cross-check files a remote agent wrote, as this kernel sees them:
-    where `folder`'s crosscheck_<model>.parquet has the reported size and mtime_ns, its inode
-    here goes in; otherwise the report stays as it is, and the barrier takes the file for a
-    rewrite. (Blocking: run in a thread.)"""
+    where the batch folder's crosscheck_<model>.parquet (reached by descriptor, never through
+    a link) is a regular file of the reported size and mtime_ns, its inode here goes in;
+    otherwise the report stays as it is, and the barrier takes the file for a rewrite.
+    (Blocking: run in a thread.)"""
     out = dict(reported)
-    for model, (_, size, mtime_ns) in reported.items():
-        try:
-            st = os.stat(folder / f"crosscheck_{model}.parquet", follow_symlinks=False)
-        except OSError:
-            continue
-        if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
-            out[model] = (st.st_ino, size, mtime_ns)
+    try:
+        folder = staging.sub(batch_id)
+    except OSError:  # gone, or a link: nothing of it is seen here
+        return out
+    with folder:
+        for model, (_, size, mtime_ns) in reported.items():
+            try:
+                st = folder.lstat(f"crosscheck_{model}.parquet")
+            except (OSError, ValueError):
+                continue
+            if stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+                out[model] = (st.st_ino, size, mtime_ns)
     return out
 
 
@@ -114,6 +122,7 @@ class Pipeline:
         self.cfg = run.config
         self.ledger = ctx.ledger
         self.log = log.bind(batch_id=run.batch_id)
+        self.rows_problem: RowsRefused | None = None  # why the last commit refused the rows
 
     async def run(self, step: Step) -> None:
         """Run from `step` (stage, archive or cleanup) to the end; on an unrecoverable error
@@ -135,7 +144,9 @@ class Pipeline:
                         if committed is not Commit.ROWS_GONE:
                             break
                     else:
-                        raise AgentError("the aggregated rows vanished twice before the commit")
+                        raise self.rows_problem or AgentError(
+                            "the aggregated rows vanished twice before the commit"
+                        )
                     if committed is Commit.STOP:
                         return
                 step = Step.ARCHIVE
@@ -311,7 +322,7 @@ class Pipeline:
             reported = r.idents  # (inode, size, mtime_ns) of each file it wrote
             if self.cfg.node(n).remote:  # as that agent's kernel numbers inodes: ours, please
                 reported = await anyio.to_thread.run_sync(
-                    idents_seen_here, self.cfg.paths.staging / run.batch_id, reported
+                    idents_seen_here, self.ctx.scanner.root, run.batch_id, reported
                 )
             counted |= reported
         # The agents publish before they reply, so every file is final now, and the barrier
@@ -379,16 +390,23 @@ class Pipeline:
         deadline) stops."""
         run = self.run_
         t0 = time.perf_counter()
+        rows = _rows_file(agg, remote=self.cfg.node(agg.node).remote)
         while True:
             try:
                 found = await self.ledger.commit(
-                    run.batch_id, agg.summary, agg.rows_csv, fields={"timings": run.timings}
+                    run.batch_id, agg.summary, rows, fields={"timings": run.timings}
                 )
                 break
             except NotLeaderError:
                 await anyio.sleep(1.0)  # writes wait until leadership is back
             except AgentError as e:
                 self.log.warning("aggregated rows gone before the commit", error=str(e))
+                return Commit.ROWS_GONE
+            except RowsRefused as e:
+                # Not the file the agent wrote (a link, a rewrite: nothing of it committed).
+                # Aggregating again writes a fresh one; a second refusal fails the batch.
+                self.rows_problem = e
+                self.log.error("aggregated rows refused; aggregating again", error=str(e))
                 return Commit.ROWS_GONE
         run.timings.since(Phase.COMMIT, t0)
         if found is State.FAILED:
@@ -513,7 +531,23 @@ class Pipeline:
 
 def _archivable(agg: AggregateFiles, models: tuple[str, ...]) -> bool:
     """True while the aggregating node still holds what its archive copies: the aggregates
-    and the cross-check copies the vote read."""
+    and the cross-check copies the vote read, each a regular file (looked at by descriptor
+    from the node's tmpfs, never through a link: a link there is no copy of the vote's)."""
     folder = agg.parquet.parent
     names = [agg.parquet.name, *(f"crosscheck_{m}.parquet" for m in models)]
-    return all((folder / n).exists() for n in names)
+    try:
+        with Dir.open(folder.parent) as tmpfs, tmpfs.sub(folder.name) as batch:
+            return all(stat.S_ISREG(batch.lstat(n).st_mode) for n in names)
+    except (OSError, ValueError):
+        return False
+
+
+def _rows_file(agg: AggregateFiles, *, remote: bool) -> RowsFile:
+    """The rows CSV to COPY, as the agent reported it; an agent in another kernel numbers
+    inodes its own way, so only size, mtime_ns and the content are compared."""
+    if agg.rows_ident is None:
+        raise ProtocolError(f"agent on node {agg.node}: aggregated reply without rows_ident")
+    folder = agg.rows_csv.parent
+    return RowsFile(
+        folder.parent, folder.name, agg.rows_csv.name, agg.rows_ident, check_inode=not remote
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import tempfile
 import uuid
@@ -17,8 +18,10 @@ import pytest
 from agents.aggregation import rows_csv, summarise
 from agents.consensus import BatchAggregate, aggregate
 from coordinator.core.batch import State, may_move
-from coordinator.core.errors import AgentError, DatabaseError, NotLeaderError
+from coordinator.core.errors import AgentError, DatabaseError, NotLeaderError, RowsRefused
+from coordinator.core.rowsfile import RowsFile, ident_of
 from coordinator.daemon.ledger import MIGRATIONS, Ledger, lock_ids, lock_key
+from tests.opens import Opens
 from tests.tables import result
 
 pytestmark = pytest.mark.anyio
@@ -507,6 +510,80 @@ async def test_a_vanished_rows_file_is_an_agent_error_not_a_database_outage(
                 "b1", summarise(small_aggregate()), tmp_path / "gone.csv", fields={}
             )
     assert ledger.health.connected
+    assert await count(admin, schema, "aggregates", "b1") == 0
+
+
+def agents_rows(folder: Path, batch_id: str, data: bytes) -> RowsFile:
+    """`data` written as an agent writes its rows (folder/batch_id/.aggregates.csv), and the
+    RowsFile the pipeline COPYs from it: what the agent reported."""
+    (folder / batch_id).mkdir(parents=True, exist_ok=True)
+    path = folder / batch_id / ".aggregates.csv"
+    path.write_bytes(data)
+    return RowsFile(folder, batch_id, path.name, ident_of(path.stat(), data))
+
+
+async def test_an_agents_rows_file_is_copied_when_it_is_the_one_reported(
+    make_ledger: MakeLedger, admin: asyncpg.Connection, schema: str, tmp_path: Path
+) -> None:
+    ledger = await make_ledger(leader=True)
+    agg = small_aggregate()
+    await seen(ledger, "b1")
+    rows = agents_rows(tmp_path, "b1", rows_csv(agg.items, "b1"))
+    assert await ledger.commit("b1", summarise(agg), rows, fields={}) is None
+    assert await count(admin, schema, "aggregates", "b1") == 3
+
+
+async def test_a_rows_file_rewritten_with_the_same_size_and_mtime_commits_nothing(
+    make_ledger: MakeLedger, admin: asyncpg.Connection, schema: str, tmp_path: Path
+) -> None:
+    """Only the content hash can tell: the bytes were sent to the COPY before the mismatch
+    shows at the end of the file, so the COPY must be aborted and its transaction undone."""
+    ledger = await make_ledger(leader=True)
+    agg = small_aggregate()
+    await seen(ledger, "b1")
+    data = rows_csv(agg.items, "b1")
+    rows = agents_rows(tmp_path, "b1", data)
+    path = tmp_path / "b1" / ".aggregates.csv"
+    st = path.stat()
+    forged = data.replace(b"cat", b"dog")
+    assert forged != data and len(forged) == len(data)
+    with path.open("r+b") as f:  # in place: same inode, same size
+        f.write(forged)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with anyio.fail_after(20):
+        with pytest.raises(
+            RowsRefused, match=r"batch b1: rows file .*b1/\.aggregates\.csv: content"
+        ):
+            await ledger.commit("b1", summarise(agg), rows, fields={})
+    assert await count(admin, schema, "aggregates", "b1") == 0
+    assert await count(admin, schema, "model_agreement", "b1") == 0
+    assert (await ledger.get("b1") or {})["state"] != State.COMMITTED.value
+    assert ledger.health.connected  # a refusal is no database outage
+    # The connection the COPY was aborted on serves the next commit.
+    good = agents_rows(tmp_path, "b1", data)
+    assert await ledger.commit("b1", summarise(agg), good, fields={}) is None
+    assert await count(admin, schema, "aggregates", "b1") == 3
+
+
+async def test_a_rows_file_swapped_for_a_link_is_never_opened(
+    make_ledger: MakeLedger, admin: asyncpg.Connection, schema: str, tmp_path: Path
+) -> None:
+    ledger = await make_ledger(leader=True)
+    agg = small_aggregate()
+    await seen(ledger, "b1")
+    data = rows_csv(agg.items, "b1")
+    rows = agents_rows(tmp_path / "staging", "b1", data)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "rows.csv").write_bytes(data)  # the very bytes: only the link gives it away
+    os.utime(outside / "rows.csv", ns=(0, rows.expect.mtime_ns))
+    path = tmp_path / "staging" / "b1" / ".aggregates.csv"
+    path.unlink()
+    os.symlink(outside / "rows.csv", path)
+    with Opens(outside) as opens:
+        with pytest.raises(RowsRefused, match="symbolic link"):
+            await ledger.commit("b1", summarise(agg), rows, fields={})
+        assert opens.files() == []  # never opened through the link
     assert await count(admin, schema, "aggregates", "b1") == 0
 
 

@@ -141,6 +141,8 @@ def aggregated(**kw: object) -> Aggregated:
         "rows_csv": "b1/aggregates.csv",
         "parquet": "b1/aggregates.parquet",
         "seconds": 0.1,
+        "rows_ident": (1, 2, 3),
+        "rows_sha256": "0" * 64,
         "node": 0,
     }
     return Aggregated(**{**base, **kw})  # type: ignore[arg-type]
