@@ -148,6 +148,19 @@ class Staged(Reply):
     tmpfs_free: int
     # Where the copies' pages are (docs/numa.md); absent when the measurement failed.
     placement: dict[str, Any] | None = field(default=None, metadata=_OMIT_NONE)
+    # Of `bytes`, those whose source pages (staging's page cache, looked at just before each
+    # copy) were on another node, and those not in memory at all; the bytes copied by the
+    # node of their source pages (docs/numa.md §2). Absent when the look failed.
+    copied_remote: int | None = field(default=None, metadata=_OMIT_NONE)
+    copied_absent: int | None = field(default=None, metadata=_OMIT_NONE)
+    source_nodes: dict[str, int] | None = field(default=None, metadata=_OMIT_NONE)
+    # The batch's files as their footers tell: column chunks stored and decompressed, and the
+    # writers' CPU seconds (only when every file recorded them).
+    compressed_bytes: int | None = field(default=None, metadata=_OMIT_NONE)
+    decoded_bytes: int | None = field(default=None, metadata=_OMIT_NONE)
+    encode_cpu_s: float | None = field(default=None, metadata=_OMIT_NONE)
+    # The agent's resident-set high-water mark during the step (agents.accounting).
+    peak_rss: int | None = field(default=None, metadata=_OMIT_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,6 +172,13 @@ class Crosschecked(Reply):
     outputs: dict[str, str]  # model -> file name
     idents: dict[str, Ident] = field(default_factory=dict)  # model -> the file it wrote
     seconds: float
+    # The node-local copies it read, and of them the bytes not on this node's pages (looked
+    # at just before the read; expected 0); the process's CPU seconds reading them
+    # (decompression and Parquet decoding); its peak RSS. Absent when not measured.
+    read_bytes: int | None = field(default=None, metadata=_OMIT_NONE)
+    read_remote: int | None = field(default=None, metadata=_OMIT_NONE)
+    decode_cpu_s: float | None = field(default=None, metadata=_OMIT_NONE)
+    peak_rss: int | None = field(default=None, metadata=_OMIT_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,6 +198,16 @@ class Aggregated(Reply):
     # that file with those bytes (coordinator.core.rowsfile).
     rows_ident: Ident
     rows_sha256: str
+    # The cross-check files it copied from staging (all, the other nodes' among them: this
+    # step's cross-node transfer), of them the bytes on another node's pages and not in
+    # memory; the copies the vote read and of them the bytes not on this node (expected 0);
+    # its peak RSS. Absent when not measured.
+    copied_bytes: int | None = field(default=None, metadata=_OMIT_NONE)
+    copied_remote: int | None = field(default=None, metadata=_OMIT_NONE)
+    copied_absent: int | None = field(default=None, metadata=_OMIT_NONE)
+    read_bytes: int | None = field(default=None, metadata=_OMIT_NONE)
+    read_remote: int | None = field(default=None, metadata=_OMIT_NONE)
+    peak_rss: int | None = field(default=None, metadata=_OMIT_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -38,6 +38,7 @@ from coordinator.core.iceberg import CATALOG_NAME
 from coordinator.core.rowsfile import RowsFile, RowsReader
 from coordinator.core.summary import COPY_COLUMNS, AggregateSummary
 from coordinator.core.timings import Timings
+from coordinator.core.usage import FIELDS as USAGE_FIELDS
 
 log = structlog.get_logger("coordinator.daemon.ledger")
 
@@ -123,6 +124,33 @@ MIGRATIONS: tuple[str, ...] = (
         taken_at    timestamptz NOT NULL DEFAULT now()
     );
     """,
+    # 5: each batch's accounting per node (the bytes its agent copied and read by where their
+    # pages were, its decoding CPU, its peak RSS: core.usage, docs/numa.md §2) and the batch's
+    # compression as its files' footers tell.
+    """
+    CREATE TABLE IF NOT EXISTS {s}.node_usage (
+        batch_id        text NOT NULL REFERENCES {s}.batches (batch_id) ON DELETE CASCADE,
+        node            integer NOT NULL,
+        stage_copied_bytes              bigint,
+        stage_remote_bytes              bigint,
+        stage_absent_bytes              bigint,
+        crosscheck_read_bytes           bigint,
+        crosscheck_remote_bytes         bigint,
+        aggregate_copied_bytes          bigint,
+        aggregate_copied_remote_bytes   bigint,
+        aggregate_copied_absent_bytes   bigint,
+        aggregate_read_bytes            bigint,
+        aggregate_remote_bytes          bigint,
+        decode_cpu_s    double precision,
+        peak_rss_bytes  bigint,
+        updated_at      timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (batch_id, node)
+    );
+    ALTER TABLE {s}.batches
+        ADD COLUMN IF NOT EXISTS compressed_bytes bigint,
+        ADD COLUMN IF NOT EXISTS decoded_bytes bigint,
+        ADD COLUMN IF NOT EXISTS encode_cpu_s double precision;
+    """,
 )
 
 
@@ -147,8 +175,14 @@ _PLAIN_COLS = frozenset(
         "ready_at",
         "deadline_at",
         "finished_at",
+        "compressed_bytes",
+        "decoded_bytes",
+        "encode_cpu_s",
     }
 )
+# The per-node accounting a state change may carry ({node: NodeUsage.as_row()}), written into
+# `node_usage` in the same transaction, and only when the state change applied.
+_USAGE = "node_usage"
 
 # Errors after which the same call may succeed once the server is back.
 TRANSIENT = (
@@ -658,9 +692,13 @@ class Ledger:
         return await self._run(op)
 
     async def set_state(self, batch_id: str, state: State, **fields: Any) -> None:
-        """Move a batch to `state`, setting the given ledger columns; JSON columns merge."""
+        """Move a batch to `state`, setting the given ledger columns; JSON columns merge.
+        `node_usage` ({node: {column: value}}) goes into that table: each column keeps the
+        larger of what it held and what is given (the pipeline gives running totals, so a
+        write retried, or a batch resumed by a restarted daemon, never counts twice)."""
         sets = ["state = $2", "updated_at = now()"]
         args: list[Any] = [batch_id, state.value]
+        usage = _usage_rows(batch_id, fields.pop(_USAGE, None) or {})  # checked before a write
         for key, value in fields.items():
             if key == "timings":
                 value = _flat_timings(value)
@@ -683,7 +721,9 @@ class Ledger:
         async def op(c: asyncpg.Connection) -> None:
             async with c.transaction():
                 await self._check_epoch(c)
-                await c.execute(sql, *args)
+                status = await c.execute(sql, *args)
+                if usage and status.split()[-1] != "0":
+                    await c.executemany(_USAGE_SQL.format(s=self._s), usage)
 
         await self._run(op)
 
@@ -946,6 +986,10 @@ class Ledger:
                 batch_id,
             )
             out["agreement"] = [dict(p) for p in pairs]
+            usage = await c.fetch(
+                f"SELECT * FROM {self._s}.node_usage WHERE batch_id = $1 ORDER BY node", batch_id
+            )
+            out[_USAGE] = {str(u["node"]): {f: u[f] for f in USAGE_FIELDS} for u in usage}
             return out
 
         return await self._run(op)
@@ -976,6 +1020,28 @@ class Ledger:
             )
         )
         return {r["state"]: int(r["n"]) for r in rows}
+
+
+_USAGE_SQL = (
+    "INSERT INTO {s}.node_usage (batch_id, node, "
+    + ", ".join(USAGE_FIELDS)
+    + ") VALUES ($1, $2, "
+    + ", ".join(f"${i + 3}" for i in range(len(USAGE_FIELDS)))
+    + ") ON CONFLICT (batch_id, node) DO UPDATE SET updated_at = now(), "
+    + ", ".join(f"{f} = GREATEST(node_usage.{f}, EXCLUDED.{f})" for f in USAGE_FIELDS)
+)
+
+
+def _usage_rows(batch_id: str, usage: Mapping[Any, Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+    """The `node_usage` rows of a state change: ValueError naming a node or column it does
+    not know."""
+    rows = []
+    for node, cols in usage.items():
+        unknown = set(cols) - set(USAGE_FIELDS)
+        if unknown:
+            raise ValueError(f"node_usage of node {node}: unknown column(s) {sorted(unknown)}")
+        rows.append((batch_id, int(node), *(cols.get(f) for f in USAGE_FIELDS)))
+    return rows
 
 
 def _row(r: asyncpg.Record) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from coordinator.core.roots import Dir, Root
 from coordinator.core.rowsfile import RowsFile
 from coordinator.core.summary import AggregateFiles
 from coordinator.core.timings import Phase
+from coordinator.core.usage import BatchCompression
 from coordinator.daemon.barrier import BarrierLoop
 from coordinator.daemon.hub import Hub
 from coordinator.daemon.ledger import Ledger
@@ -267,6 +268,17 @@ class Pipeline:
         for n, r in replies.items():
             run.timings.set(Phase.STAGING, r.seconds * 1000, n)
         run.staged_bytes = {str(n): r.bytes for n, r in replies.items()}
+        for n, r in sorted(replies.items()):
+            run.add_usage(n, r)
+            # Every node reads the same files' footers: the first that could tells.
+            run.compression = run.compression or BatchCompression.from_reply(r)
+        squeezed: dict[str, Any] = {}
+        if run.compression is not None:
+            squeezed = {
+                "compressed_bytes": run.compression.compressed_bytes,
+                "decoded_bytes": run.compression.decoded_bytes,
+                "encode_cpu_s": run.compression.encode_cpu_s,
+            }
         placement: dict[str, Any] = {
             str(n): r.placement for n, r in replies.items() if r.placement is not None
         }
@@ -290,7 +302,12 @@ class Pipeline:
             )
         run.placement = placement
         await self._set(
-            State.STAGED, staged_bytes=run.staged_bytes, timings=run.timings, placement=placement
+            State.STAGED,
+            staged_bytes=run.staged_bytes,
+            timings=run.timings,
+            placement=placement,
+            node_usage=run.usage_rows(),
+            **squeezed,
         )
         self.log.info("batch staged", bytes=run.staged_bytes)
 
@@ -307,6 +324,7 @@ class Pipeline:
         counted: dict[str, tuple[int, int, int]] = {}
         for n, r in replies.items():
             run.timings.set(Phase.CROSSCHECK, float(r.seconds) * 1000, n)
+            run.add_usage(n, r)
             reported = r.idents  # (inode, size, mtime_ns) of each file it wrote
             if self.cfg.node(n).remote:  # as that agent's kernel numbers inodes: ours, please
                 reported = await anyio.to_thread.run_sync(
@@ -318,7 +336,7 @@ class Pipeline:
         # before the replies may have seen an earlier attempt's) is a rewrite.
         await self.ctx.barrier.crosschecks(run, counted, self.cfg.barrier.reconcile_s)
         run.timings.since(Phase.CROSSCHECK, t0)
-        await self._set(State.CROSSCHECKED, timings=run.timings)
+        await self._set(State.CROSSCHECKED, timings=run.timings, node_usage=run.usage_rows())
 
     async def aggregate(self, *, record: bool = True) -> AggregateFiles:
         """Have one node's agent aggregate the batch; the rows stay in its node-local memory
@@ -355,6 +373,7 @@ class Pipeline:
                 ),
                 within_s=self.cfg.agents.step_timeout_s,
             )
+            run.add_usage(node, reply)
             agg = AggregateFiles.from_reply(
                 reply,
                 node,
@@ -412,7 +431,9 @@ class Pipeline:
             return Commit.STOP
         if found is None:
             self.ctx.metrics.batch_committed(agg.summary)
-        await self._set(State.COMMITTED, durable=True, timings=run.timings)
+        await self._set(
+            State.COMMITTED, durable=True, timings=run.timings, node_usage=run.usage_rows()
+        )
         self.log.info(
             "batch committed",
             rows=agg.summary.rows,
@@ -456,7 +477,13 @@ class Pipeline:
         path = batch_path(self.ctx.lake_root, run.batch_id, run.date)
         run.timings.since(Phase.ARCHIVE, t0)
         run.timings.set(Phase.ARCHIVE, float(reply.seconds) * 1000, agg.node)
-        await self._set(State.ARCHIVED, durable=True, lake_path=path, timings=run.timings)
+        await self._set(
+            State.ARCHIVED,
+            durable=True,
+            lake_path=path,
+            timings=run.timings,
+            node_usage=run.usage_rows(),  # an aggregation done again after the commit
+        )
         self.log.info("batch archived", lake=path, bytes=reply.bytes, node=agg.node)
 
     async def _archive_iceberg(self, agg: AggregateFiles, lake: LakeSpec) -> None:

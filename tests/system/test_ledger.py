@@ -118,6 +118,7 @@ async def test_connect_migrates_to_the_latest_schema_version(
         "aggregates",
         "model_agreement",
         "leaders",
+        "node_usage",
     }
     assert ledger.health.connected
 
@@ -188,6 +189,81 @@ async def test_set_state_sets_plain_columns_and_merges_json_columns(
     assert row["staged_bytes"] == {"0": 1234}
     assert row["models_missing"] == []
     assert row["error"] == "none so far"
+
+
+async def test_a_schema_at_version_4_migrates_to_5_keeping_its_batches(
+    pg_dsn: str, admin: asyncpg.Connection, schema: str, make_ledger: MakeLedger
+) -> None:
+    """A ledger written before the per-node accounting: its batches stay, with no figures."""
+    s = f'"{schema}"'
+    async with admin.transaction():
+        await admin.execute("SELECT set_config('numa_coordinator.host_id', $1, true)", "old-host")
+        await admin.execute(f"CREATE SCHEMA {s}")
+        await admin.execute(
+            f"CREATE TABLE {s}.schema_version ("
+            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for version, sql in enumerate(MIGRATIONS[:4], start=1):
+            await admin.execute(sql.format(s=s))
+            await admin.execute(f"INSERT INTO {s}.schema_version (version) VALUES ($1)", version)
+        await admin.execute(
+            f"INSERT INTO {s}.batches (batch_id, state, host_id) VALUES ('old', 'done', $1)",
+            socket.gethostname(),
+        )
+    ledger = await make_ledger()
+    assert await ledger.schema_version() == 5 == len(MIGRATIONS)
+    row = await ledger.get("old")
+    assert row is not None
+    assert row["state"] == "done"
+    assert (row["compressed_bytes"], row["decoded_bytes"], row["encode_cpu_s"]) == (None,) * 3
+    assert row["node_usage"] == {}
+
+
+async def test_a_state_change_writes_each_nodes_usage_keeping_the_larger_figures(
+    make_ledger: MakeLedger, admin: asyncpg.Connection, schema: str
+) -> None:
+    ledger = await make_ledger(leader=True)
+    await seen(ledger, "b1")
+    await ledger.set_state(
+        "b1",
+        State.STAGED,
+        compressed_bytes=100,
+        decoded_bytes=350,
+        encode_cpu_s=0.5,
+        node_usage={
+            "0": {"stage_copied_bytes": 10, "stage_remote_bytes": 0, "peak_rss_bytes": 900},
+            "1": {"stage_copied_bytes": 10, "stage_remote_bytes": 10},
+        },
+    )
+    # The running totals of a later step (a resumed batch's smaller peak among them).
+    await ledger.set_state(
+        "b1",
+        State.CROSSCHECKED,
+        node_usage={
+            "0": {
+                "stage_copied_bytes": 10,
+                "stage_remote_bytes": 0,
+                "crosscheck_read_bytes": 10,
+                "peak_rss_bytes": 500,
+            }
+        },
+    )
+    row = await ledger.get("b1")
+    assert row is not None
+    assert (row["compressed_bytes"], row["decoded_bytes"], row["encode_cpu_s"]) == (100, 350, 0.5)
+    usage = row["node_usage"]
+    assert set(usage) == {"0", "1"}
+    assert usage["0"]["stage_copied_bytes"] == 10
+    assert usage["0"]["crosscheck_read_bytes"] == 10
+    assert usage["0"]["peak_rss_bytes"] == 900  # the larger stays
+    assert usage["1"]["stage_remote_bytes"] == 10
+    assert usage["1"]["crosscheck_read_bytes"] is None  # never reported: unknown, not 0
+    # A move the rule refuses writes no figure either.
+    await force(admin, schema, "b1", State.DONE)
+    await ledger.set_state("b1", State.STAGED, node_usage={"2": {"stage_copied_bytes": 1}})
+    assert set((await ledger.get("b1") or {})["node_usage"]) == {"0", "1"}
+    with pytest.raises(ValueError, match=r"node_usage of node 0: unknown column\(s\) \['bogus'\]"):
+        await ledger.set_state("b1", State.DONE, node_usage={"0": {"bogus": 1}})
 
 
 async def test_set_state_refuses_an_unknown_column(make_ledger: MakeLedger) -> None:
