@@ -57,6 +57,8 @@ def test_every_row_has_ours_and_every_anchored_row_an_anchor_and_a_ratio(
         "ingest_executemany",
         "parquet_size",
         "parquet_write",
+        "crosscheck_duckdb",
+        "crosscheck_threads",
         "archive",
         "lag_staging",
         "lag_commit",
@@ -136,7 +138,8 @@ def test_the_bench_command_renders_a_results_file_for_the_docs(
 def test_the_bench_command_refuses_an_unknown_phase_naming_the_ones_it_takes() -> None:
     done = bench_cli("--only", "barrier,warp")
     assert done.returncode == 2
-    assert "--only takes codecs,archive,staging,barrier,idle,full,lag,ingest,notify" in done.stderr
+    phases = "codecs,crosscheck,archive,staging,barrier,idle,full,lag,ingest,notify"
+    assert f"--only takes {phases}" in done.stderr
 
 
 def test_the_bench_subcommand_takes_the_documented_options() -> None:
@@ -177,6 +180,8 @@ GOOD: dict[str, float] = {
     "snappy_mb": 100.0,
     "zstd_write_s": 1.0,
     "snappy_write_s": 1.0,
+    "cc_over_duckdb": 0.5,  # cross-check + aggregation, ours / DuckDB
+    "threads_speedup": 1.8,  # cross-check on 1 thread / on 2
     "archive_mbps": 95.0,
     "archive_cp_mbps": 100.0,
     "lag_staging": 1.0,
@@ -256,11 +261,23 @@ def measured(fig: dict[str, float], *, quick: bool = False) -> Measured:
         "idle_before": {"p99": 0.5},
     }
     m.bare = {"crosscheck_s": 0.25, "aggregate_s": 0.125}
+    # Powers of two, so that the ratios come out exactly at the figures.
+    m.threads = 2
+    m.duckdb = "1.4.4"
+    m.crosscheck = {
+        "ours_crosscheck_s": [fig["cc_over_duckdb"] * 0.25],
+        "ours_aggregate_s": [fig["cc_over_duckdb"] * 0.25],
+        "duckdb_crosscheck_s": [0.25],
+        "duckdb_aggregate_s": [0.25],
+        "one_crosscheck_s": [fig["threads_speedup"] * fig["cc_over_duckdb"] * 0.25],
+        "one_aggregate_s": [0.5],
+    }
+    # The end-to-end anchors sum DuckDB's steps (the bare ones are the step rows' anchors).
     anchors_s = (
         (0.0 if math.isnan(fig["barrier_anchor_ms"]) else fig["barrier_anchor_ms"] / 1000)
         + STAGED_MB / fig["staging_cp_mbps"]
-        + m.bare["crosscheck_s"]
-        + m.bare["aggregate_s"]
+        + m.crosscheck["duckdb_crosscheck_s"][0]
+        + m.crosscheck["duckdb_aggregate_s"][0]
         + ROWS / fig["psql_rps"]
         + ARCHIVED_MB / fig["archive_cp_mbps"]
     )
@@ -308,6 +325,8 @@ THRESHOLDED = {
     "ingest_executemany",
     "parquet_size",
     "parquet_write",
+    "crosscheck_duckdb",
+    "crosscheck_threads",
     "archive",
     "lag_staging",
     "lag_commit",
@@ -348,6 +367,8 @@ CASES: list[tuple[str, dict[str, float], dict[str, float] | None]] = [
     ("ingest_executemany", {"executemany_rps": 1.01e5}, {"executemany_rps": 1e5}),
     ("parquet_size", {"zstd_mb": 86.0}, {"zstd_mb": 85.0}),
     ("parquet_write", {"zstd_write_s": 1.31}, {"zstd_write_s": 1.3}),
+    ("crosscheck_duckdb", {"cc_over_duckdb": 0.61}, {"cc_over_duckdb": 0.6}),
+    ("crosscheck_threads", {"threads_speedup": 1.59}, {"threads_speedup": 1.6}),
     ("archive", {"archive_mbps": 89.0}, None),
     ("lag_staging", {"lag_staging": 5.01}, {"lag_staging": 5.0}),
     ("lag_commit", {"lag_commit": 5.01}, {"lag_commit": 5.0}),
@@ -407,6 +428,8 @@ def test_the_limits_above_are_hit_exactly() -> None:
         "ingest_executemany": ("ratio", 10.0),
         "parquet_size": ("ratio", 0.85),
         "parquet_write": ("ratio", 1.3),
+        "crosscheck_duckdb": ("ratio", 0.6),
+        "crosscheck_threads": ("ratio", 1.6),
         "lag_staging": ("ours", 5.0),
         "lag_commit": ("ours", 5.0),
         "lag_archive": ("ours", 5.0),
