@@ -415,6 +415,22 @@ def build_rows(m: Any) -> list[Row]:
                 note=f"{cpu_s:.2f} CPU-s over {wall:.1f} s from the last rename to done",
             )
         )
+        peak = _med([f["agent_peak_rss"] for f in full if f.get("agent_peak_rss")])
+        rows.append(
+            Row(
+                "rss_batch",
+                "agent peak RSS per full batch",
+                "MB",
+                peak / MB if peak else None,
+                m.decoded_bytes / MB if m.decoded_bytes else None,
+                "the batch's 7 results decoded (Arrow tables)",
+                "report",
+                note=f"the batch's files: {m.staging_bytes / MB:.0f} MB compressed (zstd 3); "
+                "the agent stages, cross-checks all 7 models (one node here) and aggregates "
+                f"on {m.threads} threads; VmHWM reset before each batch, mapped tmpfs pages "
+                "included",
+            )
+        )
         rows.append(
             Row(
                 "cpu_batch_loop",
@@ -537,7 +553,12 @@ def run_bench(
         "postgres": m.ingest.get("server_version", ""),
         "psql": m.psql,
         "duckdb": m.duckdb,
-        "params": {**asdict(p), "rows": m.rows, "file_mb": m.file_bytes / MB},
+        "params": {
+            **asdict(p),
+            "rows": m.rows,
+            "file_mb": m.file_bytes / MB,
+            "decoded_bytes": m.decoded_bytes,
+        },
         "rows": [r.as_dict() for r in rows],
         "raw": {
             "barrier": m.barrier,

@@ -69,6 +69,20 @@ def threads_cpu_s(pid: int) -> dict[str, float]:
     return out
 
 
+def reset_peak_rss(pid: int) -> None:
+    """Set process `pid`'s peak resident set size (VmHWM) back to its current one."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def peak_rss(pid: int) -> int:
+    """Process `pid`'s peak resident set size in bytes (VmHWM) since start or the last reset;
+    its mapped tmpfs pages (the memory-mapped copies it reads) count too."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/{pid}/status has no VmHWM line")
+
+
 @contextlib.contextmanager
 def timer(out: list[float]) -> Iterator[None]:
     """Append the wall seconds of the block to `out`."""

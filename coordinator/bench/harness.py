@@ -142,6 +142,7 @@ class Measured:
     params: Params
     rows: int = 0
     file_bytes: float = 0.0
+    decoded_bytes: int = 0  # the 7 results as Arrow tables in memory
     codecs: dict[str, dict[str, float]] = field(default_factory=dict)
     bare: dict[str, float] = field(default_factory=dict)
     threads: int = 0  # the threads of the bare cross-check and aggregation (and the agent's)
@@ -491,6 +492,7 @@ def run_full(
     """One full-size batch: end to end, the daemon's CPU, and its ledger timings."""
     pid = daemon.proc.pid
     c0, l0, a0 = anchors.proc_cpu_s(pid), anchors.thread_cpu_s(pid), anchors.proc_cpu_s(agent_pid)
+    anchors.reset_peak_rss(agent_pid)
     t_start, t_last = publish_batch(d.staging, bid, full, gap_s=0.01, last_gap_s=0.1)
     lake_glob = f"batches/date=*/batch={bid}/aggregates.parquet"
     t_archived = _wait(lambda: any(d.lake.glob(lake_glob)), 600, f"batch {bid} in the lake")
@@ -507,6 +509,7 @@ def run_full(
         "daemon_cpu_s": cpu,
         "loop_cpu_s": loop,
         "agent_cpu_s": agent,
+        "agent_peak_rss": anchors.peak_rss(agent_pid),
         "timings": row["timings"],
     }
 
@@ -549,6 +552,7 @@ def make_data(p: Params, d: Dirs, m: Measured) -> tuple[dict[str, Any], dict[str
     per_row = anchors.codec_table_bytes(sample["slm-1"]) / sample_rows
     m.rows = max(100, int(p.file_mb * 1e6 / per_row))
     _, tables = synthetic_batch(m.rows, seed=7)
+    m.decoded_bytes = sum(t.nbytes for t in tables.values())
     _, small = synthetic_batch(p.small_rows, seed=3)
     sources = anchors.write_sources(d.sources / "full", tables)
     small_src = anchors.write_sources(d.sources / "small", small)

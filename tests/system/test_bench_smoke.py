@@ -64,6 +64,7 @@ def test_every_row_has_ours_and_every_anchored_row_an_anchor_and_a_ratio(
         "lag_commit",
         "lag_archive",
         "cpu_batch",
+        "rss_batch",
         "cpu_idle",
         "e2e",
     ):
@@ -214,6 +215,7 @@ def measured(fig: dict[str, float], *, quick: bool = False) -> Measured:
         {"ours_ms": fig["notify_ms"], "anchor_ms": fig["notify_anchor_ms"]} for _ in range(30)
     ]
     m.staging_bytes = int(STAGED_MB * 1e6)
+    m.decoded_bytes = int(4 * STAGED_MB * 1e6)
     m.staging = {
         "one_agent": [STAGED_MB / fig["staging_mbps"]],
         "one_cp": [STAGED_MB / fig["staging_cp_mbps"]],
@@ -287,6 +289,7 @@ def measured(fig: dict[str, float], *, quick: bool = False) -> Measured:
             "loop_cpu_s": fig["cpu_loop_pct"] / 100 * WALL_S,
             "wall_s": WALL_S,
             "e2e_s": fig["e2e_over_anchors"] * anchors_s,
+            "agent_peak_rss": 900e6,
             "timings": {
                 "crosscheck_ms": 300,
                 "aggregate_ms": 150,
@@ -449,10 +452,12 @@ def test_rows_without_a_target_are_never_judged() -> None:
     rows = rows_of(bad)
     for key in ("barrier_p50", "notify_p50", "ingest_records", "parquet_read", "parquet_cpu_write",
                 "lag_crosscheck", "lag_aggregate", "step_crosscheck", "step_aggregate",
-                "step_commit", "step_archive"):  # fmt: skip
+                "step_commit", "step_archive", "rss_batch"):  # fmt: skip
         assert rows[key].met is None, key
     assert met_cell(rows, "lag_crosscheck") == "—"
     assert met_cell(rows, "parquet_cpu_write") == "n/a"  # a target to report, not to judge
+    assert met_cell(rows, "rss_batch") == "n/a"
+    assert rows["rss_batch"].ratio == 900e6 / (4 * STAGED_MB * 1e6)
 
 
 def test_a_quick_run_judges_nothing_even_when_every_target_is_missed() -> None:
