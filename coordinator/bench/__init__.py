@@ -168,6 +168,15 @@ def _crosscheck_rows(m: Any) -> list[Row]:
     ]
     one, many = _best(cc.get("one_crosscheck_s")), _best(cc.get("ours_crosscheck_s"))
     agg_one, agg_many = _best(cc.get("one_aggregate_s")), _best(cc.get("ours_aggregate_s"))
+    cores = ""
+    if cc.get("ours_cores") and many:
+        # The cores the fastest run on n threads got: below n, the machine had none to spare.
+        best = cc["ours_crosscheck_s"].index(many)
+        cores = (
+            f"; the fastest run on {n} threads got {cc['ours_cores'][best]:.2f} cores "
+            f"(CPU-s / wall-s of the run), those on 1 thread "
+            + ", ".join(f"{c:.2f}" for c in cc.get("one_cores", []))
+        )
     rows.append(
         Row(
             "crosscheck_threads",
@@ -180,7 +189,7 @@ def _crosscheck_rows(m: Any) -> list[Row]:
             lambda o, a, r: r is not None and r >= 1.6,
             note=(
                 f"the aggregation: {agg_one:.2f} s on 1 thread, {agg_many:.2f} s on {n} "
-                f"({agg_one / agg_many:.2f}x)"
+                f"({agg_one / agg_many:.2f}x)" + cores
                 if n > 1 and agg_one and agg_many
                 else "this process may run on one CPU only: nothing to compare"
             ),

@@ -273,7 +273,9 @@ def crosscheck_vs_duckdb(
 ) -> dict[str, list[float]]:
     """The cross-check and aggregation of the same staged copies, alternated `reps` times:
     ours on `threads` threads, DuckDB on as many (`coordinator.bench.duck`), and ours on one
-    thread. Seconds per step of each; each run writes its files into a fresh folder."""
+    thread. Seconds per step of each, and the CPU seconds this process used in each of our
+    cross-checks (CPU / wall: how many cores the run got); each run writes into a fresh
+    folder."""
     from coordinator.bench import duck
 
     stage_copies(sources, staged)
@@ -289,9 +291,14 @@ def crosscheck_vs_duckdb(
         folder, local = root / f"ours-{n}", staged.parent / f"{staged.name}-aggregate-{n}"
         for path in (folder, local):
             shutil.rmtree(path, ignore_errors=True)
+        c0 = cpu_s()
         done = bare_work(staged, folder, local, models, threads=n)
+        cpu = cpu_s() - c0
         shutil.rmtree(local, ignore_errors=True)
-        note("ours" if n == threads else "one", done.crosscheck_s, done.aggregate_s)
+        key = "ours" if n == threads else "one"
+        note(key, done.crosscheck_s, done.aggregate_s)
+        # Of the whole run; the cross-check's share of it is its share of the wall time.
+        out.setdefault(f"{key}_cores", []).append(cpu / (done.crosscheck_s + done.aggregate_s))
 
     def anchor() -> None:
         folder = root / "duckdb"

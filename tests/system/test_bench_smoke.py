@@ -273,6 +273,8 @@ def measured(fig: dict[str, float], *, quick: bool = False) -> Measured:
         "duckdb_aggregate_s": [0.25],
         "one_crosscheck_s": [fig["threads_speedup"] * fig["cc_over_duckdb"] * 0.25],
         "one_aggregate_s": [0.5],
+        "ours_cores": [1.9],
+        "one_cores": [1.0],
     }
     # The end-to-end anchors sum DuckDB's steps (the bare ones are the step rows' anchors).
     anchors_s = (
