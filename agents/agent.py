@@ -32,7 +32,8 @@ from anyio.abc import ByteReceiveStream, ByteStream
 
 from agents import accounting, aggregation, binding, placement
 from agents import staging as stg
-from agents.crosscheck import load_crosscheck
+from agents.crosscheck import crosscheck as default_crosscheck
+from agents.crosscheck import crosscheck_batch, load_crosscheck
 from agents.lake import Lake
 from coordinator import __version__
 from coordinator.core import files, hooks, tls
@@ -93,6 +94,8 @@ class Agent:
         self.tmpfs = paths.tmpfs
         self.models = config.node(node).models
         self.crosscheck_fn = load_crosscheck(config.crosscheck_function)
+        # The cross-check's and aggregation's threads: the cores the agent is bound to.
+        self.threads = config.agents.threads or len(os.sched_getaffinity(0))
         self.lake = Lake(paths.lake)
         self.lake_uri = paths.lake
         # Every file under these is reached from their descriptors, never followed through a
@@ -198,6 +201,10 @@ class Agent:
         present = list(msg.models)
         mine = [m for m in present if m in self.models]
         t0 = time.perf_counter()
+        # The default cross-check builds the batch's vote matrix once for all of this node's
+        # models; it takes the predictions as the files' own dictionaries. A plug-in gets
+        # plain strings, one model at a time.
+        batch = self.crosscheck_fn is default_crosscheck
         with self.local.sub(self.batch_id(batch_id)) as local:
             # Where the copies' pages are just before the read (all on this node, unless the
             # placement went wrong), and the process's CPU seconds reading them.
@@ -205,11 +212,14 @@ class Agent:
                 local, [f"{m}.parquet" for m in present]
             )
             with accounting.cpu_seconds() as decode_cpu:
-                tables = files.read_results(local, present)
-        outputs: dict[str, str] = {}
-        idents: dict[str, tuple[int, int, int]] = {}
-        for model in mine:
-            table = self.crosscheck_fn(model, tables)
+                tables = files.read_results(
+                    local,
+                    present,
+                    read_dictionary=("prediction",) if batch else (),
+                    threads=self.threads if batch else 0,
+                )
+
+        def publish(model: str, table: pa.Table) -> tuple[int, int, int]:
             # Opened anew for each file: a batch folder swapped for a link meanwhile is refused.
             with self.staging.sub(batch_id) as folder:
                 st = files.write_parquet_at(
@@ -219,11 +229,16 @@ class Agent:
                     compression=self.config.parquet.compression,
                     level=self.config.parquet.level,
                 )
-            outputs[model] = f"crosscheck_{model}.parquet"
+            hooks.pause("crosscheck", batch_id)  # tests kill the agent here, mid-cross-check
             # The second barrier counts exactly these files: another file under the name is
             # a rewrite (quarantined), never aggregated.
-            idents[model] = (st.st_ino, st.st_size, st.st_mtime_ns)
-            hooks.pause("crosscheck", batch_id)  # tests kill the agent here, mid-cross-check
+            return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+        if batch:
+            idents = crosscheck_batch(mine, tables, publish, threads=self.threads)
+        else:
+            idents = {model: publish(model, self.crosscheck_fn(model, tables)) for model in mine}
+        outputs = {model: f"crosscheck_{model}.parquet" for model in mine}
         return Crosschecked(
             batch_id=batch_id,
             outputs=outputs,
@@ -265,6 +280,7 @@ class Agent:
                 compression=self.config.parquet.compression,
                 level=self.config.parquet.level,
                 rows_via=msg.rows_via,
+                threads=self.threads,
             )
             read = _PageLooks(self.bind_node, "aggregate").read(local, names)
         ident = out.rows_ident

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from agents.consensus import BatchAggregate, aggregate
+from agents.consensus import BatchAggregate, Workers, aggregate
 from agents.staging import copy_file
 from coordinator.core import files
 from coordinator.core.errors import NoSpaceError, ParquetError
@@ -68,6 +68,7 @@ def aggregate_batch(
     compression: str = "zstd",
     level: int | None = 3,
     rows_via: str = "tmpfs",
+    threads: int = 1,
 ) -> AggregateFiles:
     """Aggregate `models`' cross-check files of the batch folder `staging` into `local` (the
     batch's node-local folder, at `local_path`). The rows CSV goes into `local` too, or, with
@@ -78,6 +79,8 @@ def aggregate_batch(
     and checked against `expected` (file name -> the (inode, size, mtime_ns) the second
     barrier counted) where given; the vote reads those copies, and the archive takes the same
     copies to the lake, so what is archived is exactly what was aggregated.
+
+    The files are read, the vote taken and the two outputs written on `threads` threads.
 
     Raises ParquetError naming the model and column when a result cannot be aggregated
     (a missing column, a duplicate item id) or a file is gone, LinkRefused when a file is a
@@ -99,12 +102,33 @@ def aggregate_batch(
                 local.unlink(tmp, missing_ok=True)
                 raise
             local.rename(tmp, local, name)
-        tables = files.read_results(local, models, prefix="crosscheck_", columns=AGGREGATE_COLUMNS)
-        agg = aggregate(tables)
+        tables = files.read_results(
+            local,
+            models,
+            prefix="crosscheck_",
+            columns=AGGREGATE_COLUMNS,
+            read_dictionary=("prediction",),
+            threads=threads,
+        )
+        agg = aggregate(tables, threads=threads)
         del tables
         rows_dir = staging if rows_via == "staging" else local
-        written = _write_atomic(rows_dir, rows_name(rows_via), rows_csv(agg.items, batch_id))
-        files.write_parquet_at(local, PARQUET_NAME, agg.items, compression=compression, level=level)
+        written: RowsIdent | None = None
+
+        def write(what: str) -> None:
+            nonlocal written
+            if what == "csv":
+                written = _write_atomic(
+                    rows_dir, rows_name(rows_via), rows_csv(agg.items, batch_id)
+                )
+            else:
+                files.write_parquet_at(
+                    local, PARQUET_NAME, agg.items, compression=compression, level=level
+                )
+
+        with Workers(min(threads, 2)) as workers:  # the rows CSV beside aggregates.parquet
+            workers.map(write, ["csv", "parquet"])
+        assert written is not None  # map returned: both writes are done
     except BaseException as e:
         for name in names:  # the copies serve the archive of a whole aggregate only
             with contextlib.suppress(OSError):

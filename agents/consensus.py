@@ -12,8 +12,11 @@ follow the lexicographic order of the labels, so "the smaller value" is "the sma
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -28,11 +31,13 @@ __all__ = [
     "BatchAggregate",
     "PairAgreement",
     "VoteMatrix",
+    "Workers",
     "aggregate",
     "agreement_matrix",
     "fleiss_kappa",
     "majority_vote",
     "normalise_result",
+    "row_slices",
     "vote_matrix",
 ]
 
@@ -64,16 +69,87 @@ class BatchAggregate:
     models: tuple[str, ...]
 
 
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Rows per slice of the row-wise work: large enough that numpy's calls (which release the GIL)
+# dominate the Python between them, small enough that a slice's columns stay in cache.
+SLICE_ROWS = 1 << 17
+
+
+class Workers:
+    """The threads of one cross-check or aggregation: `map` runs a function over items on them
+    (in the caller's thread with one thread). numpy and Arrow release the GIL in their loops,
+    so slices of rows, models or files run side by side on the node's cores."""
+
+    def __init__(self, threads: int = 1) -> None:
+        if threads < 1:
+            raise ValueError(f"threads is {threads}, expected >= 1")
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads, "consensus") if threads > 1 else None
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        """`fn` of each item, in order; the first error is raised once all have finished."""
+        if self._pool is None:
+            return [fn(x) for x in items]
+        futures = [self._pool.submit(fn, x) for x in items]
+        errors = [f.exception() for f in futures]
+        for e in errors:
+            if e is not None:
+                raise e
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def row_slices(n: int, threads: int = 1) -> list[slice]:
+    """`n` rows as slices of about SLICE_ROWS rows (at least one slice per thread)."""
+    if n == 0:
+        return []
+    parts = max(threads, -(-n // SLICE_ROWS))
+    bounds = np.linspace(0, n, parts + 1).astype(np.int64)
+    return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
+
+
 @dataclass(frozen=True)
 class VoteMatrix:
-    """Every model's predictions and scores, aligned on one item index."""
+    """Every model's predictions, aligned on one item index; scores on demand (`scores_at`)."""
 
-    models: tuple[str, ...]  # sorted; column order of `codes` and `scores`
+    models: tuple[str, ...]  # sorted; column order of `codes`
     item_ids: pa.Array  # string, sorted, one per row
     labels: pa.Array  # string, sorted, distinct; a code indexes into it
-    codes: Codes  # (n_items, n_models); NO_VOTE where the model did not predict the item
-    scores: Floats  # (n_items, n_models); NaN where there is no score or no vote
+    codes: Codes  # (n_items, n_models), column-major; NO_VOTE where the model did not predict
     rows: tuple[Positions, ...]  # per model: the matrix row of each of its table's rows, or -1
+    whole: tuple[bool, ...]  # per model: its table's rows are the matrix's rows, in order
+    results: tuple[pa.Table, ...] = field(repr=False)  # per model: normalised (normalise_result)
+
+    def scores_at(self, index: Positions) -> Floats:
+        """The scores of the matrix rows `index`, (len(index), n_models): NaN where the model
+        gave no score or did not vote (only votes carry scores: a null prediction's score
+        belongs to no label). Built only for the rows asked for (the tied ones)."""
+        out = np.full((len(index), len(self.models)), np.nan, dtype=np.float64)
+        for j, result in enumerate(self.results):
+            score = result.column("score")
+            if self.whole[j]:
+                at = index
+            else:
+                where = np.full(len(self.item_ids), -1, dtype=np.int64)
+                keep = self.rows[j] >= 0
+                where[self.rows[j][keep]] = np.flatnonzero(keep)
+                at = where[index]
+            ok = at >= 0
+            picked = score.take(pa.array(at[ok]))
+            out[ok, j] = pc.fill_null(picked, np.nan).to_numpy()
+        out[self.codes[index] == NO_VOTE] = np.nan
+        return out
 
 
 _STRING_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
@@ -93,21 +169,27 @@ def _column(model: str, table: pa.Table, name: str) -> pa.ChunkedArray:
     return table.column(name)
 
 
-def _as_string(model: str, table: pa.Table, name: str) -> pa.ChunkedArray:
+def _as_string(
+    model: str, table: pa.Table, name: str, *, dictionary: bool = False
+) -> pa.ChunkedArray:
     col = _column(model, table, name)
     if not (_is_string(col.type) or pa.types.is_null(col.type)):
         raise ParquetError(f"model {model!r}: column {name!r} should be string, found {col.type}")
+    if dictionary and pa.types.is_dictionary(col.type):
+        return col  # read as a dictionary: its strings are decoded only where needed
     return col.cast(pa.string())
 
 
 def normalise_result(model: str, table: pa.Table) -> pa.Table:
     """Validate one model's result and return just `item_id`, `prediction`, `score` (float64).
 
-    Raises ParquetError naming the model and column when a required column is missing or of
-    the wrong type, or an item id is null. (Duplicate ids are caught by `vote_matrix`.)
+    `prediction` is a string column, or a dictionary of strings where the table has one (a
+    Parquet file read with `read_dictionary`): cast it to string to show it. Raises
+    ParquetError naming the model and column when a required column is missing or of the
+    wrong type, or an item id is null. (Duplicate ids are caught by `vote_matrix`.)
     """
     item_id = _as_string(model, table, "item_id")
-    prediction = _as_string(model, table, "prediction")
+    prediction = _as_string(model, table, "prediction", dictionary=True)
     if "score" in table.column_names:
         score = table.column("score")
         if not (
@@ -159,6 +241,47 @@ def _sorted_positions(models: Sequence[str], ids: pa.ChunkedArray) -> tuple[pa.A
     positions = np.empty(n, dtype=np.int64)
     positions[order] = np.arange(n, dtype=np.int64)
     return index, positions
+
+
+def _dictionary_chunks(column: pa.ChunkedArray) -> list[pa.DictionaryArray]:
+    """Each chunk of a string column as a dictionary array (a Parquet reader's dictionary
+    column as it is: no string is decoded or hashed again)."""
+    return [
+        c if pa.types.is_dictionary(c.type) else pc.dictionary_encode(c)
+        for c in column.chunks
+        if len(c)
+    ]
+
+
+def _encode_labels(
+    columns: Sequence[pa.ChunkedArray], workers: Workers
+) -> tuple[pa.Array, list[Codes]]:
+    """The sorted distinct labels of `columns`, and each column as codes into them (NO_VOTE
+    where null): each column encoded on its own (in parallel), then only the small
+    dictionaries merged."""
+    encoded = workers.map(_dictionary_chunks, columns)
+    dictionaries = [c.dictionary.cast(pa.string()) for chunks in encoded for c in chunks]
+    if dictionaries:
+        labels = pc.unique(pa.concat_arrays(dictionaries)).drop_null()
+        labels = labels.take(pc.array_sort_indices(labels))
+    else:
+        labels = pa.array([], pa.string())
+
+    def codes(k: int) -> Codes:
+        out = np.empty(len(columns[k]), dtype=np.int32)
+        at = 0
+        for chunk in encoded[k]:
+            dictionary = chunk.dictionary.cast(pa.string())
+            lookup = np.empty(len(dictionary) + 1, dtype=np.int32)
+            lookup[:-1] = _numpy(pc.index_in(dictionary, value_set=labels))
+            lookup[-1] = NO_VOTE  # nulls index the last slot
+            idx = _numpy(pc.fill_null(chunk.indices, len(dictionary)))
+            out[at : at + len(chunk)] = lookup[idx]
+            at += len(chunk)
+        out[at:] = NO_VOTE  # a column of all-null chunks (type null) has none encoded
+        return out
+
+    return labels, workers.map(codes, range(len(columns)))
 
 
 def _encode(columns: Sequence[pa.ChunkedArray]) -> tuple[pa.Array, list[Positions]]:
@@ -215,33 +338,45 @@ def _item_positions(
     return index, [positions[first[j]] for j in range(len(models))]
 
 
-def vote_matrix(tables: Mapping[str, pa.Table], *, restrict_to: str | None = None) -> VoteMatrix:
+def vote_matrix(
+    tables: Mapping[str, pa.Table],
+    *,
+    restrict_to: str | None = None,
+    workers: Workers | None = None,
+) -> VoteMatrix:
     """Align every model's predictions on one item index.
 
     The index is the sorted union of all models' item ids, or with `restrict_to` the item ids
     of that one model (other models' rows for other items are left out unchecked). Raises
-    ParquetError naming the model when a result is malformed or repeats an item id.
+    ParquetError naming the model when a result is malformed or repeats an item id. With
+    `workers`, the models' columns are encoded and placed on its threads.
     """
     if restrict_to is not None and restrict_to not in tables:
         raise ValueError(f"model {restrict_to!r} is not among {sorted(tables)}")
+    w = workers or Workers(1)
     models = tuple(sorted(tables))
     results = [normalise_result(m, tables[m]) for m in models]
     own = None if restrict_to is None else models.index(restrict_to)
     index, rows = _item_positions(models, [r.column("item_id") for r in results], own)
-    labels, predictions = _encode([r.column("prediction") for r in results])
+    labels, predictions = _encode_labels([r.column("prediction") for r in results], w)
 
     n_items, n_models = len(index), len(models)
-    # Column-major: every per-model step below reads one contiguous column.
-    codes = np.full((n_items, n_models), NO_VOTE, dtype=np.int32, order="F")
-    scores = np.full((n_items, n_models), np.nan, dtype=np.float64, order="F")
-    for j, result in enumerate(results):
+    identity = np.arange(n_items, dtype=np.int64)
+    whole = tuple(len(r) == n_items and np.array_equal(r, identity) for r in rows)
+    # Column-major: every per-model step reads one contiguous column.
+    codes = np.empty((n_items, n_models), dtype=np.int32, order="F")
+
+    def place(j: int) -> None:
+        column = codes[:, j]
+        if whole[j]:
+            column[:] = predictions[j]
+            return
+        column.fill(NO_VOTE)
         keep = rows[j] >= 0
-        score = pc.fill_null(result.column("score"), np.nan).to_numpy()
-        codes[rows[j][keep], j] = predictions[j][keep]
-        scores[rows[j][keep], j] = score[keep]
-    # Only votes carry scores: a null prediction's score belongs to no label.
-    scores[codes == NO_VOTE] = np.nan
-    return VoteMatrix(models, index, labels, codes, scores, tuple(rows))
+        column[rows[j][keep]] = predictions[j][keep]
+
+    w.map(place, range(n_models))
+    return VoteMatrix(models, index, labels, codes, tuple(rows), whole, tuple(results))
 
 
 Votes = npt.NDArray[np.int32]
@@ -296,9 +431,11 @@ def _break_ties(codes: Codes, scores: Floats, votes: Votes, top: Votes) -> Codes
     return best_code
 
 
-def _winners(vm: VoteMatrix, votes: Votes) -> tuple[Codes, Votes]:
+def _winners(
+    codes: Codes, votes: Votes, scores_of: Callable[[Positions], Floats]
+) -> tuple[Codes, Votes]:
     """Per row: the winning code (NO_VOTE if nobody voted) and the votes for it."""
-    n_items, n_models = vm.codes.shape
+    n_items, n_models = codes.shape
     columns = [votes[:, j] for j in range(n_models)]
     top = np.zeros(n_items, dtype=np.int32)
     for column in columns:
@@ -308,35 +445,112 @@ def _winners(vm: VoteMatrix, votes: Votes) -> tuple[Codes, Votes]:
     at_top = np.zeros(n_items, dtype=np.int32)
     for j, column in enumerate(columns):
         is_top = (column == top) & (top > 0)
-        np.maximum(winner, vm.codes[:, j], out=winner, where=is_top)
+        np.maximum(winner, codes[:, j], out=winner, where=is_top)
         at_top += is_top
     # A tie shows as more cells at the top count than the count itself; only those rows need
     # the scores, and they are usually few.
     tied = np.flatnonzero(at_top > top)
     if len(tied):
-        winner[tied] = _break_ties(vm.codes[tied], vm.scores[tied], votes[tied], top[tied])
+        winner[tied] = _break_ties(codes[tied], scores_of(tied), votes[tied], top[tied])
     return winner, top
 
 
-def _items_table(vm: VoteMatrix, votes: Votes) -> tuple[pa.Table, Codes]:
-    winner, votes_for = _winners(vm, votes)
-    n_voting = np.zeros(len(winner), dtype=np.int32)
-    for voted in _columns_voted(vm.codes):
-        n_voting += voted
-    nobody = n_voting == 0
-    consensus = vm.labels.take(pa.array(np.where(nobody, 0, winner), mask=nobody))
-    confidence = np.divide(votes_for, n_voting, out=np.zeros(len(winner)), where=~nobody)
-    table = pa.table(
+@dataclass
+class _Tally:
+    """What the vote finds over some rows: per row the winner, its votes and the models
+    voting; over those rows the counts agreement, Fleiss' kappa and consensus agreement need.
+    Tallies of disjoint rows add up (`add`)."""
+
+    winner: Codes
+    top: Votes
+    n_voting: Votes
+    pairs: npt.NDArray[np.int64]  # per pair (a < b, in order): [items both voted, agreeing]
+    full: int  # items every model voted
+    sum_sq: int  # over those: the sum of the peer counts of every model
+    label_counts: npt.NDArray[np.int64]  # over those: how often each label was voted
+    voted: npt.NDArray[np.int64]  # per model: items it voted
+    same: npt.NDArray[np.int64]  # per model: items it voted the winner
+
+    def add(self, other: _Tally) -> _Tally:
+        return _Tally(
+            np.concatenate([self.winner, other.winner]),
+            np.concatenate([self.top, other.top]),
+            np.concatenate([self.n_voting, other.n_voting]),
+            self.pairs + other.pairs,
+            self.full + other.full,
+            self.sum_sq + other.sum_sq,
+            self.label_counts + other.label_counts,
+            self.voted + other.voted,
+            self.same + other.same,
+        )
+
+
+def _tally_rows(vm: VoteMatrix, rows: slice) -> _Tally:
+    codes = vm.codes[rows]
+    n_models = len(vm.models)
+    votes = _peer_votes(codes)
+    start = rows.start or 0
+    winner, top = _winners(codes, votes, lambda tied: vm.scores_at(tied + start))
+    voted = _columns_voted(codes)
+    n_voting = np.zeros(len(codes), dtype=np.int32)
+    for v in voted:
+        n_voting += v
+    pairs = np.zeros((n_models * (n_models - 1) // 2, 2), dtype=np.int64)
+    k = 0
+    for a in range(n_models):
+        for b in range(a + 1, n_models):
+            both = voted[a] & voted[b]
+            pairs[k] = (int(both.sum()), int((both & (codes[:, a] == codes[:, b])).sum()))
+            k += 1
+    full = n_voting == n_models
+    label_counts = np.zeros(len(vm.labels), dtype=np.int64)
+    sum_sq = 0
+    for j in range(n_models):
+        sum_sq += int(votes[full, j].sum(dtype=np.int64))
+        label_counts += np.bincount(codes[full, j], minlength=len(vm.labels))
+    return _Tally(
+        winner,
+        top,
+        n_voting,
+        pairs,
+        int(full.sum()) if n_models else 0,
+        sum_sq,
+        label_counts,
+        np.array([int(v.sum()) for v in voted], dtype=np.int64),
+        np.array(
+            [int((voted[j] & (codes[:, j] == winner)).sum()) for j in range(n_models)],
+            dtype=np.int64,
+        ),
+    )
+
+
+def _tally(vm: VoteMatrix, workers: Workers) -> _Tally:
+    """The vote over every row, in slices of rows on the workers' threads."""
+    parts = workers.map(
+        lambda rows: _tally_rows(vm, rows), row_slices(len(vm.item_ids), workers.threads)
+    )
+    if not parts:
+        return _tally_rows(vm, slice(0, 0))
+    total = parts[0]
+    for part in parts[1:]:
+        total = total.add(part)
+    return total
+
+
+def _items_table(vm: VoteMatrix, t: _Tally) -> pa.Table:
+    nobody = t.n_voting == 0
+    consensus = vm.labels.take(pa.array(np.where(nobody, 0, t.winner), mask=nobody))
+    confidence = np.divide(t.top, t.n_voting, out=np.zeros(len(t.winner)), where=~nobody)
+    return pa.table(
         [
             vm.item_ids,
             consensus,
-            pa.array(votes_for),
-            pa.array(n_voting),
+            pa.array(t.top),
+            pa.array(t.n_voting),
             pa.array(confidence, mask=nobody),
         ],
         schema=ITEMS_SCHEMA,
     )
-    return table, winner
 
 
 def majority_vote(tables: Mapping[str, pa.Table]) -> pa.Table:
@@ -348,18 +562,16 @@ def majority_vote(tables: Mapping[str, pa.Table]) -> pa.Table:
     and 0 models.
     """
     vm = vote_matrix(tables)
-    return _items_table(vm, _peer_votes(vm.codes))[0]
+    return _items_table(vm, _tally(vm, Workers(1)))
 
 
-def _agreement(vm: VoteMatrix) -> tuple[PairAgreement, ...]:
-    codes = vm.codes
-    voted = _columns_voted(codes)
+def _agreement(vm: VoteMatrix, t: _Tally) -> tuple[PairAgreement, ...]:
     pairs = []
-    for a in range(len(vm.models)):
-        for b in range(a + 1, len(vm.models)):
-            both = voted[a] & voted[b]
-            n_common = int(both.sum())
-            agree = int((both & (codes[:, a] == codes[:, b])).sum())
+    n = len(vm.models)
+    k = 0
+    for a in range(n):
+        for b in range(a + 1, n):
+            n_common, agree = (int(x) for x in t.pairs[k])
             pairs.append(
                 PairAgreement(
                     vm.models[a],
@@ -368,6 +580,7 @@ def _agreement(vm: VoteMatrix) -> tuple[PairAgreement, ...]:
                     n_common,
                 )
             )
+            k += 1
     return tuple(pairs)
 
 
@@ -376,24 +589,21 @@ def agreement_matrix(tables: Mapping[str, pa.Table]) -> tuple[PairAgreement, ...
 
     `agreement` is the share of the items both predicted (non-null) on which they agree.
     """
-    return _agreement(vote_matrix(tables))
+    vm = vote_matrix(tables)
+    return _agreement(vm, _tally(vm, Workers(1)))
 
 
-def _fleiss(vm: VoteMatrix, votes: Votes) -> float | None:
+def _fleiss(vm: VoteMatrix, t: _Tally) -> float | None:
     n = len(vm.models)
     if n < 2:
         return None
-    full = np.logical_and.reduce(_columns_voted(vm.codes))
-    n_subjects = int(full.sum())
+    n_subjects = t.full
     if n_subjects == 0:
         return None
     # sum_j n_ij^2 is the sum, over the raters, of how many raters chose that rater's category;
     # so sum_i P_i = (sum of those peer counts - N n) / (n (n - 1)).
-    sum_sq = sum(int(votes[full, j].sum(dtype=np.int64)) for j in range(n))
-    p_bar = (sum_sq - n_subjects * n) / (n * (n - 1)) / n_subjects
-    counts = np.zeros(len(vm.labels), dtype=np.int64)
-    for j in range(n):
-        counts += np.bincount(vm.codes[full, j], minlength=len(vm.labels))
+    p_bar = (t.sum_sq - n_subjects * n) / (n * (n - 1)) / n_subjects
+    counts = t.label_counts
     p_j = counts[counts > 0] / (n_subjects * n)
     p_e = float(np.square(p_j).sum())
     if p_e == 1.0:
@@ -417,31 +627,29 @@ def fleiss_kappa(tables: Mapping[str, pa.Table]) -> float | None:
     predicted by all; 1.0 when every rating is the same single category (P_e = 1).
     """
     vm = vote_matrix(tables)
-    return _fleiss(vm, _peer_votes(vm.codes))
+    return _fleiss(vm, _tally(vm, Workers(1)))
 
 
-def _consensus_agreement(vm: VoteMatrix, winner: Codes) -> dict[str, float | None]:
-    shares: dict[str, float | None] = {}
-    for j, model in enumerate(vm.models):
-        voted = vm.codes[:, j] != NO_VOTE
-        n_voted = int(voted.sum())
-        n_same = int((voted & (vm.codes[:, j] == winner)).sum())
-        shares[model] = n_same / n_voted if n_voted else None
-    return shares
+def _consensus_agreement(vm: VoteMatrix, t: _Tally) -> dict[str, float | None]:
+    return {
+        model: int(t.same[j]) / int(t.voted[j]) if t.voted[j] else None
+        for j, model in enumerate(vm.models)
+    }
 
 
-def aggregate(tables: Mapping[str, pa.Table]) -> BatchAggregate:
+def aggregate(tables: Mapping[str, pa.Table], *, threads: int = 1) -> BatchAggregate:
     """Aggregate one batch: consensus per item, pairwise agreement, Fleiss' kappa.
 
     `tables` maps model name to its result (or its cross-check result); every key takes part.
+    With `threads` > 1 the columns and then slices of the rows are worked on side by side.
     """
-    vm = vote_matrix(tables)
-    votes = _peer_votes(vm.codes)
-    items, winner = _items_table(vm, votes)
+    with Workers(threads) as workers:
+        vm = vote_matrix(tables, workers=workers)
+        t = _tally(vm, workers)
     return BatchAggregate(
-        items=items,
-        agreement=_agreement(vm),
-        fleiss_kappa=_fleiss(vm, votes),
-        consensus_agreement=_consensus_agreement(vm, winner),
+        items=_items_table(vm, t),
+        agreement=_agreement(vm, t),
+        fleiss_kappa=_fleiss(vm, t),
+        consensus_agreement=_consensus_agreement(vm, t),
         models=vm.models,
     )

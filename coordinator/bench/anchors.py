@@ -26,14 +26,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from agents.aggregation import AGGREGATE_COLUMNS, rows_csv, summarise
-from agents.consensus import BatchAggregate, aggregate
-from agents.crosscheck import crosscheck
+from agents.aggregation import aggregate_batch, rows_csv
+from agents.crosscheck import crosscheck_batch
 from agents.lake import Lake
 from coordinator.core import files
 from coordinator.core.messages import Purge, Stage, Staged
+from coordinator.core.roots import Dir
 from coordinator.core.rowsfile import RowsFile, ident_of
-from coordinator.core.summary import COPY_COLUMNS
+from coordinator.core.summary import COPY_COLUMNS, AggregateSummary
 from coordinator.daemon.hub import Hub
 from coordinator.daemon.ledger import Ledger
 
@@ -68,6 +68,20 @@ def threads_cpu_s(pid: int) -> dict[str, float]:
         except (OSError, ValueError, IndexError):
             continue  # the thread ended meanwhile
     return out
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Set process `pid`'s peak resident set size (VmHWM) back to its current one."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def peak_rss(pid: int) -> int:
+    """Process `pid`'s peak resident set size in bytes (VmHWM) since start or the last reset;
+    its mapped tmpfs pages (the memory-mapped copies it reads) count too."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/{pid}/status has no VmHWM line")
 
 
 @contextlib.contextmanager
@@ -183,7 +197,7 @@ def codecs(tables: dict[str, pa.Table], folder: Path, reps: int) -> dict[str, di
     return out
 
 
-# -- cross-check and aggregation run bare (no daemon, no agent) --------------------------------
+# -- cross-check and aggregation run bare (no daemon, no agent), and DuckDB doing the same ---------
 
 
 @dataclass
@@ -193,35 +207,117 @@ class BareWork:
     crosscheck_s: float
     aggregate_s: float
     crosscheck_files: list[Path]
-    agg: BatchAggregate
+    items: pa.Table  # ITEMS_SCHEMA, as aggregates.parquet holds them
+    summary: AggregateSummary
     aggregates_parquet: Path
+    aggregates_csv: Path
 
 
-def bare_work(sources: dict[str, Path], tmpfs: Path, out: Path) -> BareWork:
-    """What the agents compute for a batch, done in one process: read the tmpfs copies,
-    cross-check every model and publish (zstd 3, fsync), then read and aggregate and write
-    aggregates.parquet (the aggregates CSV is the ingest anchor's, written per batch there)."""
-    tmpfs.mkdir(parents=True, exist_ok=True)
+def bare_work(
+    staged: Path, out: Path, local_path: Path, models: Sequence[str], *, threads: int
+) -> BareWork:
+    """What the agents compute for a batch, done in one process with the agents' functions on
+    `threads` threads: read the node-local copies in `staged` (`<model>.parquet`), cross-check
+    every model from one vote matrix and publish each file into `out` (zstd 3, fsync), then the
+    aggregating agent's step (`aggregate_batch`: the cross-check files copied into the
+    node-local folder `local_path`, read, voted on, aggregates.csv and aggregates.parquet
+    written there)."""
     out.mkdir(parents=True, exist_ok=True)
-    for src in sources.values():
-        shutil.copyfile(src, tmpfs / src.name)
-    models = list(sources)
+    local_path.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tables = files.read_results(tmpfs, models)
-    written = []
-    for m in models:
-        path = out / f"crosscheck_{m}.parquet"
-        files.write_parquet_atomic(path, crosscheck(m, tables), compression="zstd", level=3)
-        written.append(path)
+    with Dir.open(staged) as copies:
+        tables = files.read_results(
+            copies, models, read_dictionary=("prediction",), threads=threads
+        )
+    with Dir.open(out) as folder:
+
+        def publish(model: str, table: pa.Table) -> Path:
+            name = f"crosscheck_{model}.parquet"
+            files.write_parquet_at(folder, name, table, compression="zstd", level=3)
+            return out / name
+
+        written = crosscheck_batch(models, tables, publish, threads=threads)
+    del tables
     t1 = time.perf_counter()
-    agg = aggregate(
-        files.read_results(out, models, prefix="crosscheck_", columns=AGGREGATE_COLUMNS)
-    )
-    agg_file = out / "aggregates.parquet"
-    files.write_parquet_atomic(agg_file, agg.items, compression="zstd", level=3)
+    with Dir.open(out) as staging, Dir.open(local_path) as local:
+        done = aggregate_batch(staging, local, local_path, "bare", list(models), 0, threads=threads)
     t2 = time.perf_counter()
-    shutil.rmtree(tmpfs, ignore_errors=True)
-    return BareWork(t1 - t0, t2 - t1, written, agg, agg_file)
+    return BareWork(
+        t1 - t0,
+        t2 - t1,
+        [written[m] for m in models],
+        pq.read_table(done.parquet),
+        done.summary,
+        done.parquet,
+        done.rows_csv,
+    )
+
+
+def stage_copies(sources: dict[str, Path], staged: Path) -> None:
+    """The models' files copied into `staged` (a tmpfs), as an agent's staging leaves them."""
+    staged.mkdir(parents=True, exist_ok=True)
+    for src in sources.values():
+        shutil.copyfile(src, staged / src.name)
+
+
+def duckdb_version() -> str:
+    """DuckDB's version, or "" where it is not installed."""
+    try:
+        import duckdb
+    except ImportError:
+        return ""
+    return str(duckdb.__version__)
+
+
+def crosscheck_vs_duckdb(
+    sources: dict[str, Path], staged: Path, root: Path, *, threads: int, reps: int
+) -> dict[str, list[float]]:
+    """The cross-check and aggregation of the same staged copies, alternated `reps` times:
+    ours on `threads` threads, DuckDB on as many (`coordinator.bench.duck`), and ours on one
+    thread. Seconds per step of each, and the CPU seconds this process used in each of our
+    cross-checks (CPU / wall: how many cores the run got); each run writes into a fresh
+    folder."""
+    from coordinator.bench import duck
+
+    stage_copies(sources, staged)
+    models = list(sources)
+    copies = {m: staged / sources[m].name for m in models}
+    out: dict[str, list[float]] = {}
+
+    def note(key: str, crosscheck_s: float, aggregate_s: float) -> None:
+        out.setdefault(f"{key}_crosscheck_s", []).append(crosscheck_s)
+        out.setdefault(f"{key}_aggregate_s", []).append(aggregate_s)
+
+    def ours(n: int) -> None:
+        folder, local = root / f"ours-{n}", staged.parent / f"{staged.name}-aggregate-{n}"
+        for path in (folder, local):
+            shutil.rmtree(path, ignore_errors=True)
+        c0 = cpu_s()
+        done = bare_work(staged, folder, local, models, threads=n)
+        cpu = cpu_s() - c0
+        shutil.rmtree(local, ignore_errors=True)
+        key = "ours" if n == threads else "one"
+        note(key, done.crosscheck_s, done.aggregate_s)
+        # Of the whole run; the cross-check's share of it is its share of the wall time.
+        out.setdefault(f"{key}_cores", []).append(cpu / (done.crosscheck_s + done.aggregate_s))
+
+    def anchor() -> None:
+        folder = root / "duckdb"
+        shutil.rmtree(folder, ignore_errors=True)
+        if not duckdb_version():
+            return
+        t = duck.run(copies, folder, "bare", threads=threads)
+        note("duckdb", t.crosscheck_s, t.aggregate_s)
+
+    runs: list[Callable[[], None]] = [lambda: ours(threads), anchor]
+    if threads > 1:
+        runs.append(lambda: ours(1))
+    for rep in range(reps):
+        for run in runs if rep % 2 == 0 else list(reversed(runs)):
+            run()
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(staged, ignore_errors=True)
+    return out
 
 
 # -- archive: the lake writer against cp + sync ------------------------------------------------
@@ -384,7 +480,12 @@ def agg_csv_with_batch(items: pa.Table, batch_id: str, path: Path) -> None:
 
 
 def ingest(
-    dsn: str, psql: str | None, agg: BatchAggregate, tmp: Path, reps: int, subset: int
+    dsn: str,
+    psql: str | None,
+    agg: tuple[pa.Table, AggregateSummary],
+    tmp: Path,
+    reps: int,
+    subset: int,
 ) -> dict[str, Any]:
     """Rows per second into `aggregates`: Ledger.commit (the project's COPY path) against
     psql's \\copy of the same rows, asyncpg executemany and copy_records_to_table (on the
@@ -394,17 +495,22 @@ def ingest(
 
 
 async def _ingest(
-    dsn: str, psql: str | None, agg: BatchAggregate, tmp: Path, reps: int, subset: int
+    dsn: str,
+    psql: str | None,
+    agg: tuple[pa.Table, AggregateSummary],
+    tmp: Path,
+    reps: int,
+    subset: int,
 ) -> dict[str, Any]:
+    items, summary = agg
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     ledger = Ledger(dsn, schema)
     await ledger.connect()
     if not await ledger.acquire_leadership():
         raise RuntimeError(f"cannot take the leader lock of schema {schema}")
     s = f'"{schema}"'
-    rows = agg.items.num_rows
-    summary = summarise(agg)
-    sub = agg.items.slice(0, min(subset, rows) if subset else rows)
+    rows = items.num_rows
+    sub = items.slice(0, min(subset, rows) if subset else rows)
     sub = sub.set_column(4, "confidence", pc.fill_null(sub.column("confidence"), 0.0))
     client_bid = "ingest-client"  # one id for both client paths: the table is emptied between
     columns = [c.to_pylist() for c in sub.select(AGG_COLUMNS[1:]).columns]
@@ -428,7 +534,7 @@ async def _ingest(
             # by descriptor and hashes it as it sends it, as the daemon's does.
             (tmp / bid).mkdir(exist_ok=True)
             csv = tmp / bid / "aggregates.csv"
-            data = await anyio.to_thread.run_sync(rows_csv, agg.items, bid)
+            data = await anyio.to_thread.run_sync(rows_csv, items, bid)
             csv.write_bytes(data)
             rows_file = RowsFile(tmp, bid, csv.name, ident_of(csv.stat(), data))
             del data
@@ -442,7 +548,7 @@ async def _ingest(
             assert psql is not None
             await fresh(bid)
             csv = tmp / f"{bid}.csv"
-            await anyio.to_thread.run_sync(agg_csv_with_batch, agg.items, bid, csv)
+            await anyio.to_thread.run_sync(agg_csv_with_batch, items, bid, csv)
             cmd = f"\\copy {s}.aggregates ({','.join(AGG_COLUMNS)}) FROM '{csv}' CSV HEADER"
             t0 = time.perf_counter()
             await anyio.run_process([psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", dsn, "-c", cmd])

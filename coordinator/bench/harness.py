@@ -1,12 +1,12 @@
 """The benchmark run: synthetic batches through the real daemon, agents and PostgreSQL, with
 every anchor measured in the same run (see docs/benchmarks.md for what each row means).
 
-Order: data → Parquet codecs → the cross-check and aggregation run bare → archive and staging
-anchors → PostgreSQL and the daemon → barrier series (with the inotify reader beside it) →
-idle CPU → full batches (CPU, end to end) → a full batch with the 1 ms ticker on (loop lag) →
-database ingest → the daemon stopped, a second one with `barrier.backend = "notify"` and the
-barrier series again, announced (with a bare LISTEN client beside it). Everything lives under
-fresh temporary folders, removed at the end.
+Order: data → Parquet codecs → the cross-check and aggregation run bare → the same against
+DuckDB, and on one thread → archive and staging anchors → PostgreSQL and the daemon → barrier
+series (with the inotify reader beside it) → idle CPU → full batches (CPU, end to end) → a full
+batch with the 1 ms ticker on (loop lag) → database ingest → the daemon stopped, a second one
+with `barrier.backend = "notify"` and the barrier series again, announced (with a bare LISTEN
+client beside it). Everything lives under fresh temporary folders, removed at the end.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 PHASES = (
     "codecs",
+    "crosscheck",
     "archive",
     "staging",
     "lake",
@@ -70,6 +71,7 @@ class Params:
     idle_s: float = 10.0
     idle_lag_s: float = 3.0
     reps: int = 3
+    threads: int = 0  # the cross-check's and aggregation's threads; 0: this process's CPUs
     ingest_reps: int = 2
     ingest_subset: int = 0  # rows for the client paths (executemany, copy_records); 0: all
     only: frozenset[str] | None = None  # run only these phases (PHASES); None: all
@@ -141,8 +143,12 @@ class Measured:
     params: Params
     rows: int = 0
     file_bytes: float = 0.0
+    decoded_bytes: int = 0  # the 7 results as Arrow tables in memory
     codecs: dict[str, dict[str, float]] = field(default_factory=dict)
     bare: dict[str, float] = field(default_factory=dict)
+    threads: int = 0  # the threads of the bare cross-check and aggregation (and the agent's)
+    crosscheck: dict[str, list[float]] = field(default_factory=dict)  # against DuckDB
+    duckdb: str = ""  # its version; "" where it is not installed
     archive: dict[str, list[float]] = field(default_factory=dict)
     staging: dict[str, list[float]] = field(default_factory=dict)
     staging_bytes: int = 0
@@ -488,6 +494,7 @@ def run_full(
     """One full-size batch: end to end, the daemon's CPU, and its ledger timings."""
     pid = daemon.proc.pid
     c0, l0, a0 = anchors.proc_cpu_s(pid), anchors.thread_cpu_s(pid), anchors.proc_cpu_s(agent_pid)
+    anchors.reset_peak_rss(agent_pid)
     t_start, t_last = publish_batch(d.staging, bid, full, gap_s=0.01, last_gap_s=0.1)
     lake_glob = f"batches/date=*/batch={bid}/aggregates.parquet"
     t_archived = _wait(lambda: any(d.lake.glob(lake_glob)), 600, f"batch {bid} in the lake")
@@ -504,6 +511,7 @@ def run_full(
         "daemon_cpu_s": cpu,
         "loop_cpu_s": loop,
         "agent_cpu_s": agent,
+        "agent_peak_rss": anchors.peak_rss(agent_pid),
         "timings": row["timings"],
     }
 
@@ -546,6 +554,7 @@ def make_data(p: Params, d: Dirs, m: Measured) -> tuple[dict[str, Any], dict[str
     per_row = anchors.codec_table_bytes(sample["slm-1"]) / sample_rows
     m.rows = max(100, int(p.file_mb * 1e6 / per_row))
     _, tables = synthetic_batch(m.rows, seed=7)
+    m.decoded_bytes = sum(t.nbytes for t in tables.values())
     _, small = synthetic_batch(p.small_rows, seed=3)
     sources = anchors.write_sources(d.sources / "full", tables)
     small_src = anchors.write_sources(d.sources / "small", small)
@@ -586,8 +595,27 @@ def run(p: Params, *, dsn: str = "") -> Measured:
 
         phase("codecs", "Parquet: zstd 3 against snappy", codecs)
         data.pop("tables", None)
-        bare = anchors.bare_work(sources, d.tmpfs / "bare", d.root / "bare")
+        m.threads = p.threads or len(os.sched_getaffinity(0))
+        m.duckdb = anchors.duckdb_version()
+        staged = d.tmpfs / "bare"
+        anchors.stage_copies(sources, staged)
+        bare = anchors.bare_work(
+            staged, d.root / "bare", d.tmpfs / "bare-aggregate", list(sources), threads=m.threads
+        )
+        shutil.rmtree(staged, ignore_errors=True)
         m.bare = {"crosscheck_s": bare.crosscheck_s, "aggregate_s": bare.aggregate_s}
+
+        def crosscheck() -> None:
+            m.crosscheck = anchors.crosscheck_vs_duckdb(
+                sources, d.tmpfs / "cc", d.root / "cc", threads=m.threads, reps=p.reps
+            )
+
+        phase(
+            "crosscheck",
+            f"cross-check and aggregation: ours against DuckDB on {m.threads} threads, and ours "
+            "on one",
+            crosscheck,
+        )
         files = [*sources.values(), *bare.crosscheck_files, bare.aggregates_parquet]
 
         def archive() -> None:
@@ -658,7 +686,9 @@ def run(p: Params, *, dsn: str = "") -> Measured:
         def ingest() -> None:
             psql = anchors.psql_binary()
             m.psql = anchors.psql_version(psql)
-            m.ingest = anchors.ingest(dsn, psql, bare.agg, d.tmpfs, p.ingest_reps, p.ingest_subset)
+            m.ingest = anchors.ingest(
+                dsn, psql, (bare.items, bare.summary), d.tmpfs, p.ingest_reps, p.ingest_subset
+            )
 
         phase("full", "full batches: end to end and daemon CPU", full)
         phase("lag", "event-loop lag: a full batch with the 1 ms ticker on", lag)

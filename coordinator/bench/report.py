@@ -143,7 +143,16 @@ def machine() -> dict[str, Any]:
 
     cpu = re.search(r"model name\s*:\s*(.+)", _read("/proc/cpuinfo"))
     versions: dict[str, str | None] = {}
-    for pkg in ("pyarrow", "asyncpg", "watchfiles", "anyio", "uvloop", "numpy", "pgserver"):
+    for pkg in (
+        "pyarrow",
+        "asyncpg",
+        "watchfiles",
+        "anyio",
+        "uvloop",
+        "numpy",
+        "pgserver",
+        "duckdb",
+    ):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

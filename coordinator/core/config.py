@@ -553,6 +553,13 @@ class AgentsConfig:
         default=5.0,
         metadata=meta("the longest backoff (exponential, with jitter) of an agent's reconnects"),
     )
+    threads: int = field(
+        default=0,
+        metadata=meta(
+            "threads of an agent's cross-check and aggregation; 0: one per CPU it may run on",
+            range=(0, 1024),
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import os
 import stat
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,14 +193,26 @@ def read_result(
     *,
     memory_map: bool = True,
     columns: Sequence[str] | None = None,
+    read_dictionary: Sequence[str] = (),
+    use_threads: bool = True,
 ) -> pa.Table:
     """Read one result (or cross-check) file; ParquetError if it lacks the result columns.
-    With `columns`, only those of them the file has are read (the others are never decoded)."""
+    With `columns`, only those of them the file has are read (the others are never decoded);
+    the columns in `read_dictionary` come as dictionary arrays (the file's own dictionary
+    pages, no string decoded). `use_threads=False` reads in the caller's thread alone (for a
+    caller that reads several files on threads of its own)."""
     try:
         with pq.ParquetFile(path, memory_map=memory_map) as pf:
             names = pf.schema_arrow.names
             wanted = None if columns is None else [c for c in columns if c in names]
-            table = pf.read(columns=wanted)
+            as_dictionary = [c for c in read_dictionary if c in names]
+            if not as_dictionary:
+                table = pf.read(columns=wanted, use_threads=use_threads)
+        if as_dictionary:  # (a column the file lacks is reported below, not as a KeyError)
+            with pq.ParquetFile(
+                path, memory_map=memory_map, metadata=pf.metadata, read_dictionary=as_dictionary
+            ) as pf:
+                table = pf.read(columns=wanted, use_threads=use_threads)
     except (OSError, pa.ArrowException) as e:
         raise ParquetError(f"{path}: not a readable Parquet file: {e}") from None
     missing = [c for c in RESULT_COLUMNS if c not in table.column_names]
@@ -208,7 +221,14 @@ def read_result(
     return table
 
 
-def read_result_at(folder: Dir, name: str, *, columns: Sequence[str] | None = None) -> pa.Table:
+def read_result_at(
+    folder: Dir,
+    name: str,
+    *,
+    columns: Sequence[str] | None = None,
+    read_dictionary: Sequence[str] = (),
+    use_threads: bool = True,
+) -> pa.Table:
     """`read_result` of `folder/name`, opened in the folder (never through a link)."""
     try:
         fd = folder.open_file(name)
@@ -217,7 +237,9 @@ def read_result_at(folder: Dir, name: str, *, columns: Sequence[str] | None = No
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ParquetError(f"{folder.where(name)}: not a regular file")
-        return read_result(fd_path(fd), columns=columns)
+        return read_result(
+            fd_path(fd), columns=columns, read_dictionary=read_dictionary, use_threads=use_threads
+        )
     except ParquetError as e:
         raise ParquetError(str(e).replace(fd_path(fd), folder.where(name))) from None
     finally:
@@ -230,9 +252,27 @@ def read_results(
     *,
     prefix: str = "",
     columns: Sequence[str] | None = None,
+    read_dictionary: Sequence[str] = (),
+    threads: int = 0,
 ) -> Mapping[str, pa.Table]:
-    """Read `<prefix><model>.parquet` for each model in `folder` into a {model: table} mapping."""
-    if isinstance(folder, Dir):
-        return {m: read_result_at(folder, f"{prefix}{m}.parquet", columns=columns) for m in models}
-    base = Path(folder)
-    return {m: read_result(base / f"{prefix}{m}.parquet", columns=columns) for m in models}
+    """Read `<prefix><model>.parquet` for each model in `folder` into a {model: table} mapping.
+
+    With `threads` >= 1, the files are read side by side on that many threads, each file in
+    one thread (0: one file after the other, each with Arrow's own threads)."""
+    models = list(models)
+
+    def one(m: str) -> pa.Table:
+        name = f"{prefix}{m}.parquet"
+        opts: dict[str, Any] = {
+            "columns": columns,
+            "read_dictionary": read_dictionary,
+            "use_threads": threads == 0,
+        }
+        if isinstance(folder, Dir):
+            return read_result_at(folder, name, **opts)
+        return read_result(Path(folder) / name, **opts)
+
+    if threads <= 1:
+        return {m: one(m) for m in models}
+    with ThreadPoolExecutor(threads, thread_name_prefix="read") as pool:
+        return dict(zip(models, pool.map(one, models), strict=True))

@@ -57,12 +57,15 @@ def test_every_row_has_ours_and_every_anchored_row_an_anchor_and_a_ratio(
         "ingest_executemany",
         "parquet_size",
         "parquet_write",
+        "crosscheck_duckdb",
+        "crosscheck_threads",
         "archive",
         "lake_commit",
         "lag_staging",
         "lag_commit",
         "lag_archive",
         "cpu_batch",
+        "rss_batch",
         "cpu_idle",
         "e2e",
     ):
@@ -137,7 +140,7 @@ def test_the_bench_command_renders_a_results_file_for_the_docs(
 def test_the_bench_command_refuses_an_unknown_phase_naming_the_ones_it_takes() -> None:
     done = bench_cli("--only", "barrier,warp")
     assert done.returncode == 2
-    phases = "codecs,archive,staging,lake,barrier,idle,full,lag,ingest,notify"
+    phases = "codecs,crosscheck,archive,staging,lake,barrier,idle,full,lag,ingest,notify"
     assert f"--only takes {phases}" in done.stderr
 
 
@@ -179,6 +182,8 @@ GOOD: dict[str, float] = {
     "snappy_mb": 100.0,
     "zstd_write_s": 1.0,
     "snappy_write_s": 1.0,
+    "cc_over_duckdb": 0.5,  # cross-check + aggregation, ours / DuckDB
+    "threads_speedup": 1.8,  # cross-check on 1 thread / on 2
     "archive_mbps": 95.0,
     "archive_cp_mbps": 100.0,
     "lake_ms": 12.0,
@@ -213,6 +218,7 @@ def measured(fig: dict[str, float], *, quick: bool = False) -> Measured:
         {"ours_ms": fig["notify_ms"], "anchor_ms": fig["notify_anchor_ms"]} for _ in range(30)
     ]
     m.staging_bytes = int(STAGED_MB * 1e6)
+    m.decoded_bytes = int(4 * STAGED_MB * 1e6)
     m.staging = {
         "one_agent": [STAGED_MB / fig["staging_mbps"]],
         "one_cp": [STAGED_MB / fig["staging_cp_mbps"]],
@@ -265,11 +271,25 @@ def measured(fig: dict[str, float], *, quick: bool = False) -> Measured:
         "idle_before": {"p99": 0.5},
     }
     m.bare = {"crosscheck_s": 0.25, "aggregate_s": 0.125}
+    # Powers of two, so that the ratios come out exactly at the figures.
+    m.threads = 2
+    m.duckdb = "1.4.4"
+    m.crosscheck = {
+        "ours_crosscheck_s": [fig["cc_over_duckdb"] * 0.25],
+        "ours_aggregate_s": [fig["cc_over_duckdb"] * 0.25],
+        "duckdb_crosscheck_s": [0.25],
+        "duckdb_aggregate_s": [0.25],
+        "one_crosscheck_s": [fig["threads_speedup"] * fig["cc_over_duckdb"] * 0.25],
+        "one_aggregate_s": [0.5],
+        "ours_cores": [1.9],
+        "one_cores": [1.0],
+    }
+    # The end-to-end anchors sum DuckDB's steps (the bare ones are the step rows' anchors).
     anchors_s = (
         (0.0 if math.isnan(fig["barrier_anchor_ms"]) else fig["barrier_anchor_ms"] / 1000)
         + STAGED_MB / fig["staging_cp_mbps"]
-        + m.bare["crosscheck_s"]
-        + m.bare["aggregate_s"]
+        + m.crosscheck["duckdb_crosscheck_s"][0]
+        + m.crosscheck["duckdb_aggregate_s"][0]
         + ROWS / fig["psql_rps"]
         + ARCHIVED_MB / fig["archive_cp_mbps"]
     )
@@ -279,6 +299,7 @@ def measured(fig: dict[str, float], *, quick: bool = False) -> Measured:
             "loop_cpu_s": fig["cpu_loop_pct"] / 100 * WALL_S,
             "wall_s": WALL_S,
             "e2e_s": fig["e2e_over_anchors"] * anchors_s,
+            "agent_peak_rss": 900e6,
             "timings": {
                 "crosscheck_ms": 300,
                 "aggregate_ms": 150,
@@ -317,6 +338,8 @@ THRESHOLDED = {
     "ingest_executemany",
     "parquet_size",
     "parquet_write",
+    "crosscheck_duckdb",
+    "crosscheck_threads",
     "archive",
     "lake_commit",
     "lag_staging",
@@ -358,6 +381,8 @@ CASES: list[tuple[str, dict[str, float], dict[str, float] | None]] = [
     ("ingest_executemany", {"executemany_rps": 1.01e5}, {"executemany_rps": 1e5}),
     ("parquet_size", {"zstd_mb": 86.0}, {"zstd_mb": 85.0}),
     ("parquet_write", {"zstd_write_s": 1.31}, {"zstd_write_s": 1.3}),
+    ("crosscheck_duckdb", {"cc_over_duckdb": 0.61}, {"cc_over_duckdb": 0.6}),
+    ("crosscheck_threads", {"threads_speedup": 1.59}, {"threads_speedup": 1.6}),
     ("archive", {"archive_mbps": 89.0}, None),
     (
         "lake_commit",
@@ -423,6 +448,8 @@ def test_the_limits_above_are_hit_exactly() -> None:
         "parquet_size": ("ratio", 0.85),
         "parquet_write": ("ratio", 1.3),
         "lake_commit": ("ratio", 2.0),
+        "crosscheck_duckdb": ("ratio", 0.6),
+        "crosscheck_threads": ("ratio", 1.6),
         "lag_staging": ("ours", 5.0),
         "lag_commit": ("ours", 5.0),
         "lag_archive": ("ours", 5.0),
@@ -442,10 +469,12 @@ def test_rows_without_a_target_are_never_judged() -> None:
     rows = rows_of(bad)
     for key in ("barrier_p50", "notify_p50", "ingest_records", "parquet_read", "parquet_cpu_write",
                 "lag_crosscheck", "lag_aggregate", "step_crosscheck", "step_aggregate",
-                "step_commit", "step_archive"):  # fmt: skip
+                "step_commit", "step_archive", "rss_batch"):  # fmt: skip
         assert rows[key].met is None, key
     assert met_cell(rows, "lag_crosscheck") == "—"
     assert met_cell(rows, "parquet_cpu_write") == "n/a"  # a target to report, not to judge
+    assert met_cell(rows, "rss_batch") == "n/a"
+    assert rows["rss_batch"].ratio == 900e6 / (4 * STAGED_MB * 1e6)
 
 
 def test_a_quick_run_judges_nothing_even_when_every_target_is_missed() -> None:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agents import consensus
 from agents.consensus import (
     ITEMS_SCHEMA,
     PairAgreement,
@@ -450,3 +451,37 @@ def test_vectorised_aggregate_matches_plain_reference(
         assert got.fleiss_kappa is None
     else:
         assert got.fleiss_kappa == pytest.approx(want["fleiss_kappa"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches(), st.integers(1, 3), st.integers(1, 4))
+def test_aggregate_in_row_slices_on_threads_matches_plain_reference(
+    rows: dict[str, list[Row]], threads: int, slice_rows: int
+) -> None:
+    """The vote taken in slices of a few rows (instead of 2^17) on several threads, from
+    predictions given as dictionary arrays (as read from Parquet): each slice's counts add up
+    to the same aggregate, ties broken from the scores of the right rows."""
+    tables = {}
+    for m, r in rows.items():
+        t = result(r)
+        pred = t.column("prediction").combine_chunks().dictionary_encode()
+        tables[m] = t.set_column(1, "prediction", pa.chunked_array([pred[:1], pred[1:]], pred.type))
+    want = reference(rows)
+    saved = consensus.SLICE_ROWS
+    consensus.SLICE_ROWS = slice_rows
+    try:
+        got = aggregate(tables, threads=threads)
+    finally:
+        consensus.SLICE_ROWS = saved
+    assert got.items.to_pylist() == want["items"]
+    assert got.agreement == want["agreement"]
+    assert got.consensus_agreement == want["consensus_agreement"]
+    if want["fleiss_kappa"] is None:
+        assert got.fleiss_kappa is None
+    else:
+        assert got.fleiss_kappa == pytest.approx(want["fleiss_kappa"])
+
+
+def test_workers_refuse_fewer_than_one_thread() -> None:
+    with pytest.raises(ValueError, match="threads is 0"):
+        consensus.Workers(0)

@@ -213,6 +213,8 @@ def test_a_toml_syntax_error_names_file_and_line(etc: Path) -> None:
         ('[crosscheck]\nfunction = "no colon here"\n', "crosscheck.function"),
         ('[lake]\nformat = "delta"\n', "lake.format"),
         ('[lake]\nnamespace = "Bad Name"\n', "lake.namespace"),
+        ("[agents]\nthreads = -1\n", "agents.threads"),
+        ("[agents]\nthreads = 1.5\n", "agents.threads"),
     ],
 )
 def test_a_wrong_type_or_value_names_the_file_and_key(etc: Path, text: str, key: str) -> None:
@@ -422,6 +424,7 @@ DEFAULTS_BEFORE: dict[str, Any] = {
         "cluster": "numa",
         "dead_after_s": 10.0,
         "reconnect_max_s": 5.0,
+        "threads": 0,
     },
     "log": {"level": "info", "format": "auto"},
     "placement": {"min_fraction": 0.99},

@@ -221,3 +221,31 @@ def test_read_results_on_a_missing_model_is_a_parquet_error(tmp_path: Path) -> N
     slm.publish(tmp_path, "b1", "slm-1", result())
     with pytest.raises(ParquetError, match="slm-2"):
         slm.read_results(tmp_path / "b1", ["slm-1", "slm-2"])
+
+
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_read_results_gives_dictionary_predictions_on_any_number_of_threads(
+    tmp_path: Path, threads: int
+) -> None:
+    """As the default cross-check and the aggregation read them: the prediction straight from
+    the file's dictionary pages, the same values, the models in the order asked."""
+    models = [f"slm-{k}" for k in range(1, 6)]
+    for k, m in enumerate(models):
+        slm.publish(tmp_path, "b1", m, result(3 + k, label=f"l{k}"))
+    folder = tmp_path / "b1"
+    plain = slm.read_results(folder, models)
+    got = slm.read_results(folder, models, read_dictionary=("prediction",), threads=threads)
+    assert list(got) == models
+    for m in models:
+        assert pa.types.is_dictionary(got[m].column("prediction").type)
+        assert got[m].column("prediction").to_pylist() == plain[m].column("prediction").to_pylist()
+        assert got[m].column("item_id").equals(plain[m].column("item_id"))
+
+
+def test_read_results_as_dictionaries_still_names_a_file_without_prediction(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "b1").mkdir()
+    pq.write_table(pa.table({"item_id": ["a"], "label": ["x"]}), tmp_path / "b1" / "slm-1.parquet")
+    with pytest.raises(ParquetError, match=r"slm-1\.parquet.*prediction"):
+        slm.read_results(tmp_path / "b1", ["slm-1"], read_dictionary=("prediction",), threads=2)
