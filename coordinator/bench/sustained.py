@@ -161,6 +161,48 @@ def duckdb_aggregate(
         con.close()
 
 
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, all cores (from /proc/stat): what
+    the other processes of a shared machine took shows in busy time that is not ours."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already in user
+    return (total - idle) / tick, total / tick
+
+
+class Span:
+    """The wall, the machine's busy CPU and the load average over a stretch of the run, and the
+    CPU of some processes of ours (pids) over it."""
+
+    def __init__(self, pids: Sequence[int] = ()) -> None:
+        self.pids = list(pids)
+        self.t0 = time.perf_counter()
+        self.busy0, self.total0 = machine_cpu_s()
+        self.own0 = sum(_cpu(p) for p in self.pids)
+        self.load0 = os.getloadavg()[0]
+
+    def end(self) -> dict[str, float]:
+        busy, total = machine_cpu_s()
+        out = {
+            "wall_s": time.perf_counter() - self.t0,
+            "machine_busy_s": busy - self.busy0,
+            "machine_cpu_s": total - self.total0,
+            "load_start": self.load0,
+            "load_end": os.getloadavg()[0],
+        }
+        if self.pids:
+            out["own_cpu_s"] = sum(_cpu(p) for p in self.pids) - self.own0
+        return out
+
+
+def _cpu(pid: int) -> float:
+    try:
+        return anchors.proc_cpu_s(pid)
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _sh(cmd: list[str]) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
@@ -302,23 +344,33 @@ def _run(
     root = d.root / "by-hand"
     tmpfs = d.tmpfs / "by-hand"
 
+    spans: dict[str, dict[str, float]] = {}
+
     def anchor(i: int) -> dict[str, float]:
-        return by_hand(
-            sources,
-            tmpfs=tmpfs,
-            disk=root,
-            psql=psql,
-            dsn=dsn,
-            table=table,
-            batch_id=f"by-hand-{i}",
-            threads=threads,
-        )
+        span = Span()
+        try:
+            return by_hand(
+                sources,
+                tmpfs=tmpfs,
+                disk=root,
+                psql=psql,
+                dsn=dsn,
+                table=table,
+                batch_id=f"by-hand-{i}",
+                threads=threads,
+            )
+        finally:
+            spans[f"by_hand_{i}"] = span.end()
 
     runs = [anchor(0)]
     ids = [f"sustained-{i:02d}" for i in range(n)]
+    st = daemon.call("status")
+    ours = [daemon.proc.pid, *(int(a["pid"]) for a in st["agents"])]  # PostgreSQL's not counted
+    span = Span(ours)
     times = publish_back_to_back(
         publish, d.staging, d.lake, sources, ids, timeout_s=300.0 + 300.0 * n
     )
+    spans["series"] = span.end()
     batches: list[dict[str, Any]] = []
     for bid in ids:
         row = daemon.row(bid, timeout=600.0)  # done, not degraded or failed
@@ -335,6 +387,7 @@ def _run(
                 "in_flight_s": sum(float(timings[k]) for k in IN_FLIGHT_KEYS) / 1000,
                 "last_rename": t["last_rename"],
                 "archived": t["archived"],
+                "timings": timings,
             }
         )
     if p.reps > 1:
@@ -346,6 +399,7 @@ def _run(
         "wall_s": max(times[bid]["archived"] for bid in ids) - first,
         "batches": batches,
         "anchor": runs,
+        "spans": spans,
     }
 
 
@@ -355,6 +409,22 @@ def _run(
 def rising(xs: Sequence[float]) -> bool:
     """Whether every figure of the series is above the one before it."""
     return len(xs) > 1 and all(b > a for a, b in itertools.pairwise(xs))
+
+
+def _spans_note(spans: Mapping[str, Mapping[str, float]]) -> str:
+    """How busy the machine was during the series and each by-hand run."""
+    parts = []
+    for key, sp in spans.items():
+        if not sp.get("machine_cpu_s"):
+            continue
+        text = (
+            f"{key.replace('_', ' ')}: load {sp['load_start']:.1f} -> {sp['load_end']:.1f}, "
+            f"machine {100 * sp['machine_busy_s'] / sp['machine_cpu_s']:.0f} % busy"
+        )
+        if "own_cpu_s" in sp and sp["wall_s"]:
+            text += f", the daemon and agent {sp['own_cpu_s'] / sp['wall_s']:.2f} cores"
+        parts.append(text)
+    return "; " + "; ".join(parts) if parts else ""
 
 
 def rows(m: Any) -> list[Row]:
@@ -372,6 +442,7 @@ def rows(m: Any) -> list[Row]:
     flight = [b["in_flight_s"] for b in batches]
     k = max(1, min(3, n // 2))
     up = rising(flight)
+    late = statistics.median(latency[-k:]) / max(statistics.median(latency[:k]), 1e-9)
     duck = f"DuckDB {s['duckdb']}" if s.get("duckdb") else "DuckDB"
     return [
         Row(
@@ -392,7 +463,8 @@ def rows(m: Any) -> list[Row]:
                 if len(s["anchor"]) > 1
                 else "1 run, before the series"
             )
-            + "; no barrier wait or publishing counted for it)",
+            + "; no barrier wait or publishing counted for it)"
+            + _spans_note(s.get("spans") or {}),
         ),
         Row(
             "sustained_growth",
@@ -418,6 +490,11 @@ def rows(m: Any) -> list[Row]:
             n * per_batch if per_batch > 0 else None,
             f"the last of {n} batches by hand, serially",
             "—",
-            note="per batch: " + ", ".join(f"{x:.1f}" for x in latency) + " s",
+            note="per batch: "
+            + ", ".join(f"{x:.1f}" for x in latency)
+            + f" s; the last {k} batches' median is "
+            + f"{late:.2f}x the first "
+            + f"{k}'s (queueing behind the batches ahead: the time-in-the-pipeline row is the "
+            "one judged)",
         ),
     ]
