@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -175,11 +176,13 @@ class Span:
     """The wall, the machine's busy CPU and the load average over a stretch of the run, and the
     CPU of some processes of ours (pids) over it."""
 
-    def __init__(self, pids: Sequence[int] = ()) -> None:
-        self.pids = list(pids)
+    def __init__(self, pids: Sequence[int] = (), *, here: bool = False) -> None:
+        """`here`: count this process and its waited-for children (DuckDB's threads, cp, psql)
+        as ours instead of `pids`."""
+        self.pids, self.here = list(pids), here
         self.t0 = time.perf_counter()
         self.busy0, self.total0 = machine_cpu_s()
-        self.own0 = sum(_cpu(p) for p in self.pids)
+        self.own0 = self._own()
         self.load0 = os.getloadavg()[0]
 
     def end(self) -> dict[str, float]:
@@ -191,9 +194,18 @@ class Span:
             "load_start": self.load0,
             "load_end": os.getloadavg()[0],
         }
-        if self.pids:
-            out["own_cpu_s"] = sum(_cpu(p) for p in self.pids) - self.own0
+        if self.pids or self.here:
+            out["own_cpu_s"] = self._own() - self.own0
         return out
+
+    def _own(self) -> float:
+        if self.here:
+            me, kids = (
+                resource.getrusage(resource.RUSAGE_SELF),
+                resource.getrusage(resource.RUSAGE_CHILDREN),
+            )
+            return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+        return sum(_cpu(p) for p in self.pids)
 
 
 def _cpu(pid: int) -> float:
@@ -347,7 +359,7 @@ def _run(
     spans: dict[str, dict[str, float]] = {}
 
     def anchor(i: int) -> dict[str, float]:
-        span = Span()
+        span = Span(here=True)
         try:
             return by_hand(
                 sources,
@@ -422,7 +434,10 @@ def _spans_note(spans: Mapping[str, Mapping[str, float]]) -> str:
             f"machine {100 * sp['machine_busy_s'] / sp['machine_cpu_s']:.0f} % busy"
         )
         if "own_cpu_s" in sp and sp["wall_s"]:
-            text += f", the daemon and agent {sp['own_cpu_s'] / sp['wall_s']:.2f} cores"
+            who = "the daemon and agent" if key == "series" else "its processes"
+            text += (
+                f", {who} {sp['own_cpu_s']:.0f} CPU-s, {sp['own_cpu_s'] / sp['wall_s']:.2f} cores"
+            )
         parts.append(text)
     return "; " + "; ".join(parts) if parts else ""
 

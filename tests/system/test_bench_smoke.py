@@ -500,7 +500,12 @@ def test_a_partial_run_keeps_the_other_rows_of_the_results_file(
     part = {
         **full,
         "command": "coordinatorctl bench --only sustained",
-        "rows": [{**r, "ours": 123.0} for r in full["rows"] if r["key"].startswith("sustained")],
+        "rows": [
+            {**r, "ours": 123.0}
+            if r["key"].startswith("sustained")
+            else {**r, "ours": None, "anchor": None, "ratio": None}  # phases it did not run
+            for r in full["rows"]
+        ],
         "raw": {"sustained": {"wall_s": 1.0}, "barrier": []},
     }
     merged = merge_results(full, part)
@@ -510,6 +515,8 @@ def test_a_partial_run_keeps_the_other_rows_of_the_results_file(
     assert by_key["sustained_throughput"]["command"] == "coordinatorctl bench --only sustained"
     assert by_key["e2e"]["command"] == "coordinatorctl bench"
     assert by_key["e2e"]["ours"] == next(r for r in full["rows"] if r["key"] == "e2e")["ours"]
+    assert by_key["e2e"]["ours"] is not None
+    assert [r["key"] for r in merged["rows"]] == keys  # the table's order kept
     assert merged["raw"]["sustained"] == {"wall_s": 1.0}
     assert merged["raw"]["barrier"] == full["raw"]["barrier"]  # an empty phase replaces nothing
     assert merge_results({**full, "quick": True}, part) is part  # no quick figures kept
