@@ -62,7 +62,7 @@ test-packages:
 	$(call ensure-packages,$(TEST_NEEDS))
 
 demo: install
-	$(BIN)/coordinatorctl demo $(if $(BATCHES),--batches $(BATCHES)) $(if $(ROWS),--rows $(ROWS))
+	$(BIN)/coordinatorctl demo --lake iceberg $(if $(BATCHES),--batches $(BATCHES)) $(if $(ROWS),--rows $(ROWS))
 
 test: test-packages install
 	$(BIN)/pytest -q

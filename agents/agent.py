@@ -18,16 +18,19 @@ import re
 import ssl
 import sys
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import anyio
+import pyarrow as pa
+import pyarrow.parquet as pq
 import structlog
 from anyio.abc import ByteReceiveStream, ByteStream
 
-from agents import aggregation, binding, placement
+from agents import accounting, aggregation, binding, placement
 from agents import staging as stg
 from agents.crosscheck import load_crosscheck
 from agents.lake import Lake
@@ -91,10 +94,12 @@ class Agent:
         self.models = config.node(node).models
         self.crosscheck_fn = load_crosscheck(config.crosscheck_function)
         self.lake = Lake(paths.lake)
+        self.lake_uri = paths.lake
         # Every file under these is reached from their descriptors, never followed through a
         # link (coordinator.core.roots): staging is shared with the models' writers.
         self.staging = Root(paths.staging)
         self.local = Root(self.tmpfs, create=True)
+        self.meter = accounting.Meter()  # each step's peak RSS and CPU seconds
 
     def batch_dir(self, batch_id: str) -> Path:
         """The node-local folder of one batch."""
@@ -106,7 +111,16 @@ class Agent:
         return files.check_name("batch_id", str(batch_id))
 
     def stage(self, msg: Stage) -> Staged:
-        """Copy the batch's files into node-local tmpfs."""
+        """Copy the batch's files into node-local tmpfs; say where the source pages were, what
+        the files' footers say of their compression, and the step's peak RSS."""
+        sources = _PageLooks(self.bind_node, "stage")
+        with self.meter.step() as usage:
+            reply = self._stage(msg, sources.look)
+            with self.local.sub(reply.batch_id) as local:
+                squeezed = _compression(local, list(msg.files))
+        return replace(reply, **sources.copied(), **squeezed, peak_rss=usage.peak_rss)
+
+    def _stage(self, msg: Stage, on_source: Callable[[str, int], None]) -> Staged:
         batch_id = self.batch_id(msg.batch_id)
         names = list(msg.files)
         for n in names:
@@ -134,9 +148,16 @@ class Agent:
 
             with self.staging.sub(batch_id) as src:
                 files = stg.stage(
-                    src, self.local.dir(), batch_id, names, check, expected=msg.idents
+                    src,
+                    self.local.dir(),
+                    batch_id,
+                    names,
+                    check,
+                    expected=msg.idents,
+                    on_source=on_source,
                 )
-            hooks.pause("staged")  # tests change staging here, between stage and cross-check
+            # tests change staging here, between stage and cross-check
+            hooks.pause("staged", batch_id)
             seconds = time.perf_counter() - t0
             reply = Staged(
                 batch_id=batch_id,
@@ -168,12 +189,23 @@ class Agent:
 
     def crosscheck(self, msg: Crosscheck) -> Crosschecked:
         """Cross-check this node's models against all present models, from node-local copies."""
+        with self.meter.step() as usage:
+            reply = self._crosscheck(msg)
+        return replace(reply, peak_rss=usage.peak_rss)
+
+    def _crosscheck(self, msg: Crosscheck) -> Crosschecked:
         batch_id = msg.batch_id
         present = list(msg.models)
         mine = [m for m in present if m in self.models]
         t0 = time.perf_counter()
         with self.local.sub(self.batch_id(batch_id)) as local:
-            tables = files.read_results(local, present)
+            # Where the copies' pages are just before the read (all on this node, unless the
+            # placement went wrong), and the process's CPU seconds reading them.
+            read = _PageLooks(self.bind_node, "crosscheck").read(
+                local, [f"{m}.parquet" for m in present]
+            )
+            with accounting.cpu_seconds() as decode_cpu:
+                tables = files.read_results(local, present)
         outputs: dict[str, str] = {}
         idents: dict[str, tuple[int, int, int]] = {}
         for model in mine:
@@ -191,18 +223,25 @@ class Agent:
             # The second barrier counts exactly these files: another file under the name is
             # a rewrite (quarantined), never aggregated.
             idents[model] = (st.st_ino, st.st_size, st.st_mtime_ns)
-            hooks.pause("crosscheck")  # tests kill the agent here, mid-cross-check
+            hooks.pause("crosscheck", batch_id)  # tests kill the agent here, mid-cross-check
         return Crosschecked(
             batch_id=batch_id,
             outputs=outputs,
             idents=idents,
             seconds=time.perf_counter() - t0,
             node=self.node,
+            **read,
+            decode_cpu_s=round(decode_cpu[0], 6),
         )
 
     def aggregate(self, msg: Aggregate) -> Aggregated:
         """Aggregate the whole batch from its cross-check results; the rows stay node-local
         (aggregates.csv and aggregates.parquet) and only the summary goes back."""
+        with self.meter.step() as usage:
+            reply = self._aggregate(msg)
+        return replace(reply, peak_rss=usage.peak_rss)
+
+    def _aggregate(self, msg: Aggregate) -> Aggregated:
         batch_id = msg.batch_id
         models = list(msg.models)
         rows_name(msg.rows_via)  # ProtocolError on a value it does not know, before any work
@@ -210,6 +249,11 @@ class Agent:
             self.staging.sub(self.batch_id(batch_id)) as src,
             self.local.sub(batch_id, create=True) as local,
         ):
+            # The cross-check files in staging, where their pages are just before the copy
+            # (the other nodes' files on the other nodes: this step's cross-node transfer),
+            # and, after the vote, the node-local copies it read (expected all on this node).
+            names = [f"crosscheck_{m}.parquet" for m in models]
+            copied = _PageLooks(self.bind_node, "aggregate").copied_from(src, names)
             out = aggregation.aggregate_batch(
                 src,
                 local,
@@ -222,14 +266,22 @@ class Agent:
                 level=self.config.parquet.level,
                 rows_via=msg.rows_via,
             )
-        hooks.pause("aggregate")  # tests kill the agent here, its files written, unanswered
+            read = _PageLooks(self.bind_node, "aggregate").read(local, names)
+        ident = out.rows_ident
+        assert ident is not None  # aggregate_batch reports what it wrote
+        # tests kill the agent here (or change staging), its files written, unanswered
+        hooks.pause("aggregate", batch_id)
         return Aggregated(  # paths relative to the roots (docs/protocol.md §3)
             batch_id=batch_id,
             summary=out.summary.to_wire(),
             rows_csv=f"{batch_id}/{rows_name(msg.rows_via)}",
             parquet=f"{batch_id}/{PARQUET_NAME}",
             seconds=out.seconds,
+            rows_ident=(ident.inode, ident.size, ident.mtime_ns),
+            rows_sha256=ident.sha256,
             node=self.node,
+            **copied,
+            **read,
         )
 
     def archive(self, msg: Archive) -> Archived:
@@ -241,6 +293,10 @@ class Agent:
         if not DATE_RE.fullmatch(date):
             raise CoordinatorError(f"archive of {batch_id}: date {date!r} is not YYYY-MM-DD")
         models = [files.check_name("model", m) for m in msg.models]
+        with self.meter.step():  # not measured, but a step beside which no other resets
+            return self._archive(msg, batch_id, date, models)
+
+    def _archive(self, msg: Archive, batch_id: str, date: str, models: list[str]) -> Archived:
         counted = msg.idents
         t0 = time.perf_counter()
         fds: list[tuple[str, int]] = []
@@ -265,7 +321,11 @@ class Agent:
                             "memory; the batch is aggregated again"
                         )
                     fds.append((name, _open_checked(local, name, None)))
-            _, nbytes = self.lake.archive_fds(batch_id, date, fds)
+            commits: dict[str, tuple[str, str]] | None = None
+            if msg.bases:
+                nbytes, commits = self._archive_iceberg(msg, dict(fds))
+            else:
+                _, nbytes = self.lake.archive_fds(batch_id, date, fds)
         finally:
             for _, fd in fds:
                 os.close(fd)
@@ -275,7 +335,30 @@ class Agent:
             bytes=nbytes,
             seconds=time.perf_counter() - t0,
             node=self.node,
+            commits=commits,
         )
+
+    def _archive_iceberg(
+        self, msg: Archive, sources: dict[str, int]
+    ) -> tuple[int, dict[str, tuple[str, str]]]:
+        """The Iceberg lake: write the batch's data files and each table's next metadata file
+        from the locations the coordinator sent; the coordinator commits them (docs/lake.md)."""
+        from agents import iceberg
+        from coordinator.core.iceberg import warehouse_and_properties
+        from coordinator.core.summary import AggregateSummary
+
+        _, props = warehouse_and_properties(self.lake_uri, self.config.lake.credentials_file)
+        rows = iceberg.rows_for(
+            msg.batch_id,
+            msg.date,
+            list(msg.models),
+            sources,
+            AggregateSummary.from_wire(msg.summary or {}),
+        )
+        prepared = iceberg.prepare_batch(
+            msg.batch_id, msg.date, self.config.lake.namespace, msg.bases or {}, rows, props
+        )
+        return prepared.bytes, dict(prepared)
 
     def purge(self, msg: Purge) -> Purged:
         """Drop the batch's node-local copies."""
@@ -303,6 +386,108 @@ class Agent:
             except FileNotFoundError:
                 pass  # a batch purged, or a temp file renamed, while we looked: next beat
         return {"tmpfs_used": used, "tmpfs_free": root.free_bytes()}
+
+
+class _PageLooks:
+    """Where the pages of the files a step copies or reads are (agents.placement.file_bytes),
+    as the fields of its reply. A look that fails is logged and leaves the fields out: the
+    step itself never fails for it."""
+
+    def __init__(self, node: int, step: str) -> None:
+        self.node = node
+        self.step = step
+        self.seen = placement.NodeBytes(node)
+        self.failed = False
+
+    def look(self, name: str, fd: int) -> None:
+        """Add one open file (staging.copy_file's `inspect`)."""
+        if self.failed:
+            return
+        try:
+            self.seen = self.seen + placement.count_bytes({name: fd}, self.node)
+        except OSError as e:
+            self.failed = True
+            log.error("could not tell where pages are", step=self.step, file=name, error=str(e))
+
+    def _each(self, folder: Dir, names: Sequence[str]) -> None:
+        for name in names:
+            try:
+                fd = folder.open_file(name)
+            except OSError as e:
+                self.failed = True
+                log.error("could not tell where pages are", step=self.step, error=str(e))
+                return
+            try:
+                self.look(name, fd)
+            finally:
+                os.close(fd)
+
+    def copied(self) -> dict[str, Any]:
+        """The `staged` fields: the bytes copied from another node's pages, from none."""
+        if self.failed:
+            return {}
+        if self.seen.other_nodes:
+            log.info(
+                "copied from another node's memory",
+                step=self.step,
+                bytes=self.seen.other_nodes,
+                nodes=self.seen.nodes(),
+            )
+        return {
+            "copied_remote": self.seen.other_nodes,
+            "copied_absent": self.seen.not_in_memory,
+            "source_nodes": self.seen.nodes(),
+        }
+
+    def copied_from(self, folder: Dir, names: Sequence[str]) -> dict[str, Any]:
+        """The `aggregated` fields of the files `names` in `folder`, about to be copied."""
+        self._each(folder, names)
+        if self.failed:
+            return {}
+        return {
+            "copied_bytes": self.seen.total,
+            "copied_remote": self.seen.other_nodes,
+            "copied_absent": self.seen.not_in_memory,
+        }
+
+    def read(self, folder: Dir, names: Sequence[str]) -> dict[str, Any]:
+        """The `read_bytes` and `read_remote` fields of the node-local files `names`."""
+        self._each(folder, names)
+        if self.failed:
+            return {}
+        if self.seen.not_local:
+            log.warning(
+                "reading pages off this node",
+                step=self.step,
+                bytes=self.seen.not_local,
+                nodes=self.seen.nodes(),
+            )
+        return {"read_bytes": self.seen.total, "read_remote": self.seen.not_local}
+
+
+def _compression(folder: Dir, names: Sequence[str]) -> dict[str, Any]:
+    """The `staged` fields of the batch's copies from their footers: bytes stored and decoded,
+    and the writers' CPU seconds when every file recorded them. Left out (and logged) when a
+    footer cannot be read: the cross-check names such a file."""
+    stored = decoded = 0
+    cpu: float | None = 0.0
+    for name in names:
+        try:
+            fd = folder.open_file(name)
+            try:
+                c = files.compression_of(pq.read_metadata(fd_path(fd)), folder.where(name))
+            finally:
+                os.close(fd)
+        except (OSError, ValueError, pa.ArrowException) as e:
+            log.error("could not read a footer's compression", file=name, error=str(e))
+            return {}
+        stored += c.compressed
+        decoded += c.decoded
+        cpu = None if cpu is None or c.encode_cpu_s is None else cpu + c.encode_cpu_s
+    out: dict[str, Any] = {"compressed_bytes": stored, "decoded_bytes": decoded}
+    if cpu is not None:
+        out["encode_cpu_s"] = round(cpu, 6)
+    return out
 
 
 def _open_checked(folder: Dir, name: str, expected: tuple[int, int, int] | None) -> int:

@@ -31,6 +31,7 @@ from agents.staging import copy_file
 from coordinator.core import files
 from coordinator.core.errors import NoSpaceError, ParquetError
 from coordinator.core.roots import Dir
+from coordinator.core.rowsfile import RowsIdent, ident_of
 from coordinator.core.summary import PARQUET_NAME, AggregateFiles, AggregateSummary, rows_name
 
 __all__ = ["AGGREGATE_COLUMNS", "aggregate_batch"]
@@ -38,16 +39,21 @@ __all__ = ["AGGREGATE_COLUMNS", "aggregate_batch"]
 AGGREGATE_COLUMNS = ("item_id", "prediction", "score")
 
 
-def _write_atomic(folder: Dir, name: str, data: bytes) -> None:
+def _write_atomic(folder: Dir, name: str, data: bytes) -> RowsIdent:
+    """Write `data` as `folder/name` (a dot-temp renamed into place); return what was written,
+    as the coordinator checks it before its COPY."""
     tmp = f".{name}.tmp"
     try:
         fd = folder.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            st = os.fstat(f.fileno())
         folder.rename(tmp, folder, name)
     except BaseException:
         folder.unlink(tmp, missing_ok=True)
         raise
+    return ident_of(st, data)
 
 
 def aggregate_batch(
@@ -97,7 +103,7 @@ def aggregate_batch(
         agg = aggregate(tables)
         del tables
         rows_dir = staging if rows_via == "staging" else local
-        _write_atomic(rows_dir, rows_name(rows_via), rows_csv(agg.items, batch_id))
+        written = _write_atomic(rows_dir, rows_name(rows_via), rows_csv(agg.items, batch_id))
         files.write_parquet_at(local, PARQUET_NAME, agg.items, compression=compression, level=level)
     except BaseException as e:
         for name in names:  # the copies serve the archive of a whole aggregate only
@@ -116,6 +122,7 @@ def aggregate_batch(
         ),
         parquet=local_path / PARQUET_NAME,
         seconds=time.perf_counter() - t0,
+        rows_ident=written,
     )
 
 

@@ -20,15 +20,20 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 __all__ = [
+    "NOT_IN_MEMORY",
     "BatchPlacement",
     "FilePlacement",
     "Method",
+    "NodeBytes",
+    "bytes_by_status",
+    "count_bytes",
+    "file_bytes",
     "file_nodes",
     "measure",
     "numa_maps_nodes",
@@ -65,6 +70,15 @@ _libc.mmap.argtypes = [
     ctypes.c_long,
 ]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MADV_POPULATE_READ = 22  # Linux 5.14: map pages in as a read would, one call per range
+# The status of a page that is not in memory: move_pages' answer for a page not mapped in, and
+# what the byte counts use for a page mincore(2) found absent (never read in to ask).
+NOT_IN_MEMORY = -errno.ENOENT
+# mincore(2) sets bit 0 of a page's byte when the page is resident (the others are reserved).
+_LOW_BIT = bytes(b & 1 for b in range(256))
+_RESIDENT_RUN = re.compile(rb"\x01+")
 _libc.syscall.restype = ctypes.c_long
 
 
@@ -259,6 +273,142 @@ def measure(files: Mapping[str, Path], node: int, method: Method | None = None) 
         counts, pages = file_nodes(path, how)
         out[name] = tally(counts, node, pages)
     return BatchPlacement(node, how, out, time.perf_counter() - t0)
+
+
+# -- bytes by where their pages are (the per-batch cross-node accounting) ---------------------
+
+
+@dataclass(frozen=True)
+class NodeBytes:
+    """Bytes of some files by where their pages were, as one node's agent sees them.
+
+    `by_status` maps a page status to bytes: a node (>= 0), or a negative errno, NOT_IN_MEMORY
+    for a page that was not in memory at all (a file's page cache not holding it). Every page
+    counts PAGE bytes but a file's last, which counts what the file has left.
+    """
+
+    node: int
+    by_status: Mapping[int, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        """All bytes of the files."""
+        return sum(self.by_status.values())
+
+    @property
+    def local(self) -> int:
+        """Bytes on this node's memory."""
+        return self.by_status.get(self.node, 0)
+
+    @property
+    def other_nodes(self) -> int:
+        """Bytes on another node's memory."""
+        return sum(b for s, b in self.by_status.items() if s >= 0 and s != self.node)
+
+    @property
+    def not_in_memory(self) -> int:
+        """Bytes whose pages were not in memory (NOT_IN_MEMORY), or whose node the kernel did
+        not tell (another errno)."""
+        return sum(b for s, b in self.by_status.items() if s < 0)
+
+    @property
+    def not_local(self) -> int:
+        """Bytes not on this node's memory, for whatever reason."""
+        return self.total - self.local
+
+    def nodes(self) -> dict[str, int]:
+        """Bytes per node (JSON keys), pages not in memory left out."""
+        return {str(s): b for s, b in sorted(self.by_status.items()) if s >= 0}
+
+    def __add__(self, other: NodeBytes) -> NodeBytes:
+        if other.node != self.node:
+            raise ValueError(f"adding bytes seen from node {other.node} to node {self.node}'s")
+        total: Counter[int] = Counter(self.by_status)
+        total.update(other.by_status)
+        return NodeBytes(self.node, dict(total))
+
+
+def bytes_by_status(statuses: Sequence[int], first_page: int, size: int) -> Counter[int]:
+    """Bytes per page status of the pages `first_page`, `first_page + 1`, ... of a file of
+    `size` bytes, given each page's status in order (pure): PAGE bytes a page, but the file's
+    last page holds only the rest of the file."""
+    out: Counter[int] = Counter()
+    for status, n in Counter(statuses).items():
+        out[status] = n * PAGE
+    last = (size - 1) // PAGE if size else -1
+    i = last - first_page
+    if 0 <= i < len(statuses):
+        out[statuses[i]] -= PAGE - (size - last * PAGE)
+    return +out  # drop statuses left at zero
+
+
+def _window_statuses(addr: int, npages: int, method: Method) -> list[int] | Counter[int]:
+    """The pages mapped in at `addr`: per page (move_pages) or per node (numa_maps)."""
+    if method == "move_pages":
+        return page_nodes(addr, npages)
+    with open("/proc/self/numa_maps") as f:
+        return Counter(numa_maps_nodes(f.read(), addr))
+
+
+def file_bytes(fd: int, method: Method = "move_pages") -> Counter[int]:
+    """Bytes per page status (node, or NOT_IN_MEMORY) of the open file `fd`, without reading
+    in a page that is not in memory: each window is mapped (read-only, shared, not populated),
+    mincore(2) says which pages are resident (the page cache of a disk file, or tmpfs), only
+    those are mapped in (MADV_POPULATE_READ, Linux 5.14), and the kernel
+    tells their nodes. The others count as NOT_IN_MEMORY. Exact to the byte with move_pages;
+    with numa_maps (pages per node only) the file's partial last page is taken off the pages
+    not in memory, else off the largest node's."""
+    size = os.fstat(fd).st_size
+    out: Counter[int] = Counter()
+    for offset in range(0, size, WINDOW):
+        length = min(WINDOW, size - offset)
+        npages = -(-length // PAGE)
+        addr = _libc.mmap(None, length, _PROT_READ, _MAP_SHARED, fd, offset)
+        if addr is None or addr == _MAP_FAILED:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mmap: {os.strerror(err)}")
+        try:
+            vec = (ctypes.c_ubyte * npages)()
+            if _libc.mincore(addr, length, vec) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"mincore: {os.strerror(err)}")
+            for run in _RESIDENT_RUN.finditer(bytes(vec).translate(_LOW_BIT)):
+                _map_in(addr + run.start() * PAGE, (run.end() - run.start()) * PAGE)
+            statuses = _window_statuses(addr, npages, method)
+        finally:
+            _libc.munmap(addr, length)
+        if isinstance(statuses, list):
+            out.update(bytes_by_status(statuses, offset // PAGE, size))
+        else:  # numa_maps: pages per node; the rest of the window was not in memory
+            placed = sum(statuses.values())
+            counts = Counter({n: p * PAGE for n, p in statuses.items()})
+            counts[NOT_IN_MEMORY] += (npages - placed) * PAGE
+            short = npages * PAGE - length
+            key = NOT_IN_MEMORY if counts[NOT_IN_MEMORY] >= short else counts.most_common(1)[0][0]
+            counts[key] -= short
+            out.update(+counts)
+    return +out
+
+
+def _map_in(addr: int, length: int) -> None:
+    """Map the (resident) pages of a range in, as a read would; OSError where the kernel
+    cannot (before Linux 5.14: no MADV_POPULATE_READ), or where a read would fault (EFAULT: the
+    file was truncated meanwhile). Touching the pages instead would turn that fault into a
+    SIGBUS that kills the agent."""
+    if _libc.madvise(addr, length, _MADV_POPULATE_READ) != 0:
+        err = ctypes.get_errno()
+        why = "needs Linux 5.14" if err == errno.EINVAL else os.strerror(err)
+        raise OSError(err, f"madvise(MADV_POPULATE_READ): {why}")
+
+
+def count_bytes(fds: Mapping[str, int], node: int, method: Method | None = None) -> NodeBytes:
+    """Bytes of the open files `fds` ({name: descriptor}) by where their pages are, seen from
+    `node` (file_bytes)."""
+    how = method or usable_method()
+    total: Counter[int] = Counter()
+    for fd in fds.values():
+        total.update(file_bytes(fd, how))
+    return NodeBytes(node, dict(total))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,13 @@ class StagedFile:
 
 
 def copy_file(
-    src: Dir, name: str, dst: Dir, dst_name: str, expected: Sequence[int] | None = None
+    src: Dir,
+    name: str,
+    dst: Dir,
+    dst_name: str,
+    expected: Sequence[int] | None = None,
+    *,
+    inspect: Callable[[str, int], None] | None = None,
 ) -> int:
     """Copy `src/name` to `dst/dst_name` in the kernel (copy_file_range, sendfile as a
     fallback); return bytes copied. Both names are opened relative to their folder's
@@ -43,12 +49,16 @@ def copy_file(
 
     The source must be a regular file with a single link. With `expected` (inode, size,
     mtime_ns) — the file as the barrier counted it — the open file must be that one: checked on
-    the descriptor the copy reads, so a rewrite cannot slip in between.
+    the descriptor the copy reads, so a rewrite cannot slip in between. `inspect(name, fd)` is
+    called on that descriptor just before the copy (to see where its pages are:
+    agents.placement.file_bytes); it must not raise.
     """
     fd_in = src.open_file(name)
     try:
         st = os.fstat(fd_in)
         check_source(src.where(name), st, expected)
+        if inspect is not None:
+            inspect(name, fd_in)
         fd_out = dst.open_file(dst_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
         try:
             n = copy_fd(fd_in, fd_out, st.st_size, src.where(name))
@@ -119,6 +129,7 @@ def stage(
     names: Sequence[str],
     on_staged: Callable[[str, Path], None] | None = None,
     expected: Mapping[str, Sequence[int]] | None = None,
+    on_source: Callable[[str, int], None] | None = None,
 ) -> list[StagedFile]:
     """Copy `names` from a staging batch folder `src` into `tmpfs/<batch_id>`.
 
@@ -127,7 +138,9 @@ def stage(
     `on_staged(name, path)` is called as soon as each file is in place (copied now, or found
     staged before), with a path that names it through the open folder, so a caller can inspect
     one copy while the next is being made. `expected` maps a name to the (inode, size,
-    mtime_ns) the barrier counted; a file that differs is refused.
+    mtime_ns) the barrier counted; a file that differs is refused. `on_source(name, fd)` is
+    called on each source file's open descriptor just before it is copied (not for a copy
+    found staged before).
     """
     sizes = {}
     for name in names:
@@ -143,7 +156,7 @@ def stage(
         sizes[name] = st.st_size
     dest = tmpfs.sub(batch_id, create=True)
     try:
-        return _stage_into(src, dest, names, sizes, on_staged, expected or {})
+        return _stage_into(src, dest, names, sizes, on_staged, expected or {}, on_source)
     except BaseException:
         dest.close()
         tmpfs.rmtree(batch_id)
@@ -159,6 +172,7 @@ def _stage_into(
     sizes: Mapping[str, int],
     on_staged: Callable[[str, Path], None] | None,
     expected: Mapping[str, Sequence[int]],
+    on_source: Callable[[str, int], None] | None = None,
 ) -> list[StagedFile]:
     def size_of(name: str) -> int | None:
         try:
@@ -199,7 +213,7 @@ def _stage_into(
         tmp = f".{name}.tmp"
         t0 = time.perf_counter()
         try:
-            n = copy_file(src, name, dest, tmp, expected.get(name))
+            n = copy_file(src, name, dest, tmp, expected.get(name), inspect=on_source)
         except LinkRefused:
             dest.unlink(tmp, missing_ok=True)
             raise

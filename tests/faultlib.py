@@ -4,10 +4,12 @@ reading PostgreSQL, and the one check every fault ends with — the batch landed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from agents import slm
+from coordinator.core import files
 from tests.conftest import MODELS, Env, wait_until
 
 ROWS = 200
@@ -34,17 +37,46 @@ def tables(seed: int, rows: int = ROWS) -> dict[str, pa.Table]:
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
-    """The bytes the SDK would publish for `table` (zstd level 3)."""
+    """The bytes a producer without the SDK writes for `table` (the SDK's options, zstd level
+    3, and no `numa_coordinator.encode_cpu_s` entry): the same bytes for the same table."""
     buf = io.BytesIO()
     pq.write_table(table, buf, **slm.write_options(table))
     return buf.getvalue()
 
 
+@contextlib.contextmanager
+def sdk_writes() -> Iterator[list[bytes]]:
+    """The bytes of every file the SDK writes in this process inside the block, in order.
+    (Its footer records the writer's CPU seconds, so two writes of one table differ in those
+    bytes: what was published is known only from the write itself.)"""
+    real = files.write_table
+    written: list[bytes] = []
+
+    def tee(table: pa.Table, where: Any, **kwargs: Any) -> None:
+        buf = io.BytesIO()
+        real(table, buf, **kwargs)
+        written.append(buf.getvalue())
+        where.write(written[-1])
+
+    files.write_table = tee
+    try:
+        yield written
+    finally:
+        files.write_table = real
+
+
+def sdk_publish(staging: Path, batch_id: str, model: str, table: pa.Table, **kw: Any) -> bytes:
+    """slm.publish; return the bytes it wrote (the file itself may be moved away by the
+    daemon at once)."""
+    with sdk_writes() as written:
+        slm.publish(staging, batch_id, model, table, **kw)
+    [data] = written
+    return data
+
+
 def publish(env: Env, batch_id: str, model: str, table: pa.Table) -> bytes:
-    """Publish one result with the SDK; return the bytes it wrote (the SDK writes exactly what
-    parquet_bytes makes; the file itself may be moved away by the daemon at once)."""
-    slm.publish(env.staging, batch_id, model, table)
-    return parquet_bytes(table)
+    """Publish one result with the SDK into the env's staging; return the bytes it wrote."""
+    return sdk_publish(env.staging, batch_id, model, table)
 
 
 def publish_all(

@@ -32,6 +32,7 @@ from agents.crosscheck import crosscheck
 from agents.lake import Lake
 from coordinator.core import files
 from coordinator.core.messages import Purge, Stage, Staged
+from coordinator.core.rowsfile import RowsFile, ident_of
 from coordinator.core.summary import COPY_COLUMNS
 from coordinator.daemon.hub import Hub
 from coordinator.daemon.ledger import Ledger
@@ -423,12 +424,19 @@ async def _ingest(
 
         async def ours(bid: str) -> None:
             await fresh(bid)
-            csv = tmp / f"{bid}.csv"  # as the agent leaves it in node-local tmpfs
-            await anyio.to_thread.run_sync(agg_csv_with_batch, agg.items, bid, csv)
+            # As the agent leaves it in node-local tmpfs, and reports it: the commit opens it
+            # by descriptor and hashes it as it sends it, as the daemon's does.
+            (tmp / bid).mkdir(exist_ok=True)
+            csv = tmp / bid / "aggregates.csv"
+            data = await anyio.to_thread.run_sync(rows_csv, agg.items, bid)
+            csv.write_bytes(data)
+            rows_file = RowsFile(tmp, bid, csv.name, ident_of(csv.stat(), data))
+            del data
             t0 = time.perf_counter()
-            assert await ledger.commit(bid, summary, csv, fields={}) is None
+            assert await ledger.commit(bid, summary, rows_file, fields={}) is None
             times["ours"].append(time.perf_counter() - t0)
             csv.unlink()
+            (tmp / bid).rmdir()
 
         async def via_psql(bid: str) -> None:
             assert psql is not None
@@ -502,3 +510,134 @@ def codec_table_bytes(table: pa.Table) -> int:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", compression_level=3)
     return buf.tell()
+
+
+# -- the Iceberg lake's commit: ours against pyiceberg's own -----------------------------------
+
+
+def _iceberg_rows(table: str, n: int) -> pa.Table:
+    """`n` rows of one of the lake's tables, every column filled."""
+    import datetime as dt
+
+    from coordinator.core.iceberg import arrow_schema
+
+    schema = arrow_schema(table)
+    cols: list[pa.Array] = []
+    for f in schema:
+        if f.name == "batch_id":
+            cols.append(pa.array(["bench"] * n, f.type))
+        elif pa.types.is_date(f.type):
+            cols.append(pa.array([dt.date(2000, 1, 1)] * n, f.type))
+        elif pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
+            cols.append(pa.array([f"{f.name}-{i}" for i in range(n)], f.type))
+        elif pa.types.is_floating(f.type):
+            cols.append(pa.array([i / n for i in range(n)], f.type))
+        elif pa.types.is_integer(f.type):
+            cols.append(pa.array([i % 7 for i in range(n)], f.type))
+        else:
+            cols.append(pa.array([["m"]] * n, f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def lake_commit(dsn: str, root: Path, rows: int, reps: int) -> dict[str, list[float]]:
+    """The Iceberg lake's commit of one batch's four data files, alternating: ours (read the
+    catalog rows; the agent's add_files through its preparing catalog, which writes manifests
+    and metadata files and fsyncs them; then one transaction with the four compare-and-sets
+    and the ledger row's update) against a bare pyiceberg `add_files` of the same files
+    through its SQL catalog (a load and a commit per table, nothing fsynced). The same data
+    files are registered both ways; each side has its own tables."""
+    import sqlalchemy
+
+    from agents.iceberg import Prepared, Preparing, register
+    from coordinator.core.iceberg import (
+        CATALOG_NAME,
+        TABLES,
+        LakeSpec,
+        ensure_tables,
+        open_catalog,
+        sqlalchemy_url,
+    )
+
+    def spec(side: str) -> LakeSpec:
+        schema = f"bench_lake_{side}_{os.getpid()}"
+        return LakeSpec(
+            sqlalchemy_url(dsn, schema),
+            schema,
+            "numa",
+            f"file://{root / side}",
+            {"py-io-impl": "pyiceberg.io.pyarrow.PyArrowFileIO"},
+        )
+
+    ours_spec, anchor_spec = spec("ours"), spec("anchor")
+    for s in (ours_spec, anchor_spec):
+        ensure_tables(s)
+    engine = sqlalchemy.create_engine(ours_spec.catalog_url)
+    anchor_catalog = open_catalog(anchor_spec)
+    with engine.begin() as c:
+        c.execute(sqlalchemy.text("CREATE TABLE ledger (batch_id text PRIMARY KEY, state text)"))
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    ours: list[float] = []
+    anchor: list[float] = []
+    try:
+        for rep in range(reps):
+            paths = {}
+            for t in TABLES:
+                p = data / f"{t}-{rep}.parquet"
+                pq.write_table(_iceberg_rows(t, rows if t != "agreement" else 21), p)
+                paths[t] = str(p)
+            batch = f"bench-{rep}"
+            with engine.begin() as c:
+                c.execute(
+                    sqlalchemy.text("INSERT INTO ledger VALUES (:b, 'committed')"), {"b": batch}
+                )
+            for which in ("ours", "anchor") if rep % 2 == 0 else ("anchor", "ours"):
+                if which == "ours":
+                    with timer(ours):
+                        with engine.connect() as c:
+                            bases: dict[str, str] = dict(
+                                c.execute(
+                                    sqlalchemy.text(
+                                        "SELECT table_name, metadata_location FROM iceberg_tables"
+                                        " WHERE catalog_name = :c AND table_namespace = 'numa'"
+                                    ),
+                                    {"c": CATALOG_NAME},
+                                ).all()
+                            )
+                        cat = Preparing({f"numa.{t}": bases[t] for t in TABLES}, {})
+                        tables = {t: cat.load_table(f"numa.{t}") for t in TABLES}
+                        out = register(cat, batch, tables, paths, Prepared())
+                        with engine.begin() as c:
+                            for t, (base, new) in out.items():
+                                n = c.execute(
+                                    sqlalchemy.text(
+                                        "UPDATE iceberg_tables SET metadata_location = :n,"
+                                        " previous_metadata_location = :b WHERE catalog_name"
+                                        " = :c AND table_namespace = 'numa' AND table_name = :t"
+                                        " AND metadata_location = :b"
+                                    ),
+                                    {"n": new, "b": base, "c": CATALOG_NAME, "t": t},
+                                ).rowcount
+                                if n != 1:
+                                    raise RuntimeError(f"bench: {t} moved meanwhile")
+                            c.execute(
+                                sqlalchemy.text(
+                                    "UPDATE ledger SET state = 'archived' WHERE batch_id = :b"
+                                ),
+                                {"b": batch},
+                            )
+                else:
+                    with timer(anchor):
+                        for t in TABLES:
+                            anchor_catalog.load_table(f"numa.{t}").add_files(
+                                [paths[t]],
+                                snapshot_properties={"numa.batch-id": batch},
+                                check_duplicate_files=False,
+                            )
+    finally:
+        anchor_catalog.engine.dispose()
+        with engine.begin() as c:
+            for s in (ours_spec, anchor_spec):
+                c.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{s.schema}" CASCADE'))
+        engine.dispose()
+    return {"ours_s": ours, "anchor_s": anchor, "rows": [float(rows)]}

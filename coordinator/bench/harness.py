@@ -44,6 +44,7 @@ PHASES = (
     "codecs",
     "archive",
     "staging",
+    "lake",
     "barrier",
     "idle",
     "full",
@@ -53,7 +54,7 @@ PHASES = (
     "sustained",
 )
 # The phases that need PostgreSQL, and those of them that need the (inotify) daemon.
-DATABASE_PHASES = ("barrier", "idle", "full", "lag", "ingest", "notify", "sustained")
+DATABASE_PHASES = ("lake", "barrier", "idle", "full", "lag", "ingest", "notify", "sustained")
 DAEMON_PHASES = ("barrier", "idle", "full", "lag", "ingest", "sustained")
 
 
@@ -154,6 +155,7 @@ class Measured:
     full: list[dict[str, Any]] = field(default_factory=list)
     lag: dict[str, Any] = field(default_factory=dict)
     ingest: dict[str, Any] = field(default_factory=dict)
+    lake: dict[str, list[float]] = field(default_factory=dict)
     sustained: dict[str, Any] = field(default_factory=dict)  # bench.sustained
     reader: str = ""
     listen_reader: str = ""
@@ -609,6 +611,11 @@ def run(p: Params, *, dsn: str = "") -> Measured:
             dsn, _ = embedded_pg.start(d.state)
             started_pg = True
         db = dsn
+
+        def lake() -> None:
+            m.lake = anchors.lake_commit(db, d.root / "iceberg", m.rows, p.reps + 2)
+
+        phase("lake", "Iceberg lake commit: ours against pyiceberg's add_files", lake)
         notify_phase = (
             "notify",
             f"barrier, notify backend: {p.barrier_batches} announced batches "

@@ -29,6 +29,7 @@ BarrierBackend = Literal["inotify", "watchfiles", "notify", "poll"]
 Compression = Literal["zstd", "snappy", "gzip", "brotli", "lz4", "none"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
+LakeFormat = Literal["parquet", "iceberg"]
 
 # A hook of a key: (reader, dotted key as the error names it, value, the keys read so far).
 Hook = Callable[["_Reader", str, Any, Mapping[str, Any]], Any]
@@ -345,6 +346,53 @@ def _parquet_level(r: _Reader, dotted: str, value: Any, values: Mapping[str, Any
     return None if value in (None, 0) else r.integer(dotted, value, 0, 22)
 
 
+def _one_lake_for_iceberg(r: _Reader, dotted: str, value: Any, values: Mapping[str, Any]) -> None:
+    """An Iceberg lake is the same place for every agent: a snapshot names its files by
+    absolute location, so a [[node]] lake elsewhere would name files others cannot read."""
+    if value != "iceberg":
+        return
+    for i, n in enumerate(values.get("node", ())):
+        if n.lake and n.lake != values["paths.lake"]:
+            raise r.fail(
+                f"node[{i}].lake",
+                f"empty or paths.lake ({values['paths.lake']!r}) with lake.format = 'iceberg' "
+                "(a snapshot names its files by absolute location)",
+                n.lake,
+            )
+
+
+@dataclass(frozen=True)
+class LakeConfig:
+    """What the lake is: plain Parquet folders, or Apache Iceberg tables (docs/lake.md)."""
+
+    format: LakeFormat = field(
+        default="parquet",
+        metadata=meta(
+            "parquet: a folder of files per batch; iceberg: tables in the ledger's PostgreSQL"
+            " catalog, committed with the ledger",
+            restart=True,
+            lower=True,
+            check=_one_lake_for_iceberg,
+        ),
+    )
+    namespace: str = field(
+        default="numa",
+        metadata=meta(
+            "the Iceberg namespace of the lake's tables",
+            restart=True,
+            check=_matching(r"[a-z_][a-z0-9_]{0,62}", "a lower-case identifier"),
+        ),
+    )
+    credentials_file: str = field(
+        default="",
+        metadata=meta(
+            "file of S3 keys (access_key_id = ..., secret_access_key = ...) for an s3:// Iceberg"
+            " lake; empty: the environment's (AWS_ACCESS_KEY_ID, ...)",
+            restart=True,
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class ParquetConfig:
     """How result files are compressed."""
@@ -580,6 +628,7 @@ class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     host: HostConfig = field(default_factory=HostConfig)
     parquet: ParquetConfig = field(default_factory=ParquetConfig)
+    lake: LakeConfig = field(default_factory=LakeConfig)
     barrier: BarrierConfig = field(default_factory=BarrierConfig)
     crosscheck_function: str = field(
         default="agents.crosscheck:crosscheck",

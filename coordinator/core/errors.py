@@ -11,6 +11,7 @@
     ├── BatchFinishedError   a publish into a batch whose folder the coordinator removed
     ├── ProtocolError        a malformed message on the agent or control socket
     ├── AgentError           an agent reported an error or went away mid-step
+    ├── RowsRefused          the rows file to COPY is not the agent's (a link, a rewrite)
     ├── DatabaseError        PostgreSQL is unreachable or refused a write
     │   ├── NotLeaderError   another coordinator holds the leader lock
     │   │   └── FencedError  another coordinator of this host took over (a newer epoch)
@@ -90,6 +91,14 @@ class ProtocolError(CoordinatorError):
 
 class AgentError(CoordinatorError):
     """A staging agent reported an error or disconnected during a step."""
+
+    retryable = True
+
+
+class RowsRefused(CoordinatorError):
+    """The aggregated rows file the coordinator is about to COPY is not the one its agent wrote
+    and reported: a link, another file, or other bytes (`coordinator.core.rowsfile`). Nothing
+    of it is committed; aggregating again writes a fresh file, so it is retried once."""
 
     retryable = True
 

@@ -11,9 +11,12 @@ functions; the daemon's scanner checks files with `check_parquet`; the agents re
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import stat
+import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +28,12 @@ from coordinator.core.errors import ParquetError
 from coordinator.core.roots import Dir, fd_path
 
 __all__ = [
+    "ENCODE_CPU_KEY",
     "RESULT_COLUMNS",
+    "Compression",
     "check_name",
     "check_parquet",
+    "compression_of",
     "fsync_dir",
     "read_result",
     "read_result_at",
@@ -35,10 +41,52 @@ __all__ = [
     "write_options",
     "write_parquet_at",
     "write_parquet_atomic",
+    "write_table",
 ]
 
 # The columns every result (and cross-check) file has.
 RESULT_COLUMNS = ("item_id", "prediction")
+# The key-value metadata entry in which `write_parquet_at` records the CPU seconds its writer
+# thread spent encoding and compressing the file's row groups.
+ENCODE_CPU_KEY = "numa_coordinator.encode_cpu_s"
+
+
+@dataclass(frozen=True)
+class Compression:
+    """What a Parquet file's footer says of its compression: the column chunks' bytes as
+    stored (`compressed`) and once decompressed (`decoded`: Parquet-encoded, before the
+    codec), and the writer's CPU seconds when it recorded them (ENCODE_CPU_KEY), else None."""
+
+    compressed: int
+    decoded: int
+    encode_cpu_s: float | None
+
+    @property
+    def ratio(self) -> float | None:
+        """decoded / compressed; None for a file without data."""
+        return self.decoded / self.compressed if self.compressed else None
+
+
+def compression_of(md: pq.FileMetaData, where: str = "") -> Compression:
+    """The compression figures of a file from its footer (pure; no data page is read).
+    ValueError naming `where` when the recorded CPU seconds are not a number >= 0."""
+    compressed = decoded = 0
+    for r in range(md.num_row_groups):
+        rg = md.row_group(r)
+        for c in range(rg.num_columns):
+            col = rg.column(c)
+            compressed += col.total_compressed_size
+            decoded += col.total_uncompressed_size
+    cpu: float | None = None
+    raw = (md.metadata or {}).get(ENCODE_CPU_KEY.encode())
+    if raw is not None:
+        try:
+            cpu = float(raw)
+        except ValueError:
+            cpu = math.nan
+        if not math.isfinite(cpu) or cpu < 0:
+            raise ValueError(f"{where}: metadata {ENCODE_CPU_KEY} is {raw!r}, not CPU seconds")
+    return Compression(compressed, decoded, cpu)
 
 
 def check_name(kind: str, value: str) -> str:
@@ -72,6 +120,17 @@ def write_options(
     return kwargs
 
 
+def write_table(table: pa.Table, where: Any, **kwargs: Any) -> None:
+    """`pq.write_table(table, where, **kwargs)`, the footer recording the CPU seconds the row
+    groups took to encode and compress in the key-value entry ENCODE_CPU_KEY. pyarrow writes
+    a file in the calling thread, so that thread's CPU clock is the writer's alone."""
+    row_group_size = kwargs.pop("row_group_size", None)
+    with pq.ParquetWriter(where, table.schema, **kwargs) as writer:
+        cpu0 = time.thread_time()
+        writer.write_table(table, row_group_size=row_group_size)
+        writer.add_key_value_metadata({ENCODE_CPU_KEY: f"{time.thread_time() - cpu0:.6f}"})
+
+
 def write_parquet_atomic(
     path: Path, table: pa.Table, *, compression: str = "zstd", level: int | None = 3
 ) -> int:
@@ -86,13 +145,14 @@ def write_parquet_at(
 ) -> os.stat_result:
     """Write `table` as `folder/name` atomically: to `.<name>.tmp` opened in the folder (never
     through a link), fsync, rename in the folder, fsync the folder; return the written file's
-    stat (its inode, size and mtime are what a reader can check it by)."""
+    stat (its inode, size and mtime are what a reader can check it by). The footer records
+    the writer's CPU seconds (`write_table`)."""
     tmp = f".{name}.tmp"
     kwargs = write_options(table, compression=compression, level=level)
     fd = folder.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f, **kwargs)
+            write_table(table, f, **kwargs)
             f.flush()
             os.fsync(f.fileno())
             st = os.fstat(f.fileno())

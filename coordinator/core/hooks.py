@@ -34,10 +34,22 @@ def crash_point(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def pause(name: str) -> None:
-    """Sleep for the configured `<name>_pause_s` (blocking: called from worker threads)."""
-    seconds = float(hooks().get(f"{name}_pause_s", 0))
-    if seconds > 0:
-        # A line the test waits for: the process is at the pause point now.
-        print(f"test hook: pausing at {name} for {seconds:g} s", file=sys.stderr, flush=True)
-        time.sleep(seconds)
+def pause(name: str, batch_id: str | None = None) -> None:
+    """Sleep for the configured `<name>_pause_s` (blocking: called from worker threads).
+
+    `<name>_pause_batch` limits the pause to that batch (other batches pass at once), and
+    `<name>_pause_until` names a file whose appearance ends the pause early: a test holds one
+    batch at a point for as long as it needs, while the others run."""
+    h = hooks()
+    seconds = float(h.get(f"{name}_pause_s", 0))
+    only = h.get(f"{name}_pause_batch")
+    if seconds <= 0 or (only is not None and batch_id != only):
+        return
+    # A line the test waits for: the process is at the pause point now.
+    print(f"test hook: pausing at {name} for {seconds:g} s", file=sys.stderr, flush=True)
+    until = h.get(f"{name}_pause_until")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if until is not None and os.path.exists(until):
+            return
+        time.sleep(min(0.05 if until is not None else seconds, max(0.0, end - time.monotonic())))

@@ -148,6 +148,19 @@ class Staged(Reply):
     tmpfs_free: int
     # Where the copies' pages are (docs/numa.md); absent when the measurement failed.
     placement: dict[str, Any] | None = field(default=None, metadata=_OMIT_NONE)
+    # Of `bytes`, those whose source pages (staging's page cache, looked at just before each
+    # copy) were on another node, and those not in memory at all; the bytes copied by the
+    # node of their source pages (docs/numa.md §2). Absent when the look failed.
+    copied_remote: int | None = field(default=None, metadata=_OMIT_NONE)
+    copied_absent: int | None = field(default=None, metadata=_OMIT_NONE)
+    source_nodes: dict[str, int] | None = field(default=None, metadata=_OMIT_NONE)
+    # The batch's files as their footers tell: column chunks stored and decompressed, and the
+    # writers' CPU seconds (only when every file recorded them).
+    compressed_bytes: int | None = field(default=None, metadata=_OMIT_NONE)
+    decoded_bytes: int | None = field(default=None, metadata=_OMIT_NONE)
+    encode_cpu_s: float | None = field(default=None, metadata=_OMIT_NONE)
+    # The agent's resident-set high-water mark during the step (agents.accounting).
+    peak_rss: int | None = field(default=None, metadata=_OMIT_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,6 +172,13 @@ class Crosschecked(Reply):
     outputs: dict[str, str]  # model -> file name
     idents: dict[str, Ident] = field(default_factory=dict)  # model -> the file it wrote
     seconds: float
+    # The node-local copies it read, and of them the bytes not on this node's pages (looked
+    # at just before the read; expected 0); the process's CPU seconds reading them
+    # (decompression and Parquet decoding); its peak RSS. Absent when not measured.
+    read_bytes: int | None = field(default=None, metadata=_OMIT_NONE)
+    read_remote: int | None = field(default=None, metadata=_OMIT_NONE)
+    decode_cpu_s: float | None = field(default=None, metadata=_OMIT_NONE)
+    peak_rss: int | None = field(default=None, metadata=_OMIT_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,6 +193,21 @@ class Aggregated(Reply):
     rows_csv: str
     parquet: str
     seconds: float
+    # The rows CSV as the agent wrote it: [inode, size, mtime_ns] (the inode as its kernel
+    # numbers it) and the SHA-256 of its bytes; the coordinator COPYs it only if it still is
+    # that file with those bytes (coordinator.core.rowsfile).
+    rows_ident: Ident
+    rows_sha256: str
+    # The cross-check files it copied from staging (all, the other nodes' among them: this
+    # step's cross-node transfer), of them the bytes on another node's pages and not in
+    # memory; the copies the vote read and of them the bytes not on this node (expected 0);
+    # its peak RSS. Absent when not measured.
+    copied_bytes: int | None = field(default=None, metadata=_OMIT_NONE)
+    copied_remote: int | None = field(default=None, metadata=_OMIT_NONE)
+    copied_absent: int | None = field(default=None, metadata=_OMIT_NONE)
+    read_bytes: int | None = field(default=None, metadata=_OMIT_NONE)
+    read_remote: int | None = field(default=None, metadata=_OMIT_NONE)
+    peak_rss: int | None = field(default=None, metadata=_OMIT_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,6 +219,9 @@ class Archived(Reply):
     lake_path: str  # relative to the lake's root: batches/date=YYYY-MM-DD/batch=<id>
     bytes: int
     seconds: float
+    # Iceberg lake: table -> [the metadata location it started from, the one it wrote ("" when
+    # the table already held the batch)]; the coordinator swaps them in (docs/lake.md).
+    commits: dict[str, tuple[str, str]] | None = field(default=None, metadata=_OMIT_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -252,6 +290,10 @@ class Archive(Request[Archived]):
     date: str  # YYYY-MM-DD, the lake partition
     models: tuple[str, ...]
     idents: dict[str, Ident] = field(default_factory=dict)  # <m>.parquet -> as counted
+    # Iceberg lake: table -> its current metadata location (empty: the plain Parquet lake),
+    # and the aggregate's summary (the agreement table's rows).
+    bases: dict[str, str] | None = field(default=None, metadata=_OMIT_NONE)
+    summary: dict[str, Any] | None = field(default=None, metadata=_OMIT_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,6 +12,7 @@ Pure: the wire form of the summary; the files (and the CSV encoding) are written
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 from coordinator.core.errors import ProtocolError
 from coordinator.core.messages import Aggregated
+from coordinator.core.rowsfile import RowsIdent
 
 __all__ = [
     "COPY_COLUMNS",
@@ -40,6 +42,8 @@ PARQUET_NAME = "aggregates.parquet"
 # The rows CSV of an agent in another kernel, in the batch's staging folder (a dot name: the
 # barrier never counts it, and it goes with the folder at cleanup).
 STAGED_CSV_NAME = ".aggregates.csv"
+# The rows CSV's hash in an `aggregated` reply: a SHA-256 hex digest.
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 # Where the rows CSV goes (the `aggregate` request's rows_via).
 ROWS_VIA = ("tmpfs", "staging")
 
@@ -125,6 +129,7 @@ class AggregateFiles:
     rows_csv: Path  # COPY payload, COPY_COLUMNS with a header
     parquet: Path  # aggregates.parquet for the lake
     seconds: float
+    rows_ident: RowsIdent | None = None  # the rows CSV as its writer reported it
 
     @classmethod
     def from_reply(
@@ -153,6 +158,11 @@ class AggregateFiles:
                 raise ProtocolError(
                     f"agent on node {node}: aggregated reply: {key} is {got!r}, expected {want!r}"
                 )
+        if not _SHA256.fullmatch(reply.rows_sha256):
+            raise ProtocolError(
+                f"agent on node {node}: aggregated reply: rows_sha256 is "
+                f"{reply.rows_sha256[:80]!r}, expected 64 lowercase hex digits"
+            )
         rows_csv, parquet = rows_root / want_csv, local_root / want_parquet
         return cls(
             summary=AggregateSummary.from_wire(reply.summary),
@@ -160,4 +170,5 @@ class AggregateFiles:
             rows_csv=rows_csv,
             parquet=parquet,
             seconds=float(reply.seconds),
+            rows_ident=RowsIdent(*reply.rows_ident, sha256=reply.rows_sha256),
         )

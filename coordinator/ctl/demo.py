@@ -75,6 +75,7 @@ def write_config(
     dsn: str = "",
     schema: str = "numa_coordinator",
     deadline_s: float = 120.0,
+    lake_format: str = "parquet",
 ) -> Path:
     """A coordinator.toml for the demo, with every path under the demo's folders."""
     assign: dict[int, list[str]] = {n: [] for n in nodes}
@@ -102,6 +103,9 @@ schema = "{schema}"
 
 [barrier]
 reconcile_s = 2.0
+
+[lake]
+format = "{lake_format}"
 {node_tables}"""
     path = state / "coordinator.toml"
     path.write_text(text)
@@ -172,7 +176,11 @@ async def _consensus(dsn: str, schema: str, batch_id: str) -> dict[str, str]:
 
 
 def run_demo(
-    batches: int = 3, rows: int = 10_000, state_dir: str | None = None, timeout: float = 300.0
+    batches: int = 3,
+    rows: int = 10_000,
+    state_dir: str | None = None,
+    timeout: float = 300.0,
+    lake_format: str = "parquet",
 ) -> dict[str, Any]:
     """Run the demo end to end and return its summary (`coordinatorctl demo --json`; the keys
     and their meaning are tested in tests/system/test_demo.py). `consensus_accuracy` is None for a
@@ -188,7 +196,7 @@ def run_demo(
     tmpfs_base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     tmpfs = Path(tempfile.mkdtemp(prefix="numa-demo-", dir=tmpfs_base))
     nodes = host_nodes()
-    cfg = write_config(state, run, tmpfs, nodes)
+    cfg = write_config(state, run, tmpfs, nodes, lake_format=lake_format)
     log_path = state / "coordinatord.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "ab") as logf:
@@ -251,6 +259,8 @@ def run_demo(
                 str(p.relative_to(state / "lake")) for p in (state / "lake").rglob("*.parquet")
             ),
         }
+        if lake_format == "iceberg":
+            out["lake"] |= iceberg_queries(cfg, dsn)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -266,6 +276,31 @@ def run_demo(
             shutil.rmtree(state, ignore_errors=True)
     out["ok"] = bool(out["batches"]) and all(b["state"] == "done" for b in out["batches"])
     return out
+
+
+def iceberg_queries(cfg: Path, dsn: str) -> dict[str, Any]:
+    """The Iceberg lake's tables and one-line queries of its aggregates a user can paste:
+    pyiceberg (installed with the project) and DuckDB (with its iceberg extension)."""
+    from coordinator.core.config import load_config
+    from coordinator.core.iceberg import lake_spec
+    from coordinator.ctl import lake
+
+    spec = lake_spec(load_config(cfg), dsn)
+    tables = {t["table"]: t["metadata"] for t in lake.tables(spec)}
+    where = tables[spec.identifier("aggregates")]
+    return {
+        "format": "iceberg",
+        "tables": tables,
+        "query_python": (
+            'python -c "from pyiceberg.table import StaticTable; '
+            f"t = StaticTable.from_metadata('{where}').scan().to_arrow(); "
+            "print(t.group_by('batch_id').aggregate([('item_id', 'count')]).to_pylist())\""
+        ),
+        "query_sql": (
+            "INSTALL iceberg; LOAD iceberg; SELECT batch_id, count(*) AS items, "
+            f"avg(confidence) AS confidence FROM iceberg_scan('{where}') GROUP BY ALL ORDER BY 1;"
+        ),
+    }
 
 
 def render(summary: dict[str, Any]) -> str:
@@ -318,8 +353,15 @@ def render(summary: dict[str, Any]) -> str:
             f"\ndatabase: {summary['database']['rows_total']} aggregate rows in schema "
             f"{summary['database']['schema']} (embedded PostgreSQL)"
         )
-        lines.append(
-            f"lake: {len(summary['lake']['files'])} Parquet files under {summary['lake']['root']}"
-        )
+        lake = summary["lake"]
+        if lake.get("format") == "iceberg":
+            lines.append(
+                f"lake: Iceberg tables {', '.join(lake['tables'])} under {lake['root']}"
+                f" ({len(lake['files'])} data files)"
+            )
+            lines.append(f"  read it with pyiceberg:  {lake['query_python']}")
+            lines.append(f"  or in DuckDB:            {lake['query_sql']}")
+        else:
+            lines.append(f"lake: {len(lake['files'])} Parquet files under {lake['root']}")
     lines.append("\nresult: " + ("every batch done" if summary["ok"] else "NOT every batch done"))
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from coordinator.core.batch import State
 from coordinator.core.config import DEFAULTS, config_files, explain, load_config, redact_dsn
 from coordinator.core.errors import ConfigError, ControlError, CoordinatorError, DaemonNotRunning
 from coordinator.core.timings import Timings
+from coordinator.ctl import lake
 from coordinator.planner import render
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_UNKNOWN = 0, 1, 2, 3, 4
@@ -418,6 +419,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             else:
                 rows.append([str(node), json.dumps(p, sort_keys=True), "", ""])
         print("\n".join(_table(rows)))
+    for line in render_usage(row):
+        print(line)
     if row.get("consensus_agreement"):
         print(
             "agreement with the consensus: "
@@ -439,6 +442,58 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def render_usage(row: dict[str, Any]) -> list[str]:
+    """The lines of `show` about a batch's compression and its per-node accounting
+    (docs/operations.md): the bytes each agent copied and read, with those from another
+    node's memory (and, for copies, from no memory at all), its decoding CPU and peak RSS."""
+    out: list[str] = []
+    stored, decoded = row.get("compressed_bytes"), row.get("decoded_bytes")
+    if stored is not None and decoded is not None:
+        ratio = f"{decoded / stored:.2f}x" if stored else "-"
+        cpu = row.get("encode_cpu_s")
+        sdk = "not recorded" if cpu is None else f"{cpu:.3f} s CPU"
+        out.append(
+            f"{'compression:':<16} {ratio} ({_bytes(stored)} stored, {_bytes(decoded)} decoded;"
+            f" SDK encode {sdk})"
+        )
+    usage = row.get("node_usage") or {}
+    if not usage:
+        return out
+    out.append("per node:        from another node / all bytes (copies: + from no memory)")
+
+    def part(u: dict[str, Any], total: str, remote: str, absent: str = "") -> str:
+        if u.get(total) is None:
+            return "-"
+        text = f"{_bytes(u.get(remote))} / {_bytes(u[total])}"
+        return text + (f" + {_bytes(u.get(absent))}" if absent else "")
+
+    table = [["node", "stage", "cross-check", "aggregate copy", "aggregate", "decode", "peak RSS"]]
+    for node, u in sorted(usage.items(), key=lambda kv: int(kv[0])):
+        peak = u.get("peak_rss_bytes")
+        rss = _bytes(peak) if peak is not None else "-"
+        if peak is not None and stored and decoded:
+            rss += f" ({peak / stored:.1f}x stored, {peak / decoded:.1f}x decoded)"
+        cpu = u.get("decode_cpu_s")
+        table.append(
+            [
+                f"node{node}",
+                part(u, "stage_copied_bytes", "stage_remote_bytes", "stage_absent_bytes"),
+                part(u, "crosscheck_read_bytes", "crosscheck_remote_bytes"),
+                part(
+                    u,
+                    "aggregate_copied_bytes",
+                    "aggregate_copied_remote_bytes",
+                    "aggregate_copied_absent_bytes",
+                ),
+                part(u, "aggregate_read_bytes", "aggregate_remote_bytes"),
+                "-" if cpu is None else f"{cpu:.3f} s",
+                rss,
+            ]
+        )
+    out += _table(table)
+    return out
+
+
 def cmd_metrics(args: argparse.Namespace) -> int:
     """The daemon's Prometheus exposition, as `GET /metrics` would give it."""
     print(_call(args, "metrics"), end="")
@@ -449,7 +504,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo end to end on the embedded default."""
     from coordinator.ctl.demo import render, run_demo
 
-    summary = run_demo(batches=args.batches, rows=args.rows, state_dir=args.state_dir)
+    summary = run_demo(
+        batches=args.batches, rows=args.rows, state_dir=args.state_dir, lake_format=args.lake
+    )
     print(json.dumps(summary, indent=2, default=str) if args.json else render(summary))
     return EXIT_OK if summary["ok"] else EXIT_ERROR
 
@@ -554,6 +611,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batches", type=int, default=3)
     s.add_argument("--rows", type=int, default=10_000)
     s.add_argument("--state-dir", help="keep lake, staging and database here afterwards")
+    s.add_argument(
+        "--lake",
+        choices=("parquet", "iceberg"),
+        default="parquet",
+        help="the lake's format (make demo: iceberg, and prints a query to paste)",
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_demo)
 
@@ -562,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     topology.register_cli(sub)
     render.register_cli(sub)
     bench.register_cli(sub)
+    lake.register_cli(sub)
     return p
 
 

@@ -34,10 +34,19 @@ from coordinator.core.errors import (
     FencedError,
     NotLeaderError,
 )
+from coordinator.core.iceberg import CATALOG_NAME
+from coordinator.core.rowsfile import RowsFile, RowsReader
 from coordinator.core.summary import COPY_COLUMNS, AggregateSummary
 from coordinator.core.timings import Timings
+from coordinator.core.usage import FIELDS as USAGE_FIELDS
 
 log = structlog.get_logger("coordinator.daemon.ledger")
+
+
+class _LakeMoved(Exception):
+    """A lake table's catalog row moved since the agent read it (rolls the transaction back)."""
+
+
 T = TypeVar("T")
 
 # Each entry moves the schema from version i to i+1. Never edit a shipped entry: append.
@@ -115,9 +124,43 @@ MIGRATIONS: tuple[str, ...] = (
         taken_at    timestamptz NOT NULL DEFAULT now()
     );
     """,
+    # 5: each batch's accounting per node (the bytes its agent copied and read by where their
+    # pages were, its decoding CPU, its peak RSS: core.usage, docs/numa.md §2) and the batch's
+    # compression as its files' footers tell.
+    """
+    CREATE TABLE IF NOT EXISTS {s}.node_usage (
+        batch_id        text NOT NULL REFERENCES {s}.batches (batch_id) ON DELETE CASCADE,
+        node            integer NOT NULL,
+        stage_copied_bytes              bigint,
+        stage_remote_bytes              bigint,
+        stage_absent_bytes              bigint,
+        crosscheck_read_bytes           bigint,
+        crosscheck_remote_bytes         bigint,
+        aggregate_copied_bytes          bigint,
+        aggregate_copied_remote_bytes   bigint,
+        aggregate_copied_absent_bytes   bigint,
+        aggregate_read_bytes            bigint,
+        aggregate_remote_bytes          bigint,
+        decode_cpu_s    double precision,
+        peak_rss_bytes  bigint,
+        updated_at      timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (batch_id, node)
+    );
+    ALTER TABLE {s}.batches
+        ADD COLUMN IF NOT EXISTS compressed_bytes bigint,
+        ADD COLUMN IF NOT EXISTS decoded_bytes bigint,
+        ADD COLUMN IF NOT EXISTS encode_cpu_s double precision;
+    """,
 )
 
+
 # Ledger columns a state change may set, with how each is encoded.
+def _flat_timings(value: Timings | Mapping[str, object]) -> dict[str, float]:
+    """The ledger's flat `timings` object (core/timings.py) of a Timings, or of a mapping of
+    its keys (read as Timings.from_json reads one: ValueError naming a key that is no number)."""
+    return (value if isinstance(value, Timings) else Timings.from_json(value)).to_json()
+
+
 _JSON_COLS = frozenset({"timings", "staged_bytes", "placement", "consensus_agreement", "counted"})
 _PLAIN_COLS = frozenset(
     {
@@ -132,8 +175,14 @@ _PLAIN_COLS = frozenset(
         "ready_at",
         "deadline_at",
         "finished_at",
+        "compressed_bytes",
+        "decoded_bytes",
+        "encode_cpu_s",
     }
 )
+# The per-node accounting a state change may carry ({node: NodeUsage.as_row()}), written into
+# `node_usage` in the same transaction, and only when the state change applied.
+_USAGE = "node_usage"
 
 # Errors after which the same call may succeed once the server is back.
 TRANSIENT = (
@@ -643,12 +692,16 @@ class Ledger:
         return await self._run(op)
 
     async def set_state(self, batch_id: str, state: State, **fields: Any) -> None:
-        """Move a batch to `state`, setting the given ledger columns; JSON columns merge."""
+        """Move a batch to `state`, setting the given ledger columns; JSON columns merge.
+        `node_usage` ({node: {column: value}}) goes into that table: each column keeps the
+        larger of what it held and what is given (the pipeline gives running totals, so a
+        write retried, or a batch resumed by a restarted daemon, never counts twice)."""
         sets = ["state = $2", "updated_at = now()"]
         args: list[Any] = [batch_id, state.value]
+        usage = _usage_rows(batch_id, fields.pop(_USAGE, None) or {})  # checked before a write
         for key, value in fields.items():
-            if isinstance(value, Timings):  # the ledger's flat object (core/timings.py)
-                value = value.to_json()
+            if key == "timings":
+                value = _flat_timings(value)
             args.append(json.dumps(value) if key in _JSON_COLS else value)
             if key in _JSON_COLS:
                 sets.append(f"{key} = {key} || ${len(args)}::jsonb")
@@ -668,7 +721,9 @@ class Ledger:
         async def op(c: asyncpg.Connection) -> None:
             async with c.transaction():
                 await self._check_epoch(c)
-                await c.execute(sql, *args)
+                status = await c.execute(sql, *args)
+                if usage and status.split()[-1] != "0":
+                    await c.executemany(_USAGE_SQL.format(s=self._s), usage)
 
         await self._run(op)
 
@@ -721,21 +776,26 @@ class Ledger:
         self,
         batch_id: str,
         agg: AggregateSummary,
-        rows: Path,
+        rows: Path | RowsFile,
         *,
         fields: Mapping[str, Any],
     ) -> State | None:
         """Write a batch's aggregates and agreement and move its ledger row to `committed`,
         all in one transaction. `rows` is the batch's COPY CSV file (streamed as it is read) and
-        must hold exactly `agg.rows` rows. Return None when written;
+        must hold exactly `agg.rows` rows: an agent's file (`RowsFile`), opened by descriptor
+        and checked against what the agent reported as it is read, or a path the caller
+        trusts (a benchmark's, a test's own). Return None when written;
         otherwise write nothing and return the state found (the batch was already committed,
-        or finished before). AgentError when the file is gone (nothing written)."""
+        or finished before). AgentError when the file is gone, RowsRefused when it is not the
+        agent's (nothing written either way)."""
         if not self.health.leader:
             raise NotLeaderError("not the leader: refusing to write batch " + batch_id)
         await self.flush(batch_id)
         pairs = [(batch_id, p.model_a, p.model_b, p.agreement, p.n_common) for p in agg.agreement]
+        rows_file = rows if isinstance(rows, RowsFile) else None
 
         async def op(c: asyncpg.Connection) -> State | None:
+            reader: RowsReader | None = None
             async with c.transaction():
                 # The fence first: a coordinator that lost its host's leadership commits nothing.
                 await self._check_epoch(c)
@@ -753,26 +813,36 @@ class Ledger:
                 # The row lock and the state check above mean no row of this batch is in
                 # `aggregates`: COPY straight into it (a temp table and INSERT ... ON CONFLICT
                 # would read every row twice and make a speculative insert of each).
-                # A path is read in chunks by asyncpg (in a worker thread) and sent as read:
+                # The file is read in chunks by asyncpg (in a worker thread) and sent as read:
                 # the rows pass through this process without being decoded or held whole.
+                # An agent's file is opened here, by descriptor (never through a link), and
+                # hashed as it is sent: bytes other than the agent's abort the COPY (RowsRefused,
+                # raised at the end of the file), and the transaction with it.
                 try:
+                    if rows_file is not None:
+                        reader = await anyio.to_thread.run_sync(rows_file.open)
+                    # asyncpg takes a path, or anything with read(n) (called in a thread)
+                    source: Any = rows if reader is None else reader
                     status = await c.copy_to_table(
                         "aggregates",
                         schema_name=self.schema,
-                        source=rows,
+                        source=source,
                         columns=list(COPY_COLUMNS),
                         format="csv",
                         header=True,
                     )
                 except FileNotFoundError as e:
                     # Not the database's fault (an OSError would be retried as one): the
-                    # agent's file is gone; asyncpg opens it before it sends the COPY.
+                    # agent's file is gone; it is opened before the COPY is sent.
                     raise AgentError(f"batch {batch_id}: rows file gone: {e}") from e
+                finally:
+                    if reader is not None:
+                        reader.close()
                 inserted = int(status.split()[-1])
                 if inserted != agg.rows:
                     # Raising inside the transaction rolls the COPY back.
                     raise DatabaseError(
-                        f"batch {batch_id}: {rows} "
+                        f"batch {batch_id}: {rows if rows_file is None else rows_file.where} "
                         f"held {inserted} rows, the aggregate counted {agg.rows}"
                     )
                 await c.executemany(
@@ -789,11 +859,92 @@ class Ledger:
                     inserted,
                     agg.fleiss_kappa,
                     json.dumps(agg.consensus_agreement),
-                    json.dumps(fields.get("timings", Timings()).to_json()),
+                    json.dumps(_flat_timings(fields.get("timings", {}))),
                 )
             return None
 
         return await self._run(op)
+
+    async def lake_locations(self, catalog_schema: str, namespace: str) -> dict[str, str]:
+        """The Iceberg lake's tables and their current metadata locations, from the catalog's
+        rows (pyiceberg's SQL catalog, `catalog_schema`)."""
+
+        async def op(c: asyncpg.Connection) -> dict[str, str]:
+            rows = await c.fetch(
+                f'SELECT table_name, metadata_location FROM "{catalog_schema}".iceberg_tables'
+                " WHERE catalog_name = $1 AND table_namespace = $2",
+                CATALOG_NAME,
+                namespace,
+            )
+            return {r["table_name"]: r["metadata_location"] for r in rows}
+
+        return await self._run(op)
+
+    async def commit_archive(
+        self,
+        batch_id: str,
+        *,
+        catalog_schema: str,
+        namespace: str,
+        commits: Mapping[str, tuple[str, str]],
+        lake_path: str,
+        timings: Timings | Mapping[str, object],
+    ) -> bool:
+        """The Iceberg lake's commit and the ledger's, in one transaction: each table's
+        catalog row moves from the metadata location the agent started from to the one it
+        wrote (a compare-and-set, as pyiceberg's SQL catalog commits), and the batch moves to
+        `archived`. Return False, and write nothing, when a table moved meanwhile (another
+        writer committed first: the caller prepares again) or the batch is not `committed`
+        any more (archived before: nothing to do)."""
+        if not self.health.leader:
+            raise NotLeaderError("not the leader: refusing to archive batch " + batch_id)
+        await self.flush(batch_id)
+
+        async def op(c: asyncpg.Connection) -> bool:
+            async with c.transaction():
+                await self._check_epoch(c)
+                row = await c.fetchrow(
+                    f"SELECT state, host_id FROM {self._s}.batches WHERE batch_id = $1 FOR UPDATE",
+                    batch_id,
+                )
+                if row is None:
+                    raise DatabaseError(f"batch {batch_id}: no ledger row to archive")
+                self._own(batch_id, row["host_id"])
+                if State(row["state"]) is not State.COMMITTED:
+                    # Archived before (this attempt is stale: its tables must not move), or
+                    # not committed at all: nothing is written.
+                    return False
+                for table, (base, new) in commits.items():
+                    if not new:
+                        continue  # the table already held the batch
+                    status = await c.execute(
+                        f'UPDATE "{catalog_schema}".iceberg_tables'
+                        " SET metadata_location = $5, previous_metadata_location = $4"
+                        " WHERE catalog_name = $1 AND table_namespace = $2 AND table_name = $3"
+                        " AND metadata_location = $4",
+                        CATALOG_NAME,
+                        namespace,
+                        table,
+                        base,
+                        new,
+                    )
+                    if status != "UPDATE 1":
+                        raise _LakeMoved(table)
+                hooks.pause("lake_commit")  # tests kill the process here, inside the transaction
+                await c.execute(
+                    f"UPDATE {self._s}.batches SET state = 'archived', lake_path = $2,"
+                    " timings = timings || $3::jsonb, updated_at = now() WHERE batch_id = $1",
+                    batch_id,
+                    lake_path,
+                    json.dumps(_flat_timings(timings)),
+                )
+            return True
+
+        try:
+            return await self._run(op)
+        except _LakeMoved as e:
+            log.warning("lake table moved meanwhile; preparing again", table=str(e))
+            return False
 
     def _own(self, batch_id: str, host_id: str) -> None:
         """BatchOfAnotherHost unless the ledger row of `batch_id` is this host's."""
@@ -835,6 +986,10 @@ class Ledger:
                 batch_id,
             )
             out["agreement"] = [dict(p) for p in pairs]
+            usage = await c.fetch(
+                f"SELECT * FROM {self._s}.node_usage WHERE batch_id = $1 ORDER BY node", batch_id
+            )
+            out[_USAGE] = {str(u["node"]): {f: u[f] for f in USAGE_FIELDS} for u in usage}
             return out
 
         return await self._run(op)
@@ -865,6 +1020,28 @@ class Ledger:
             )
         )
         return {r["state"]: int(r["n"]) for r in rows}
+
+
+_USAGE_SQL = (
+    "INSERT INTO {s}.node_usage (batch_id, node, "
+    + ", ".join(USAGE_FIELDS)
+    + ") VALUES ($1, $2, "
+    + ", ".join(f"${i + 3}" for i in range(len(USAGE_FIELDS)))
+    + ") ON CONFLICT (batch_id, node) DO UPDATE SET updated_at = now(), "
+    + ", ".join(f"{f} = GREATEST(node_usage.{f}, EXCLUDED.{f})" for f in USAGE_FIELDS)
+)
+
+
+def _usage_rows(batch_id: str, usage: Mapping[Any, Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+    """The `node_usage` rows of a state change: ValueError naming a node or column it does
+    not know."""
+    rows = []
+    for node, cols in usage.items():
+        unknown = set(cols) - set(USAGE_FIELDS)
+        if unknown:
+            raise ValueError(f"node_usage of node {node}: unknown column(s) {sorted(unknown)}")
+        rows.append((batch_id, int(node), *(cols.get(f) for f in USAGE_FIELDS)))
+    return rows
 
 
 def _row(r: asyncpg.Record) -> dict[str, Any]:

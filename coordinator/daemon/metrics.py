@@ -62,6 +62,17 @@ PHASES: Mapping[str, str] = {
 }
 # Phases whose per-node parts (`staging_node0_ms`, `crosscheck_node1_ms`) are observed.
 NODE_PHASES = ("staging", "crosscheck", "aggregate", "archive")
+# `step` label -> the NodeUsage fields of its bytes: all, on another node, not in memory.
+_STEPS: Mapping[str, tuple[str, str, str]] = {
+    "stage": ("stage_copied_bytes", "stage_remote_bytes", "stage_absent_bytes"),
+    "crosscheck": ("crosscheck_read_bytes", "crosscheck_remote_bytes", ""),
+    "aggregate_copy": (
+        "aggregate_copied_bytes",
+        "aggregate_copied_remote_bytes",
+        "aggregate_copied_absent_bytes",
+    ),
+    "aggregate": ("aggregate_read_bytes", "aggregate_remote_bytes", ""),
+}
 FINAL_STATES = tuple(s.value for s in State if s in FINAL)
 IN_FLIGHT_STATES = tuple(s.value for s in State if s not in FINAL)
 DAEMON_STATES = ("starting", "connecting", "standby", "running", "degraded", "stopping", "stopped")
@@ -111,6 +122,8 @@ class _LastBatch:
     agreement: dict[str, float | None] = field(default_factory=dict)
     committed: bool = False
     finished_at: dict[str, float] = field(default_factory=dict)  # final state -> Unix time
+    compression_ratio: float | None = None  # decoded / compressed of its models' files
+    peak_rss: dict[str, float] = field(default_factory=dict)  # node -> its agent's peak RSS
 
 
 class Metrics:
@@ -164,6 +177,51 @@ class Metrics:
         self.rows = Counter(
             f"{p}_aggregate_rows", "Aggregate rows (items) of committed batches.", registry=reg
         )
+        # The per-node accounting of finished batches (docs/numa.md §2, core.usage).
+        self.node_read = Counter(
+            f"{p}_node_read_bytes",
+            "Bytes a node's agent copied (stage, aggregate_copy) or read (crosscheck,"
+            " aggregate) for finished batches.",
+            ["node", "step"],
+            registry=reg,
+        )
+        self.remote = Counter(
+            f"{p}_cross_node_bytes",
+            "Of numa_coordinator_node_read_bytes, those whose pages were on another node's"
+            " memory (for crosscheck and aggregate: not on the agent's node; expected 0).",
+            ["node", "step"],
+            registry=reg,
+        )
+        self.absent = Counter(
+            f"{p}_source_not_in_memory_bytes",
+            "Bytes a node's agent copied whose source pages were in no node's memory (read"
+            " from storage into its own node).",
+            ["node", "step"],
+            registry=reg,
+        )
+        self.decode_cpu = Counter(
+            f"{p}_decode_cpu_seconds",
+            "CPU seconds a node's agent spent reading the models' files (zstd decompression"
+            " and Parquet decoding) for its cross-checks.",
+            ["node"],
+            registry=reg,
+        )
+        self.compressed = Counter(
+            f"{p}_files_compressed_bytes",
+            "Column-chunk bytes of finished batches' models' files as stored (zstd).",
+            registry=reg,
+        )
+        self.decoded = Counter(
+            f"{p}_files_decoded_bytes",
+            "The same column chunks' bytes once decompressed.",
+            registry=reg,
+        )
+        self.encode_cpu = Counter(
+            f"{p}_encode_cpu_seconds",
+            "CPU seconds the SDK recorded writing finished batches' models' files (Parquet"
+            " encoding and zstd compression), where every file of the batch recorded them.",
+            registry=reg,
+        )
         self.lag = Histogram(
             f"{p}_event_loop_lag_seconds",
             "How late the event loop woke a sleeping task (sampled).",
@@ -177,6 +235,12 @@ class Metrics:
             self.phase.labels(phase=ph)
         for n in node_ids:
             self.staged_bytes.labels(node=str(n))
+            self.decode_cpu.labels(node=str(n))
+            for step in _STEPS:
+                self.node_read.labels(node=str(n), step=step)
+                self.remote.labels(node=str(n), step=step)
+            for step in ("stage", "aggregate_copy"):
+                self.absent.labels(node=str(n), step=step)
             for ph in NODE_PHASES:
                 self.node_phase.labels(node=str(n), phase=ph)
         reg.register(_StateCollector(self))
@@ -222,6 +286,27 @@ class Metrics:
                 self.node_phase.labels(node=str(n), phase=phase.value).observe(ms / 1000)
         for node, nbytes in run.staged_bytes.items():
             self.staged_bytes.labels(node=str(node)).inc(nbytes)
+        for n, u in run.usage.items():
+            node = str(n)
+            for step, (total, remote, absent) in _STEPS.items():
+                self.node_read.labels(node=node, step=step).inc(getattr(u, total) or 0)
+                self.remote.labels(node=node, step=step).inc(getattr(u, remote) or 0)
+                if absent:
+                    self.absent.labels(node=node, step=step).inc(getattr(u, absent) or 0)
+            self.decode_cpu.labels(node=node).inc(u.decode_cpu_s or 0.0)
+        if run.usage:  # the last batch's peaks: only the nodes it has one of
+            self.last.peak_rss = {
+                str(n): float(u.peak_rss_bytes)
+                for n, u in run.usage.items()
+                if u.peak_rss_bytes is not None
+            }
+        c = run.compression
+        if c is not None:
+            self.compressed.inc(c.compressed_bytes)
+            self.decoded.inc(c.decoded_bytes)
+            if c.encode_cpu_s is not None:
+                self.encode_cpu.inc(c.encode_cpu_s)
+            self.last.compression_ratio = c.ratio
 
     def loop_lag(self, seconds: float) -> None:
         """Record one event-loop lag sample."""
@@ -487,6 +572,13 @@ class _StateCollector(Collector):
             doc = "Each model's agreement with the consensus in the last committed batch."
             agreement = {k: _nan(v) for k, v in last.agreement.items()}
             out.append(_family(G, "consensus_agreement_ratio", doc, agreement, "model"))
+
+        if last.compression_ratio is not None:
+            doc = "Decoded / compressed bytes of the last finished batch's models' files."
+            out.append(_family(G, "compression_ratio", doc, last.compression_ratio))
+        if last.peak_rss:
+            doc = "Each node's agent's peak resident set over the last finished batch's steps."
+            out.append(_family(G, "agent_peak_rss_bytes", doc, last.peak_rss, "node"))
 
         # The file barrier.
         w = st.watcher

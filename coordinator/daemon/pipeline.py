@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import os
+import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -23,10 +22,13 @@ from coordinator.core.batch import State, Step, aggregate_node, may_move
 from coordinator.core.errors import (
     AgentError,
     CoordinatorError,
+    LakeError,
     NoSpaceError,
     NotLeaderError,
     ProtocolError,
+    RowsRefused,
 )
+from coordinator.core.iceberg import LakeSpec
 from coordinator.core.lake_paths import batch_key, batch_path
 from coordinator.core.messages import (
     Aggregate,
@@ -39,8 +41,11 @@ from coordinator.core.messages import (
     RowsVia,
     Stage,
 )
+from coordinator.core.roots import Dir, Root
+from coordinator.core.rowsfile import RowsFile
 from coordinator.core.summary import AggregateFiles
 from coordinator.core.timings import Phase
+from coordinator.core.usage import BatchCompression
 from coordinator.daemon.barrier import BarrierLoop
 from coordinator.daemon.hub import Hub
 from coordinator.daemon.ledger import Ledger
@@ -76,6 +81,10 @@ class Context:
     lake_root: str
     in_flight: anyio.Semaphore
     last_placement: dict[int, float]  # node -> placement fraction of the last staged batch
+    # The Iceberg lake (lake.format = "iceberg"), None for the plain Parquet one; its commits
+    # are made one at a time (each is a compare-and-set on the tables' catalog rows).
+    lake: LakeSpec | None = None
+    lake_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
 
 def idents_for_agent(idents: dict[str, Ident], *, remote: bool) -> dict[str, Ident]:
@@ -88,19 +97,25 @@ def idents_for_agent(idents: dict[str, Ident], *, remote: bool) -> dict[str, Ide
     return {name: (0, size, mtime_ns) for name, (_, size, mtime_ns) in idents.items()}
 
 
-def idents_seen_here(folder: Path, reported: dict[str, Ident]) -> dict[str, Ident]:
+def idents_seen_here(staging: Root, batch_id: str, reported: dict[str, Ident]) -> dict[str, Ident]:
     """The identities of the cross-check files a remote agent wrote, as this kernel sees them:
-    where `folder`'s crosscheck_<model>.parquet has the reported size and mtime_ns, its inode
-    here goes in; otherwise the report stays as it is, and the barrier takes the file for a
-    rewrite. (Blocking: run in a thread.)"""
+    where the batch folder's crosscheck_<model>.parquet (reached by descriptor, never through
+    a link) is a regular file of the reported size and mtime_ns, its inode here goes in;
+    otherwise the report stays as it is, and the barrier takes the file for a rewrite.
+    (Blocking: run in a thread.)"""
     out = dict(reported)
-    for model, (_, size, mtime_ns) in reported.items():
-        try:
-            st = os.stat(folder / f"crosscheck_{model}.parquet", follow_symlinks=False)
-        except OSError:
-            continue
-        if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
-            out[model] = (st.st_ino, size, mtime_ns)
+    try:
+        folder = staging.sub(batch_id)
+    except OSError:  # gone, or a link: nothing of it is seen here
+        return out
+    with folder:
+        for model, (_, size, mtime_ns) in reported.items():
+            try:
+                st = folder.lstat(f"crosscheck_{model}.parquet")
+            except (OSError, ValueError):
+                continue
+            if stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+                out[model] = (st.st_ino, size, mtime_ns)
     return out
 
 
@@ -113,6 +128,7 @@ class Pipeline:
         self.cfg = run.config
         self.ledger = ctx.ledger
         self.log = log.bind(batch_id=run.batch_id)
+        self.rows_problem: RowsRefused | None = None  # why the last commit refused the rows
 
     async def run(self, step: Step) -> None:
         """Run from `step` (stage, archive or cleanup) to the end; on an unrecoverable error
@@ -134,7 +150,9 @@ class Pipeline:
                         if committed is not Commit.ROWS_GONE:
                             break
                     else:
-                        raise AgentError("the aggregated rows vanished twice before the commit")
+                        raise self.rows_problem or AgentError(
+                            "the aggregated rows vanished twice before the commit"
+                        )
                     if committed is Commit.STOP:
                         return
                 step = Step.ARCHIVE
@@ -250,6 +268,17 @@ class Pipeline:
         for n, r in replies.items():
             run.timings.set(Phase.STAGING, r.seconds * 1000, n)
         run.staged_bytes = {str(n): r.bytes for n, r in replies.items()}
+        for n, r in sorted(replies.items()):
+            run.add_usage(n, r)
+            # Every node reads the same files' footers: the first that could tells.
+            run.compression = run.compression or BatchCompression.from_reply(r)
+        squeezed: dict[str, Any] = {}
+        if run.compression is not None:
+            squeezed = {
+                "compressed_bytes": run.compression.compressed_bytes,
+                "decoded_bytes": run.compression.decoded_bytes,
+                "encode_cpu_s": run.compression.encode_cpu_s,
+            }
         placement: dict[str, Any] = {
             str(n): r.placement for n, r in replies.items() if r.placement is not None
         }
@@ -273,7 +302,12 @@ class Pipeline:
             )
         run.placement = placement
         await self._set(
-            State.STAGED, staged_bytes=run.staged_bytes, timings=run.timings, placement=placement
+            State.STAGED,
+            staged_bytes=run.staged_bytes,
+            timings=run.timings,
+            placement=placement,
+            node_usage=run.usage_rows(),
+            **squeezed,
         )
         self.log.info("batch staged", bytes=run.staged_bytes)
 
@@ -290,10 +324,11 @@ class Pipeline:
         counted: dict[str, tuple[int, int, int]] = {}
         for n, r in replies.items():
             run.timings.set(Phase.CROSSCHECK, float(r.seconds) * 1000, n)
+            run.add_usage(n, r)
             reported = r.idents  # (inode, size, mtime_ns) of each file it wrote
             if self.cfg.node(n).remote:  # as that agent's kernel numbers inodes: ours, please
                 reported = await anyio.to_thread.run_sync(
-                    idents_seen_here, self.cfg.paths.staging / run.batch_id, reported
+                    idents_seen_here, self.ctx.scanner.root, run.batch_id, reported
                 )
             counted |= reported
         # The agents publish before they reply, so every file is final now, and the barrier
@@ -301,7 +336,7 @@ class Pipeline:
         # before the replies may have seen an earlier attempt's) is a rewrite.
         await self.ctx.barrier.crosschecks(run, counted, self.cfg.barrier.reconcile_s)
         run.timings.since(Phase.CROSSCHECK, t0)
-        await self._set(State.CROSSCHECKED, timings=run.timings)
+        await self._set(State.CROSSCHECKED, timings=run.timings, node_usage=run.usage_rows())
 
     async def aggregate(self, *, record: bool = True) -> AggregateFiles:
         """Have one node's agent aggregate the batch; the rows stay in its node-local memory
@@ -338,6 +373,7 @@ class Pipeline:
                 ),
                 within_s=self.cfg.agents.step_timeout_s,
             )
+            run.add_usage(node, reply)
             agg = AggregateFiles.from_reply(
                 reply,
                 node,
@@ -360,16 +396,23 @@ class Pipeline:
         deadline) stops."""
         run = self.run_
         t0 = time.perf_counter()
+        rows = _rows_file(agg, remote=self.cfg.node(agg.node).remote)
         while True:
             try:
                 found = await self.ledger.commit(
-                    run.batch_id, agg.summary, agg.rows_csv, fields={"timings": run.timings}
+                    run.batch_id, agg.summary, rows, fields={"timings": run.timings}
                 )
                 break
             except NotLeaderError:
                 await anyio.sleep(1.0)  # writes wait until leadership is back
             except AgentError as e:
                 self.log.warning("aggregated rows gone before the commit", error=str(e))
+                return Commit.ROWS_GONE
+            except RowsRefused as e:
+                # Not the file the agent wrote (a link, a rewrite: nothing of it committed).
+                # Aggregating again writes a fresh one; a second refusal fails the batch.
+                self.rows_problem = e
+                self.log.error("aggregated rows refused; aggregating again", error=str(e))
                 return Commit.ROWS_GONE
         run.timings.since(Phase.COMMIT, t0)
         if found is State.FAILED:
@@ -388,7 +431,9 @@ class Pipeline:
             return Commit.STOP
         if found is None:
             self.ctx.metrics.batch_committed(agg.summary)
-        await self._set(State.COMMITTED, durable=True, timings=run.timings)
+        await self._set(
+            State.COMMITTED, durable=True, timings=run.timings, node_usage=run.usage_rows()
+        )
         self.log.info(
             "batch committed",
             rows=agg.summary.rows,
@@ -401,7 +446,12 @@ class Pipeline:
     async def archive(self, agg: AggregateFiles) -> None:
         """The aggregating agent copies the batch into the lake (raw results from its node's
         copies, cross-check results from staging, its aggregates.parquet last); the
-        coordinator's own process copies nothing."""
+        coordinator's own process copies nothing. An Iceberg lake's commit is the
+        coordinator's, in the ledger's transaction (`_archive_iceberg`)."""
+        if self.ctx.lake is not None:
+            async with self.ctx.lake_lock:
+                await self._archive_iceberg(agg, self.ctx.lake)
+            return
         run = self.run_
         t0 = time.perf_counter()
         reply = await self.ctx.hub.request(
@@ -427,8 +477,70 @@ class Pipeline:
         path = batch_path(self.ctx.lake_root, run.batch_id, run.date)
         run.timings.since(Phase.ARCHIVE, t0)
         run.timings.set(Phase.ARCHIVE, float(reply.seconds) * 1000, agg.node)
-        await self._set(State.ARCHIVED, durable=True, lake_path=path, timings=run.timings)
+        await self._set(
+            State.ARCHIVED,
+            durable=True,
+            lake_path=path,
+            timings=run.timings,
+            node_usage=run.usage_rows(),  # an aggregation done again after the commit
+        )
         self.log.info("batch archived", lake=path, bytes=reply.bytes, node=agg.node)
+
+    async def _archive_iceberg(self, agg: AggregateFiles, lake: LakeSpec) -> None:
+        """The agent writes the batch's data files and each table's next metadata file from
+        the tables' current metadata locations; this process then swaps the locations in the
+        catalog and marks the batch archived in one transaction (docs/lake.md). Raises
+        LakeError when a table moved meanwhile (another writer): the retry prepares again."""
+        run = self.run_
+        t0 = time.perf_counter()
+        bases = await self.ledger.lake_locations(lake.schema, lake.namespace)
+        reply = await self.ctx.hub.request(
+            agg.node,
+            Archive(
+                batch_id=run.batch_id,
+                date=run.date,
+                models=run.models,
+                idents=self._idents_for(
+                    agg.node, {f"{m}.parquet": run.counted[m] for m in run.counted}
+                ),
+                bases=bases,
+                summary=agg.summary.to_wire(),
+            ),
+            within_s=self.cfg.agents.step_timeout_s,
+        )
+        commits = dict(reply.commits or {})
+        if set(commits) != set(bases) or any(commits[t][0] != bases[t] for t in commits):
+            raise ProtocolError(
+                f"agent on node {agg.node}: archived {run.batch_id} from metadata "
+                f"{commits}, expected the bases {bases}"
+            )
+        if len({bool(new) for _, new in commits.values()}) > 1:
+            # The tables are committed together or not at all: some holding the batch and
+            # others not is a lake someone else changed.
+            raise LakeError(
+                f"lake: batch {run.batch_id} is in some tables and not others: {commits}"
+            )
+        hooks.crash_point("lake_prepared")  # tests kill -9 here: files written, nothing committed
+        run.timings.since(Phase.ARCHIVE, t0)
+        run.timings.set(Phase.ARCHIVE, float(reply.seconds) * 1000, agg.node)
+        where = commits["aggregates"][1] or bases["aggregates"]
+        done = await self.ledger.commit_archive(
+            run.batch_id,
+            catalog_schema=lake.schema,
+            namespace=lake.namespace,
+            commits=commits,
+            lake_path=where,
+            timings=run.timings,
+        )
+        if not done:
+            state = await self.ledger.get(run.batch_id)
+            if state is not None and state["state"] in (State.ARCHIVED.value, State.DONE.value):
+                self.log.warning("batch was archived before; nothing committed again")
+            else:
+                raise LakeError(f"lake: a table moved while {run.batch_id} was prepared")
+        self.ctx.runs.move(run, State.ARCHIVED)
+        hooks.crash_point(State.ARCHIVED.value)
+        self.log.info("batch archived", lake=where, bytes=reply.bytes, node=agg.node)
 
     async def _archive_until_done(self, agg: AggregateFiles | None) -> None:
         """The rows are committed, so the lake must follow: retry a failing lake with backoff
@@ -486,7 +598,23 @@ class Pipeline:
 
 def _archivable(agg: AggregateFiles, models: tuple[str, ...]) -> bool:
     """True while the aggregating node still holds what its archive copies: the aggregates
-    and the cross-check copies the vote read."""
+    and the cross-check copies the vote read, each a regular file (looked at by descriptor
+    from the node's tmpfs, never through a link: a link there is no copy of the vote's)."""
     folder = agg.parquet.parent
     names = [agg.parquet.name, *(f"crosscheck_{m}.parquet" for m in models)]
-    return all((folder / n).exists() for n in names)
+    try:
+        with Dir.open(folder.parent) as tmpfs, tmpfs.sub(folder.name) as batch:
+            return all(stat.S_ISREG(batch.lstat(n).st_mode) for n in names)
+    except (OSError, ValueError):
+        return False
+
+
+def _rows_file(agg: AggregateFiles, *, remote: bool) -> RowsFile:
+    """The rows CSV to COPY, as the agent reported it; an agent in another kernel numbers
+    inodes its own way, so only size, mtime_ns and the content are compared."""
+    if agg.rows_ident is None:
+        raise ProtocolError(f"agent on node {agg.node}: aggregated reply without rows_ident")
+    folder = agg.rows_csv.parent
+    return RowsFile(
+        folder.parent, folder.name, agg.rows_csv.name, agg.rows_ident, check_inode=not remote
+    )

@@ -19,7 +19,9 @@ from typing import Any
 from coordinator.core.batch import FINAL, State, may_move
 from coordinator.core.config import Config
 from coordinator.core.errors import CoordinatorError
+from coordinator.core.messages import Aggregated, Crosschecked, Staged
 from coordinator.core.timings import Timings
+from coordinator.core.usage import BatchCompression, NodeUsage
 
 Ident = tuple[int, int, int]  # (inode, size, mtime_ns): a file as the barrier counted it
 
@@ -48,6 +50,11 @@ class BatchRun:
     staged_bytes: dict[str, int] = field(default_factory=dict)
     placement: dict[str, Any] = field(default_factory=dict)
     placement_flag: str = ""
+    # What each node's agent copied and read for this batch, by where the pages were, and
+    # its peak RSS (running totals over the attempts in this process); the batch's files'
+    # compression as the first `staged` reply told it.
+    usage: dict[int, NodeUsage] = field(default_factory=dict)
+    compression: BatchCompression | None = None
     looks: int = 0  # scans of its folder so far (status: proof that the daemon looked again)
 
     @property
@@ -72,6 +79,14 @@ class BatchRun:
             "placement_flag": self.placement_flag,
             "looks": self.looks,
         }
+
+    def add_usage(self, node: int, reply: Staged | Crosschecked | Aggregated) -> None:
+        """Fold an agent's reply into its node's accounting for this batch."""
+        self.usage.setdefault(node, NodeUsage()).add(reply)
+
+    def usage_rows(self) -> dict[str, dict[str, Any]]:
+        """The ledger's `node_usage` of this batch: a copy, as it stands now."""
+        return {str(n): u.as_row() for n, u in sorted(self.usage.items())}
 
 
 class Runs:

@@ -12,6 +12,7 @@ is up (`notify`).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import os
 import signal
@@ -27,6 +28,7 @@ from coordinator import __version__
 from coordinator.core.batch import Step
 from coordinator.core.config import Config, redact_dsn
 from coordinator.core.errors import CoordinatorError
+from coordinator.core.iceberg import ensure_tables, lake_spec
 from coordinator.core.lake_paths import lake_root
 from coordinator.core.messages import Purge
 from coordinator.daemon import embedded_pg, notify
@@ -181,6 +183,8 @@ class Daemon:
         )
         ledger = self.ledger
         assert ledger is not None  # open_ledger made it
+        if cfg.lake.format == "iceberg":
+            await self._open_iceberg(ledger)
         # The lease is renewed from now on: a start slower than host.lease_s is no takeover.
         tg.start_soon(keep_leadership, ledger, self._lost_leadership)
         if self.agents_tcp is None:
@@ -221,6 +225,28 @@ class Daemon:
             database=redact_dsn(self.dsn),
         )
         self._ready_or_stop.set()
+
+    async def _open_iceberg(self, ledger: Ledger) -> None:
+        """The Iceberg lake: its catalog schema and tables, created where absent (docs/lake.md)."""
+        cfg = self.config
+        self._status_line("creating the Iceberg lake's tables where absent")
+        from sqlalchemy.exc import DBAPIError  # the catalog's driver, loaded for this lake only
+
+        spec = lake_spec(cfg, self.dsn, ledger.password or "")
+        delay = 0.2
+        while True:
+            try:
+                await anyio.to_thread.run_sync(ensure_tables, spec)
+                break
+            except DBAPIError as e:
+                # The database went away, or another coordinator made the same schema or
+                # tables at the same moment: look again (what exists now is kept).
+                log.warning("iceberg catalog not ready, retrying", error=str(e), retry_in_s=delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, cfg.database.retry_max_s)
+        assert self._ctx is not None  # made with the ledger
+        self._ctx = dataclasses.replace(self._ctx, lake=spec)
+        log.info("iceberg lake ready", warehouse=spec.warehouse, catalog_schema=spec.schema)
 
     async def _start_watcher(self, tg: TaskGroup, ledger: Ledger) -> None:
         """Start what tells the barrier which batch folders to look at (barrier.backend)."""

@@ -13,8 +13,11 @@ socket (coordinator.core.protocol, no PostgreSQL in the guest) and starts, as th
   policy wins over the process's), so its copies land on node 1 and it must say so;
 - refused: node 1's agent started bound to node 0, which must refuse to run (exit 3).
 
+Staging is a plain tmpfs in the guest, filled from JOB_DIR by a process bound to node 0, so
+the files' pages are on node 0 (node 1's agent copies across nodes; the agents count it).
 It stages the batch on each in turn, reading the kernel's per-node Shmem counters before and
-after; has node0 and node1 cross-check their models and each aggregate the whole batch (the
+after; has node0, node1 and wrong cross-check their models (wrong reads copies on node 1)
+and node0 and node1 each aggregate the whole batch (the
 counters again around each aggregation); has node1 archive the batch; purges, stops the
 agents, and writes everything to JOB_DIR/result.json. The checks are test_numa_vm.py's.
 """
@@ -44,6 +47,9 @@ from coordinator.core.protocol import AGENT_TYPES, LineReader, decode, encode  #
 
 WORK = Path("/run/nvm")
 SOCKET = WORK / "agents.sock"
+# Staging on a plain tmpfs, filled by a process bound to node 0: the files' pages (their "page
+# cache") are on node 0, so node 1's copies cross the node boundary and node 0's do not.
+STAGING = WORK / "staging"
 STEP_TIMEOUT = 120.0
 
 
@@ -55,7 +61,7 @@ def write_config(path: Path, node_tmpfs: str) -> Path:
     path.write_text(
         f"""
 [paths]
-staging = {q(str(JOB / "staging"))}
+staging = {q(str(STAGING))}
 lake = {q(str(WORK / "lake"))}
 node_tmpfs = {q(node_tmpfs)}
 state_dir = {q(str(WORK / "state"))}
@@ -82,6 +88,19 @@ models = {q(models[half:])}
 """
     )
     return path
+
+
+def fill_staging() -> dict[str, Any]:
+    """Copy the job's batch into STAGING with numactl --membind=0, and say where its pages
+    went (the kernel's per-node Shmem around the copy)."""
+    before = shmem_kb(refresh=True)
+    copy = "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2], dirs_exist_ok=True)"
+    subprocess.run(
+        ["numactl", "--membind=0", sys.executable, "-c", copy, str(JOB / "staging"), str(STAGING)],
+        check=True,
+    )
+    after = shmem_kb(refresh=True)
+    return {"shmem_kb_delta": {n: after[n] - before[n] for n in after}}
 
 
 def start_agent(name: str, node: int, bind: int, config: Path) -> subprocess.Popen[bytes]:
@@ -163,7 +182,9 @@ async def drive(result: dict[str, Any], agents: dict[str, int]) -> None:
         # with the counters around it (its copies of the cross-check files and its rows files
         # must land on its node only), and node 1
         # archives the batch into the lake from its copies.
-        for label in ("node0", "node1"):
+        # The wrong agent too: its copies are on node 1, so all it reads is remote. (It
+        # rewrites node 0's cross-check files with the same rows, placed as node 0's are.)
+        for label in ("node0", "node1", "wrong"):
             reply = await conns[label].request(
                 {"type": "crosscheck", "batch_id": batch, "models": SPEC["models"]}
             )
@@ -228,6 +249,8 @@ def main() -> int:
         mount_tmpfs(WORK / "n0", "size=256m,mode=0750")
         mount_tmpfs(WORK / "n1", "size=256m,mode=0750,mpol=bind:1")
         mount_tmpfs(WORK / "w" / "n0", "size=256m,mode=0750,mpol=bind:1")
+        mount_tmpfs(STAGING, "size=256m,mode=0770")
+        result["staging"] = fill_staging()
         good = write_config(WORK / "coordinator.toml", str(WORK / "n{node}"))
         bad = write_config(WORK / "wrong.toml", str(WORK / "w" / "n{node}"))
         procs["refused"] = start_agent("refused", node=1, bind=0, config=good)

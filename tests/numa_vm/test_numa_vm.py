@@ -162,3 +162,86 @@ def test_agents_stop_cleanly_on_sigterm(guest: dict[str, Any]) -> None:
         "node1": 0,
         "wrong": 0,
     }
+
+
+# -- cross-node bytes per batch (docs/numa.md §2) ------------------------------------------------
+
+
+def batch_bytes(guest: dict[str, Any]) -> int:
+    return sum(guest["files"].values())
+
+
+def test_staging_was_filled_on_node_0(guest: dict[str, Any]) -> None:
+    """The premise of the next tests: the staging files' pages are on node 0."""
+    delta = guest["staging"]["shmem_kb_delta"]
+    assert abs(delta["0"] - batch_pages(guest) * PAGE_KB) <= SLACK_KB, delta
+    assert abs(delta["1"]) <= SLACK_KB, delta
+
+
+@pytest.mark.parametrize(("label", "remote"), [("node0", False), ("node1", True), ("wrong", False)])
+def test_a_copy_from_another_nodes_page_cache_counts_the_files_bytes(
+    guest: dict[str, Any], label: str, remote: bool
+) -> None:
+    """Node 1's agent copies from pages on node 0: every byte crosses. Node 0's agents (the
+    wrong one included: its source is on its own node) copy nothing across."""
+    reply = guest["stage"][label]["reply"]
+    total = batch_bytes(guest)
+    assert reply["bytes"] == total
+    assert reply["copied_remote"] == (total if remote else 0)
+    assert reply["copied_absent"] == 0
+    assert reply["source_nodes"] == {"0": total}
+
+
+@pytest.mark.parametrize("label", ["node0", "node1"])
+def test_the_crosscheck_reads_no_byte_off_its_node(guest: dict[str, Any], label: str) -> None:
+    reply = guest["crosscheck"][label]["reply"]
+    assert reply["type"] == "crosschecked", reply
+    assert reply["read_bytes"] == batch_bytes(guest)
+    assert reply["read_remote"] == 0
+    assert reply["decode_cpu_s"] > 0
+
+
+def test_a_wrongly_bound_agent_counts_all_its_reads_as_remote(guest: dict[str, Any]) -> None:
+    """Node 0's agent whose tmpfs is bound to node 1: its copies are on node 1, so every byte
+    its cross-check reads comes from another node."""
+    reply = guest["crosscheck"]["wrong"]["reply"]
+    assert reply["type"] == "crosschecked", reply
+    assert reply["read_bytes"] == batch_bytes(guest)
+    assert reply["read_remote"] == batch_bytes(guest)
+
+
+@pytest.mark.parametrize("node", [0, 1])
+def test_the_aggregation_copies_the_other_nodes_files_across_and_reads_locally(
+    guest: dict[str, Any], node: int
+) -> None:
+    """The cross-check files in staging are on the node of the agent that wrote them: the
+    aggregating agent's copies of the other node's files cross, its reads do not."""
+    agg = guest["aggregate"][f"node{node}"]
+    reply = agg["reply"]
+    models = guest["models"]
+    half = (len(models) + 1) // 2
+    others = models[half:] if node == 0 else models[:half]
+    copies = {k: v for k, v in agg["file_bytes"].items() if k.startswith("crosscheck_")}
+    assert reply["copied_bytes"] == sum(copies.values())
+    assert reply["copied_remote"] == sum(copies[f"crosscheck_{m}.parquet"] for m in others)
+    assert reply["copied_absent"] == 0
+    assert reply["read_bytes"] == sum(copies.values())
+    assert reply["read_remote"] == 0
+
+
+def test_every_step_reports_the_agents_peak_rss(guest: dict[str, Any]) -> None:
+    peaks = [guest["stage"][k]["reply"]["peak_rss"] for k in ("node0", "node1", "wrong")]
+    peaks += [guest["crosscheck"][k]["reply"]["peak_rss"] for k in ("node0", "node1", "wrong")]
+    peaks += [guest["aggregate"][k]["reply"]["peak_rss"] for k in ("node0", "node1")]
+    assert all(isinstance(p, int) and p > 10 << 20 for p in peaks), peaks
+
+
+def test_the_staged_reply_carries_the_files_compression(guest: dict[str, Any]) -> None:
+    """As pyarrow reads the footers on the host."""
+    want = guest["footers"]
+    for label in ("node0", "node1", "wrong"):
+        reply = guest["stage"][label]["reply"]
+        assert reply["compressed_bytes"] == want["compressed_bytes"]
+        assert reply["decoded_bytes"] == want["decoded_bytes"]
+        assert reply["encode_cpu_s"] == pytest.approx(want["encode_cpu_s"], abs=1e-5)
+    assert want["decoded_bytes"] > want["compressed_bytes"] > 0

@@ -294,6 +294,23 @@ def publish_batch(job: Path, batch_id: str, rows: int) -> list[str]:
     return sorted(tables)
 
 
+def footers(folder: Path) -> dict[str, Any]:
+    """What the batch's files' footers say of their compression, read here on the host with
+    pyarrow: column-chunk bytes stored and decompressed, and the SDK's recorded CPU seconds."""
+    import pyarrow.parquet as pq
+
+    stored = decoded = 0
+    cpu = 0.0
+    for path in sorted(folder.iterdir()):
+        md = pq.read_metadata(path)
+        for r in range(md.num_row_groups):
+            for c in range(md.num_columns):
+                stored += md.row_group(r).column(c).total_compressed_size
+                decoded += md.row_group(r).column(c).total_uncompressed_size
+        cpu += float(md.metadata[b"numa_coordinator.encode_cpu_s"])
+    return {"compressed_bytes": stored, "decoded_bytes": decoded, "encode_cpu_s": cpu}
+
+
 @dataclass(frozen=True)
 class Share:
     """A writable host folder the guest mounts over 9p at `guest` (an absolute path: under /run,
@@ -444,6 +461,7 @@ def boot(*, timeout: float = 420.0, rows: int = 100_000, keep: bool = False) -> 
         result = run_guest(qemu_command(kernel, initramfs, job), job, timeout, tail=6000)
         result["kernel"] = kernel.version
         result["files"] = sizes
+        result["footers"] = footers(job / "staging" / batch_id)
         result["rows"] = rows
         result["models"] = models
         if keep:

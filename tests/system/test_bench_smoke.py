@@ -58,6 +58,7 @@ def test_every_row_has_ours_and_every_anchored_row_an_anchor_and_a_ratio(
         "parquet_size",
         "parquet_write",
         "archive",
+        "lake_commit",
         "lag_staging",
         "lag_commit",
         "lag_archive",
@@ -139,10 +140,8 @@ def test_the_bench_command_renders_a_results_file_for_the_docs(
 def test_the_bench_command_refuses_an_unknown_phase_naming_the_ones_it_takes() -> None:
     done = bench_cli("--only", "barrier,warp")
     assert done.returncode == 2
-    assert (
-        "--only takes codecs,archive,staging,barrier,idle,full,lag,ingest,notify,sustained"
-        in done.stderr
-    )
+    phases = "codecs,archive,staging,lake,barrier,idle,full,lag,ingest,notify,sustained"
+    assert f"--only takes {phases}" in done.stderr
 
 
 def test_the_bench_subcommand_takes_the_documented_options() -> None:
@@ -185,6 +184,8 @@ GOOD: dict[str, float] = {
     "snappy_write_s": 1.0,
     "archive_mbps": 95.0,
     "archive_cp_mbps": 100.0,
+    "lake_ms": 12.0,
+    "lake_anchor_ms": 10.0,
     "lag_staging": 1.0,
     "lag_crosscheck": 1.0,
     "lag_aggregate": 1.0,
@@ -255,6 +256,11 @@ def measured(fig: dict[str, float], *, quick: bool = False) -> Measured:
         "bytes": [ARCHIVED_MB * 1e6],
         "ours_s": [ARCHIVED_MB / fig["archive_mbps"]],
         "anchor_s": [ARCHIVED_MB / fig["archive_cp_mbps"]],
+    }
+    m.lake = {
+        "ours_s": [fig["lake_ms"] / 1000],
+        "anchor_s": [fig["lake_anchor_ms"] / 1000],
+        "rows": [1000.0],
     }
     m.lag = {
         "steps": {
@@ -327,6 +333,7 @@ THRESHOLDED = {
     "parquet_size",
     "parquet_write",
     "archive",
+    "lake_commit",
     "lag_staging",
     "lag_commit",
     "lag_archive",
@@ -369,6 +376,11 @@ CASES: list[tuple[str, dict[str, float], dict[str, float] | None]] = [
     ("parquet_size", {"zstd_mb": 86.0}, {"zstd_mb": 85.0}),
     ("parquet_write", {"zstd_write_s": 1.31}, {"zstd_write_s": 1.3}),
     ("archive", {"archive_mbps": 89.0}, None),
+    (
+        "lake_commit",
+        {"lake_ms": 20.5, "lake_anchor_ms": 10.0},
+        {"lake_ms": 20.0, "lake_anchor_ms": 10.0},
+    ),
     ("lag_staging", {"lag_staging": 5.01}, {"lag_staging": 5.0}),
     ("lag_commit", {"lag_commit": 5.01}, {"lag_commit": 5.0}),
     ("lag_archive", {"lag_archive": 5.01}, {"lag_archive": 5.0}),
@@ -430,6 +442,7 @@ def test_the_limits_above_are_hit_exactly() -> None:
         "ingest_executemany": ("ratio", 10.0),
         "parquet_size": ("ratio", 0.85),
         "parquet_write": ("ratio", 1.3),
+        "lake_commit": ("ratio", 2.0),
         "lag_staging": ("ours", 5.0),
         "lag_commit": ("ours", 5.0),
         "lag_archive": ("ours", 5.0),

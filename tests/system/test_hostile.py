@@ -7,16 +7,24 @@ only the bytes that were verified, and the daemon went on serving another batch.
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import MODELS, Env, wait_until
+from tests.conftest import MODELS, Daemon, Env, wait_until
 from tests.faultlib import (
     FINAL,
     assert_exactly_once,
+    db_rows,
     hooks,
     lake_dirs,
     ledger,
@@ -27,6 +35,13 @@ from tests.faultlib import (
     quarantined,
     reconciled,
     tables,
+)
+from tests.opens import Opens
+from tests.system.test_remote_node import (
+    TwoNodeDaemon,
+    batch_aggregated_on,
+    remote_config,
+    start_remote_agent,
 )
 
 
@@ -264,3 +279,323 @@ def _status_text(env: Env) -> str:
         timeout=30,
     )
     return done.stdout + done.stderr
+
+
+# -- the rows CSV, and links planted while a batch is held at a step ----------------------------
+#
+# A batch is held at an agent's pause point (a test hook limited to that batch, ended by a gate
+# file): the attack happens there, a bystander batch is published and must finish while the
+# attacked one is still held (the daemon serves throughout), then the gate opens.
+
+
+def held(extra: str, bid: str, gate: Path) -> dict[str, str]:
+    """Test hooks that hold batch `bid` at the agent's pause point `extra` until `gate` exists
+    (at most 50 s: within agents.step_timeout_s)."""
+    return hooks(
+        **{
+            f"{extra}_pause_s": 50,
+            f"{extra}_pause_batch": bid,
+            f"{extra}_pause_until": str(gate),
+        }
+    )
+
+
+def paused_at(env: Env, point: str) -> bool:
+    """An agent (the daemon's, or the remote one) printed that it is at `point` now."""
+    line = f"test hook: pausing at {point}"
+    return any(
+        line in p.read_text(errors="replace")
+        for p in (env.root / "coordinatord.log", env.root / "remote-agent.log")
+        if p.exists()
+    )
+
+
+def bystander_done_while_held(env: Env, d, bid: str, held_state: str, seed: int) -> None:
+    """A batch published while `bid` is held finishes exactly once, and `bid` is still held."""
+    other = f"bystander-{seed}"
+    pub = publish_all(env, other, seed=seed)
+    row = d.wait_state(other, FINAL, timeout=90)
+    assert row["state"] == "done", row["error"]
+    assert_exactly_once(env, other, published=pub)
+    assert d.show(bid)["state"] == held_state  # still held: it was served meanwhile
+
+
+def db_aggregates(env: Env, bid: str) -> set[tuple[str, str | None, int]]:
+    rows = db_rows(
+        env, "SELECT item_id, consensus, votes FROM {s}.aggregates WHERE batch_id = $1", bid
+    )
+    return {(r["item_id"], r["consensus"], r["votes"]) for r in rows}
+
+
+def csv_aggregates(data: bytes) -> set[tuple[str, str | None, int]]:
+    t = pacsv.read_csv(io.BytesIO(data))
+    return {
+        (i, c or None, v)
+        for i, c, v in zip(
+            t.column("item_id").to_pylist(),
+            t.column("consensus").to_pylist(),
+            t.column("votes").to_pylist(),
+            strict=True,
+        )
+    }
+
+
+def logged(d, event: str, batch_id: str) -> list[dict[str, object]]:
+    """The daemon's log lines of `event` about `batch_id`."""
+    lines = [
+        json.loads(ln)
+        for ln in d.log.read_text(errors="replace").splitlines()
+        if ln.startswith("{")
+    ]
+    return [ln for ln in lines if ln.get("event") == event and ln.get("batch_id") == batch_id]
+
+
+def refusals(d, batch_id: str) -> list[str]:
+    """The coordinator's logged refusals of a batch's rows file."""
+    return [
+        str(ln["error"]) for ln in logged(d, "aggregated rows refused; aggregating again", batch_id)
+    ]
+
+
+@pytest.fixture
+def remote_pair(env: Env, tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Daemon]]:
+    """Start the daemon with node 1 in another kernel (tests/system/test_remote_node.py): its
+    aggregation leaves the rows CSV in STAGING/<batch>/.aggregates.csv, where a writer to
+    staging can reach it."""
+    if shutil.which("unshare") is None or shutil.which("numactl") is None:
+        pytest.skip("needs unshare (util-linux) and numactl, as tests/system/test_remote_node.py")
+    started: list[tuple[Daemon, subprocess.Popen[bytes]]] = []
+
+    def start(extra_env: dict[str, str]) -> Daemon:
+        views = tmp_path / "agent-view"
+        remote_config(env, views)
+        d = TwoNodeDaemon(env, extra_env=extra_env)
+        d.start(wait=False)
+        started.append((d, start_remote_agent(env, views, extra_env)))
+        d.wait_ready()
+        return d
+
+    yield start
+    for d, agent in started:
+        agent.terminate()
+        try:
+            agent.wait(10)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
+        d.cleanup()
+
+
+def forge(genuine: bytes) -> bytes:
+    """Other rows of the very same size: every "gamma" consensus made "delta"."""
+    forged = genuine.replace(b'"gamma"', b'"delta"')
+    assert forged != genuine and len(forged) == len(genuine)
+    return forged
+
+
+@pytest.mark.parametrize("attack", ["link", "same-size rewrite"])
+def test_the_rows_csv_in_staging_changed_between_aggregate_and_commit_never_reaches_postgres(
+    env, remote_pair, outside, attack
+):
+    """The rows of an agent in another kernel wait in staging for the COPY. Swapped for a link
+    to forged rows, or rewritten in place with forged rows of the same size and the mtime put
+    back: the coordinator opens the file by descriptor (the link is refused, never followed)
+    and hashes what it sends (the rewrite aborts the COPY), logs the refusal naming the batch
+    and the file, and aggregates again; the batch ends `done` with the agent's own rows."""
+    gate = env.root / "release"
+    bid = batch_aggregated_on(1, f"rows-{attack[:4]}")
+    d = remote_pair(held("aggregate", bid, gate))
+    pub = publish_all(env, bid, seed=21)
+    csv = env.staging / bid / ".aggregates.csv"
+    wait_until(lambda: csv.exists() and paused_at(env, "aggregate"), 60, "the rows written")
+    genuine = csv.read_bytes()
+    forged = forge(genuine)
+    (outside / "forged.csv").write_bytes(forged)
+    before = listing(outside)
+    with Opens(outside) as opens:
+        if attack == "link":
+            swap_for_link(csv, outside / "forged.csv")
+        else:
+            st = csv.stat()
+            with csv.open("r+b") as f:
+                f.write(forged)
+            os.utime(csv, ns=(st.st_atime_ns, st.st_mtime_ns))
+            assert csv.stat().st_size == st.st_size
+        bystander_done_while_held(env, d, bid, "aggregating", seed=22)
+        gate.touch()
+        row = d.wait_state(bid, FINAL, timeout=90)
+        assert row["state"] == "done", (row["error"], d.tail())
+        assert opens.files() == []  # nothing outside staging was opened, through any link
+    assert db_aggregates(env, bid) == csv_aggregates(genuine) != csv_aggregates(forged)
+    assert_exactly_once(env, bid, published=pub)
+    [why] = refusals(d, bid)
+    assert f"batch {bid}: rows file {env.staging}/{bid}/.aggregates.csv: " in why
+    assert ("symbolic link" if attack == "link" else "content changed") in why, why
+    assert listing(outside) == before
+
+
+def test_rows_forged_again_after_the_second_aggregation_fail_the_batch(env, remote_pair):
+    """A writer that rewrites every rows file the agent writes (same size, mtime put back):
+    the first refusal is retried by aggregating again, the second fails the batch, naming the
+    batch and the file, with nothing in PostgreSQL and its files left in staging."""
+    bid = batch_aggregated_on(1, "rows-twice")
+    # Every aggregation of the batch waits 2 s before its reply: the attacker's window.
+    d = remote_pair(hooks(aggregate_pause_s=2.0, aggregate_pause_batch=bid))
+    csv = env.staging / bid / ".aggregates.csv"
+    forged_inodes: set[int] = set()
+    stop = threading.Event()
+
+    def attacker() -> None:
+        while not stop.wait(0.02):
+            try:
+                st = csv.stat()
+                if st.st_ino in forged_inodes:
+                    continue
+                data = csv.read_bytes()
+                with csv.open("r+b") as f:
+                    f.write(forge(data))
+                os.utime(csv, ns=(st.st_atime_ns, st.st_mtime_ns))
+                forged_inodes.add(st.st_ino)
+            except FileNotFoundError:
+                continue
+
+    thread = threading.Thread(target=attacker, daemon=True)
+    thread.start()
+    try:
+        publish_all(env, bid, seed=31)
+        row = d.wait_state(bid, FINAL, timeout=90)
+    finally:
+        stop.set()
+        thread.join()
+    assert row["state"] == "failed"
+    where = f"batch {bid}: rows file {env.staging}/{bid}/.aggregates.csv: content changed"
+    assert row["error"].startswith(where), row["error"]
+    assert [w[: len(where)] for w in refusals(d, bid)] == [where, where]
+    assert len(forged_inodes) == 2  # two aggregations, each file forged
+    assert db_aggregates(env, bid) == set()
+    assert lake_dirs(env, bid) == []
+    assert (env.staging / bid / f"{MODELS[0]}.parquet").exists()  # left for inspection
+    served(env, d, "after-rows-twice", seed=32)
+
+
+def test_a_batch_folder_swapped_for_a_link_before_the_commit_of_staged_rows_fails_the_batch(
+    env, remote_pair, outside
+):
+    """The folder holding a remote agent's rows swapped, after the aggregation, for a link to a
+    folder with forged rows in it: the COPY never opens them (the folder is refused), and the
+    new aggregation is refused by the agent too (`invalid`): the batch fails naming the link,
+    with nothing in PostgreSQL and nothing outside read, moved or written."""
+    gate = env.root / "release"
+    bid = batch_aggregated_on(1, "rows-folder")
+    d = remote_pair(held("aggregate", bid, gate))
+    pub_csv = env.staging / bid / ".aggregates.csv"
+    publish_all(env, bid, seed=23)
+    wait_until(lambda: pub_csv.exists() and paused_at(env, "aggregate"), 60, "the rows written")
+    (outside / ".aggregates.csv").write_bytes(forge(pub_csv.read_bytes()))
+    before = listing(outside)
+    with Opens(outside) as opens:
+        swap_for_link(env.staging / bid, outside)
+        bystander_done_while_held(env, d, bid, "aggregating", seed=24)
+        gate.touch()
+        row = d.wait_state(bid, FINAL, timeout=90)
+        assert opens.files() == []
+    assert row["state"] == "failed"
+    assert "symbolic link" in row["error"], row["error"]
+    [why] = refusals(d, bid)
+    assert f"batch {bid}: rows file {env.staging}/{bid}/.aggregates.csv: " in why
+    assert "symbolic link" in why
+    assert db_aggregates(env, bid) == set()
+    assert lake_dirs(env, bid) == []
+    assert listing(outside) == before
+    assert (env.staging / bid).is_symlink()  # reported and left where it is
+
+
+def test_a_batch_folder_swapped_for_a_link_after_aggregation_is_archived_from_node_memory(
+    env, daemon, outside
+):
+    """An agent of this kernel: its rows and copies are in node memory, which the swap cannot
+    reach. The batch commits and archives the bytes it counted; the cleanup refuses to remove
+    through the link, and leaves it."""
+    gate = env.root / "release"
+    d = daemon(extra_env=held("aggregate", "folder-late", gate)).start()
+    before = listing(outside)
+    pub = publish_all(env, "folder-late", seed=25)
+    local = env.tmpfs / "node0" / "folder-late"
+    wait_until(
+        lambda: (local / "aggregates.csv").exists() and paused_at(env, "aggregate"),
+        60,
+        "the batch to be aggregated",
+    )
+    with Opens(outside) as opens:
+        swap_for_link(env.staging / "folder-late", outside)
+        bystander_done_while_held(env, d, "folder-late", "aggregating", seed=26)
+        gate.touch()
+        row = d.wait_state("folder-late", FINAL, timeout=90)
+        assert opens.files() == []
+    assert row["state"] == "done", row["error"]
+    lake = lake_dirs(env, "folder-late")
+    assert len(lake) == 1
+    for m in MODELS:
+        assert (lake[0] / f"{m}.parquet").read_bytes() == pub[m]
+    assert len(db_aggregates(env, "folder-late")) == 200
+    assert (env.staging / "folder-late").is_symlink()  # the link is left, reported
+    rejected = d.status()["watcher"]["rejected"]
+    assert rejected.get("not a folder (symlinks are never followed)", 0) >= 1, rejected
+    assert listing(outside) == before
+
+
+def test_a_model_file_swapped_for_a_link_after_stage_is_never_read(env, daemon, outside):
+    """Between stage and cross-check: every step after the stage reads the node's copies, and
+    staging's scanner only ever looks at the link itself."""
+    gate = env.root / "release"
+    d = daemon(extra_env=held("staged", "model-late", gate)).start()
+    before = listing(outside)
+    pub = publish_all(env, "model-late", seed=27)
+    wait_until(lambda: paused_at(env, "staged"), 60, "the batch to be staged")
+    name = f"{MODELS[1]}.parquet"
+    with Opens(outside) as opens:
+        swap_for_link(env.staging / "model-late" / name, outside / name)
+        bystander_done_while_held(env, d, "model-late", "staging", seed=28)
+        gate.touch()
+        row = d.wait_state("model-late", FINAL, timeout=90)
+        assert opens.files() == []
+    assert row["state"] == "done", row["error"]
+    # The lake has the bytes counted and staged, from node memory; the link was reported and
+    # never looked through, and went with the folder at cleanup.
+    lake = assert_exactly_once(env, "model-late", published=pub)
+    assert (lake / name).read_bytes() != (outside / name).read_bytes()
+    [ignored] = [ln for ln in logged(d, "ignored in staging", "model-late") if ln["name"] == name]
+    assert ignored["reason"] == "symlink (never followed)"
+    assert listing(outside) == before
+
+
+def test_a_crosscheck_file_swapped_for_a_link_before_aggregation_is_never_read(
+    env, remote_pair, outside
+):
+    """A remote agent's cross-check file swapped for a link before the second barrier counts
+    it: the coordinator's look at it (this kernel's inode) and the barrier never follow the
+    link; the link is no file the agent wrote, so the step is done again, and the aggregation
+    reads the agents' own results."""
+    gate = env.root / "release"
+    bid = batch_aggregated_on(1, "cc-early")
+    d = remote_pair(held("crosscheck", bid, gate))
+    before = listing(outside)
+    pub = publish_all(env, bid, seed=29)
+    model = MODELS[4]  # node 1's: written by the remote agent
+    name = f"crosscheck_{model}.parquet"
+    target = env.staging / bid / name
+    wait_until(lambda: target.exists() and paused_at(env, "crosscheck"), 60, "the file written")
+    with Opens(outside) as opens:
+        swap_for_link(target, outside / name)
+        bystander_done_while_held(env, d, bid, "crosschecking", seed=30)
+        gate.touch()
+        row = d.wait_state(bid, FINAL, timeout=90)
+        assert opens.files() == []
+    assert row["state"] == "done", row["error"]
+    lake = assert_exactly_once(env, bid, published=pub)
+    assert (lake / name).read_bytes() != (outside / name).read_bytes()
+    [ignored] = [ln for ln in logged(d, "ignored in staging", bid) if ln["name"] == name]
+    assert ignored["reason"] == "symlink (never followed)"
+    [redo] = [ln for ln in logged(d, "step failed, retrying", bid) if ln["step"] == "crosscheck"]
+    assert f"missing or rewritten after the step: ['{model}']" in str(redo["error"])
+    assert listing(outside) == before

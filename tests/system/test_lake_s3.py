@@ -347,3 +347,23 @@ def test_the_recorder_sees_the_lake_s_requests(moto: Moto, bucket: str) -> None:
         if r["method"] == "PUT"
     ]
     assert b"probe" in bodies
+
+
+def test_iceberg_data_files_are_put_once_and_an_existing_key_is_never_replaced(
+    moto: Moto, bucket: str
+) -> None:
+    """The Iceberg lake's data files go to their final key with If-None-Match: * (no temp
+    object, no rename); a second PUT of the key is refused by the store and the first object
+    stays as it was."""
+    from agents.iceberg import put_once
+
+    props = {"s3.endpoint": moto.endpoint, "s3.region": REGION}
+    put_once(props, bucket, "lake/numa/t/data/day=2024-05-01/b1-a.parquet", b"first")
+    with pytest.raises(LakeError, match="exists already: refused to replace it"):
+        put_once(props, bucket, "lake/numa/t/data/day=2024-05-01/b1-a.parquet", b"second")
+    assert moto.keys(bucket) == {"lake/numa/t/data/day=2024-05-01/b1-a.parquet": b"first"}
+    puts = [r for r in moto.recording() if r["method"] == "PUT"]
+    assert [{k.lower(): v for k, v in r["headers"].items()}.get("if-none-match") for r in puts] == [
+        "*",
+        "*",
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import tempfile
 import uuid
@@ -17,8 +18,10 @@ import pytest
 from agents.aggregation import rows_csv, summarise
 from agents.consensus import BatchAggregate, aggregate
 from coordinator.core.batch import State, may_move
-from coordinator.core.errors import AgentError, DatabaseError, NotLeaderError
+from coordinator.core.errors import AgentError, DatabaseError, NotLeaderError, RowsRefused
+from coordinator.core.rowsfile import RowsFile, ident_of
 from coordinator.daemon.ledger import MIGRATIONS, Ledger, lock_ids, lock_key
+from tests.opens import Opens
 from tests.tables import result
 
 pytestmark = pytest.mark.anyio
@@ -115,6 +118,7 @@ async def test_connect_migrates_to_the_latest_schema_version(
         "aggregates",
         "model_agreement",
         "leaders",
+        "node_usage",
     }
     assert ledger.health.connected
 
@@ -185,6 +189,81 @@ async def test_set_state_sets_plain_columns_and_merges_json_columns(
     assert row["staged_bytes"] == {"0": 1234}
     assert row["models_missing"] == []
     assert row["error"] == "none so far"
+
+
+async def test_a_schema_at_version_4_migrates_to_5_keeping_its_batches(
+    pg_dsn: str, admin: asyncpg.Connection, schema: str, make_ledger: MakeLedger
+) -> None:
+    """A ledger written before the per-node accounting: its batches stay, with no figures."""
+    s = f'"{schema}"'
+    async with admin.transaction():
+        await admin.execute("SELECT set_config('numa_coordinator.host_id', $1, true)", "old-host")
+        await admin.execute(f"CREATE SCHEMA {s}")
+        await admin.execute(
+            f"CREATE TABLE {s}.schema_version ("
+            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for version, sql in enumerate(MIGRATIONS[:4], start=1):
+            await admin.execute(sql.format(s=s))
+            await admin.execute(f"INSERT INTO {s}.schema_version (version) VALUES ($1)", version)
+        await admin.execute(
+            f"INSERT INTO {s}.batches (batch_id, state, host_id) VALUES ('old', 'done', $1)",
+            socket.gethostname(),
+        )
+    ledger = await make_ledger()
+    assert await ledger.schema_version() == 5 == len(MIGRATIONS)
+    row = await ledger.get("old")
+    assert row is not None
+    assert row["state"] == "done"
+    assert (row["compressed_bytes"], row["decoded_bytes"], row["encode_cpu_s"]) == (None,) * 3
+    assert row["node_usage"] == {}
+
+
+async def test_a_state_change_writes_each_nodes_usage_keeping_the_larger_figures(
+    make_ledger: MakeLedger, admin: asyncpg.Connection, schema: str
+) -> None:
+    ledger = await make_ledger(leader=True)
+    await seen(ledger, "b1")
+    await ledger.set_state(
+        "b1",
+        State.STAGED,
+        compressed_bytes=100,
+        decoded_bytes=350,
+        encode_cpu_s=0.5,
+        node_usage={
+            "0": {"stage_copied_bytes": 10, "stage_remote_bytes": 0, "peak_rss_bytes": 900},
+            "1": {"stage_copied_bytes": 10, "stage_remote_bytes": 10},
+        },
+    )
+    # The running totals of a later step (a resumed batch's smaller peak among them).
+    await ledger.set_state(
+        "b1",
+        State.CROSSCHECKED,
+        node_usage={
+            "0": {
+                "stage_copied_bytes": 10,
+                "stage_remote_bytes": 0,
+                "crosscheck_read_bytes": 10,
+                "peak_rss_bytes": 500,
+            }
+        },
+    )
+    row = await ledger.get("b1")
+    assert row is not None
+    assert (row["compressed_bytes"], row["decoded_bytes"], row["encode_cpu_s"]) == (100, 350, 0.5)
+    usage = row["node_usage"]
+    assert set(usage) == {"0", "1"}
+    assert usage["0"]["stage_copied_bytes"] == 10
+    assert usage["0"]["crosscheck_read_bytes"] == 10
+    assert usage["0"]["peak_rss_bytes"] == 900  # the larger stays
+    assert usage["1"]["stage_remote_bytes"] == 10
+    assert usage["1"]["crosscheck_read_bytes"] is None  # never reported: unknown, not 0
+    # A move the rule refuses writes no figure either.
+    await force(admin, schema, "b1", State.DONE)
+    await ledger.set_state("b1", State.STAGED, node_usage={"2": {"stage_copied_bytes": 1}})
+    assert set((await ledger.get("b1") or {})["node_usage"]) == {"0", "1"}
+    with pytest.raises(ValueError, match=r"node_usage of node 0: unknown column\(s\) \['bogus'\]"):
+        await ledger.set_state("b1", State.DONE, node_usage={"0": {"bogus": 1}})
 
 
 async def test_set_state_refuses_an_unknown_column(make_ledger: MakeLedger) -> None:
@@ -431,6 +510,80 @@ async def test_a_vanished_rows_file_is_an_agent_error_not_a_database_outage(
                 "b1", summarise(small_aggregate()), tmp_path / "gone.csv", fields={}
             )
     assert ledger.health.connected
+    assert await count(admin, schema, "aggregates", "b1") == 0
+
+
+def agents_rows(folder: Path, batch_id: str, data: bytes) -> RowsFile:
+    """`data` written as an agent writes its rows (folder/batch_id/.aggregates.csv), and the
+    RowsFile the pipeline COPYs from it: what the agent reported."""
+    (folder / batch_id).mkdir(parents=True, exist_ok=True)
+    path = folder / batch_id / ".aggregates.csv"
+    path.write_bytes(data)
+    return RowsFile(folder, batch_id, path.name, ident_of(path.stat(), data))
+
+
+async def test_an_agents_rows_file_is_copied_when_it_is_the_one_reported(
+    make_ledger: MakeLedger, admin: asyncpg.Connection, schema: str, tmp_path: Path
+) -> None:
+    ledger = await make_ledger(leader=True)
+    agg = small_aggregate()
+    await seen(ledger, "b1")
+    rows = agents_rows(tmp_path, "b1", rows_csv(agg.items, "b1"))
+    assert await ledger.commit("b1", summarise(agg), rows, fields={}) is None
+    assert await count(admin, schema, "aggregates", "b1") == 3
+
+
+async def test_a_rows_file_rewritten_with_the_same_size_and_mtime_commits_nothing(
+    make_ledger: MakeLedger, admin: asyncpg.Connection, schema: str, tmp_path: Path
+) -> None:
+    """Only the content hash can tell: the bytes were sent to the COPY before the mismatch
+    shows at the end of the file, so the COPY must be aborted and its transaction undone."""
+    ledger = await make_ledger(leader=True)
+    agg = small_aggregate()
+    await seen(ledger, "b1")
+    data = rows_csv(agg.items, "b1")
+    rows = agents_rows(tmp_path, "b1", data)
+    path = tmp_path / "b1" / ".aggregates.csv"
+    st = path.stat()
+    forged = data.replace(b"cat", b"dog")
+    assert forged != data and len(forged) == len(data)
+    with path.open("r+b") as f:  # in place: same inode, same size
+        f.write(forged)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with anyio.fail_after(20):
+        with pytest.raises(
+            RowsRefused, match=r"batch b1: rows file .*b1/\.aggregates\.csv: content"
+        ):
+            await ledger.commit("b1", summarise(agg), rows, fields={})
+    assert await count(admin, schema, "aggregates", "b1") == 0
+    assert await count(admin, schema, "model_agreement", "b1") == 0
+    assert (await ledger.get("b1") or {})["state"] != State.COMMITTED.value
+    assert ledger.health.connected  # a refusal is no database outage
+    # The connection the COPY was aborted on serves the next commit.
+    good = agents_rows(tmp_path, "b1", data)
+    assert await ledger.commit("b1", summarise(agg), good, fields={}) is None
+    assert await count(admin, schema, "aggregates", "b1") == 3
+
+
+async def test_a_rows_file_swapped_for_a_link_is_never_opened(
+    make_ledger: MakeLedger, admin: asyncpg.Connection, schema: str, tmp_path: Path
+) -> None:
+    ledger = await make_ledger(leader=True)
+    agg = small_aggregate()
+    await seen(ledger, "b1")
+    data = rows_csv(agg.items, "b1")
+    rows = agents_rows(tmp_path / "staging", "b1", data)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "rows.csv").write_bytes(data)  # the very bytes: only the link gives it away
+    os.utime(outside / "rows.csv", ns=(0, rows.expect.mtime_ns))
+    path = tmp_path / "staging" / "b1" / ".aggregates.csv"
+    path.unlink()
+    os.symlink(outside / "rows.csv", path)
+    with Opens(outside) as opens:
+        with pytest.raises(RowsRefused, match="symbolic link"):
+            await ledger.commit("b1", summarise(agg), rows, fields={})
+        assert opens.files() == []  # never opened through the link
     assert await count(admin, schema, "aggregates", "b1") == 0
 
 

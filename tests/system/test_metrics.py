@@ -20,9 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from coordinator.core.batch import State
 from coordinator.core.config import load_config
 from coordinator.core.errors import ConfigError
-from coordinator.core.messages import Heartbeat, Hello
+from coordinator.core.messages import Crosschecked, Heartbeat, Hello, Staged
 from coordinator.core.summary import AggregateSummary
 from coordinator.core.timings import Timings
+from coordinator.core.usage import BatchCompression
 from coordinator.ctl.client import call
 from coordinator.daemon.hub import AgentConn
 from coordinator.daemon.metrics import Metrics, parse_listen, reason_label
@@ -129,6 +130,37 @@ def finished_run(d: Daemon, state: State = State.DONE) -> BatchRun:
         }
     )
     run.staged_bytes = {"0": 1000, "1": 3000}
+    for n, remote in ((0, 0), (1, 1000)):
+        run.add_usage(
+            n,
+            Staged(
+                batch_id="b-1",
+                bytes=1000,
+                seconds=0.1,
+                files={},
+                tmpfs_free=1,
+                node=n,
+                copied_remote=remote,
+                copied_absent=10,
+                compressed_bytes=400,
+                decoded_bytes=1400,
+                encode_cpu_s=0.25,
+                peak_rss=(n + 1) << 20,
+            ),
+        )
+        run.add_usage(
+            n,
+            Crosschecked(
+                batch_id="b-1",
+                outputs={},
+                seconds=0.1,
+                node=n,
+                read_bytes=1000,
+                read_remote=7 * n,
+                decode_cpu_s=0.5,
+            ),
+        )
+    run.compression = BatchCompression(400, 1400, 0.25)
     return run
 
 
@@ -174,6 +206,24 @@ async def test_finished_batch_counts_its_state_phases_per_node_phases_and_bytes(
     assert value(s, f"{h}_bucket", node="1", phase="crosscheck", le="1.0") == 1
     assert value(s, "numa_coordinator_staged_bytes_total", node="0") == 1000
     assert value(s, "numa_coordinator_staged_bytes_total", node="1") == 3000
+    # The per-node accounting: each step's bytes, those from another node, the CPU, the peak.
+    for n in ("0", "1"):
+        assert value(s, "numa_coordinator_node_read_bytes_total", node=n, step="stage") == 1000
+        assert value(s, "numa_coordinator_node_read_bytes_total", node=n, step="crosscheck") == 1000
+        assert value(s, "numa_coordinator_node_read_bytes_total", node=n, step="aggregate") == 0
+        nim = "numa_coordinator_source_not_in_memory_bytes_total"
+        assert value(s, nim, node=n, step="stage") == 10
+        assert value(s, "numa_coordinator_decode_cpu_seconds_total", node=n) == 0.5
+    x = "numa_coordinator_cross_node_bytes_total"
+    assert value(s, x, node="0", step="stage") == 0
+    assert value(s, x, node="1", step="stage") == 1000
+    assert value(s, x, node="1", step="crosscheck") == 7
+    assert value(s, "numa_coordinator_agent_peak_rss_bytes", node="0") == 1 << 20
+    assert value(s, "numa_coordinator_agent_peak_rss_bytes", node="1") == 2 << 20
+    assert value(s, "numa_coordinator_files_compressed_bytes_total") == 400
+    assert value(s, "numa_coordinator_files_decoded_bytes_total") == 1400
+    assert value(s, "numa_coordinator_encode_cpu_seconds_total") == 0.25
+    assert value(s, "numa_coordinator_compression_ratio") == 3.5
     finished = value(s, "numa_coordinator_last_batch_finished_timestamp_seconds", state="done")
     assert time.time() - 5 < finished <= time.time()
 
@@ -189,6 +239,14 @@ async def test_series_exist_before_the_first_batch_so_increase_sees_it(tmp_path)
         assert value(s, "numa_coordinator_staged_bytes_total", node=node) == 0
         h = "numa_coordinator_node_phase_duration_seconds_count"
         assert value(s, h, node=node, phase="staging") == 0
+        for step in ("stage", "crosscheck", "aggregate_copy", "aggregate"):
+            assert value(s, "numa_coordinator_cross_node_bytes_total", node=node, step=step) == 0
+    # The last batch's gauges are missing until there is one, not 0.
+    names = {name for name, _ in s}
+    assert not names & {
+        "numa_coordinator_compression_ratio",
+        "numa_coordinator_agent_peak_rss_bytes",
+    }
     # No `_created` companions: they would be series of their own in the text format.
     assert not any(name.endswith("_created") for name, _ in s)
 

@@ -13,6 +13,7 @@ wire was relative.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -61,9 +62,12 @@ def remote_config(env: Env, views: Path) -> None:
         )
 
 
-def start_remote_agent(env: Env, views: Path) -> subprocess.Popen[bytes]:
+def start_remote_agent(
+    env: Env, views: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Node 1's agent in a mount namespace of its own: a private tmpfs at its node folder,
-    staging and the lake under `views`, the coordinator's staging and lake paths hidden."""
+    staging and the lake under `views`, the coordinator's staging and lake paths hidden
+    (`extra_env`: test hooks, as a Daemon's)."""
     node_dir = env.tmpfs / "node1"
     for p in (node_dir, views / "staging", views / "lake", env.staging, env.lake):
         p.mkdir(parents=True, exist_ok=True)
@@ -84,7 +88,11 @@ def start_remote_agent(env: Env, views: Path) -> subprocess.Popen[bytes]:
     log = (env.root / "remote-agent.log").open("ab")
     try:
         return subprocess.Popen(
-            ["unshare", "-m", "sh", "-c", script], stdout=log, stderr=log, cwd=ROOT
+            ["unshare", "-m", "sh", "-c", script],
+            stdout=log,
+            stderr=log,
+            cwd=ROOT,
+            env={**os.environ, **(extra_env or {})},
         )
     finally:
         log.close()

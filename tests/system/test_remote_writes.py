@@ -41,7 +41,7 @@ from tests.faultlib import (
     assert_exactly_once,
     ledger,
     ledger_ids,
-    parquet_bytes,
+    sdk_publish,
     staging_leftovers,
     tables,
 )
@@ -61,8 +61,7 @@ class Remote:
         t = tables(seed)
         out = {}
         for m in MODELS:
-            slm.publish(self.export, batch_id, m, t[m], **notify)  # type: ignore[arg-type]
-            out[m] = parquet_bytes(t[m])
+            out[m] = sdk_publish(self.export, batch_id, m, t[m], **notify)
         return out
 
 
@@ -234,8 +233,7 @@ def test_bad_announcements_cost_a_look_and_nothing_else(remote: Remote, daemon) 
     t = tables(41)
     published = {}
     for m in MODELS[:6]:
-        slm.publish(remote.export, "half", m, t[m], notify=False)
-        published[m] = parquet_bytes(t[m])
+        published[m] = sdk_publish(remote.export, "half", m, t[m], notify=False)
     bad = [
         "garbage",  # not batch/model/size
         "../slm-1/10",  # not a batch name
@@ -256,8 +254,9 @@ def test_bad_announcements_cost_a_look_and_nothing_else(remote: Remote, daemon) 
         "the batch to be seen",
     )
     assert b["state"] == "waiting" and b["missing"] == [MODELS[6]]
-    slm.publish(remote.export, "half", MODELS[6], t[MODELS[6]], notify=_notifier(env))
-    published[MODELS[6]] = parquet_bytes(t[MODELS[6]])
+    published[MODELS[6]] = sdk_publish(
+        remote.export, "half", MODELS[6], t[MODELS[6]], notify=_notifier(env)
+    )
     assert d.wait_state("half", FINAL)["state"] == "done"
     assert_exactly_once(env, "half", published=published)
     assert ledger_ids(env) == {"half"}

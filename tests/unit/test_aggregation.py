@@ -3,6 +3,7 @@ summary's wire form; which node aggregates; and the checks the coordinator makes
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from coordinator.core.batch import aggregate_node
 from coordinator.core.errors import NoSpaceError, ParquetError, ProtocolError
 from coordinator.core.messages import Aggregated, from_dict
 from coordinator.core.roots import Dir
+from coordinator.core.rowsfile import RowsIdent
 from coordinator.core.summary import COPY_COLUMNS, AggregateFiles, AggregateSummary
 from tests.conftest import mounted_tmpfs
 from tests.tables import result
@@ -65,6 +67,14 @@ def test_aggregate_batch_writes_the_rows_node_locally_and_returns_only_a_summary
         local / "aggregates.parquet",
     )
     assert out.rows_csv.read_bytes() == rows_csv(expected.items, "b1")
+    # What the coordinator checks before its COPY: the file as written, and its bytes' hash.
+    st = out.rows_csv.stat()
+    assert out.rows_ident == RowsIdent(
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        hashlib.sha256(rows_csv(expected.items, "b1")).hexdigest(),
+    )
     assert pq.read_table(out.parquet).equals(expected.items)
     assert pq.read_metadata(out.parquet).row_group(0).column(0).compression == "ZSTD"
     copies = [f"crosscheck_{m}.parquet" for m in TABLES]
@@ -186,6 +196,8 @@ def reply(_: Path, **over: object) -> Aggregated:
         "rows_csv": "b1/aggregates.csv",
         "parquet": "b1/aggregates.parquet",
         "seconds": 1.5,
+        "rows_ident": [41, 300, 1795878000223456789],
+        "rows_sha256": "ab" * 32,
         "req": 3,
         "node": 1,
     }
@@ -202,6 +214,7 @@ def test_a_reply_naming_the_batch_own_files_is_taken(tmp_path: Path) -> None:
     assert (files.node, files.rows_csv, files.seconds) == (1, local / "b1/aggregates.csv", 1.5)
     assert files.parquet == local / "b1/aggregates.parquet"
     assert files.summary.rows == 4
+    assert files.rows_ident == RowsIdent(41, 300, 1795878000223456789, "ab" * 32)
 
 
 def test_an_agent_in_another_kernel_leaves_its_rows_in_staging(tmp_path: Path) -> None:
@@ -231,6 +244,8 @@ def test_an_agent_in_another_kernel_leaves_its_rows_in_staging(tmp_path: Path) -
         {"parquet": "/var/lib/other/aggregates.parquet"},
         {"rows_csv": "/dev/shm/node1/b1/aggregates.csv"},  # absolute: never taken
         {"rows_csv": "b2/aggregates.csv"},  # another batch's
+        {"rows_sha256": "AB" * 32},  # not as hashlib writes it
+        {"rows_sha256": ""},
         {"rows_csv": "b1/../b2/aggregates.csv"},
         {"batch_id": "b2", "rows_csv": "b2/aggregates.csv", "parquet": "b2/aggregates.parquet"},
     ],
@@ -251,6 +266,8 @@ def test_a_reply_naming_any_other_file_is_refused(tmp_path: Path, over: dict[str
         ({"rows_csv": None}, "rows_csv"),
         ({"seconds": "soon"}, "seconds"),
         ({"summary": []}, "summary"),
+        ({"rows_ident": [1, 2]}, "rows_ident"),
+        ({"rows_sha256": 7}, "rows_sha256"),
     ],
 )
 def test_a_mistyped_reply_is_refused_before_it_is_read(

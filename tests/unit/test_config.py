@@ -211,6 +211,8 @@ def test_a_toml_syntax_error_names_file_and_line(etc: Path) -> None:
         ("[parquet]\nlevel = 99\n", "parquet.level"),
         ('[log]\nlevel = "loud"\n', "log.level"),
         ('[crosscheck]\nfunction = "no colon here"\n', "crosscheck.function"),
+        ('[lake]\nformat = "delta"\n', "lake.format"),
+        ('[lake]\nnamespace = "Bad Name"\n', "lake.namespace"),
     ],
 )
 def test_a_wrong_type_or_value_names_the_file_and_key(etc: Path, text: str, key: str) -> None:
@@ -397,6 +399,7 @@ DEFAULTS_BEFORE: dict[str, Any] = {
     },
     "host": {"id": "", "lease_s": 10.0},
     "parquet": {"compression": "zstd", "level": 3},
+    "lake": {"format": "parquet", "namespace": "numa", "credentials_file": ""},
     "barrier": {
         "backend": "inotify",
         "debounce_ms": 20,
@@ -436,6 +439,9 @@ RESTART_KEYS = [
     "database.schema",
     "host.id",
     "host.lease_s",
+    "lake.format",
+    "lake.namespace",
+    "lake.credentials_file",
     "agents.listen",
     "metrics.listen",
     "node.id",
@@ -447,6 +453,7 @@ RESTART_KEYS = [
 
 CHOICES = {
     "parquet.compression": ("zstd", "snappy", "gzip", "brotli", "lz4", "none"),
+    "lake.format": ("parquet", "iceberg"),
     "barrier.backend": ("inotify", "watchfiles", "notify", "poll"),
     "log.level": ("debug", "info", "warning", "error"),
     "log.format": ("auto", "json", "console"),
@@ -760,3 +767,22 @@ def test_check_config_explain_prints_every_key(
     for s in TOP:
         assert re.search(rf"^{re.escape(s.key)}  ", out, re.MULTILINE), s.key
     assert "\nnode[1].cpus " in out
+
+
+def test_an_iceberg_lake_refuses_a_node_that_sees_the_lake_elsewhere(etc: Path) -> None:
+    """A snapshot names its files by absolute location: every agent must write the same lake."""
+    nodes = (
+        '[[node]]\nid = 0\nmodels = ["slm-1", "slm-2", "slm-3", "slm-4"]\n'
+        '[[node]]\nid = 1\nmodels = ["slm-5", "slm-6", "slm-7"]\nlake = "/mnt/lake"\n'
+    )
+    main = main_file(etc, '[paths]\nlake = "/data/lake"\n' + nodes)
+    assert load_config(main).lake.format == "parquet"  # the plain lake allows it
+    dropin(etc, "50-iceberg.toml", '[lake]\nformat = "iceberg"\n')
+    msg = load_error(main)
+    assert "node[1].lake" in msg and "'/mnt/lake'" in msg and "absolute location" in msg
+    main_file(
+        etc,
+        '[paths]\nlake = "/data/lake"\n'
+        + nodes.replace('lake = "/mnt/lake"', 'lake = "/data/lake"'),
+    )
+    assert load_config(main).lake.format == "iceberg"

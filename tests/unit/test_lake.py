@@ -158,3 +158,52 @@ def test_an_unwritable_lake_is_a_lake_error(tmp_path: Path, batch_files: list[Pa
     blocker.write_bytes(b"a file where the lake folder should be")
     with pytest.raises(LakeError):
         Lake(str(blocker)).archive("b1", DATE, batch_files)
+
+
+def _lake_with_ids(tmp_path: Path, ids: list[str]) -> Path:
+    root = tmp_path / "lake"
+    agg = tmp_path / "agg" / "aggregates.parquet"
+    agg.parent.mkdir(parents=True)
+    pq.write_table(aggregates(2), agg)
+    for bid in ids:
+        Lake(str(root)).archive(bid, DATE, [agg])
+    return root
+
+
+NUMERIC_IDS = ["0012", "20240501", "b-7"]
+
+
+def test_hive_readers_infer_all_numeric_batch_ids_as_integers_by_default(tmp_path: Path) -> None:
+    """The trap docs/lake.md warns of: without a flag, pyarrow reads '0012' back as 12, and
+    DuckDB reads ids that are all numbers (and round-trip as such) as BIGINT."""
+    import pyarrow.dataset as ds
+
+    duckdb = pytest.importorskip("duckdb")
+    root = _lake_with_ids(tmp_path, ["0012", "20240501"])
+    inferred = ds.dataset(root / "batches", partitioning="hive").to_table()
+    assert pa.types.is_integer(inferred.schema.field("batch").type)
+    assert sorted(set(inferred.column("batch").to_pylist())) == [12, 20240501]
+    root2 = _lake_with_ids(tmp_path / "2", ["7", "20240501"])
+    rows = duckdb.sql(
+        f"SELECT DISTINCT batch, typeof(batch) FROM read_parquet("
+        f"'{root2}/batches/*/*/aggregates.parquet', hive_partitioning = true) ORDER BY 1"
+    ).fetchall()
+    assert rows == [(7, "BIGINT"), (20240501, "BIGINT")]
+
+
+def test_hive_readers_given_string_partitions_read_batch_ids_as_written(tmp_path: Path) -> None:
+    """The reader flags docs/lake.md gives: pyarrow's partitioning schema, DuckDB's hive_types."""
+    import pyarrow.dataset as ds
+
+    duckdb = pytest.importorskip("duckdb")
+    root = _lake_with_ids(tmp_path, NUMERIC_IDS)
+    strings = pa.schema([("date", pa.string()), ("batch", pa.string())])
+    part = ds.partitioning(strings, flavor="hive")
+    got = ds.dataset(root / "batches", partitioning=part).to_table()
+    assert sorted(set(got.column("batch").to_pylist())) == sorted(NUMERIC_IDS)
+    assert set(got.column("date").to_pylist()) == {DATE}
+    rows = duckdb.sql(
+        f"SELECT DISTINCT batch, date FROM read_parquet('{root}/batches/*/*/aggregates.parquet',"
+        " hive_partitioning = true, hive_types = {'batch': VARCHAR, 'date': VARCHAR})"
+    ).fetchall()
+    assert sorted(rows) == sorted((b, DATE) for b in NUMERIC_IDS)

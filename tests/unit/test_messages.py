@@ -182,6 +182,8 @@ CASES: list[tuple[Message, dict[str, Any]]] = [
             rows_csv="b1/aggregates.csv",
             parquet="b1/aggregates.parquet",
             seconds=0.08,
+            rows_ident=(41, 300, 1795878000223456789),
+            rows_sha256="ab" * 32,
             req=10,
             node=1,
         ),
@@ -192,6 +194,8 @@ CASES: list[tuple[Message, dict[str, Any]]] = [
             "rows_csv": "b1/aggregates.csv",
             "parquet": "b1/aggregates.parquet",
             "seconds": 0.08,
+            "rows_ident": [41, 300, 1795878000223456789],
+            "rows_sha256": "ab" * 32,
             "req": 10,
             "node": 1,
         },
@@ -365,20 +369,40 @@ def test_the_fields_a_message_may_leave_out() -> None:
         ("aggregate", "idents"),
         ("aggregate", "req"),
         ("aggregate", "rows_via"),
+        ("aggregated", "copied_absent"),
+        ("aggregated", "copied_bytes"),
+        ("aggregated", "copied_remote"),
+        ("aggregated", "peak_rss"),
+        ("aggregated", "read_bytes"),
+        ("aggregated", "read_remote"),
         ("aggregated", "req"),
+        ("archive", "bases"),
         ("archive", "idents"),
         ("archive", "req"),
+        ("archive", "summary"),
+        ("archived", "commits"),
         ("archived", "req"),
         ("crosscheck", "req"),
+        ("crosschecked", "decode_cpu_s"),
         ("crosschecked", "idents"),
+        ("crosschecked", "peak_rss"),
+        ("crosschecked", "read_bytes"),
+        ("crosschecked", "read_remote"),
         ("crosschecked", "req"),
         ("error", "req"),
         ("purge", "req"),
         ("purged", "req"),
         ("stage", "idents"),
         ("stage", "req"),
+        ("staged", "compressed_bytes"),
+        ("staged", "copied_absent"),
+        ("staged", "copied_remote"),
+        ("staged", "decoded_bytes"),
+        ("staged", "encode_cpu_s"),
+        ("staged", "peak_rss"),
         ("staged", "placement"),
         ("staged", "req"),
+        ("staged", "source_nodes"),
     ]
 
 
@@ -553,6 +577,33 @@ def test_decode_of_a_valid_message_with_one_field_replaced_never_raises_anything
         decode(json.dumps(obj).encode())
     except ProtocolError:
         pass
+
+
+def test_the_iceberg_lake_fields_go_on_the_wire_only_when_set_and_round_trip() -> None:
+    """The plain lake's archive and archived keep their wire form; the Iceberg lake's bases,
+    summary and commits travel and come back as they were (a pair as a tuple)."""
+    plain = messages.Archive(batch_id="b", date="2024-05-01", models=("m",))
+    assert b"bases" not in messages.encode(plain) and b"summary" not in messages.encode(plain)
+    msg = messages.Archive(
+        batch_id="b",
+        date="2024-05-01",
+        models=("m",),
+        bases={"aggregates": "file:///l/a/metadata/00000-x.metadata.json"},
+        summary={"rows": 1},
+    )
+    assert messages.decode(messages.encode(msg)) == msg
+    reply = messages.Archived(
+        batch_id="b",
+        lake_path="batches/date=2024-05-01/batch=b",
+        bytes=1,
+        seconds=0.5,
+        node=0,
+        commits={"aggregates": ("file:///old.metadata.json", "file:///new.metadata.json")},
+    )
+    assert messages.decode(messages.encode(reply)) == reply
+    bad = messages.to_dict(reply) | {"commits": {"aggregates": ["only one"]}}
+    with pytest.raises(ProtocolError, match="archived: field 'commits'"):
+        messages.from_dict(bad)
 
 
 def test_every_request_type_is_a_step_an_error_can_name() -> None:

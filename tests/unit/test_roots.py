@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from agents import slm
-from coordinator.core import roots
+from coordinator.core import files, roots
 from coordinator.core.errors import BatchFinishedError
 from coordinator.core.roots import Dir, LinkRefused, Root, fit_name
 from coordinator.daemon import scanner
@@ -362,13 +362,13 @@ def test_a_publish_whose_folder_is_removed_meanwhile_says_the_batch_is_finished(
     staging: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     slm.publish(staging, "b1", "m1", result(3))
-    real = pq.write_table
+    real = files.write_table
 
     def cleaned_up_meanwhile(table: Any, where: Any, **kw: Any) -> None:
         real(table, where, **kw)
         shutil.rmtree(staging / "b1")  # the coordinator's clean-up of a finished batch
 
-    monkeypatch.setattr(pq, "write_table", cleaned_up_meanwhile)
+    monkeypatch.setattr(files, "write_table", cleaned_up_meanwhile)
     with pytest.raises(BatchFinishedError, match=r"batch b1 is finished"):
         slm.publish(staging, "b1", "m2", result(3))
 

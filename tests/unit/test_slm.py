@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from agents import slm
+from coordinator.core import files
 from coordinator.core.errors import ParquetError
 
 
@@ -49,7 +50,7 @@ def test_publish_shows_only_a_temp_name_until_the_file_is_complete(
     folder = tmp_path / "b1"
     seen_during_write: list[list[str]] = []
     seen_at_rename: list[tuple[str, str, int, bool]] = []
-    real_write, real_rename = pq.write_table, os.rename
+    real_write, real_rename = files.write_table, os.rename
 
     def watching_write(table: pa.Table, where: Any, **kw: Any) -> None:
         seen_during_write.append(listing(folder))
@@ -65,7 +66,7 @@ def test_publish_shows_only_a_temp_name_until_the_file_is_complete(
         seen_at_rename.append((src, dst, rows, (here / dst).exists()))
         real_rename(src, dst, **kw)
 
-    monkeypatch.setattr(pq, "write_table", watching_write)
+    monkeypatch.setattr(files, "write_table", watching_write)
     monkeypatch.setattr(os, "rename", watching_rename)
     slm.publish(tmp_path, "b1", "slm-1", result(7))
     assert seen_during_write == [[".slm-1.parquet.tmp"], [".slm-1.parquet.tmp"]]
@@ -79,7 +80,7 @@ def test_a_failing_write_leaves_neither_temp_nor_final_file(
         where.write(b"PAR1 and then the disk went away")
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(pq, "write_table", half_then_fail)
+    monkeypatch.setattr(files, "write_table", half_then_fail)
     with pytest.raises(OSError, match="Input/output"):
         slm.publish(tmp_path, "b1", "slm-1", result())
     assert listing(tmp_path / "b1") == []
@@ -93,7 +94,7 @@ def test_a_failing_republish_keeps_the_earlier_complete_file(
     def fail(table: pa.Table, where: Any, **kw: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pq, "write_table", fail)
+    monkeypatch.setattr(files, "write_table", fail)
     with pytest.raises(KeyboardInterrupt):
         slm.publish(tmp_path, "b1", "slm-1", result(9))
     assert listing(tmp_path / "b1") == ["slm-1.parquet"]
