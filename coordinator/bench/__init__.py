@@ -17,10 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from coordinator.bench import sustained
 from coordinator.bench.report import (
     Row,
     machine,
     median,
+    merge_results,
     percentile,
     render_text,
     write_results,
@@ -549,6 +551,7 @@ def build_rows(m: Any) -> list[Row]:
             rows.append(
                 Row(f"step_{key[:-3]}", label, "s", step_s(key), anchor_s, "its anchor above", "—")
             )
+    rows += sustained.rows(m)
     for r in rows:
         r.evaluate(thresholds=not quick)
     if m.errors:
@@ -615,6 +618,7 @@ def run_bench(
             "lag": m.lag,
             "ingest": m.ingest,
             "lake": m.lake,
+            "sustained": m.sustained,
         },
         "errors": m.errors,
     }, rows
@@ -651,6 +655,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         only=only,
     )
     out = Path(args.out)
+    if only and out.is_file():  # a partial run keeps the other phases' rows of the last one
+        doc = merge_results(json.loads(out.read_text()), doc)
     write_results(out, doc)
     if args.json:
         print(json.dumps(doc, indent=2, default=str))

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.notifier import PgNotifier
-from coordinator.bench import anchors
+from coordinator.bench import anchors, sustained
 from coordinator.bench.report import percentile
 from coordinator.core.announce import channel
 from coordinator.core.errors import ControlError, CoordinatorError
@@ -52,10 +52,11 @@ PHASES = (
     "lag",
     "ingest",
     "notify",
+    "sustained",
 )
 # The phases that need PostgreSQL, and those of them that need the (inotify) daemon.
-DATABASE_PHASES = ("lake", "barrier", "idle", "full", "lag", "ingest", "notify")
-DAEMON_PHASES = ("barrier", "idle", "full", "lag", "ingest")
+DATABASE_PHASES = ("lake", "barrier", "idle", "full", "lag", "ingest", "notify", "sustained")
+DAEMON_PHASES = ("barrier", "idle", "full", "lag", "ingest", "sustained")
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Params:
     ingest_reps: int = 2
     ingest_subset: int = 0  # rows for the client paths (executemany, copy_records); 0: all
     only: frozenset[str] | None = None  # run only these phases (PHASES); None: all
+    sustained_batches: int = 10  # full batches published back to back (bench.sustained)
 
     def wants(self, phase: str) -> bool:
         """Whether this run includes `phase`."""
@@ -95,6 +97,7 @@ class Params:
             reps=1,
             ingest_reps=1,
             ingest_subset=500,
+            sustained_batches=4,
         )
 
 
@@ -159,6 +162,7 @@ class Measured:
     lag: dict[str, Any] = field(default_factory=dict)
     ingest: dict[str, Any] = field(default_factory=dict)
     lake: dict[str, list[float]] = field(default_factory=dict)
+    sustained: dict[str, Any] = field(default_factory=dict)  # bench.sustained
     reader: str = ""
     listen_reader: str = ""
     psql: str = ""
@@ -693,6 +697,11 @@ def run(p: Params, *, dsn: str = "") -> Measured:
         phase("full", "full batches: end to end and daemon CPU", full)
         phase("lag", "event-loop lag: a full batch with the 1 ms ticker on", lag)
         phase("ingest", "database ingest: the COPY path against psql \\copy and asyncpg", ingest)
+        phase(
+            "sustained",
+            f"sustained: {p.sustained_batches} full batches back to back against them by hand",
+            lambda: sustained.run(p, d, dm, sources, db, schema, m, publish_batch),
+        )
         # The notify backend's series runs alone: the first daemon stops before it starts.
         daemon.stop()
         daemon = None

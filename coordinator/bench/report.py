@@ -208,3 +208,25 @@ def render_docs(doc: dict[str, Any]) -> str:
         render_markdown(rows_from_results(doc)),
     ]
     return "\n".join(lines)
+
+
+def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The results of a partial run (`--only`) laid over an earlier results file: the rows the
+    new run measured replace those of the same key and the others stay, each row naming the
+    command that measured it; the raw figures of the phases the new run measured replace the
+    old ones."""
+    if old.get("quick") != new.get("quick"):
+        return new  # a quick run's figures mean nothing next to a real run's
+    before = {r["key"]: {"command": old.get("command", ""), **r} for r in old.get("rows", [])}
+    before.pop("errors", None)
+    rows = []
+    for r in new["rows"]:  # a row the partial run did not measure keeps the earlier figures
+        unmeasured = r["ours"] is None and r["anchor"] is None and r["key"] != "errors"
+        if unmeasured and r["key"] in before:
+            rows.append(before.pop(r["key"]))
+        else:
+            before.pop(r["key"], None)
+            rows.append({**r, "command": new.get("command", "")})
+    rows += before.values()  # rows this version no longer makes
+    raw = {**old.get("raw", {}), **{k: v for k, v in new.get("raw", {}).items() if v}}
+    return {**new, "rows": rows, "raw": raw}

@@ -68,6 +68,9 @@ def test_every_row_has_ours_and_every_anchored_row_an_anchor_and_a_ratio(
         "rss_batch",
         "cpu_idle",
         "e2e",
+        "sustained_throughput",
+        "sustained_growth",
+        "sustained_latency",
     ):
         assert key in keys, f"row {key} missing"
     for row in doc["rows"]:
@@ -140,7 +143,7 @@ def test_the_bench_command_renders_a_results_file_for_the_docs(
 def test_the_bench_command_refuses_an_unknown_phase_naming_the_ones_it_takes() -> None:
     done = bench_cli("--only", "barrier,warp")
     assert done.returncode == 2
-    phases = "codecs,crosscheck,archive,staging,lake,barrier,idle,full,lag,ingest,notify"
+    phases = "codecs,crosscheck,archive,staging,lake,barrier,idle,full,lag,ingest,notify,sustained"
     assert f"--only takes {phases}" in done.stderr
 
 
@@ -197,6 +200,8 @@ GOOD: dict[str, float] = {
     "cpu_loop_pct": 0.5,
     "idle_pct": 0.1,
     "e2e_over_anchors": 1.0,
+    "sustained_speedup": 1.25,  # batches/h against the serial anchor's
+    "sustained_growth": 1.0,  # time in the pipeline, last 3 batches' median / first 3's
 }
 
 ROWS = 1_000_000  # ingest rows (and the client paths' subset)
@@ -308,6 +313,16 @@ def measured(fig: dict[str, float], *, quick: bool = False) -> Measured:
             },
         }
     ]
+    per_batch = 20.0  # the by-hand anchor's seconds for one batch
+    flight = [10.0, 9.0, 10.0, 10.5, 9.5, 10.0, 10.0, *[10.0 * fig["sustained_growth"]] * 3]
+    m.sustained = {
+        "threads": 2,
+        "duckdb": "1.4.4",
+        "wall_s": len(flight) * per_batch / fig["sustained_speedup"],
+        "batches": [{"latency_s": 5.0 * (i + 1), "in_flight_s": x} for i, x in enumerate(flight)],
+        "anchor": [{"staging": 1.0, "crosscheck": 12.0, "aggregate": 3.0, "commit": 3.5,
+                    "archive": 0.5}],
+    }  # fmt: skip
     m.idle = {
         "seconds": 10.0,
         "daemon_pct": fig["idle_pct"],
@@ -349,6 +364,8 @@ THRESHOLDED = {
     "cpu_batch_loop",
     "cpu_idle",
     "e2e",
+    "sustained_throughput",
+    "sustained_growth",
 }
 
 # (row, figures that just miss its target, figures exactly at the limit (None: no exact float))
@@ -396,12 +413,15 @@ CASES: list[tuple[str, dict[str, float], dict[str, float] | None]] = [
     ("cpu_batch_loop", {"cpu_loop_pct": 2.01}, {"cpu_loop_pct": 2.0}),
     ("cpu_idle", {"idle_pct": 0.51}, {"idle_pct": 0.5}),
     ("e2e", {"e2e_over_anchors": 1.21}, None),
+    ("sustained_throughput", {"sustained_speedup": 1.0}, None),
+    ("sustained_growth", {"sustained_growth": 1.51}, {"sustained_growth": 1.5}),
 ]
 # Where the limit cannot be hit exactly in floating point, a figure just inside it (and for the
 # barrier without an anchor: the same figure with its anchor measured).
 JUST_INSIDE: dict[str, dict[str, float]] = {
     "archive": {"archive_mbps": 90.5},
     "e2e": {"e2e_over_anchors": 1.19},
+    "sustained_throughput": {"sustained_speedup": 1.01},
     "barrier_p99": {},
     "notify_p99": {},
 }
@@ -456,6 +476,7 @@ def test_the_limits_above_are_hit_exactly() -> None:
         "cpu_batch": ("ours", 2.0),
         "cpu_batch_loop": ("ours", 2.0),
         "cpu_idle": ("ours", 0.5),
+        "sustained_growth": ("ratio", 1.5),
     }
     for key, _, limit in CASES:
         if limit is None or key not in targets:
@@ -469,7 +490,7 @@ def test_rows_without_a_target_are_never_judged() -> None:
     rows = rows_of(bad)
     for key in ("barrier_p50", "notify_p50", "ingest_records", "parquet_read", "parquet_cpu_write",
                 "lag_crosscheck", "lag_aggregate", "step_crosscheck", "step_aggregate",
-                "step_commit", "step_archive", "rss_batch"):  # fmt: skip
+                "step_commit", "step_archive", "rss_batch", "sustained_latency"):  # fmt: skip
         assert rows[key].met is None, key
     assert met_cell(rows, "lag_crosscheck") == "—"
     assert met_cell(rows, "parquet_cpu_write") == "n/a"  # a target to report, not to judge
@@ -496,3 +517,48 @@ def test_results_json_keeps_each_verdict() -> None:
     again = rows_from_results(json.loads(json.dumps({"rows": [r.as_dict() for r in rows]})))
     assert {r.key: r.met for r in again} == {r.key: r.met for r in rows}
     assert table_cells(again) == table_cells(rows)
+
+
+def test_the_sustained_growth_rule_flags_a_series_rising_at_every_batch() -> None:
+    """Within 1.5x of the first batches, but every batch slower than the one before: a leak
+    in the making, and the row says NO."""
+    m = measured(GOOD)
+    for i, b in enumerate(m.sustained["batches"]):
+        b["in_flight_s"] = 10.0 + 0.1 * i
+    rows = {r.key: r for r in build_rows(m)}
+    assert rows["sustained_growth"].ratio is not None and rows["sustained_growth"].ratio < 1.5
+    assert rows["sustained_growth"].met is False
+    assert "rising at every batch: YES" in rows["sustained_growth"].note
+
+
+def test_a_partial_run_keeps_the_other_rows_of_the_results_file(
+    quick_run: tuple[dict[str, Any], list[Any]],
+) -> None:
+    from coordinator.bench.report import merge_results
+
+    full, _ = quick_run
+    full = {**full, "quick": False, "command": "coordinatorctl bench"}
+    keys = [r["key"] for r in full["rows"]]
+    part = {
+        **full,
+        "command": "coordinatorctl bench --only sustained",
+        "rows": [
+            {**r, "ours": 123.0}
+            if r["key"].startswith("sustained")
+            else {**r, "ours": None, "anchor": None, "ratio": None}  # phases it did not run
+            for r in full["rows"]
+        ],
+        "raw": {"sustained": {"wall_s": 1.0}, "barrier": []},
+    }
+    merged = merge_results(full, part)
+    assert sorted(r["key"] for r in merged["rows"]) == sorted(keys)
+    by_key = {r["key"]: r for r in merged["rows"]}
+    assert by_key["sustained_throughput"]["ours"] == 123.0
+    assert by_key["sustained_throughput"]["command"] == "coordinatorctl bench --only sustained"
+    assert by_key["e2e"]["command"] == "coordinatorctl bench"
+    assert by_key["e2e"]["ours"] == next(r for r in full["rows"] if r["key"] == "e2e")["ours"]
+    assert by_key["e2e"]["ours"] is not None
+    assert [r["key"] for r in merged["rows"]] == keys  # the table's order kept
+    assert merged["raw"]["sustained"] == {"wall_s": 1.0}
+    assert merged["raw"]["barrier"] == full["raw"]["barrier"]  # an empty phase replaces nothing
+    assert merge_results({**full, "quick": True}, part) is part  # no quick figures kept
