@@ -33,7 +33,7 @@ from coordinator.ctl.client import call
 from coordinator.daemon import embedded_pg
 from coordinator.daemon.ledger import lock_ids, lock_key
 from tests.conftest import MODELS, Daemon, Env, wait_until
-from tests.soak.test_soak import iceberg_mismatches
+from tests.soak.test_soak import batches_for, iceberg_mismatches
 from tests.system.test_flow import tables
 
 BATCHES = int(os.environ.get("SOAK_HOSTS_BATCHES", "30"))
@@ -138,7 +138,8 @@ def test_soak_of_three_hosts_under_chaos_loses_nothing_and_duplicates_nothing(
     daemons["host-a"].append(Daemon(twin_env))
     everyone = [d for ds in daemons.values() for d in ds]
     rng = random.Random(int(os.environ.get("SOAK_SEED", "11")))
-    ids = {h: [f"soak-{h}-{i:05d}" for i in range(BATCHES // len(HOSTS))] for h in HOSTS}
+    per_host = batches_for(lake_format, BATCHES) // len(HOSTS)
+    ids = {h: [f"soak-{h}-{i:05d}" for i in range(per_host)] for h in HOSTS}
     done_publishing = threading.Event()
     chaos_log = dict.fromkeys(CHAOS, 0)
     try:
@@ -147,7 +148,7 @@ def test_soak_of_three_hosts_under_chaos_loses_nothing_and_duplicates_nothing(
         daemons["host-a"][1].start(wait=False)  # the standby of host-a
 
         def producer() -> None:
-            for i in range(BATCHES // len(HOSTS)):
+            for i in range(per_host):
                 for k, h in enumerate(HOSTS):
                     t = tables(6000 + 10 * i + k, ROWS)
                     order = list(MODELS)
@@ -233,7 +234,7 @@ def test_soak_of_three_hosts_under_chaos_loses_nothing_and_duplicates_nothing(
             states = {r["batch_id"]: r["state"] for r in rows}
             return all(states.get(b) in ("done", "failed", "degraded") for b in all_ids)
 
-        wait_until(all_final, 60 + BATCHES * 2.0, "every soak batch to finish")
+        wait_until(all_final, 60 + per_host * len(HOSTS) * 2.0, "every soak batch to finish")
         ledger = {r["batch_id"]: r for r in db(dsn, f"SELECT * FROM {s}.batches")}
         counts = {
             r["batch_id"]: (r["n"], r["d"])

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from packaging.requirements import Requirement
 
 from coordinator.planner.k8s import render_manifests
 from coordinator.planner.layout import hardware_topology, load_layout
@@ -240,8 +241,10 @@ def test_wheel_holds_the_packages_and_no_tests(wheel: Path) -> None:
 def test_wheel_metadata_matches_pyproject(wheel: Path) -> None:
     z = zipfile.ZipFile(wheel)
     meta = Parser().parsestr(z.read("numa_coordinator-0.1.0.dist-info/METADATA").decode())
-    requires = sorted(r for r in meta.get_all("Requires-Dist") or [] if "extra ==" not in r)
-    assert requires == sorted(r.replace(" ", "") for r in PYPROJECT["project"]["dependencies"])
+    # Compared as parsed requirements: the wheel writes each in a normal form (extras and
+    # specifiers sorted), which need not be the form pyproject.toml spells.
+    requires = {Requirement(r) for r in meta.get_all("Requires-Dist") or [] if "extra ==" not in r}
+    assert requires == {Requirement(r) for r in PYPROJECT["project"]["dependencies"]}
     assert meta["Requires-Python"] == PYPROJECT["project"]["requires-python"]
     entry = z.read("numa_coordinator-0.1.0.dist-info/entry_points.txt").decode()
     for script, target in PYPROJECT["project"]["scripts"].items():
