@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from coordinator.bench import anchors
+from coordinator.bench import anchors, duck
 from coordinator.bench.report import Row
 from coordinator.core.errors import CoordinatorError
 from coordinator.core.summary import COPY_COLUMNS
@@ -44,30 +44,13 @@ from coordinator.core.summary import COPY_COLUMNS
 # (harness.Params, Dirs, DaemonProc, Measured) and the SDK-style publishing as `publish`.
 Publish = Callable[..., tuple[float, float]]
 
-__all__ = ["by_hand", "duckdb_aggregate", "duckdb_crosscheck", "rows", "run"]
+__all__ = ["by_hand", "rows", "run"]
 
 # The steps of one batch done by hand, in order (each a key of `by_hand`'s result).
 STEPS = ("staging", "crosscheck", "aggregate", "commit", "archive")
 # The ledger's timings that make up a batch's time in the pipeline once it has its slot.
 IN_FLIGHT_KEYS = ("staging_ms", "crosscheck_ms", "aggregate_ms", "commit_ms", "archive_ms")
 GROWTH_LIMIT = 1.5
-PARQUET = "FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 3"
-
-
-def _lit(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def _duckdb(threads: int) -> Any:
-    try:
-        import duckdb
-    except ImportError as e:
-        raise CoordinatorError(
-            "the sustained anchor needs DuckDB for its cross-check (pip install duckdb)"
-        ) from e
-    con = duckdb.connect(":memory:")
-    con.execute(f"SET threads = {int(threads)}")
-    return con
 
 
 def duckdb_version() -> str:
@@ -77,89 +60,6 @@ def duckdb_version() -> str:
     except ImportError:
         return ""
     return str(duckdb.__version__)
-
-
-def duckdb_crosscheck(sources: Mapping[str, Path], out: Path, *, threads: int) -> list[Path]:
-    """`out/crosscheck_<model>.parquet` for every model of `sources` (model -> result file),
-    written by DuckDB: per item of the model, sorted by item_id, its prediction and score, how
-    many other models predicted it, how many agree and which (sorted by name; a null
-    prediction agrees with nobody). The files joined on item_id into one wide table, then one
-    COPY per model."""
-    models = sorted(sources)
-    n = len(models)
-    ids = [f"t{i}.item_id" for i in range(n)]
-    cols = ", ".join(f"t{i}.prediction AS p{i}, t{i}.score AS s{i}" for i in range(n))
-    cols += ", " + ", ".join(f"t{i}.item_id IS NOT NULL AS h{i}" for i in range(n))
-    joined = f"read_parquet({_lit(str(sources[models[0]]))}) t0" + "".join(
-        f" FULL JOIN read_parquet({_lit(str(sources[m]))}) t{i}"
-        f" ON t{i}.item_id = coalesce({', '.join(ids[:i])})"
-        for i, m in enumerate(models)
-        if i
-    )
-    item_id = f"coalesce({', '.join(ids)})" if n > 1 else ids[0]
-    con = _duckdb(threads)
-    try:
-        con.execute(f"CREATE TEMP TABLE w AS SELECT {item_id} AS item_id, {cols} FROM {joined}")
-        out.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for j, m in enumerate(models):
-            others = [i for i in range(n) if i != j]
-            n_others = " + ".join(f"(p{i} IS NOT NULL)::INTEGER" for i in others) or "0"
-            agree = (
-                "list_filter(["
-                + ", ".join(f"CASE WHEN p{i} = p{j} THEN {_lit(models[i])} END" for i in others)
-                + "], x -> x IS NOT NULL)"
-                if others
-                else "[]::VARCHAR[]"
-            )
-            path = out / f"crosscheck_{m}.parquet"
-            con.execute(
-                f"COPY (SELECT item_id, p{j} AS prediction, s{j} AS score, "
-                f"({n_others})::INTEGER AS n_others, len({agree})::INTEGER AS n_agree, "
-                f"{agree} AS agree_models FROM w WHERE h{j} ORDER BY item_id) "
-                f"TO {_lit(str(path))} ({PARQUET})"
-            )
-            paths.append(path)
-        return paths
-    finally:
-        con.close()
-
-
-def duckdb_aggregate(
-    crosschecks: Sequence[Path], out: Path, batch_id: str, *, threads: int
-) -> Path:
-    """`out/aggregates.parquet` and `out/aggregates.csv` (the COPY columns, a header) from the
-    cross-check files, by DuckDB: per item the label with the most votes (ties: the higher mean
-    score, then the smaller label), its votes, the models that predicted the item and the share
-    that voted for the winner (0 for an item nobody predicted). Returns the CSV."""
-    files = "[" + ", ".join(_lit(str(p)) for p in crosschecks) + "]"
-    out.mkdir(parents=True, exist_ok=True)
-    csv = out / "aggregates.csv"
-    con = _duckdb(threads)
-    try:
-        con.execute(
-            "CREATE TEMP TABLE per AS SELECT item_id, prediction, count(prediction) AS votes, "
-            "avg(score) FILTER (WHERE NOT isnan(score)) AS mean "
-            f"FROM read_parquet({files}) GROUP BY item_id, prediction"
-        )
-        con.execute(
-            "CREATE TEMP TABLE items AS SELECT item_id, consensus, votes, n_models, "
-            "CASE WHEN n_models > 0 THEN votes / n_models END AS confidence FROM ("
-            "SELECT item_id, "
-            "first(prediction ORDER BY votes DESC, mean DESC NULLS LAST, prediction) "
-            "FILTER (WHERE prediction IS NOT NULL) AS consensus, "
-            "max(votes)::INTEGER AS votes, sum(votes)::INTEGER AS n_models "
-            "FROM per GROUP BY item_id) ORDER BY item_id"
-        )
-        con.execute(f"COPY items TO {_lit(str(out / 'aggregates.parquet'))} ({PARQUET})")
-        con.execute(
-            f"COPY (SELECT {_lit(batch_id)} AS batch_id, item_id, consensus, votes, n_models, "
-            f"coalesce(confidence, 0) AS confidence FROM items) TO {_lit(str(csv))} "
-            "(FORMAT csv, HEADER)"
-        )
-        return csv
-    finally:
-        con.close()
 
 
 def machine_cpu_s() -> tuple[float, float]:
@@ -244,9 +144,11 @@ def by_hand(
         _sh(["cp", *(str(s) for s in sources.values()), str(staged)])
         t1 = time.perf_counter()
         copies = {m: staged / s.name for m, s in sources.items()}
-        crosschecks = duckdb_crosscheck(copies, out, threads=threads)
+        # The same DuckDB SQL as the cross-check row's anchor (bench/duck.py).
+        crosschecks = duck.crosscheck(copies, out, threads=threads)
         t2 = time.perf_counter()
-        csv = duckdb_aggregate(crosschecks, local, batch_id, threads=threads)
+        duck.aggregate(crosschecks, local, batch_id, threads=threads)
+        csv = local / "aggregates.csv"
         t3 = time.perf_counter()
         copy = f"\\copy {table} ({','.join(COPY_COLUMNS)}) FROM '{csv}' CSV HEADER"
         _sh([psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", dsn, "-c", copy])

@@ -15,7 +15,7 @@ import pytest
 
 from agents.consensus import aggregate
 from agents.crosscheck import crosscheck
-from coordinator.bench import sustained
+from coordinator.bench import duck, sustained
 from coordinator.bench.harness import Measured, Params
 from coordinator.core.summary import COPY_COLUMNS
 
@@ -60,7 +60,8 @@ def comparable(rows: list[dict[str, object]]) -> list[dict[str, object]]:
 def test_duckdb_cross_check_writes_the_rows_of_the_agents_cross_check(tmp_path: Path) -> None:
     src = results(tmp_path)
     tables = {m: pq.read_table(p) for m, p in src.items()}
-    written = sustained.duckdb_crosscheck(src, tmp_path / "out", threads=2)
+    (tmp_path / "out").mkdir()
+    written = duck.crosscheck(src, tmp_path / "out", threads=2)
     assert [p.name for p in written] == [f"crosscheck_{m}.parquet" for m in MODELS]
     for m, path in zip(MODELS, written, strict=True):
         ours = crosscheck(m, tables).to_pylist()
@@ -71,9 +72,12 @@ def test_duckdb_cross_check_writes_the_rows_of_the_agents_cross_check(tmp_path: 
 def test_duckdb_vote_gives_the_agents_consensus_and_the_copy_csv(tmp_path: Path) -> None:
     src = results(tmp_path)
     tables = {m: pq.read_table(p) for m, p in src.items()}
-    checks = sustained.duckdb_crosscheck(src, tmp_path / "out", threads=1)
+    (tmp_path / "out").mkdir()
+    checks = duck.crosscheck(src, tmp_path / "out", threads=1)
     out = tmp_path / "agg"
-    csv_path = sustained.duckdb_aggregate(checks, out, "b-1", threads=1)
+    out.mkdir()
+    duck.aggregate(checks, out, "b-1", threads=1)
+    csv_path = out / "aggregates.csv"
     ours = aggregate({m: crosscheck(m, tables) for m in MODELS}).items
     theirs = pq.read_table(out / "aggregates.parquet")
     cols = ["item_id", "consensus", "votes", "n_models", "confidence"]
