@@ -12,6 +12,7 @@ heartbeat every few seconds. See docs/protocol.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import re
@@ -30,10 +31,11 @@ import pyarrow.parquet as pq
 import structlog
 from anyio.abc import ByteReceiveStream, ByteStream
 
-from agents import accounting, aggregation, binding, placement
+from agents import accounting, aggregation, binding, placement, ranges
 from agents import staging as stg
+from agents.consensus import Workers
+from agents.crosscheck import CROSSCHECK_SCHEMA, crosscheck_batch, load_crosscheck
 from agents.crosscheck import crosscheck as default_crosscheck
-from agents.crosscheck import crosscheck_batch, load_crosscheck
 from agents.lake import Lake
 from coordinator import __version__
 from coordinator.core import files, hooks, tls
@@ -76,6 +78,7 @@ log = structlog.get_logger("agents.agent")
 
 # Exit codes: 0 stopped cleanly, 1 error, 2 usage, 3 refused (not bound as told).
 EXIT_UNBOUND = 3
+Ident = tuple[int, int, int]  # a file's (inode, size, mtime_ns), as the second barrier counts it
 DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")  # a lake partition (date=YYYY-MM-DD)
 
 
@@ -201,43 +204,19 @@ class Agent:
         present = list(msg.models)
         mine = [m for m in present if m in self.models]
         t0 = time.perf_counter()
-        # The default cross-check builds the batch's vote matrix once for all of this node's
-        # models; it takes the predictions as the files' own dictionaries. A plug-in gets
-        # plain strings, one model at a time.
-        batch = self.crosscheck_fn is default_crosscheck
         with self.local.sub(self.batch_id(batch_id)) as local:
             # Where the copies' pages are just before the read (all on this node, unless the
             # placement went wrong), and the process's CPU seconds reading them.
             read = _PageLooks(self.bind_node, "crosscheck").read(
                 local, [f"{m}.parquet" for m in present]
             )
-            with accounting.cpu_seconds() as decode_cpu:
-                tables = files.read_results(
-                    local,
-                    present,
-                    read_dictionary=("prediction",) if batch else (),
-                    threads=self.threads if batch else 0,
+            if self.crosscheck_fn is default_crosscheck:
+                idents, decode_cpu, n_ranges = self._crosscheck_ranges(
+                    batch_id, local, present, mine
                 )
-
-        def publish(model: str, table: pa.Table) -> tuple[int, int, int]:
-            # Opened anew for each file: a batch folder swapped for a link meanwhile is refused.
-            with self.staging.sub(batch_id) as folder:
-                st = files.write_parquet_at(
-                    folder,
-                    f"crosscheck_{model}.parquet",
-                    table,
-                    compression=self.config.parquet.compression,
-                    level=self.config.parquet.level,
-                )
-            hooks.pause("crosscheck", batch_id)  # tests kill the agent here, mid-cross-check
-            # The second barrier counts exactly these files: another file under the name is
-            # a rewrite (quarantined), never aggregated.
-            return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-        if batch:
-            idents = crosscheck_batch(mine, tables, publish, threads=self.threads)
-        else:
-            idents = {model: publish(model, self.crosscheck_fn(model, tables)) for model in mine}
+            else:
+                idents, decode_cpu = self._crosscheck_plugin(batch_id, local, present, mine)
+                n_ranges = 1
         outputs = {model: f"crosscheck_{model}.parquet" for model in mine}
         return Crosschecked(
             batch_id=batch_id,
@@ -246,7 +225,86 @@ class Agent:
             seconds=time.perf_counter() - t0,
             node=self.node,
             **read,
-            decode_cpu_s=round(decode_cpu[0], 6),
+            decode_cpu_s=round(decode_cpu, 6),
+            ranges=n_ranges,
+        )
+
+    def _crosscheck_ranges(
+        self, batch_id: str, local: Dir, present: list[str], mine: list[str]
+    ) -> tuple[dict[str, Ident], float, int]:
+        """The default cross-check: the batch's vote matrix built once for all of this node's
+        models, from the files' own dictionaries; in ranges of item ids when the batch does
+        not fit the memory budget (`agents.ranges`), each model's file written part by part."""
+        decode_cpu = 0.0
+        with (
+            ranges.RangedBatch(local, present, read_dictionary=("prediction",)) as batch,
+            self.staging.sub(batch_id) as folder,
+            contextlib.ExitStack() as stack,
+        ):
+            k = ranges.count_ranges(
+                batch.decoded_bytes(), self.config.agents.memory_budget, ranges.rss_now()
+            )
+            plan = batch.ranges(k)
+            if len(plan) > 1:
+                log.info("cross-check in ranges of item ids", batch_id=batch_id, ranges=len(plan))
+            writers = {
+                m: stack.enter_context(self._parts_writer(folder, f"crosscheck_{m}.parquet"))
+                for m in mine
+            }
+            for rng in plan:
+                with accounting.cpu_seconds() as cpu:
+                    tables = batch.read(rng, threads=self.threads)
+                decode_cpu += cpu[0]
+                crosscheck_batch(
+                    mine, tables, lambda m, t: writers[m].write(t), threads=self.threads
+                )
+                del tables
+            batch.check_complete()
+
+            def commit(model: str) -> Ident:
+                # Into the batch folder opened anew: one swapped for a link meanwhile is refused.
+                with self.staging.sub(batch_id) as into:
+                    st = writers[model].commit(into)
+                hooks.pause("crosscheck", batch_id)  # tests kill the agent here, mid-cross-check
+                # The second barrier counts exactly these files: another file under the name
+                # is a rewrite (quarantined), never aggregated.
+                return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+            with Workers(self.threads) as workers:
+                done = workers.map(commit, mine)
+        return dict(zip(mine, done, strict=True)), decode_cpu, len(plan)
+
+    def _crosscheck_plugin(
+        self, batch_id: str, local: Dir, present: list[str], mine: list[str]
+    ) -> tuple[dict[str, Ident], float]:
+        """A plug-in cross-check: plain strings, the whole batch, one model at a time."""
+        with accounting.cpu_seconds() as decode_cpu:
+            tables = files.read_results(local, present)
+        idents = {}
+        for model in mine:
+            table = self.crosscheck_fn(model, tables)
+            # Opened anew for each file: a batch folder swapped for a link meanwhile is refused.
+            with self.staging.sub(batch_id) as folder:
+                st = files.write_parquet_at(
+                    folder,
+                    f"crosscheck_{model}.parquet",
+                    table,
+                    compression=self.config.parquet.compression,
+                    level=self.config.parquet.level,
+                    sorted_by_id=files.is_sorted_by_id(table),
+                )
+            hooks.pause("crosscheck", batch_id)  # tests kill the agent here, mid-cross-check
+            idents[model] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        return idents, decode_cpu[0]
+
+    def _parts_writer(self, folder: Dir, name: str) -> files.PartsWriter:
+        return files.PartsWriter(
+            folder,
+            name,
+            CROSSCHECK_SCHEMA,
+            compression=self.config.parquet.compression,
+            level=self.config.parquet.level,
+            sorted_by_id=True,
         )
 
     def aggregate(self, msg: Aggregate) -> Aggregated:
@@ -281,6 +339,7 @@ class Agent:
                 level=self.config.parquet.level,
                 rows_via=msg.rows_via,
                 threads=self.threads,
+                memory_budget=self.config.agents.memory_budget,
             )
             read = _PageLooks(self.bind_node, "aggregate").read(local, names)
         ident = out.rows_ident
@@ -298,6 +357,7 @@ class Agent:
             node=self.node,
             **copied,
             **read,
+            ranges=out.ranges,
         )
 
     def archive(self, msg: Archive) -> Archived:

@@ -16,44 +16,96 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from agents.consensus import BatchAggregate, Workers, aggregate
+from agents import ranges
+from agents.consensus import (
+    ITEMS_SCHEMA,
+    BatchAggregate,
+    Totals,
+    Workers,
+    agreement_of,
+    consensus_agreement_of,
+    fleiss_of,
+    vote,
+)
 from agents.staging import copy_file
 from coordinator.core import files
 from coordinator.core.errors import NoSpaceError, ParquetError
 from coordinator.core.roots import Dir
-from coordinator.core.rowsfile import RowsIdent, ident_of
+from coordinator.core.rowsfile import RowsIdent
 from coordinator.core.summary import PARQUET_NAME, AggregateFiles, AggregateSummary, rows_name
 
-__all__ = ["AGGREGATE_COLUMNS", "aggregate_batch"]
+__all__ = ["AGGREGATE_COLUMNS", "aggregate_batch", "rows_csv", "summarise", "summary_of"]
 
 AGGREGATE_COLUMNS = ("item_id", "prediction", "score")
 
 
-def _write_atomic(folder: Dir, name: str, data: bytes) -> RowsIdent:
-    """Write `data` as `folder/name` (a dot-temp renamed into place); return what was written,
-    as the coordinator checks it before its COPY."""
-    tmp = f".{name}.tmp"
-    try:
-        fd = folder.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            st = os.fstat(f.fileno())
-        folder.rename(tmp, folder, name)
-    except BaseException:
-        folder.unlink(tmp, missing_ok=True)
-        raise
-    return ident_of(st, data)
+class _RowsWriter:
+    """The rows CSV written part after part under a dot-temp name, renamed into place by
+    `commit`, which returns what was written as the coordinator checks it before its COPY
+    (the SHA-256 taken as the parts go out)."""
+
+    def __init__(self, folder: Dir, name: str, batch_id: str) -> None:
+        self.folder = folder
+        self.name = name
+        self.batch_id = batch_id
+        self._tmp = f".{name}.tmp"
+        self._hash = hashlib.sha256()
+        fd = folder.open_file(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        self._file: io.BufferedWriter | None = os.fdopen(fd, "wb")
+        self._put(rows_csv(ITEMS_SCHEMA.empty_table(), batch_id))  # the header
+
+    def _put(self, data: bytes) -> None:
+        assert self._file is not None, "written after commit or abort"
+        self._file.write(data)
+        self._hash.update(data)
+
+    def write(self, items: pa.Table) -> None:
+        if items.num_rows:
+            self._put(rows_csv(items, self.batch_id, header=False))
+
+    def commit(self) -> RowsIdent:
+        assert self._file is not None, "committed twice or after abort"
+        try:
+            self._file.flush()
+            st = os.fstat(self._file.fileno())
+            self._file.close()
+            self._file = None
+            self.folder.rename(self._tmp, self.folder, self.name)
+        except BaseException:
+            self.abort()
+            raise
+        return RowsIdent(st.st_ino, st.st_size, st.st_mtime_ns, self._hash.hexdigest())
+
+    def abort(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        with contextlib.suppress(OSError):
+            self.folder.unlink(self._tmp, missing_ok=True)
+
+    def __enter__(self) -> _RowsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self.abort()
+
+
+def _write_part(items: pa.Table, write: Callable[[pa.Table], None]) -> None:
+    write(items)
 
 
 def aggregate_batch(
@@ -69,6 +121,7 @@ def aggregate_batch(
     level: int | None = 3,
     rows_via: str = "tmpfs",
     threads: int = 1,
+    memory_budget: int | None = None,
 ) -> AggregateFiles:
     """Aggregate `models`' cross-check files of the batch folder `staging` into `local` (the
     batch's node-local folder, at `local_path`). The rows CSV goes into `local` too, or, with
@@ -80,7 +133,9 @@ def aggregate_batch(
     barrier counted) where given; the vote reads those copies, and the archive takes the same
     copies to the lake, so what is archived is exactly what was aggregated.
 
-    The files are read, the vote taken and the two outputs written on `threads` threads.
+    The files are read, the vote taken and the two outputs written on `threads` threads;
+    with `memory_budget` (bytes), in ranges of item ids when the batch does not fit it
+    (`agents.ranges`), each range's rows written as soon as they are voted.
 
     Raises ParquetError naming the model and column when a result cannot be aggregated
     (a missing column, a duplicate item id) or a file is gone, LinkRefused when a file is a
@@ -102,33 +157,45 @@ def aggregate_batch(
                 local.unlink(tmp, missing_ok=True)
                 raise
             local.rename(tmp, local, name)
-        tables = files.read_results(
-            local,
-            models,
-            prefix="crosscheck_",
-            columns=AGGREGATE_COLUMNS,
-            read_dictionary=("prediction",),
-            threads=threads,
-        )
-        agg = aggregate(tables, threads=threads)
-        del tables
         rows_dir = staging if rows_via == "staging" else local
-        written: RowsIdent | None = None
-
-        def write(what: str) -> None:
-            nonlocal written
-            if what == "csv":
-                written = _write_atomic(
-                    rows_dir, rows_name(rows_via), rows_csv(agg.items, batch_id)
-                )
-            else:
-                files.write_parquet_at(
-                    local, PARQUET_NAME, agg.items, compression=compression, level=level
-                )
-
-        with Workers(min(threads, 2)) as workers:  # the rows CSV beside aggregates.parquet
-            workers.map(write, ["csv", "parquet"])
-        assert written is not None  # map returned: both writes are done
+        with (
+            ranges.RangedBatch(
+                local,
+                models,
+                prefix="crosscheck_",
+                columns=AGGREGATE_COLUMNS,
+                read_dictionary=("prediction",),
+            ) as batch,
+            _RowsWriter(rows_dir, rows_name(rows_via), batch_id) as rows,
+            files.PartsWriter(
+                local,
+                PARQUET_NAME,
+                ITEMS_SCHEMA,
+                compression=compression,
+                level=level,
+                sorted_by_id=True,
+            ) as parquet,
+            Workers(threads) as workers,
+        ):
+            k = (
+                1
+                if memory_budget is None
+                else ranges.count_ranges(batch.decoded_bytes(), memory_budget, ranges.rss_now())
+            )
+            totals: Totals | None = None
+            plan = batch.ranges(k)
+            for rng in plan:
+                tables = batch.read(rng, threads=threads)
+                items, part = vote(tables, workers)
+                del tables
+                totals = part if totals is None else totals + part
+                # The rows CSV beside aggregates.parquet.
+                workers.map(partial(_write_part, items), [rows.write, parquet.write])
+                del items
+            batch.check_complete()
+            assert totals is not None  # at least one range
+            written = rows.commit()
+            parquet.commit()
     except BaseException as e:
         for name in names:  # the copies serve the archive of a whole aggregate only
             with contextlib.suppress(OSError):
@@ -137,7 +204,7 @@ def aggregate_batch(
             raise NoSpaceError(f"{local.label}: no space left for the batch's aggregates") from e
         raise
     return AggregateFiles(
-        summary=summarise(agg),
+        summary=summary_of(totals),
         node=node,
         rows_csv=(
             local_path / rows_name(rows_via)
@@ -147,6 +214,18 @@ def aggregate_batch(
         parquet=local_path / PARQUET_NAME,
         seconds=time.perf_counter() - t0,
         rows_ident=written,
+        ranges=len(plan),
+    )
+
+
+def summary_of(t: Totals) -> AggregateSummary:
+    """The summary of a whole batch's vote."""
+    return AggregateSummary(
+        rows=t.rows,
+        agreement=agreement_of(t),
+        fleiss_kappa=fleiss_of(t),
+        consensus_agreement=consensus_agreement_of(t),
+        models=t.models,
     )
 
 
@@ -161,14 +240,14 @@ def summarise(agg: BatchAggregate) -> AggregateSummary:
     )
 
 
-def rows_csv(items: pa.Table, batch_id: str) -> bytes:
-    """A batch's aggregates as CSV for COPY (COPY_COLUMNS, with a header): encoded by Arrow in
-    C++, with no Python loop per row."""
+def rows_csv(items: pa.Table, batch_id: str, *, header: bool = True) -> bytes:
+    """A batch's aggregates as CSV for COPY (COPY_COLUMNS, with a header unless `header` is
+    False): encoded by Arrow in C++, with no Python loop per row."""
     cols = items.select(["item_id", "consensus", "votes", "n_models", "confidence"])
     # An item every model left null has no consensus and confidence 0, not NULL.
     conf = pc.fill_null(cols.column("confidence"), 0.0)
     cols = cols.set_column(4, "confidence", conf)
     cols = cols.add_column(0, "batch_id", pa.repeat(pa.scalar(batch_id, pa.string()), len(cols)))
     buf = io.BytesIO()
-    pacsv.write_csv(cols, buf, pacsv.WriteOptions(include_header=True, quoting_style="needed"))
+    pacsv.write_csv(cols, buf, pacsv.WriteOptions(include_header=header, quoting_style="needed"))
     return buf.getvalue()

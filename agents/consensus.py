@@ -30,14 +30,19 @@ __all__ = [
     "ITEMS_SCHEMA",
     "BatchAggregate",
     "PairAgreement",
+    "Totals",
     "VoteMatrix",
     "Workers",
     "aggregate",
     "agreement_matrix",
+    "agreement_of",
+    "consensus_agreement_of",
     "fleiss_kappa",
+    "fleiss_of",
     "majority_vote",
     "normalise_result",
     "row_slices",
+    "vote",
     "vote_matrix",
 ]
 
@@ -565,17 +570,60 @@ def majority_vote(tables: Mapping[str, pa.Table]) -> pa.Table:
     return _items_table(vm, _tally(vm, Workers(1)))
 
 
-def _agreement(vm: VoteMatrix, t: _Tally) -> tuple[PairAgreement, ...]:
+@dataclass(frozen=True)
+class Totals:
+    """What the vote over some items adds up to: the counts behind pair agreement, Fleiss'
+    kappa and consensus agreement. Totals of disjoint items of one batch add up (`+`), so a
+    batch voted on range by range of items (`agents.ranges`) gets the figures of the whole."""
+
+    models: tuple[str, ...]
+    rows: int  # items
+    pairs: npt.NDArray[np.int64]  # per pair (a < b, in order): [items both voted, agreeing]
+    full: int  # items every model voted
+    sum_sq: int  # over those: the sum of the peer counts of every model
+    label_counts: Mapping[str, int]  # over those: how often each label was voted
+    voted: npt.NDArray[np.int64]  # per model: items it voted
+    same: npt.NDArray[np.int64]  # per model: items it voted the winner
+
+    def __add__(self, other: Totals) -> Totals:
+        if other.models != self.models:
+            raise ValueError(f"totals of models {other.models} added to {self.models}")
+        counts = dict(self.label_counts)
+        for label, n in other.label_counts.items():
+            counts[label] = counts.get(label, 0) + n
+        return Totals(
+            self.models,
+            self.rows + other.rows,
+            self.pairs + other.pairs,
+            self.full + other.full,
+            self.sum_sq + other.sum_sq,
+            counts,
+            self.voted + other.voted,
+            self.same + other.same,
+        )
+
+
+def _totals(vm: VoteMatrix, t: _Tally) -> Totals:
+    counts = {
+        label: int(n)
+        for label, n in zip(vm.labels.to_pylist(), t.label_counts.tolist(), strict=True)
+        if n
+    }
+    return Totals(vm.models, len(vm.item_ids), t.pairs, t.full, t.sum_sq, counts, t.voted, t.same)
+
+
+def agreement_of(t: Totals) -> tuple[PairAgreement, ...]:
+    """Agreement of every unordered pair of models (model_a < model_b), sorted by the pair."""
     pairs = []
-    n = len(vm.models)
+    n = len(t.models)
     k = 0
     for a in range(n):
         for b in range(a + 1, n):
             n_common, agree = (int(x) for x in t.pairs[k])
             pairs.append(
                 PairAgreement(
-                    vm.models[a],
-                    vm.models[b],
+                    t.models[a],
+                    t.models[b],
                     agree / n_common if n_common else None,
                     n_common,
                 )
@@ -590,11 +638,12 @@ def agreement_matrix(tables: Mapping[str, pa.Table]) -> tuple[PairAgreement, ...
     `agreement` is the share of the items both predicted (non-null) on which they agree.
     """
     vm = vote_matrix(tables)
-    return _agreement(vm, _tally(vm, Workers(1)))
+    return agreement_of(_totals(vm, _tally(vm, Workers(1))))
 
 
-def _fleiss(vm: VoteMatrix, t: _Tally) -> float | None:
-    n = len(vm.models)
+def fleiss_of(t: Totals) -> float | None:
+    """Fleiss' kappa from the totals (`fleiss_kappa` says how)."""
+    n = len(t.models)
     if n < 2:
         return None
     n_subjects = t.full
@@ -603,8 +652,8 @@ def _fleiss(vm: VoteMatrix, t: _Tally) -> float | None:
     # sum_j n_ij^2 is the sum, over the raters, of how many raters chose that rater's category;
     # so sum_i P_i = (sum of those peer counts - N n) / (n (n - 1)).
     p_bar = (t.sum_sq - n_subjects * n) / (n * (n - 1)) / n_subjects
-    counts = t.label_counts
-    p_j = counts[counts > 0] / (n_subjects * n)
+    counts = np.array([c for c in t.label_counts.values() if c > 0], dtype=np.int64)
+    p_j = counts / (n_subjects * n)
     p_e = float(np.square(p_j).sum())
     if p_e == 1.0:
         # Every rating fell in one category, so every rater agreed on every subject.
@@ -627,14 +676,23 @@ def fleiss_kappa(tables: Mapping[str, pa.Table]) -> float | None:
     predicted by all; 1.0 when every rating is the same single category (P_e = 1).
     """
     vm = vote_matrix(tables)
-    return _fleiss(vm, _tally(vm, Workers(1)))
+    return fleiss_of(_totals(vm, _tally(vm, Workers(1))))
 
 
-def _consensus_agreement(vm: VoteMatrix, t: _Tally) -> dict[str, float | None]:
+def consensus_agreement_of(t: Totals) -> dict[str, float | None]:
+    """Per model: the share of its votes that are the consensus (None: it voted on nothing)."""
     return {
         model: int(t.same[j]) / int(t.voted[j]) if t.voted[j] else None
-        for j, model in enumerate(vm.models)
+        for j, model in enumerate(t.models)
     }
+
+
+def vote(tables: Mapping[str, pa.Table], workers: Workers) -> tuple[pa.Table, Totals]:
+    """The consensus per item (ITEMS_SCHEMA, sorted by item_id) of `tables`, and the totals of
+    the vote, which add up over disjoint items. Every key of `tables` takes part."""
+    vm = vote_matrix(tables, workers=workers)
+    t = _tally(vm, workers)
+    return _items_table(vm, t), _totals(vm, t)
 
 
 def aggregate(tables: Mapping[str, pa.Table], *, threads: int = 1) -> BatchAggregate:
@@ -644,12 +702,11 @@ def aggregate(tables: Mapping[str, pa.Table], *, threads: int = 1) -> BatchAggre
     With `threads` > 1 the columns and then slices of the rows are worked on side by side.
     """
     with Workers(threads) as workers:
-        vm = vote_matrix(tables, workers=workers)
-        t = _tally(vm, workers)
+        items, t = vote(tables, workers)
     return BatchAggregate(
-        items=_items_table(vm, t),
-        agreement=_agreement(vm, t),
-        fleiss_kappa=_fleiss(vm, t),
-        consensus_agreement=_consensus_agreement(vm, t),
-        models=vm.models,
+        items=items,
+        agreement=agreement_of(t),
+        fleiss_kappa=fleiss_of(t),
+        consensus_agreement=consensus_agreement_of(t),
+        models=t.models,
     )

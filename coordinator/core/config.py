@@ -470,6 +470,28 @@ def _tls_file(what: str, *, required: bool = True) -> Hook:
     return parse
 
 
+_SIZE_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+MIN_MEMORY_BUDGET = 64 << 20
+
+
+def _memory_size(r: _Reader, dotted: str, value: Any, _: Mapping[str, Any]) -> int:
+    """A parse hook: bytes, as an integer or a string with a binary unit ("4G", "4GiB",
+    "512M"), of at least MIN_MEMORY_BUDGET."""
+    expected = "bytes, or a size such as '4GiB' or '512M' (K, M, G, T: powers of 1024), >= 64M"
+    if isinstance(value, bool):
+        raise r.fail(dotted, expected, value)
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE_RE.fullmatch(value)):
+        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    else:
+        raise r.fail(dotted, expected, value)
+    if size < MIN_MEMORY_BUDGET:
+        raise r.fail(dotted, expected, value)
+    return size
+
+
 def _longer_than_heartbeat(r: _Reader, dotted: str, value: Any, values: Mapping[str, Any]) -> None:
     beat = values["agents.heartbeat_s"]
     if value <= beat:
@@ -558,6 +580,14 @@ class AgentsConfig:
         metadata=meta(
             "threads of an agent's cross-check and aggregation; 0: one per CPU it may run on",
             range=(0, 1024),
+        ),
+    )
+    memory_budget: int = field(
+        default=4 << 30,
+        metadata=meta(
+            "the memory an agent's cross-check and aggregation may use (bytes, or '4GiB', "
+            "'512M'); a larger batch is worked on in ranges of item ids",
+            parse=_memory_size,
         ),
     )
 

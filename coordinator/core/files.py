@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from coordinator.core.config import NAME_RE
@@ -32,10 +33,12 @@ __all__ = [
     "ENCODE_CPU_KEY",
     "RESULT_COLUMNS",
     "Compression",
+    "PartsWriter",
     "check_name",
     "check_parquet",
     "compression_of",
     "fsync_dir",
+    "is_sorted_by_id",
     "read_result",
     "read_result_at",
     "read_results",
@@ -107,18 +110,36 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 def write_options(
-    table: pa.Table, *, compression: str = "zstd", level: int | None = 3
+    table: pa.Table | pa.Schema,
+    *,
+    compression: str = "zstd",
+    level: int | None = 3,
+    sorted_by_id: bool = False,
 ) -> dict[str, Any]:
-    """The `pq.write_table` options the SDK writes `table` with."""
+    """The `pq.write_table` options the SDK writes `table` (or a table of that schema) with.
+    With `sorted_by_id` (the rows are in ascending item_id order), the row groups say so in
+    their sorting metadata, which lets a reader take a batch in ranges of ids
+    (`agents.ranges`)."""
+    schema = table if isinstance(table, pa.Schema) else table.schema
     kwargs: dict[str, Any] = {"compression": None if compression == "none" else compression}
     # A dictionary never pays for item_id (unique by contract) nor for floats (scores hardly
     # repeat): trying one anyway costs a third of the write before Arrow gives up on it.
     kwargs["use_dictionary"] = [
-        f.name for f in table.schema if f.name != "item_id" and not pa.types.is_floating(f.type)
+        f.name for f in schema if f.name != "item_id" and not pa.types.is_floating(f.type)
     ]
     if level is not None and compression in ("zstd", "gzip", "brotli"):
         kwargs["compression_level"] = level
+    if sorted_by_id and "item_id" in schema.names:
+        kwargs["sorting_columns"] = [pq.SortingColumn(schema.get_field_index("item_id"))]
     return kwargs
+
+
+def is_sorted_by_id(table: pa.Table) -> bool:
+    """Whether the table's item ids never decrease from one row to the next."""
+    ids = table.column("item_id")
+    if len(ids) < 2:
+        return True
+    return bool(pc.all(pc.less_equal(ids[:-1], ids[1:])).as_py())
 
 
 def write_table(table: pa.Table, where: Any, **kwargs: Any) -> None:
@@ -142,14 +163,21 @@ def write_parquet_atomic(
 
 
 def write_parquet_at(
-    folder: Dir, name: str, table: pa.Table, *, compression: str = "zstd", level: int | None = 3
+    folder: Dir,
+    name: str,
+    table: pa.Table,
+    *,
+    compression: str = "zstd",
+    level: int | None = 3,
+    sorted_by_id: bool = False,
 ) -> os.stat_result:
     """Write `table` as `folder/name` atomically: to `.<name>.tmp` opened in the folder (never
     through a link), fsync, rename in the folder, fsync the folder; return the written file's
     stat (its inode, size and mtime are what a reader can check it by). The footer records
-    the writer's CPU seconds (`write_table`)."""
+    the writer's CPU seconds (`write_table`); with `sorted_by_id`, that its rows are in item_id
+    order (`write_options`)."""
     tmp = f".{name}.tmp"
-    kwargs = write_options(table, compression=compression, level=level)
+    kwargs = write_options(table, compression=compression, level=level, sorted_by_id=sorted_by_id)
     fd = folder.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -164,6 +192,88 @@ def write_parquet_at(
         raise
     folder.fsync()
     return st
+
+
+class PartsWriter:
+    """A Parquet file written part after part (`write`), atomically as `write_parquet_at`
+    writes a table: under `.<name>.tmp` until `commit` renames it into place and returns its
+    stat. Leaving the `with` block without `commit` (an error) removes the temp file. The footer
+    records the CPU seconds the parts took to encode, whichever threads wrote them."""
+
+    def __init__(
+        self,
+        folder: Dir,
+        name: str,
+        schema: pa.Schema,
+        *,
+        compression: str = "zstd",
+        level: int | None = 3,
+        sorted_by_id: bool = False,
+    ) -> None:
+        self.folder = folder
+        self.name = name
+        self.rows = 0
+        self._tmp = f".{name}.tmp"
+        self._cpu = 0.0
+        kwargs = write_options(
+            schema, compression=compression, level=level, sorted_by_id=sorted_by_id
+        )
+        fd = folder.open_file(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._file = os.fdopen(fd, "wb")
+        try:
+            self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self._file, schema, **kwargs)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, table: pa.Table) -> None:
+        """Append the rows of `table` (of the writer's schema)."""
+        assert self._writer is not None, "written after commit or abort"
+        if table.num_rows == 0:
+            return
+        cpu0 = time.thread_time()
+        self._writer.write_table(table)
+        self._cpu += time.thread_time() - cpu0
+        self.rows += table.num_rows
+
+    def commit(self, into: Dir | None = None) -> os.stat_result:
+        """Close the file, fsync it, rename it into place, fsync the folder; its stat. With
+        `into`, the place is in that folder (one opened anew, so a folder swapped for a link
+        while the parts were written is refused when it is opened, not written through)."""
+        target = into or self.folder
+        assert self._writer is not None, "committed twice or after abort"
+        try:
+            self._writer.add_key_value_metadata({ENCODE_CPU_KEY: f"{self._cpu:.6f}"})
+            self._writer.close()
+            self._writer = None
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            st = os.fstat(self._file.fileno())
+            self._file.close()
+            self.folder.rename(self._tmp, target, self.name)
+        except BaseException:
+            self.abort()
+            raise
+        target.fsync()
+        return st
+
+    def abort(self) -> None:
+        """Drop what was written (the temp file); nothing is renamed into place."""
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            self._writer = None
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(OSError):
+            self.folder.unlink(self._tmp, missing_ok=True)
+
+    def __enter__(self) -> PartsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._writer is not None:
+            self.abort()
 
 
 def check_parquet(path: str | os.PathLike[str]) -> pq.FileMetaData:

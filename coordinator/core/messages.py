@@ -179,6 +179,8 @@ class Crosschecked(Reply):
     read_remote: int | None = field(default=None, metadata=_OMIT_NONE)
     decode_cpu_s: float | None = field(default=None, metadata=_OMIT_NONE)
     peak_rss: int | None = field(default=None, metadata=_OMIT_NONE)
+    # In how many ranges of item ids it worked (1: the whole batch at once; agents.ranges).
+    ranges: int | None = field(default=None, metadata=_OMIT_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,6 +210,8 @@ class Aggregated(Reply):
     read_bytes: int | None = field(default=None, metadata=_OMIT_NONE)
     read_remote: int | None = field(default=None, metadata=_OMIT_NONE)
     peak_rss: int | None = field(default=None, metadata=_OMIT_NONE)
+    # In how many ranges of item ids it worked (1: the whole batch at once; agents.ranges).
+    ranges: int | None = field(default=None, metadata=_OMIT_NONE)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -130,6 +130,7 @@ class AggregateFiles:
     parquet: Path  # aggregates.parquet for the lake
     seconds: float
     rows_ident: RowsIdent | None = None  # the rows CSV as its writer reported it
+    ranges: int = 1  # the ranges of item ids the vote was taken in (agents.ranges)
 
     @classmethod
     def from_reply(

@@ -41,6 +41,9 @@ class NodeUsage:
     decode_cpu_s: float | None = None
     # The agent's peak resident set over the batch's steps on it, in bytes.
     peak_rss_bytes: int | None = None
+    # The most ranges of item ids a step worked in (1: the whole batch at once; more when the
+    # batch did not fit the agent's memory budget, agents.ranges).
+    work_ranges: int | None = None
 
     def add(self, reply: Staged | Crosschecked | Aggregated) -> None:
         """Fold in one reply: bytes and CPU seconds add up, the peak is the highest."""
@@ -60,6 +63,8 @@ class NodeUsage:
             self._sum("aggregate_remote_bytes", reply.read_remote)
         if reply.peak_rss is not None:
             self.peak_rss_bytes = max(self.peak_rss_bytes or 0, reply.peak_rss)
+        if not isinstance(reply, Staged) and reply.ranges is not None:
+            self.work_ranges = max(self.work_ranges or 0, reply.ranges)
 
     def _sum(self, name: str, value: float | None) -> None:
         if value is not None:

@@ -473,6 +473,8 @@ def render_usage(row: dict[str, Any]) -> list[str]:
         rss = _bytes(peak) if peak is not None else "-"
         if peak is not None and stored and decoded:
             rss += f" ({peak / stored:.1f}x stored, {peak / decoded:.1f}x decoded)"
+        if (u.get("work_ranges") or 1) > 1:
+            rss += f", in {u['work_ranges']} ranges of item ids"
         cpu = u.get("decode_cpu_s")
         table.append(
             [

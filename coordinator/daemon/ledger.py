@@ -151,6 +151,11 @@ MIGRATIONS: tuple[str, ...] = (
         ADD COLUMN IF NOT EXISTS decoded_bytes bigint,
         ADD COLUMN IF NOT EXISTS encode_cpu_s double precision;
     """,
+    # 6: in how many ranges of item ids a node's agent worked on the batch (agents.ranges:
+    # more than 1 when the batch did not fit its memory budget).
+    """
+    ALTER TABLE {s}.node_usage ADD COLUMN IF NOT EXISTS work_ranges integer;
+    """,
 )
 
 

@@ -215,6 +215,11 @@ def test_a_toml_syntax_error_names_file_and_line(etc: Path) -> None:
         ('[lake]\nnamespace = "Bad Name"\n', "lake.namespace"),
         ("[agents]\nthreads = -1\n", "agents.threads"),
         ("[agents]\nthreads = 1.5\n", "agents.threads"),
+        ('[agents]\nmemory_budget = "4 parsecs"\n', "agents.memory_budget"),
+        ('[agents]\nmemory_budget = "63M"\n', "agents.memory_budget"),
+        ("[agents]\nmemory_budget = 1000\n", "agents.memory_budget"),
+        ("[agents]\nmemory_budget = true\n", "agents.memory_budget"),
+        ("[agents]\nmemory_budget = 4.5\n", "agents.memory_budget"),
     ],
 )
 def test_a_wrong_type_or_value_names_the_file_and_key(etc: Path, text: str, key: str) -> None:
@@ -425,6 +430,7 @@ DEFAULTS_BEFORE: dict[str, Any] = {
         "dead_after_s": 10.0,
         "reconnect_max_s": 5.0,
         "threads": 0,
+        "memory_budget": 4 << 30,
     },
     "log": {"level": "info", "format": "auto"},
     "placement": {"min_fraction": 0.99},
@@ -556,7 +562,9 @@ def doc_default(value: Any) -> str:
         return f"`{toml_value(value)}`"
     if isinstance(value, list):
         return f"`{value[0]}` … `{value[-1]}`" if len(value) > 2 else f"`{toml_value(value)}`"
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, int):
+        return f"`{value}`"
+    if isinstance(value, float):
         return f"`{value:g}`"
     return f"`{value}`" if value else '`""`'
 
@@ -789,3 +797,22 @@ def test_an_iceberg_lake_refuses_a_node_that_sees_the_lake_elsewhere(etc: Path) 
         + nodes.replace('lake = "/mnt/lake"', 'lake = "/data/lake"'),
     )
     assert load_config(main).lake.format == "iceberg"
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [
+        ('"4GiB"', 4 << 30),
+        ('"4G"', 4 << 30),
+        ('"512M"', 512 << 20),
+        ('"512 mib"', 512 << 20),
+        ('"1.5G"', 3 << 29),
+        ('"1T"', 1 << 40),
+        ("67108864", 64 << 20),
+    ],
+)
+def test_a_memory_budget_is_bytes_or_a_size_with_a_binary_unit(
+    etc: Path, value: str, size: int
+) -> None:
+    dropin(etc, "50-budget.toml", f"[agents]\nmemory_budget = {value}\n")
+    assert load_config(etc / "coordinator.toml").agents.memory_budget == size

@@ -152,7 +152,9 @@ def test_every_attempt_adds_its_bytes_and_the_peak_is_the_highest() -> None:
     u = NodeUsage()
     u.add(staged(bytes=100, copied_remote=60, copied_absent=40, peak_rss=500))
     u.add(staged(bytes=0, copied_remote=0, copied_absent=0, peak_rss=300))  # a retry: reused
-    u.add(crosschecked(read_bytes=100, read_remote=0, decode_cpu_s=0.25, peak_rss=900))
+    u.add(
+        crosschecked(read_bytes=100, read_remote=0, decode_cpu_s=0.25, peak_rss=900, ranges=3)
+    )
     u.add(crosschecked(read_bytes=100, read_remote=0, decode_cpu_s=0.5))  # its peak unknown
     u.add(
         aggregated(
@@ -162,6 +164,7 @@ def test_every_attempt_adds_its_bytes_and_the_peak_is_the_highest() -> None:
             read_bytes=30,
             read_remote=2,
             peak_rss=700,
+            ranges=2,
         )
     )
     assert u.as_row() == {
@@ -177,6 +180,7 @@ def test_every_attempt_adds_its_bytes_and_the_peak_is_the_highest() -> None:
         "aggregate_remote_bytes": 2,
         "decode_cpu_s": 0.75,
         "peak_rss_bytes": 900,
+        "work_ranges": 3,
     }
     assert u.remote_bytes == 60 + 10 + 2
     assert NodeUsage.from_row({**u.as_row(), "node": 0}) == u
@@ -201,9 +205,9 @@ def test_the_batchs_compression_comes_from_a_staged_reply_that_has_it() -> None:
 # -- the ledger's rows ----------------------------------------------------------------------------
 
 
-def test_migration_5_makes_a_column_for_every_field() -> None:
-    sql = MIGRATIONS[4]
-    assert "node_usage" in sql
+def test_the_migrations_make_a_column_for_every_field() -> None:
+    sql = MIGRATIONS[4] + MIGRATIONS[5]
+    assert "node_usage" in MIGRATIONS[4]
     for f in FIELDS:
         assert f" {f} " in sql, f
 
