@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import MODELS
-from tests.faultlib import FINAL, db_rows, lake_dirs, ledger, publish
+from tests.faultlib import FINAL, db_rows, lake_dirs, ledger, place, publish
 
 Vote = tuple[str | None, float | None]  # (prediction, score) of one model for one item
 Batch = dict[str, dict[str, Vote]]  # model -> item_id -> vote
@@ -90,7 +90,7 @@ def random_items(seed: int, n: int = 400) -> Batch:
     rnd = random.Random(seed)
     out: Batch = {x: {} for x in MODELS}
     for k in range(n):
-        item = f"r{k:04d}"
+        item = f"r{k:06d}"
         for model in MODELS:
             roll = rnd.random()
             if roll < 0.08:
@@ -232,12 +232,42 @@ def test_the_committed_consensus_is_an_independent_majority_vote_over_the_publis
     for model in MODELS:
         publish(env, "values", model, to_table(model, batch[model]))
     assert d.wait_state("values", FINAL, timeout=90)["state"] == "done", d.tail()
+    check_committed(env, "values", batch, want)
 
+
+def test_a_batch_over_the_memory_budget_is_voted_in_ranges_to_the_same_values(env, daemon) -> None:
+    """With agents.memory_budget at its floor (64M, less than an agent holds before any work),
+    the agent works the batch in ranges of item ids: the committed values are still those of
+    the independent vote. Half the models are written without the SDK, unsorted and without
+    sorting metadata (every range then passes over their files)."""
+    batch = merged(handmade(), random_items(1872, n=50_000))
+    want = expected_items(batch)
+    env.write_config(agents={"memory_budget": "64M"})
+    d = daemon().start()
+    for i, model in enumerate(MODELS):
+        table = to_table(model, batch[model])
+        if i % 2:
+            buf = pa.BufferOutputStream()
+            pq.write_table(table, buf)
+            place(env.staging / "ranges" / f"{model}.parquet", buf.getvalue().to_pybytes())
+        else:
+            publish(env, "ranges", model, table)
+    assert d.wait_state("ranges", FINAL, timeout=120)["state"] == "done", d.tail()
+    [usage] = db_rows(env, "SELECT work_ranges FROM {s}.node_usage WHERE batch_id = $1", "ranges")
+    assert usage["work_ranges"] >= 2, usage
+    check_committed(env, "ranges", batch, want)
+
+
+def check_committed(
+    env: Any, batch_id: str, batch: Batch, want: dict[str, tuple[Any, ...]]
+) -> None:
+    """What the daemon committed for `batch_id` (PostgreSQL and the lake) is `want` and the
+    figures of the independent vote over `batch`."""
     rows = db_rows(
         env,
         "SELECT item_id, consensus, votes, n_models, confidence FROM {s}.aggregates"
         " WHERE batch_id = $1 ORDER BY item_id",
-        "values",
+        batch_id,
     )
     got = {r["item_id"]: r for r in rows}
     assert sorted(got) == sorted(want)
@@ -253,7 +283,7 @@ def test_the_committed_consensus_is_an_independent_majority_vote_over_the_publis
     pairs = db_rows(
         env,
         "SELECT model_a, model_b, agreement, n_common FROM {s}.model_agreement WHERE batch_id = $1",
-        "values",
+        batch_id,
     )
     got_pairs = {(p["model_a"], p["model_b"]): (p["agreement"], p["n_common"]) for p in pairs}
     want_pairs = expected_agreement(batch)
@@ -262,7 +292,7 @@ def test_the_committed_consensus_is_an_independent_majority_vote_over_the_publis
         assert got_pairs[key][1] == n_common, key
         assert got_pairs[key][0] == pytest.approx(agreement, rel=1e-12), key
 
-    row = ledger(env, "values")
+    row = ledger(env, batch_id)
     assert row is not None and row["rows"] == len(want)
     shares = row["consensus_agreement"]
     shares = json.loads(shares) if isinstance(shares, str) else shares
@@ -271,7 +301,7 @@ def test_the_committed_consensus_is_an_independent_majority_vote_over_the_publis
     assert row["fleiss_kappa"] == pytest.approx(expected_kappa(batch), rel=1e-9)
 
     # The lake's aggregates.parquet carries the same values.
-    [lake] = lake_dirs(env, "values")
+    [lake] = lake_dirs(env, batch_id)
     lake_rows = pq.read_table(lake / "aggregates.parquet").to_pylist()
     assert [(r["item_id"], r["consensus"], r["votes"], r["n_models"]) for r in lake_rows] == [
         (i, c, v, n) for i, (c, v, n, _, _) in sorted(want.items())

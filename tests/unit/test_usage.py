@@ -152,9 +152,7 @@ def test_every_attempt_adds_its_bytes_and_the_peak_is_the_highest() -> None:
     u = NodeUsage()
     u.add(staged(bytes=100, copied_remote=60, copied_absent=40, peak_rss=500))
     u.add(staged(bytes=0, copied_remote=0, copied_absent=0, peak_rss=300))  # a retry: reused
-    u.add(
-        crosschecked(read_bytes=100, read_remote=0, decode_cpu_s=0.25, peak_rss=900, ranges=3)
-    )
+    u.add(crosschecked(read_bytes=100, read_remote=0, decode_cpu_s=0.25, peak_rss=900, ranges=3))
     u.add(crosschecked(read_bytes=100, read_remote=0, decode_cpu_s=0.5))  # its peak unknown
     u.add(
         aggregated(
