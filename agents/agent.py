@@ -240,6 +240,7 @@ class Agent:
             ranges.RangedBatch(local, present, read_dictionary=("prediction",)) as batch,
             self.staging.sub(batch_id) as folder,
             contextlib.ExitStack() as stack,
+            Workers(self.threads) as workers,  # one pool for every range
         ):
             k = ranges.count_ranges(
                 batch.decoded_bytes(), self.config.agents.memory_budget, ranges.rss_now()
@@ -253,11 +254,9 @@ class Agent:
             }
             for rng in plan:
                 with accounting.cpu_seconds() as cpu:
-                    tables = batch.read(rng, threads=self.threads)
+                    tables = batch.read(rng, workers)
                 decode_cpu += cpu[0]
-                crosscheck_batch(
-                    mine, tables, lambda m, t: writers[m].write(t), threads=self.threads
-                )
+                crosscheck_batch(mine, tables, lambda m, t: writers[m].write(t), workers=workers)
                 del tables
             batch.check_complete()
 
@@ -270,8 +269,7 @@ class Agent:
                 # is a rewrite (quarantined), never aggregated.
                 return (st.st_ino, st.st_size, st.st_mtime_ns)
 
-            with Workers(self.threads) as workers:
-                done = workers.map(commit, mine)
+            done = workers.map(commit, mine)
         return dict(zip(mine, done, strict=True)), decode_cpu, len(plan)
 
     def _crosscheck_plugin(

@@ -185,7 +185,7 @@ def aggregate_batch(
             totals: Totals | None = None
             plan = batch.ranges(k)
             for rng in plan:
-                tables = batch.read(rng, threads=threads)
+                tables = batch.read(rng, workers)
                 items, part = vote(tables, workers)
                 del tables
                 totals = part if totals is None else totals + part

@@ -70,11 +70,13 @@ def crosscheck_batch(
     emit: Callable[[str, pa.Table], T],
     *,
     threads: int = 1,
+    workers: Workers | None = None,
 ) -> dict[str, T]:
     """Cross-check each of `models` against every model in `tables`, from one vote matrix.
 
     Each model's table (what `crosscheck` returns for it) goes to `emit(model, table)` as
-    soon as it is built, on one of `threads` threads; returns what `emit` returned, by model.
+    soon as it is built, on one of `threads` threads (or of `workers`, a pool kept from one
+    call to the next); returns what `emit` returned, by model.
     Raises ParquetError naming the model when any result is malformed or repeats an item id
     (every model's ids are checked, not only those of the items of `models`).
     """
@@ -83,14 +85,16 @@ def crosscheck_batch(
         raise ValueError(f"cross-check of {unknown}: no result for them among {sorted(tables)}")
     if not models:
         return {}
-    with Workers(threads) as workers:
-        vm = vote_matrix(tables, workers=workers)
-        n_voted = _n_voted(vm, workers)
+    if workers is None:
+        with Workers(threads) as own:
+            return crosscheck_batch(models, tables, emit, workers=own)
+    vm = vote_matrix(tables, workers=workers)
+    n_voted = _n_voted(vm, workers)
 
-        def one(model: str) -> T:
-            return emit(model, _crosscheck_of(vm, vm.models.index(model), n_voted))
+    def one(model: str) -> T:
+        return emit(model, _crosscheck_of(vm, vm.models.index(model), n_voted))
 
-        done = workers.map(one, models)
+    done = workers.map(one, models)
     return dict(zip(models, done, strict=True))
 
 

@@ -31,7 +31,6 @@ import contextlib
 import math
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from agents.consensus import Workers
 from coordinator.core.errors import ParquetError
 from coordinator.core.files import RESULT_COLUMNS
 from coordinator.core.roots import Dir, fd_path
@@ -55,17 +55,14 @@ __all__ = [
 
 ID = "item_id"
 
-# Peak memory of the cross-check or aggregation of a range over the decoded size (the Parquet
-# pages, uncompressed) of the columns it reads: measured at 1.9-2.3 on the bench batch
-# (docs/benchmarks.md, row `memory_budget`), with room to spare.
-WORK_FACTOR = 3.0
+# Peak memory of the cross-check or aggregation of a range, above what the agent held before,
+# over the range's share of the decoded size (the Parquet pages, uncompressed) of the columns
+# it reads. Measured (docs/benchmarks.md, "Memory"): 2.9 for a whole batch; 4.0-5.4 for
+# ranges, which also hold unfiltered row groups and up to 1.5 times their share.
+WORK_FACTOR = 5.0
 
 # Points sampled per range from an item_id column that is read for its quantiles.
 SAMPLES_PER_RANGE = 64
-
-# What a budget smaller than the agent already holds leaves for the work: a floor, so such a
-# budget makes many small ranges rather than an endless number.
-MIN_WORKING_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -85,6 +82,12 @@ class Range:
             return False
         return not (self.lo is not None and high is not None and high < self.lo)
 
+    def holds(self, low: str | None, high: str | None) -> bool:
+        """Whether every id within [low, high] (None: unknown) is in the range."""
+        if self.lo is not None and (low is None or low < self.lo):
+            return False
+        return not (self.hi is not None and (high is None or high >= self.hi))
+
     def mask(self, ids: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
         """Per id: whether it is in the range."""
         keep: Any = None
@@ -97,7 +100,9 @@ class Range:
 
 
 def rss_now() -> int:
-    """This process's resident set now, in bytes (0 where /proc cannot say)."""
+    """This process's resident set now, in bytes (0 where /proc cannot say), once Arrow's
+    memory pool has handed back what it keeps for reuse (what the last step freed)."""
+    pa.default_memory_pool().release_unused()
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -107,8 +112,10 @@ def rss_now() -> int:
 
 def count_ranges(decoded: int, budget: int, held: int) -> int:
     """How many ranges make the work on each fit: `decoded` bytes of columns to read, a budget
-    of `budget` bytes for the process, of which it already holds `held`."""
-    room = max(budget - held, MIN_WORKING_BYTES)
+    of `budget` bytes for the process, of which it already holds `held`. A budget the agent
+    already fills (or nearly) leaves a quarter of itself for the work: many small ranges, not
+    an endless number."""
+    room = max(budget - held, budget // 4)
     return max(1, math.ceil(decoded * WORK_FACTOR / room))
 
 
@@ -192,7 +199,7 @@ class RangedBatch:
             raise ParquetError(f"{where}: not a readable Parquet file: {e}") from None
         self._stack.callback(os.close, fd)
         try:
-            pf = pq.ParquetFile(fd_path(fd), memory_map=True)
+            pf = pq.ParquetFile(fd_path(fd), memory_map=False)
         except (OSError, pa.ArrowException) as e:
             raise ParquetError(f"{where}: not a readable Parquet file: {e}") from None
         self._stack.callback(pf.close)
@@ -266,6 +273,9 @@ class RangedBatch:
         """Points of the file's item-id distribution, each with the rows it stands for."""
         md = f.pf.metadata
         if f.sorted and md.num_row_groups >= 2 * k:
+            # Cuts at row-group boundaries: a range then reads whole row groups of the files
+            # written alike (the SDK's), with no row decoded for another range, and holds at
+            # most 1.5 times its share (at least two row groups a range).
             return [
                 (lo, md.row_group(r).num_rows)
                 for r, (lo, _) in enumerate(f.bounds)
@@ -282,15 +292,14 @@ class RangedBatch:
             points.extend((v, step) for v in sample.to_pylist() if v is not None)
         return points
 
-    def read(self, rng: Range, *, threads: int = 0) -> dict[str, pa.Table]:
+    def read(self, rng: Range, workers: Workers | None = None) -> dict[str, pa.Table]:
         """Every model's rows of the range, by model (ParquetError names an unreadable file).
-        With `threads` >= 1, the files are read side by side on that many threads, each in one
-        (0: one after the other, each with Arrow's threads)."""
-        if threads <= 1:
-            return {m: self._read(self._files[m], rng, threads == 0) for m in self.models}
-        with ThreadPoolExecutor(threads, thread_name_prefix="read") as pool:
-            tables = pool.map(lambda m: self._read(self._files[m], rng, False), self.models)
-            return dict(zip(self.models, tables, strict=True))
+        With `workers` of more than one thread, the files are read side by side on them, each
+        in one (else one after the other, each with Arrow's threads)."""
+        if workers is None or workers.threads <= 1:
+            return {m: self._read(self._files[m], rng, workers is None) for m in self.models}
+        tables = workers.map(lambda m: self._read(self._files[m], rng, False), self.models)
+        return dict(zip(self.models, tables, strict=True))
 
     def _reader(self, f: _File) -> pq.ParquetFile:
         as_dictionary = [c for c in self.read_dictionary if c in f.pf.schema_arrow.names]
@@ -299,7 +308,7 @@ class RangedBatch:
         if f.plain is None:
             f.plain = pq.ParquetFile(
                 fd_path(f.fd),
-                memory_map=True,
+                memory_map=False,
                 metadata=f.pf.metadata,
                 read_dictionary=as_dictionary,
             )
@@ -318,7 +327,9 @@ class RangedBatch:
                     if not rng.overlaps(lo, hi):
                         continue
                     part = pf.read_row_group(r, columns=wanted, use_threads=use_threads)
-                    parts.append(part.filter(rng.mask(part.column(ID))))
+                    if not rng.holds(lo, hi):
+                        part = part.filter(rng.mask(part.column(ID)))
+                    parts.append(part)
                 table = (
                     pa.concat_tables(parts)
                     if parts

@@ -204,6 +204,43 @@ def _crosscheck_rows(m: Any) -> list[Row]:
     return rows
 
 
+def _memory_rows(m: Any) -> list[Row]:
+    """The memory-budget batch (bench.memory): the agent's highest step peak against the
+    budget."""
+    got = m.memory
+    if not got:
+        return []
+    steps = {k: got[k] for k in ("stage", "crosscheck", "aggregate")}
+    peaks = [s["peak_rss"] for s in steps.values() if s.get("peak_rss")]
+    budget = got["budget"]
+    seconds = sum(s["seconds"] for s in steps.values())
+    return [
+        Row(
+            "memory_budget",
+            f"agent peak RSS, 7 models x {got['file_bytes'] / 7 / MB:,.0f} MB "
+            f"({got['rows']:,} rows each)",
+            "MB",
+            max(peaks) / MB if peaks else None,
+            budget / MB,
+            "agents.memory_budget",
+            "<= the budget",
+            lambda o, a, r: a is not None and o <= a,
+            note=(
+                f"{got['compressed_bytes'] / MB:,.0f} MB compressed, "
+                f"{got['decoded_bytes'] / MB:,.0f} MB decoded; "
+                + "; ".join(
+                    f"{k} {s['peak_rss'] / MB:,.0f} MB in {s['seconds']:.1f} s"
+                    + (f", {s['ranges']} ranges" if s.get("ranges") else "")
+                    for k, s in steps.items()
+                    if s.get("peak_rss")
+                )
+                + f"; {got['rows'] * 7 / seconds / 1e6:.2f} M rows/s over the three steps "
+                f"on {got['threads']} threads"
+            ),
+        )
+    ]
+
+
 def build_rows(m: Any) -> list[Row]:
     """The table's rows from what the run measured (`harness.Measured`)."""
     rows: list[Row] = []
@@ -504,6 +541,8 @@ def build_rows(m: Any) -> list[Row]:
             )
         )
 
+    rows.extend(_memory_rows(m))
+
     # End to end and its parts.
     if full:
         bar = _med([b["anchor_ms"] for b in m.barrier]) or 0.0
@@ -619,6 +658,7 @@ def run_bench(
             "ingest": m.ingest,
             "lake": m.lake,
             "sustained": m.sustained,
+            "memory": m.memory,
         },
         "errors": m.errors,
     }, rows

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.notifier import PgNotifier
-from coordinator.bench import anchors, sustained
+from coordinator.bench import anchors, memory, sustained
 from coordinator.bench.report import percentile
 from coordinator.core.announce import channel
 from coordinator.core.errors import ControlError, CoordinatorError
@@ -45,6 +45,7 @@ PHASES = (
     "crosscheck",
     "archive",
     "staging",
+    "memory",
     "lake",
     "barrier",
     "idle",
@@ -77,6 +78,8 @@ class Params:
     ingest_subset: int = 0  # rows for the client paths (executemany, copy_records); 0: all
     only: frozenset[str] | None = None  # run only these phases (PHASES); None: all
     sustained_batches: int = 10  # full batches published back to back (bench.sustained)
+    memory_mb: float = 400.0  # each model's file in the memory-budget batch (bench.memory)
+    memory_budget: int = 4 << 30  # the agent's agents.memory_budget for it
 
     def wants(self, phase: str) -> bool:
         """Whether this run includes `phase`."""
@@ -98,6 +101,8 @@ class Params:
             ingest_reps=1,
             ingest_subset=500,
             sustained_batches=4,
+            memory_mb=1.0,
+            memory_budget=64 << 20,
         )
 
 
@@ -163,6 +168,7 @@ class Measured:
     ingest: dict[str, Any] = field(default_factory=dict)
     lake: dict[str, list[float]] = field(default_factory=dict)
     sustained: dict[str, Any] = field(default_factory=dict)  # bench.sustained
+    memory: dict[str, Any] = field(default_factory=dict)  # bench.memory
     reader: str = ""
     listen_reader: str = ""
     psql: str = ""
@@ -492,6 +498,28 @@ def run_idle(p: Params, daemon: DaemonProc, agent_pid: int, m: Measured) -> None
     }
 
 
+def run_memory(p: Params, d: Dirs, m: Measured) -> None:
+    """The memory-budget batch (bench.memory): generated on disk, staged into tmpfs, worked
+    on by one agent's steps in a process of its own; its folders removed after."""
+    staging = d.root / "staging-memory"  # as config_text names them
+    tmpfs = d.tmpfs / "memory"
+    try:
+        rows = memory.rows_for(p.memory_mb, list(MODELS))
+        say(f"  writing {rows:,} rows per model")
+        t0 = time.perf_counter()
+        written = memory.generate(staging / "mem-00", list(MODELS), rows)
+        generate_s = time.perf_counter() - t0
+        cfg = d.root / "memory.toml"
+        agents = f"\n[agents]\nmemory_budget = {p.memory_budget}\n"
+        agents += f"threads = {p.threads}\n" if p.threads else ""
+        cfg.write_text(config_text(d, "", "bench_memory", name="memory", extra=agents))
+        got = memory.run_agent_steps(cfg, "mem-00")
+        m.memory = {**got, "rows": rows, "file_bytes": written, "generate_s": generate_s}
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(tmpfs, ignore_errors=True)
+
+
 def run_full(
     d: Dirs, daemon: DaemonProc, agent_pid: int, full: dict[str, Path], bid: str
 ) -> dict[str, Any]:
@@ -631,6 +659,12 @@ def run(p: Params, *, dsn: str = "") -> Measured:
 
         phase("archive", "archive: the lake writer against cp + sync", archive)
         phase("staging", "staging: agents against cp", staging)
+        phase(
+            "memory",
+            f"memory budget: 7 models x {p.memory_mb:g} MB through one agent's steps, "
+            f"agents.memory_budget = {p.memory_budget / (1 << 20):,.0f} MiB",
+            lambda: run_memory(p, d, m),
+        )
         if not any(p.wants(k) for k in DATABASE_PHASES):
             return m
 
