@@ -98,6 +98,7 @@ def mixed(tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
     )
     folder = staging / BATCH
     assert row_groups(folder / "sdk.parquet")[1] == SORTED
+    assert files.is_sorted_by_id(pq.read_table(folder / "sdk.parquet"))
     # Sorted, 40 row groups: ranges from the row groups' minimums up to k = 20.
     write_sorted(folder, "many.parquet", make_result(every, rng, null_share=0.05), 50)
     # Sorted, a few row groups: ranges from a sample; items missing here and there.
@@ -276,6 +277,54 @@ def test_ranges_at_row_group_edges_lose_no_row(tmp_path: Path) -> None:
     assert ids[4] == [ident(i) for i in range(150, 200)]
 
 
+@pytest.mark.parametrize("layout", ["sdk", "row-groups"])
+def test_string_view_ids_are_read_in_ranges_as_the_whole_batch_reads_them(
+    tmp_path: Path, layout: str
+) -> None:
+    """Item ids as string_view (a producer's Arrow table; the footer's Arrow schema keeps the
+    type, so they are read back as string_view): the whole batch's vote takes them (consensus
+    counts string_view as a string column), so its ranges must too. "sdk": published by the
+    SDK (one row group: the boundaries from a sample); "row-groups": sorted in many row groups
+    (the boundaries from their minimums, each range's rows kept by comparing ids)."""
+    rng = np.random.default_rng(17)
+    models = ["a", "b"]
+    staging = tmp_path / "staging"
+    folder = staging / BATCH
+    folder.mkdir(parents=True)
+    for m in models:
+        # Sorted before the cast (the SDK's sort is another test's matter: see below).
+        table = make_result(np.sort(rng.permutation(N)[: N - 200]), rng)
+        table = table.set_column(0, "item_id", table.column("item_id").cast(pa.string_view()))
+        if layout == "sdk":
+            slm.publish(staging, BATCH, m, table, notify=False)
+        else:
+            write_sorted(folder, f"{m}.parquet", table, 50)
+        assert pq.read_schema(folder / f"{m}.parquet").field("item_id").type == pa.string_view()
+    with Dir.open(folder) as d:
+        expected = consensus.aggregate(files.read_results(d, models))
+        items: list[pa.Table] = []
+        with RangedBatch(d, models) as batch, consensus.Workers(1) as workers:
+            plan = batch.ranges(3)
+            assert len(plan) == 3
+            items.extend(consensus.vote(batch.read(r), workers)[0] for r in plan)
+            batch.check_complete()
+    assert pa.concat_tables(items).equals(expected.items)
+
+
+def test_publish_takes_string_view_ids_in_any_order(tmp_path: Path) -> None:
+    """The SDK wrote any table with string item ids, string_view ones included; now that it
+    sorts them by item_id (`slm.sorted_by_id`), an unsorted string_view column must still be
+    published, sorted, with the sorting metadata."""
+    rng = np.random.default_rng(19)
+    table = make_result(rng.permutation(100), rng)
+    table = table.set_column(0, "item_id", table.column("item_id").cast(pa.string_view()))
+    path = slm.publish(tmp_path / "staging", BATCH, "m", table, notify=False)
+    back = pq.read_table(path)
+    assert back.num_rows == 100
+    assert back.column("item_id").cast(pa.string()).to_pylist() == [ident(i) for i in range(100)]
+    assert row_groups(path)[1] == SORTED
+
+
 # -- 2. The ranges partition the id space --------------------------------------------------------
 
 
@@ -308,20 +357,26 @@ def test_ranges_partition_the_ids(mixed: tuple[Path, list[str]], k: int) -> None
     check_partition(plan, ids)
 
 
-@pytest.mark.parametrize("sort", ["sorted", "unsorted"])
+@pytest.mark.parametrize("sort", ["sorted", "unsorted", "claims-sorted"])
 @pytest.mark.parametrize("k", (2, 5, 13))
 def test_ranges_hold_about_their_share_of_rows(tmp_path: Path, sort: str, k: int) -> None:
     """A uniform batch (every model the same items): no range holds more than twice its share.
     Sorted, with at least 2k row groups: the boundaries come from the row groups' minimums;
-    unsorted (its minimums say nothing of the ids' spread): from a sample."""
+    unsorted (its minimums say nothing of the ids' spread): from a sample; so too a file whose
+    sorting metadata says sorted while its row groups' bounds overlap."""
     rng = np.random.default_rng(11)
     models = ["a", "b", "c"]
     for m in models:
         table = make_result(np.arange(N), rng)
         if sort == "sorted":
             write_sorted(tmp_path, f"{m}.parquet", table, 50)
-        else:
+        elif sort == "unsorted":
             write_unsorted(tmp_path, f"{m}.parquet", table, 50, rng)
+        else:
+            table = table.take(pa.array(rng.permutation(table.num_rows)))
+            opts = files.write_options(table, sorted_by_id=True)
+            pq.write_table(table, tmp_path / f"{m}.parquet", row_group_size=50, **opts)
+            assert row_groups(tmp_path / f"{m}.parquet") == (N // 50, SORTED)
     ids = pa.concat_arrays(
         [
             pq.read_table(tmp_path / f"{m}.parquet").column("item_id").combine_chunks()
@@ -335,6 +390,30 @@ def test_ranges_hold_about_their_share_of_rows(tmp_path: Path, sort: str, k: int
     share = len(ids) / k
     assert max(counts) <= 2 * share, counts
     assert sum(counts) == len(ids)
+
+
+@pytest.mark.parametrize("sort", ["sorted", "unsorted"])
+def test_more_ranges_than_ids_make_no_empty_range(tmp_path: Path, sort: str) -> None:
+    """Five ids (each in both models) and 13 ranges asked: no boundary twice, none at the
+    smallest id; every range holds rows; every row is read back once."""
+    rng = np.random.default_rng(13)
+    for m in ("a", "b"):
+        table = make_result(np.arange(5), rng)
+        if sort == "sorted":
+            write_sorted(tmp_path, f"{m}.parquet", table, 1)
+        else:
+            write_unsorted(tmp_path, f"{m}.parquet", table, 2, rng)
+    with Dir.open(tmp_path) as d, RangedBatch(d, ["a", "b"]) as batch:
+        plan = batch.ranges(13)
+        got = [batch.read(r) for r in plan]
+        batch.check_complete()
+    assert 2 <= len(plan) <= 5, plan
+    ids = pa.array([ident(i) for i in range(5)] * 2)
+    counts = check_partition(plan, ids)
+    assert all(c > 0 for c in counts), (plan, counts)
+    for m in ("a", "b"):
+        read = pa.concat_tables([t[m] for t in got])
+        assert by_id(read).equals(by_id(pq.read_table(tmp_path / f"{m}.parquet"))), m
 
 
 # -- 3. Which row groups a range reads -----------------------------------------------------------
