@@ -90,6 +90,8 @@ class Range:
 
     def mask(self, ids: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
         """Per id: whether it is in the range."""
+        if not pa.types.is_string(ids.type):
+            ids = ids.cast(pa.string())  # string_view, large_string: compared as strings
         keep: Any = None
         if self.lo is not None:
             keep = pc.greater_equal(ids, pa.scalar(self.lo, pa.string()))
@@ -115,7 +117,7 @@ def count_ranges(decoded: int, budget: int, held: int) -> int:
     of `budget` bytes for the process, of which it already holds `held`. A budget the agent
     already fills (or nearly) leaves a quarter of itself for the work: many small ranges, not
     an endless number."""
-    room = max(budget - held, budget // 4)
+    room = max(budget - held, budget // 4, 1)
     return max(1, math.ceil(decoded * WORK_FACTOR / room))
 
 
@@ -165,6 +167,26 @@ def _is_sorted(
             return False
         prev = hi
     return True
+
+
+def _takeable(table: pa.Table) -> pa.Table:
+    """The table with its string_view columns as plain strings (Arrow filters none of them)."""
+    views = [i for i, f in enumerate(table.schema) if pa.types.is_string_view(f.type)]
+    for i in views:
+        table = table.set_column(i, table.field(i).name, table.column(i).cast(pa.string()))
+    return table
+
+
+def _within(rng: Range, ids: pa.ChunkedArray) -> bool:
+    """Whether every id is in the range (a null one is not)."""
+    if ids.null_count:
+        return False
+    if not len(ids):
+        return True
+    if not pa.types.is_string(ids.type):
+        ids = ids.cast(pa.string())
+    bounds = pc.min_max(ids)
+    return rng.holds(bounds["min"].as_py(), bounds["max"].as_py())
 
 
 class RangedBatch:
@@ -286,6 +308,7 @@ class RangedBatch:
         for r in range(md.num_row_groups):
             try:
                 ids = f.pf.read_row_group(r, columns=[ID], use_threads=False).column(0)
+                ids = ids.cast(pa.string())  # (a string_view column too)
             except (OSError, pa.ArrowException) as e:
                 raise ParquetError(f"{f.where}: not a readable Parquet file: {e}") from None
             sample = ids.take(pa.array(np.arange(0, len(ids), step, dtype=np.int64)))
@@ -326,8 +349,12 @@ class RangedBatch:
                 for r, (lo, hi) in enumerate(f.bounds):
                     if not rng.overlaps(lo, hi):
                         continue
-                    part = pf.read_row_group(r, columns=wanted, use_threads=use_threads)
-                    if not rng.holds(lo, hi):
+                    whole = rng.holds(lo, hi)
+                    part = _takeable(pf.read_row_group(r, columns=wanted, use_threads=use_threads))
+                    # A row group its statistics put wholly in the range is kept as read
+                    # once its ids are seen to be (statistics can lie: then it is filtered,
+                    # and the rows it hid are missed and reported by check_complete).
+                    if not (whole and _within(rng, part.column(ID))):
                         part = part.filter(rng.mask(part.column(ID)))
                     parts.append(part)
                 table = (

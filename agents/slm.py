@@ -127,6 +127,10 @@ def sorted_by_id(table: pa.Table) -> pa.Table:
     each range from its own row groups, rather than passing over the whole file for each."""
     if "item_id" not in table.column_names or is_sorted_by_id(table):
         return table
+    # Arrow sorts and takes no string_view column: those are written as plain strings.
+    for i, f in enumerate(table.schema):
+        if pa.types.is_string_view(f.type):
+            table = table.set_column(i, f.name, table.column(i).cast(pa.string()))
     return table.sort_by("item_id")
 
 

@@ -139,6 +139,8 @@ def is_sorted_by_id(table: pa.Table) -> bool:
     ids = table.column("item_id")
     if len(ids) < 2:
         return True
+    if pa.types.is_string_view(ids.type):
+        ids = ids.cast(pa.string())  # compared as strings
     return bool(pc.all(pc.less_equal(ids[:-1], ids[1:])).as_py())
 
 

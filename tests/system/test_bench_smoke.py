@@ -71,6 +71,7 @@ def test_every_row_has_ours_and_every_anchored_row_an_anchor_and_a_ratio(
         "sustained_throughput",
         "sustained_growth",
         "sustained_latency",
+        "memory_budget",
     ):
         assert key in keys, f"row {key} missing"
     for row in doc["rows"]:
@@ -143,7 +144,10 @@ def test_the_bench_command_renders_a_results_file_for_the_docs(
 def test_the_bench_command_refuses_an_unknown_phase_naming_the_ones_it_takes() -> None:
     done = bench_cli("--only", "barrier,warp")
     assert done.returncode == 2
-    phases = "codecs,crosscheck,archive,staging,lake,barrier,idle,full,lag,ingest,notify,sustained"
+    phases = (
+        "codecs,crosscheck,archive,staging,memory,lake,barrier,idle,full,lag,ingest,notify,"
+        "sustained"
+    )
     assert f"--only takes {phases}" in done.stderr
 
 
@@ -202,9 +206,11 @@ GOOD: dict[str, float] = {
     "e2e_over_anchors": 1.0,
     "sustained_speedup": 1.25,  # batches/h against the serial anchor's
     "sustained_growth": 1.0,  # time in the pipeline, last 3 batches' median / first 3's
+    "memory_peak_mb": 3000.0,  # the memory-budget batch: the agent's highest step peak (MB)
 }
 
 ROWS = 1_000_000  # ingest rows (and the client paths' subset)
+MB = 1e6  # as the rows count a megabyte
 STAGED_MB = 100.0
 ARCHIVED_MB = 100.0
 WALL_S = 100.0
@@ -323,6 +329,18 @@ def measured(fig: dict[str, float], *, quick: bool = False) -> Measured:
         "anchor": [{"staging": 1.0, "crosscheck": 12.0, "aggregate": 3.0, "commit": 3.5,
                     "archive": 0.5}],
     }  # fmt: skip
+    budget = 4096 * MB
+    m.memory = {
+        "budget": budget,
+        "threads": 2,
+        "rows": 43_000_000,
+        "file_bytes": 7 * 400e6,
+        "compressed_bytes": 7 * 400e6,
+        "decoded_bytes": 7 * 1300e6,
+        "stage": {"seconds": 10.0, "peak_rss": 200 * MB, "bytes": 7 * 400e6},
+        "crosscheck": {"seconds": 100.0, "peak_rss": fig["memory_peak_mb"] * MB, "ranges": 12},
+        "aggregate": {"seconds": 50.0, "peak_rss": 0.9 * fig["memory_peak_mb"] * MB, "ranges": 9},
+    }
     m.idle = {
         "seconds": 10.0,
         "daemon_pct": fig["idle_pct"],
@@ -366,6 +384,7 @@ THRESHOLDED = {
     "e2e",
     "sustained_throughput",
     "sustained_growth",
+    "memory_budget",
 }
 
 # (row, figures that just miss its target, figures exactly at the limit (None: no exact float))
@@ -415,6 +434,7 @@ CASES: list[tuple[str, dict[str, float], dict[str, float] | None]] = [
     ("e2e", {"e2e_over_anchors": 1.21}, None),
     ("sustained_throughput", {"sustained_speedup": 1.0}, None),
     ("sustained_growth", {"sustained_growth": 1.51}, {"sustained_growth": 1.5}),
+    ("memory_budget", {"memory_peak_mb": 4097.0}, {"memory_peak_mb": 4096.0}),
 ]
 # Where the limit cannot be hit exactly in floating point, a figure just inside it (and for the
 # barrier without an anchor: the same figure with its anchor measured).
@@ -477,6 +497,7 @@ def test_the_limits_above_are_hit_exactly() -> None:
         "cpu_batch_loop": ("ours", 2.0),
         "cpu_idle": ("ours", 0.5),
         "sustained_growth": ("ratio", 1.5),
+        "memory_budget": ("ratio", 1.0),
     }
     for key, _, limit in CASES:
         if limit is None or key not in targets:

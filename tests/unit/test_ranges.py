@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from agents import consensus, ranges, slm
+from agents.consensus import Workers
 from agents.crosscheck import crosscheck_batch
-from agents.ranges import MIN_WORKING_BYTES, WORK_FACTOR, Range, RangedBatch, count_ranges
+from agents.ranges import WORK_FACTOR, Range, RangedBatch, count_ranges
 from coordinator.core import files
 from coordinator.core.errors import ParquetError
 from coordinator.core.roots import Dir
@@ -175,8 +176,9 @@ def test_ranges_read_on_threads_with_dictionaries_and_columns(
         ) as batch,
     ):
         parts: dict[str, list[pa.Table]] = {m: [] for m in models}
+        workers = stack_workers(3)
         for rng in batch.ranges(5):
-            tables = batch.read(rng, threads=3)
+            tables = batch.read(rng, workers)
             assert list(tables) == models
             for m, t in tables.items():
                 assert t.column_names == ["item_id", "prediction"]
@@ -197,9 +199,10 @@ def test_crosscheck_in_ranges_equals_the_whole_batch(mixed: tuple[Path, list[str
         parts: dict[str, list[pa.Table]] = {m: [] for m in models}
         with RangedBatch(d, models, read_dictionary=("prediction",)) as batch:
             plan = batch.ranges(k)
+            workers = stack_workers(2)
             for rng in plan:
-                tables = batch.read(rng, threads=2)
-                crosscheck_batch(models, tables, lambda m, t: parts[m].append(t), threads=2)
+                tables = batch.read(rng, workers)
+                crosscheck_batch(models, tables, lambda m, t: parts[m].append(t), workers=workers)
             batch.check_complete()
     assert len(plan) > 1 or k == 1
     for m in models:
@@ -537,6 +540,22 @@ def test_lying_statistics_end_in_parquet_error_naming_the_file(tmp_path: Path) -
 # -- 5. How many ranges --------------------------------------------------------------------------
 
 
+_WORKERS: list[Workers] = []
+
+
+def stack_workers(threads: int) -> Workers:
+    """A pool kept from one range to the next, as the agent keeps one (closed at exit)."""
+    _WORKERS.append(Workers(threads))
+    return _WORKERS[-1]
+
+
+@pytest.fixture(autouse=True)
+def _close_workers() -> Iterator[None]:
+    yield
+    while _WORKERS:
+        _WORKERS.pop().close()
+
+
 def test_count_ranges() -> None:
     gib = 1 << 30
     # The work fits: one range (the whole batch, as before).
@@ -548,11 +567,12 @@ def test_count_ranges() -> None:
     counts = [count_ranges(d << 20, 512 << 20, 256 << 20) for d in (50, 100, 400, 1600)]
     assert counts == sorted(counts) and counts[0] < counts[-1], counts
     assert counts[-1] == math.ceil((1600 << 20) * WORK_FACTOR / (256 << 20))
-    # A budget below what is already held: a floor for the work, a finite count.
+    # A budget at or below what is already held: a quarter of it for the work, a finite count.
     floor = count_ranges(gib, 100 << 20, 200 << 20)
-    assert floor == math.ceil(gib * WORK_FACTOR / MIN_WORKING_BYTES)
-    assert count_ranges(gib, 0, 200 << 20) == floor
-    assert count_ranges(gib, 200 << 20, 200 << 20) == floor
+    assert floor == math.ceil(gib * WORK_FACTOR / (25 << 20))
+    assert count_ranges(gib, 100 << 20, 100 << 20) == floor
+    assert count_ranges(gib, 100 << 20, 90 << 20) == floor  # 10 MiB left: the quarter
+    assert count_ranges(gib, 0, 200 << 20) >= floor
 
 
 # -- 6. PartsWriter ------------------------------------------------------------------------------
