@@ -30,6 +30,7 @@ import bisect
 import contextlib
 import math
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,7 +133,8 @@ class _File:
     bounds: list[tuple[str | None, str | None]]  # per row group: item_id min, max (None: unknown)
     sorted: bool  # the sorting metadata says ascending item_id, and the bounds say it too
     kept: int = 0  # rows kept by the ranges read so far
-    plain: pq.ParquetFile | None = field(default=None, repr=False)  # without read_dictionary
+    # The file opened again to read the columns in read_dictionary as dictionaries.
+    dictionary: pq.ParquetFile | None = field(default=None, repr=False)
 
 
 def _bounds(md: pq.FileMetaData, column: int) -> list[tuple[str | None, str | None]]:
@@ -220,6 +222,8 @@ class RangedBatch:
         except OSError as e:
             raise ParquetError(f"{where}: not a readable Parquet file: {e}") from None
         self._stack.callback(os.close, fd)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ParquetError(f"{where}: not a regular file")
         try:
             pf = pq.ParquetFile(fd_path(fd), memory_map=False)
         except (OSError, pa.ArrowException) as e:
@@ -232,6 +236,10 @@ class RangedBatch:
         md = pf.metadata
         # Statistics and sorting metadata index the leaf columns of the Parquet schema.
         leaves = [md.schema.column(i).path for i in range(md.num_columns)]
+        if ID not in leaves:
+            raise ParquetError(
+                f"{where}: column {ID!r} should be string, found {pf.schema_arrow.field(ID).type}"
+            )
         column = leaves.index(ID)
         bounds = _bounds(md, column)
         return _File(model, where, fd, pf, bounds, _is_sorted(md, column, bounds))
@@ -328,15 +336,15 @@ class RangedBatch:
         as_dictionary = [c for c in self.read_dictionary if c in f.pf.schema_arrow.names]
         if not as_dictionary:
             return f.pf
-        if f.plain is None:
-            f.plain = pq.ParquetFile(
+        if f.dictionary is None:
+            f.dictionary = pq.ParquetFile(
                 fd_path(f.fd),
                 memory_map=False,
                 metadata=f.pf.metadata,
                 read_dictionary=as_dictionary,
             )
-            self._stack.callback(f.plain.close)
-        return f.plain
+            self._stack.callback(f.dictionary.close)
+        return f.dictionary
 
     def _read(self, f: _File, rng: Range, use_threads: bool) -> pa.Table:
         pf = self._reader(f)
@@ -351,6 +359,11 @@ class RangedBatch:
                         continue
                     whole = rng.holds(lo, hi)
                     part = _takeable(pf.read_row_group(r, columns=wanted, use_threads=use_threads))
+                    if part.column(ID).null_count:  # (said as a whole read says it)
+                        raise ParquetError(
+                            f"model {f.model!r}: column 'item_id' has "
+                            f"{part.column(ID).null_count} null(s) ({f.where})"
+                        )
                     # A row group its statistics put wholly in the range is kept as read
                     # once its ids are seen to be (statistics can lie: then it is filtered,
                     # and the rows it hid are missed and reported by check_complete).

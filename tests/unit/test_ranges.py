@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -660,3 +661,29 @@ def test_totals_of_other_models_do_not_add() -> None:
 
 def test_rss_now_is_this_process() -> None:
     assert ranges.rss_now() > 10 << 20
+
+
+# -- bad files, said as the whole read says them -------------------------------------------------
+
+
+def test_a_null_item_id_read_in_ranges_is_named_as_a_null(tmp_path: Path) -> None:
+    ids = [f"i{n:04d}" for n in range(100)]
+    table = pa.table({"item_id": [*ids[:50], None, *ids[51:]], "prediction": ["a"] * 100})
+    pq.write_table(table, tmp_path / "m.parquet", row_group_size=10)
+    with Dir.open(tmp_path) as d, RangedBatch(d, ["m"]) as batch:
+        with pytest.raises(ParquetError, match=r"model 'm': column 'item_id' has 1 null\(s\)"):
+            for rng in batch.ranges(4):
+                batch.read(rng)
+
+
+def test_a_fifo_under_a_models_name_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "m.parquet")
+    with Dir.open(tmp_path) as d, pytest.raises(ParquetError, match=r"m\.parquet: not a regular"):
+        RangedBatch(d, ["m"])
+
+
+def test_an_item_id_that_is_no_string_column_is_named(tmp_path: Path) -> None:
+    table = pa.table({"item_id": pa.array([{"x": "a"}, {"x": "b"}]), "prediction": ["a", "b"]})
+    pq.write_table(table, tmp_path / "m.parquet")
+    with Dir.open(tmp_path) as d, pytest.raises(ParquetError, match="'item_id' should be string"):
+        RangedBatch(d, ["m"])
