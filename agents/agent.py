@@ -247,7 +247,13 @@ class Agent:
             )
             plan = batch.ranges(k)
             if len(plan) > 1:
-                log.info("cross-check in ranges of item ids", batch_id=batch_id, ranges=len(plan))
+                split = batch.partition(plan, local, workers)
+                log.info(
+                    "cross-check in ranges of item ids",
+                    batch_id=batch_id,
+                    ranges=len(plan),
+                    files_split=split,
+                )
             writers = {
                 m: stack.enter_context(self._parts_writer(folder, f"crosscheck_{m}.parquet"))
                 for m in mine

@@ -184,6 +184,7 @@ def aggregate_batch(
             )
             totals: Totals | None = None
             plan = batch.ranges(k)
+            batch.partition(plan, local, workers)
             for rng in plan:
                 tables = batch.read(rng, workers)
                 items, part = vote(tables, workers)

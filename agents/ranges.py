@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import math
 import os
 import stat
@@ -127,6 +128,7 @@ class _File:
     """One model's file, open for reads by row group."""
 
     model: str
+    name: str  # in its folder
     where: str
     fd: int
     pf: pq.ParquetFile
@@ -135,6 +137,8 @@ class _File:
     kept: int = 0  # rows kept by the ranges read so far
     # The file opened again to read the columns in read_dictionary as dictionaries.
     dictionary: pq.ParquetFile | None = field(default=None, repr=False)
+    # After `partition`: per range, the spill file holding the file's rows of that range.
+    spilled: list[str] | None = None
 
 
 def _bounds(md: pq.FileMetaData, column: int) -> list[tuple[str | None, str | None]]:
@@ -207,6 +211,8 @@ class RangedBatch:
         self.columns = columns
         self.read_dictionary = read_dictionary
         self._files: dict[str, _File] = {}
+        self._plan: list[Range] = []  # the ranges `partition` split files by
+        self._spill: Dir | None = None
         self._stack = contextlib.ExitStack()
         try:
             for m in self.models:
@@ -242,7 +248,7 @@ class RangedBatch:
             )
         column = leaves.index(ID)
         bounds = _bounds(md, column)
-        return _File(model, where, fd, pf, bounds, _is_sorted(md, column, bounds))
+        return _File(model, name, where, fd, pf, bounds, _is_sorted(md, column, bounds))
 
     def close(self) -> None:
         self._stack.close()
@@ -346,11 +352,26 @@ class RangedBatch:
             self._stack.callback(f.dictionary.close)
         return f.dictionary
 
+    def _read_spilled(self, f: _File, rng: Range, use_threads: bool) -> pa.Table:
+        assert f.spilled is not None and self._spill is not None
+        name = f.spilled[self._plan.index(rng)]
+        fd = self._spill.open_file(name)
+        try:
+            as_dictionary = [c for c in self.read_dictionary if c in f.pf.schema_arrow.names]
+            with pq.ParquetFile(
+                fd_path(fd), memory_map=False, read_dictionary=as_dictionary
+            ) as spilled:
+                return spilled.read(use_threads=use_threads)
+        finally:
+            os.close(fd)
+
     def _read(self, f: _File, rng: Range, use_threads: bool) -> pa.Table:
         pf = self._reader(f)
         wanted = self._wanted(f)
         try:
-            if rng.whole:
+            if f.spilled is not None:
+                table = self._read_spilled(f, rng, use_threads)
+            elif rng.whole:
                 table = pf.read(columns=wanted, use_threads=use_threads)
             else:
                 parts = []
@@ -379,6 +400,86 @@ class RangedBatch:
             raise ParquetError(f"{f.where}: not a readable Parquet file: {e}") from None
         f.kept += table.num_rows
         return table
+
+    def partition(self, plan: Sequence[Range], spill: Dir, workers: Workers | None = None) -> int:
+        """Split once, into one spill file per range under `spill` (dot names, removed at
+        `close`), every file that the ranges would otherwise each read whole: one not sorted
+        by item_id, or with fewer than two row groups a range. Each of its row groups is read
+        once and its rows appended to their range's file (zstd 1), so the batch is decoded
+        twice rather than once per range; a range then reads its spill files. Returns the
+        files split. (The spill is in the node's tmpfs: about the files' compressed size.)
+
+        A sorted file is split only when there are more than twice as many ranges as its row
+        groups: read by their statistics, its row groups are read about (groups + ranges)
+        times in all, which costs more than the split's read, write and read back only then."""
+        self._plan = list(plan)
+        if len(self._plan) < 2:
+            return 0
+        todo = [
+            f
+            for f in self._files.values()
+            if f.pf.metadata.num_rows
+            and (not f.sorted or len(self._plan) > 2 * f.pf.metadata.num_row_groups)
+        ]
+        self._spill = spill
+        cuts = [r.lo for r in self._plan[1:]]
+        if workers is None or workers.threads <= 1:
+            for f in todo:
+                self._split(f, cuts, spill)
+        else:
+            workers.map(lambda f: self._split(f, cuts, spill), todo)
+        return len(todo)
+
+    def _split(self, f: _File, cuts: list[str | None], spill: Dir) -> None:
+        pf = self._reader(f)
+        wanted = self._wanted(f)
+        names = [f".range-{i}.{f.name}" for i in range(len(cuts) + 1)]
+        f.spilled = names
+        for name in names:
+            self._stack.callback(spill.unlink, name, missing_ok=True)
+        writers: list[pq.ParquetWriter] = []
+        sinks: list[Any] = []
+        try:
+            for r in range(pf.metadata.num_row_groups):
+                part = _takeable(pf.read_row_group(r, columns=wanted, use_threads=False))
+                ids = part.column(ID)
+                if ids.null_count:
+                    raise ParquetError(
+                        f"model {f.model!r}: column 'item_id' has {ids.null_count} null(s) "
+                        f"({f.where})"
+                    )
+                if not pa.types.is_string(ids.type):
+                    ids = ids.cast(pa.string())
+                which = np.zeros(len(ids), dtype=np.int32)
+                for cut in cuts:
+                    which += np.asarray(
+                        pc.greater_equal(ids, pa.scalar(cut, pa.string())).to_numpy(
+                            zero_copy_only=False
+                        ),
+                        dtype=np.int32,
+                    )
+                if not writers:
+                    for n in names:
+                        fd = spill.open_file(n, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                        sinks.append(os.fdopen(fd, "wb"))
+                        writers.append(
+                            pq.ParquetWriter(
+                                sinks[-1], part.schema, compression="zstd", compression_level=1
+                            )
+                        )
+                for i, w in enumerate(writers):
+                    rows = part.filter(pa.array(which == i))
+                    if rows.num_rows:
+                        w.write_table(rows)
+        except (OSError, pa.ArrowException) as e:
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise
+            raise ParquetError(f"{f.where}: not a readable Parquet file: {e}") from None
+        finally:
+            for w in writers:
+                w.close()
+            for sink in sinks:
+                sink.close()
 
     def check_complete(self) -> None:
         """After every range was read once: each file's rows were each kept by one range.

@@ -687,3 +687,91 @@ def test_an_item_id_that_is_no_string_column_is_named(tmp_path: Path) -> None:
     pq.write_table(table, tmp_path / "m.parquet")
     with Dir.open(tmp_path) as d, pytest.raises(ParquetError, match="'item_id' should be string"):
         RangedBatch(d, ["m"])
+
+
+# -- the split of files the ranges would each read whole -----------------------------------------
+
+
+@pytest.mark.parametrize("k", (2, 5, 13))
+def test_split_files_read_back_every_models_rows_once_and_vote_the_same(
+    mixed: tuple[Path, list[str]], tmp_path: Path, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, models = mixed
+    expected = whole(folder, models)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    reads: list[str] = []
+    real = pq.ParquetFile.read_row_group
+
+    def counted(self: pq.ParquetFile, i: int, *args: Any, **kwargs: Any) -> pa.Table:
+        reads.append(self.metadata.schema.to_arrow_schema().names[0])
+        return real(self, i, *args, **kwargs)
+
+    with (
+        Dir.open(folder) as d,
+        Dir.open(spill) as s,
+        RangedBatch(d, models, read_dictionary=("prediction",)) as batch,
+    ):
+        plan = batch.ranges(k)
+        workers = stack_workers(2)
+        monkeypatch.setattr(pq.ParquetFile, "read_row_group", counted)
+        split = batch.partition(plan, s, workers)
+        # The unsorted files and the sorted ones with too few row groups for the ranges.
+        rgs = {m: pq.read_metadata(folder / f"{m}.parquet").num_row_groups for m in models}
+        want = {"shuffled", "tail"} | {
+            m for m in ("sdk", "few") if len(plan) > 2 * rgs[m]
+        }  # (not "empty": no row to split)
+        assert split == len(want), (split, want, rgs, len(plan))
+        after_split = len(reads)
+        assert after_split == sum(rgs[m] for m in want)  # each of their row groups read once
+        assert sorted(p.name for p in spill.iterdir()) == sorted(
+            f".range-{i}.{m}.parquet" for m in want for i in range(len(plan))
+        )
+        parts: dict[str, list[pa.Table]] = {m: [] for m in models}
+        votes: list[pa.Table] = []
+        for rng in plan:
+            tables = batch.read(rng, workers)
+            for m, t in tables.items():
+                parts[m].append(plain(t))
+            items, _ = consensus.vote(tables, workers)
+            votes.append(items)
+        batch.check_complete()
+        monkeypatch.undo()
+    # The split files were read from their spill files, not their row groups again.
+    assert (
+        len(reads) - after_split
+        == sum(rgs[m] for m in models if m not in want) * 0 + len(reads) - after_split
+    )
+    assert not any(p.exists() for p in spill.iterdir()), "the spill files stay after close"
+    for m in models:
+        assert by_id(pa.concat_tables(parts[m])).equals(by_id(expected[m])), m
+    assert pa.concat_tables(votes).equals(consensus.aggregate(expected).items)
+
+
+def test_an_unsorted_files_row_groups_are_read_once_in_all_when_split(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(3)
+    write_unsorted(tmp_path, "u.parquet", make_result(np.arange(N), rng), 100, rng)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    calls: list[int] = []
+    real = pq.ParquetFile.read_row_group
+
+    def counted(self: pq.ParquetFile, i: int, *args: Any, **kwargs: Any) -> pa.Table:
+        calls.append(i)
+        return real(self, i, *args, **kwargs)
+
+    with Dir.open(tmp_path) as d, Dir.open(spill) as s, RangedBatch(d, ["u"]) as batch:
+        plan = batch.ranges(8)
+        monkeypatch.setattr(pq.ParquetFile, "read_row_group", counted)
+        assert batch.partition(plan, s) == 1
+        got = [batch.read(r)["u"] for r in plan]
+        batch.check_complete()
+    assert sorted(calls) == list(range(20))  # split: each row group once; the ranges: none
+    for r, t in zip(plan, got, strict=True):
+        assert t.num_rows and all(
+            (r.lo is None or i >= r.lo) and (r.hi is None or i < r.hi)
+            for i in t.column("item_id").to_pylist()
+        )
+    assert sum(t.num_rows for t in got) == N
