@@ -135,7 +135,10 @@ def write_options(
 
 
 def is_sorted_by_id(table: pa.Table) -> bool:
-    """Whether the table's item ids never decrease from one row to the next."""
+    """Whether the table's item ids never decrease from one row to the next (False without an
+    item_id column)."""
+    if "item_id" not in table.column_names:
+        return False
     ids = table.column("item_id")
     if len(ids) < 2:
         return True
