@@ -279,10 +279,6 @@ class RangedBatch:
                         total += col.total_uncompressed_size
         return total
 
-    def rows(self) -> int:
-        """The rows of every file."""
-        return sum(f.pf.metadata.num_rows for f in self._files.values())
-
     def ranges(self, k: int) -> list[Range]:
         """About `k` ranges of item ids over the batch, with about as many rows each: the
         boundaries are quantiles of the ids of every file (weighted by their rows)."""

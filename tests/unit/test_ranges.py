@@ -775,3 +775,41 @@ def test_an_unsorted_files_row_groups_are_read_once_in_all_when_split(
             for i in t.column("item_id").to_pylist()
         )
     assert sum(t.num_rows for t in got) == N
+
+
+def test_the_decoded_size_counts_the_columns_read_of_every_file(
+    mixed: tuple[Path, list[str]],
+) -> None:
+    folder, models = mixed
+
+    def size(m: str, columns: set[str] | None) -> int:
+        md = pq.read_metadata(folder / f"{m}.parquet")
+        return sum(
+            md.row_group(r).column(c).total_uncompressed_size
+            for r in range(md.num_row_groups)
+            for c in range(md.num_columns)
+            if columns is None or md.row_group(r).column(c).path_in_schema in columns
+        )
+
+    with Dir.open(folder) as d:
+        with RangedBatch(d, models) as batch:
+            every = batch.decoded_bytes()
+        with RangedBatch(d, models, columns=("item_id", "score")) as batch:
+            some = batch.decoded_bytes()
+    assert every == sum(size(m, None) for m in models)
+    assert some == sum(size(m, {"item_id", "score"}) for m in models)
+    assert 0 < some < every
+
+
+def test_a_file_that_is_no_result_is_named(tmp_path: Path) -> None:
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really PAR1")
+    pq.write_table(pa.table({"item_id": ["a"]}), tmp_path / "half.parquet")
+    with Dir.open(tmp_path) as d:
+        with pytest.raises(ParquetError, match=r"junk\.parquet: not a readable Parquet file"):
+            RangedBatch(d, ["junk"])
+        with pytest.raises(
+            ParquetError, match=r"half\.parquet: lacks column\(s\) \['prediction'\]"
+        ):
+            RangedBatch(d, ["half"])
+        with pytest.raises(ParquetError, match=r"gone\.parquet: not a readable Parquet file"):
+            RangedBatch(d, ["gone"])
