@@ -17,10 +17,11 @@ The agent needs no database: the coordinator sends the current metadata location
 from __future__ import annotations
 
 import os
+import tempfile
 import urllib.parse
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,7 +35,7 @@ from coordinator.core.errors import LakeError
 from coordinator.core.iceberg import BATCH_PROPERTY, TABLES, arrow_schema
 from coordinator.core.summary import AggregateSummary
 
-__all__ = ["Prepared", "Preparing", "prepare_batch", "rows_for"]
+__all__ = ["BatchRows", "Prepared", "Preparing", "TableRows", "prepare_batch", "rows_for"]
 
 
 class Preparing(MetastoreCatalog):
@@ -75,11 +76,6 @@ class Preparing(MetastoreCatalog):
     update_namespace_properties = view_exists = _no
 
 
-def _read(fd: int) -> pa.Table:
-    with os.fdopen(os.dup(fd), "rb") as f:
-        return pq.read_table(f)
-
-
 def _column(t: pa.Table, name: str, typ: pa.DataType, where: str) -> pa.Array:
     if name not in t.column_names:
         return pa.nulls(t.num_rows, typ)
@@ -105,47 +101,83 @@ def _shape(table: str, t: pa.Table, fixed: Mapping[str, Any], where: str) -> pa.
     return pa.Table.from_arrays(cols, schema=schema)
 
 
+class TableRows:
+    """One table's rows of a batch, read when its data file is written, one row group of a
+    source file at a time (`parts`): an archive of the seed's 7 x 400 MB holds a row group,
+    never the batch. Owns duplicates of the source descriptors until `close`."""
+
+    def __init__(self, table: str, rows: pa.Table | None = None) -> None:
+        self.table = table
+        self.schema = arrow_schema(table)
+        self._rows = rows
+        self._sources: list[tuple[int, dict[str, Any], str]] = []
+
+    def add(self, fd: int, fixed: Mapping[str, Any], where: str) -> None:
+        """Rows from the open Parquet file `fd` (duplicated here), with the `fixed` columns."""
+        self._sources.append((os.dup(fd), dict(fixed), where))
+
+    def parts(self) -> Iterator[pa.Table]:
+        """The rows, shaped to the table's schema, part after part."""
+        if self._rows is not None:
+            yield self._rows
+        for fd, fixed, where in self._sources:
+            with os.fdopen(os.dup(fd), "rb") as f, pq.ParquetFile(f) as pf:
+                for r in range(pf.metadata.num_row_groups):
+                    yield _shape(self.table, pf.read_row_group(r), fixed, where)
+
+    def close(self) -> None:
+        while self._sources:
+            os.close(self._sources.pop()[0])
+
+
+class BatchRows(dict[str, TableRows]):
+    """Each table's rows of a batch (`rows_for`); `prepare_batch` closes them."""
+
+    def close(self) -> None:
+        for rows in self.values():
+            rows.close()
+
+
 def rows_for(
     batch_id: str,
     date: str,
     models: Sequence[str],
     sources: Mapping[str, int],
     summary: AggregateSummary,
-) -> dict[str, pa.Table]:
+) -> BatchRows:
     """Each table's rows of the batch, from the open files `sources` (name -> descriptor:
-    <model>.parquet, crosscheck_<model>.parquet, aggregates.parquet) and the summary."""
+    <model>.parquet, crosscheck_<model>.parquet, aggregates.parquet) and the summary; read
+    when written. The descriptors are duplicated: the caller may close its own."""
     import datetime as dt
 
     day = dt.date.fromisoformat(date)
     key = {"batch_id": batch_id, "day": day}
-    out: dict[str, pa.Table] = {}
-    for table, prefix in (("results", ""), ("crosschecks", "crosscheck_")):
-        parts = [
-            _shape(
-                table,
-                _read(sources[f"{prefix}{m}.parquet"]),
-                key | {"model": m},
-                f"{prefix}{m}.parquet",
-            )
-            for m in models
-        ]
-        out[table] = pa.concat_tables(parts) if parts else arrow_schema(table).empty_table()
-    out["aggregates"] = _shape(
-        "aggregates", _read(sources["aggregates.parquet"]), key, "aggregates.parquet"
-    )
-    pairs = summary.agreement
-    out["agreement"] = pa.Table.from_pydict(
-        {
-            "batch_id": [batch_id] * len(pairs),
-            "day": [day] * len(pairs),
-            "model_a": [p.model_a for p in pairs],
-            "model_b": [p.model_b for p in pairs],
-            "agreement": [p.agreement for p in pairs],
-            "n_common": [p.n_common for p in pairs],
-            "fleiss_kappa": [summary.fleiss_kappa] * len(pairs),
-        },
-        schema=arrow_schema("agreement"),
-    )
+    out = BatchRows()
+    try:
+        for table, prefix in (("results", ""), ("crosschecks", "crosscheck_")):
+            out[table] = TableRows(table)
+            for m in models:
+                name = f"{prefix}{m}.parquet"
+                out[table].add(sources[name], key | {"model": m}, name)
+        out["aggregates"] = TableRows("aggregates")
+        out["aggregates"].add(sources["aggregates.parquet"], key, "aggregates.parquet")
+        pairs = summary.agreement
+        agreement = pa.Table.from_pydict(
+            {
+                "batch_id": [batch_id] * len(pairs),
+                "day": [day] * len(pairs),
+                "model_a": [p.model_a for p in pairs],
+                "model_b": [p.model_b for p in pairs],
+                "agreement": [p.agreement for p in pairs],
+                "n_common": [p.n_common for p in pairs],
+                "fleiss_kappa": [summary.fleiss_kappa] * len(pairs),
+            },
+            schema=arrow_schema("agreement"),
+        )
+        out["agreement"] = TableRows("agreement", agreement)
+    except BaseException:
+        out.close()
+        raise
     return out
 
 
@@ -156,10 +188,18 @@ class Prepared(dict[str, tuple[str, str]]):
     bytes: int = 0
 
 
-def _write_data(path: str, rows: pa.Table, properties: Mapping[str, str]) -> int:
+def _write_parts(rows: TableRows, sink: Any) -> None:
+    with pq.ParquetWriter(sink, rows.schema, compression="zstd") as writer:
+        for part in rows.parts():
+            if part.num_rows:
+                writer.write_table(part)
+
+
+def _write_data(path: str, rows: TableRows, properties: Mapping[str, str]) -> int:
     """One data file, whole under its final name: locally through a dot-temp name, fsync and
     rename; on S3 one conditional PUT (If-None-Match: *) of the final key, so no object is
-    ever renamed or replaced: a key that exists already is refused by the store."""
+    ever renamed or replaced: a key that exists already is refused by the store. Written
+    part by part (the PUT's body from a temporary file), so memory holds one row group."""
     parts = urllib.parse.urlsplit(path)
     if parts.scheme in ("", "file"):
         target = parts.path
@@ -167,12 +207,10 @@ def _write_data(path: str, rows: pa.Table, properties: Mapping[str, str]) -> int
         os.makedirs(folder, exist_ok=True)
         tmp = f"{folder}/.{name}.tmp"
         try:
-            pq.write_table(rows, tmp, compression="zstd")
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            with open(tmp, "wb") as f:
+                _write_parts(rows, f)
+                f.flush()
+                os.fsync(f.fileno())
             os.rename(tmp, target)
         except BaseException:
             if os.path.exists(tmp):
@@ -181,14 +219,15 @@ def _write_data(path: str, rows: pa.Table, properties: Mapping[str, str]) -> int
         return os.stat(target).st_size
     if parts.scheme not in ("s3", "s3a"):
         raise LakeError(f"{path}: the Iceberg lake writes to file:// or s3:// only")
-    buf = pa.BufferOutputStream()
-    pq.write_table(rows, buf, compression="zstd")
-    body = buf.getvalue().to_pybytes()
-    put_once(properties, parts.netloc, parts.path.lstrip("/"), body)
-    return len(body)
+    with tempfile.TemporaryFile() as body:
+        _write_parts(rows, body)
+        size = body.tell()
+        body.seek(0)
+        put_once(properties, parts.netloc, parts.path.lstrip("/"), body)
+    return size
 
 
-def put_once(properties: Mapping[str, str], bucket: str, key: str, body: bytes) -> None:
+def put_once(properties: Mapping[str, str], bucket: str, key: str, body: bytes | BinaryIO) -> None:
     """PUT `body` at s3://bucket/key only if no object is there (If-None-Match: *); LakeError
     naming the key when one is. The client is configured as pyiceberg's FileIO is (endpoint,
     region, keys from lake.credentials_file, else the environment's)."""
@@ -238,12 +277,26 @@ def prepare_batch(
     date: str,
     namespace: str,
     bases: Mapping[str, str],
-    rows: Mapping[str, pa.Table],
+    rows: BatchRows,
     properties: Mapping[str, str],
 ) -> Prepared:
     """Write the batch's data files and each table's next metadata file (from `bases`: table
     -> current metadata location); commit nothing. A table whose history already holds the
-    batch (BATCH_PROPERTY in a snapshot's summary) gets nothing new."""
+    batch (BATCH_PROPERTY in a snapshot's summary) gets nothing new. `rows` are closed."""
+    try:
+        return _prepare(batch_id, date, namespace, bases, rows, properties)
+    finally:
+        rows.close()
+
+
+def _prepare(
+    batch_id: str,
+    date: str,
+    namespace: str,
+    bases: Mapping[str, str],
+    rows: BatchRows,
+    properties: Mapping[str, str],
+) -> Prepared:
     missing = [t for t in TABLES if t not in bases]
     if missing:
         raise LakeError(f"archive of {batch_id}: no metadata location for {', '.join(missing)}")

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from agents.iceberg import prepare_batch, rows_for
+from agents.iceberg import BatchRows, prepare_batch, rows_for
 from coordinator.core.batch import State
 from coordinator.core.iceberg import (
     TABLES,
@@ -75,7 +75,7 @@ async def committed(ledger: Ledger, admin: asyncpg.Connection, schema: str, batc
     )
 
 
-def batch_rows(tmp_path: Path, batch: str, attempt: int = 0) -> dict[str, pa.Table]:
+def batch_rows(tmp_path: Path, batch: str, attempt: int = 0) -> BatchRows:
     """The four tables' rows of a one-model batch of two items, from files like the agent's."""
     d = tmp_path / f"src-{batch}-{attempt}"
     d.mkdir()
