@@ -375,15 +375,19 @@ def test_counted_file_rewritten_mid_flight_is_quarantined_and_the_original_archi
 def test_file_rewritten_before_the_agent_copies_it_is_never_staged(env, daemon):
     """The agent checks the counted (inode, size, mtime) on the descriptor it copies from, so
     content published after the barrier counted the batch never reaches node memory."""
-    d = daemon(extra_env=hooks(stage_pause_s=1.0)).start()
+    # The agent holds after its copy of each file until the gate opens (at once afterwards).
+    gate = env.root / "gate"
+    d = daemon(extra_env=hooks(stage_pause_s=50, stage_pause_until=str(gate))).start()
     publish_all(env, "late-rewrite", seed=702)
     wait_until(
-        lambda: (env.tmpfs / "node0" / "late-rewrite" / "slm-1.parquet").exists(),
+        lambda: (env.tmpfs / "node0" / "late-rewrite" / ".slm-1.parquet.tmp").exists(),
         20,
-        "slm-1 to be staged",
+        "the agent to hold at its copy of slm-1",
     )
-    # slm-7 is copied last: rewrite it while the agent pauses after slm-1.
+    assert in_flight(d, "late-rewrite")["state"] == "staging"
+    # slm-7 is copied last: rewrite it while the agent holds after slm-1, then let it go on.
     newer = publish(env, "late-rewrite", "slm-7", tables(798)["slm-7"])
+    gate.touch()
     row = d.wait_state("late-rewrite", FINAL, timeout=120)
     assert row["state"] == "failed"
     assert "rewritten" in row["error"], row["error"]
@@ -631,7 +635,10 @@ def _agent_came_back(d, old_pid: int) -> None:
 
 
 def test_agent_killed_mid_copy_is_restarted_partials_removed_and_the_step_retried(env, daemon):
-    d = daemon(extra_env=hooks(stage_pause_s=0.6)).start()
+    # The agent holds after its copy of a file until the gate opens; its restarted copy
+    # inherits the hook and finds the gate open.
+    gate = env.root / "gate"
+    d = daemon(extra_env=hooks(stage_pause_s=50, stage_pause_until=str(gate))).start()
     local = env.tmpfs / "node0" / "midcopy"
     pub = publish_all(env, "midcopy", seed=1201)
     # The agent copies a file to its dot-temp name and pauses there: kill it with the partial.
@@ -641,6 +648,7 @@ def test_agent_killed_mid_copy_is_restarted_partials_removed_and_the_step_retrie
         lambda: local.is_dir() and any(p.name.endswith(".tmp") for p in local.iterdir()),
         "a partial copy in tmpfs",
     )
+    gate.touch()
     _agent_came_back(d, old)
     assert d.wait_state("midcopy", FINAL)["state"] == "done"
     assert_exactly_once(env, "midcopy", published=pub)

@@ -197,7 +197,9 @@ def test_a_leader_whose_lock_session_is_terminated_is_replaced_and_nothing_is_lo
     a_env = host_env("host-a", twin=False)
     twin_env = host_env("host-a", twin=True)
     b_env = host_env("host-b")
-    a = Daemon(a_env, extra_env=hooks(stage_pause_s=1.0)).start()
+    # host-a's agent holds the first batch mid-copy until the gate opens (at once afterwards).
+    gate = a_env.root / "gate"
+    a = Daemon(a_env, extra_env=hooks(stage_pause_s=50, stage_pause_until=str(gate))).start()
     b = Daemon(b_env).start()
     twin = Daemon(twin_env).start(wait=False)
     try:
@@ -210,6 +212,7 @@ def test_a_leader_whose_lock_session_is_terminated_is_replaced_and_nothing_is_lo
         published = {ids[0]: publish_all(a_env, ids[0], seed=801)}
         a.wait_state(ids[0], {"staging"}, timeout=30)
         terminate(env, pid)  # the lock session of host-a's leader, mid-batch
+        gate.touch()
         published[ids[1]] = publish_all(a_env, ids[1], seed=802)
 
         # Either the leader takes its lock again (same epoch: nobody led between) or the

@@ -219,21 +219,23 @@ def test_the_archive_falls_back_to_staging_only_for_the_counted_file(agent: Agen
 def test_a_rewrite_between_the_daemons_last_scan_and_the_agents_open_is_never_staged(
     env, daemon
 ) -> None:
-    """The agent copies in model order and pauses after each file (`stage_pause_s`, a delay).
-    While it pauses after slm-1, the daemon is stopped (SIGSTOP), so it cannot see what comes
-    next, and slm-7 is published again. The agent then opens slm-7, a file the daemon never
-    scanned: only its own check against the counted ident stands between the new content and
-    node memory. It must refuse, naming the file; the batch then fails, and neither PostgreSQL
-    nor the lake ever get the new content."""
-    d = daemon(extra_env=hooks(stage_pause_s=0.4)).start()
+    """The agent copies in model order and holds after its copy of slm-1 (`stage_pause_s`, until
+    a gate file appears). While it holds, the daemon is stopped (SIGSTOP), so it cannot see what
+    comes next, slm-7 is published again, and the gate opens. The agent then opens slm-7, a file
+    the daemon never scanned: only its own check against the counted ident stands between the
+    new content and node memory. It must refuse, naming the file; the batch then fails, and
+    neither PostgreSQL nor the lake ever get the new content."""
+    gate = env.root / "gate"
+    d = daemon(extra_env=hooks(stage_pause_s=50, stage_pause_until=str(gate))).start()
     publish_all(env, "guard", seed=1831)
     local = env.tmpfs / "node0" / "guard"
-    wait_until(lambda: (local / "slm-1.parquet").exists(), 30, "slm-1 to be staged")
+    wait_until(lambda: (local / ".slm-1.parquet.tmp").exists(), 30, "the agent at slm-1")
     assert d.proc is not None
     refusal = re.compile(r"guard/slm-7\.parquet: rewritten after the batch counted it")
     os.kill(d.proc.pid, signal.SIGSTOP)
     try:
         newer = publish(env, "guard", "slm-7", tables(1832)["slm-7"])
+        gate.touch()
 
         def agent_decided() -> str:
             for line in d.log.read_text(errors="replace").splitlines():
