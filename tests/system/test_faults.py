@@ -681,12 +681,14 @@ def test_agent_killed_mid_crosscheck_is_restarted_and_the_step_retried(env, daem
 def test_agent_killed_mid_aggregate_is_restarted_and_the_step_retried(env, daemon):
     """Killed with its node-local files written but before it replied: the retry writes them
     again and the batch commits once, from the second attempt's files."""
-    d = daemon(extra_env=hooks(aggregate_pause_s=1.0)).start()
+    gate = env.root / "gate"  # holds the agent at the pause; its restarted copy passes
+    d = daemon(extra_env=hooks(aggregate_pause_s=50, aggregate_pause_until=str(gate))).start()
     pub = publish_all(env, "midagg", seed=1203)
     local = env.tmpfs / "node0" / "midagg"
     old = _kill_agent_when(
         d, env, lambda: (local / "aggregates.parquet").exists(), "the aggregate's files"
     )
+    gate.touch()
     assert in_flight(d, "midagg")["state"] == "aggregating"
     _agent_came_back(d, old)
     assert d.wait_state("midagg", FINAL)["state"] == "done"

@@ -147,7 +147,8 @@ def test_a_batch_folder_swapped_for_a_link_between_stage_and_crosscheck_writes_n
 ):
     """The reported defect: the agents wrote their cross-check files through the link."""
     before = listing(outside)
-    d = daemon(extra_env=hooks(staged_pause_s=2.0)).start()
+    gate = env.root / "gate"
+    d = daemon(extra_env=held("staged", "swapped", gate)).start()
     publish_all(env, "swapped", seed=4)
     node_copy = env.tmpfs / "node0" / "swapped"
     wait_until(
@@ -156,6 +157,7 @@ def test_a_batch_folder_swapped_for_a_link_between_stage_and_crosscheck_writes_n
         "the batch to be staged",
     )
     swap_for_link(env.staging / "swapped", outside)
+    gate.touch()
     row = d.wait_state("swapped", FINAL)
     assert row["state"] == "failed"
     assert "symbolic link" in row["error"], row["error"]
@@ -170,7 +172,8 @@ def test_a_crosscheck_file_swapped_for_a_link_after_aggregation_never_reaches_th
 ):
     """The reported defect: the agent's lake copy re-opened the path and followed the link."""
     before = listing(outside)
-    d = daemon(extra_env=hooks(aggregate_pause_s=2.0)).start()
+    gate = env.root / "gate"
+    d = daemon(extra_env=held("aggregate", "cc-link", gate)).start()
     pub = publish_all(env, "cc-link", seed=6)
     local = env.tmpfs / "node0" / "cc-link"
     wait_until(lambda: (local / "aggregates.parquet").exists(), 60, "the batch to be aggregated")
@@ -178,6 +181,7 @@ def test_a_crosscheck_file_swapped_for_a_link_after_aggregation_never_reaches_th
     aggregated = (local / name).read_bytes()  # the copy the vote read
     assert aggregated == (env.staging / "cc-link" / name).read_bytes()
     swap_for_link(env.staging / "cc-link" / name, outside / name)
+    gate.touch()
     assert d.wait_state("cc-link", FINAL)["state"] == "done"
     lake = assert_exactly_once(env, "cc-link", published=pub)
     assert (lake / name).read_bytes() == aggregated
