@@ -242,18 +242,9 @@ class Agent:
             contextlib.ExitStack() as stack,
             Workers(self.threads) as workers,  # one pool for every range
         ):
-            k = ranges.count_ranges(
-                batch.decoded_bytes(), self.config.agents.memory_budget, ranges.rss_now()
-            )
-            plan = batch.ranges(k)
+            plan = batch.plan(self.config.agents.memory_budget, local, workers)
             if len(plan) > 1:
-                split = batch.partition(plan, local, workers)
-                log.info(
-                    "cross-check in ranges of item ids",
-                    batch_id=batch_id,
-                    ranges=len(plan),
-                    files_split=split,
-                )
+                log.info("cross-check in ranges of item ids", batch_id=batch_id, ranges=len(plan))
             writers = {
                 m: stack.enter_context(self._parts_writer(folder, f"crosscheck_{m}.parquet"))
                 for m in mine

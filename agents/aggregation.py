@@ -177,14 +177,8 @@ def aggregate_batch(
             ) as parquet,
             Workers(threads) as workers,
         ):
-            k = (
-                1
-                if memory_budget is None
-                else ranges.count_ranges(batch.decoded_bytes(), memory_budget, ranges.rss_now())
-            )
             totals: Totals | None = None
-            plan = batch.ranges(k)
-            batch.partition(plan, local, workers)
+            plan = batch.plan(memory_budget, local, workers)
             for rng in plan:
                 tables = batch.read(rng, workers)
                 items, part = vote(tables, workers)

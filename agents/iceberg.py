@@ -32,6 +32,7 @@ from pyiceberg.typedef import Identifier
 
 from coordinator.core import hooks
 from coordinator.core.errors import LakeError
+from coordinator.core.files import fsync_dir
 from coordinator.core.iceberg import BATCH_PROPERTY, TABLES, arrow_schema
 from coordinator.core.summary import AggregateSummary
 
@@ -265,11 +266,7 @@ def _fsync_tree(paths: Sequence[str]) -> None:
             os.close(fd)
         folders.add(os.path.dirname(p))
     for d in sorted(folders):
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(d)
 
 
 def prepare_batch(
@@ -283,22 +280,9 @@ def prepare_batch(
     """Write the batch's data files and each table's next metadata file (from `bases`: table
     -> current metadata location); commit nothing. A table whose history already holds the
     batch (BATCH_PROPERTY in a snapshot's summary) gets nothing new. `rows` are closed."""
-    try:
-        return _prepare(batch_id, date, namespace, bases, rows, properties)
-    finally:
-        rows.close()
-
-
-def _prepare(
-    batch_id: str,
-    date: str,
-    namespace: str,
-    bases: Mapping[str, str],
-    rows: BatchRows,
-    properties: Mapping[str, str],
-) -> Prepared:
     missing = [t for t in TABLES if t not in bases]
     if missing:
+        rows.close()
         raise LakeError(f"archive of {batch_id}: no metadata location for {', '.join(missing)}")
     catalog = Preparing({f"{namespace}.{t}": bases[t] for t in TABLES}, properties)
     attempt = uuid.uuid4().hex
@@ -331,6 +315,8 @@ def _prepare(
         raise
     except (OSError, pa.ArrowException, ValueError) as e:
         raise LakeError(f"archive of {batch_id} into the Iceberg lake: {e}") from e
+    finally:
+        rows.close()
     hooks.pause("iceberg_metadata")  # tests kill the agent here: metadata written, unanswered
     return out
 

@@ -279,6 +279,16 @@ class RangedBatch:
                         total += col.total_uncompressed_size
         return total
 
+    def plan(self, budget: int | None, spill: Dir, workers: Workers | None = None) -> list[Range]:
+        """The ranges to work the batch in under a memory `budget` (bytes; None: the whole
+        batch at once), with the files they would each read whole split under `spill`
+        (`partition`): what a step calls before reading."""
+        if budget is None:
+            return [Range()]
+        plan = self.ranges(count_ranges(self.decoded_bytes(), budget, rss_now()))
+        self.partition(plan, spill, workers)
+        return plan
+
     def ranges(self, k: int) -> list[Range]:
         """About `k` ranges of item ids over the batch, with about as many rows each: the
         boundaries are quantiles of the ids of every file (weighted by their rows)."""
