@@ -124,26 +124,38 @@ def run_agents(spec: dict[str, Any], result: dict[str, Any]) -> None:
     mount_tmpfs(WORK / "n1", "size=256m,mode=0750,mpol=bind:1")
     sampler = Sampler()
     sampler.start()
-    procs = {n: start_agent(n, spec) for n in (0, 1)}
+    procs = {str(n): start_agent(n, spec) for n in (0, 1)}
     result["agents_started_s"] = uptime()
+    serve_until(procs, JOB / "stop", float(spec["wait_s"]), sampler, result)
+
+
+def serve_until(
+    procs: dict[str, subprocess.Popen[bytes]],
+    stop: Path,
+    wait_s: float,
+    sampler: Sampler,
+    out: dict[str, Any],
+) -> None:
+    """Let the agents run until the host writes `stop` (or `wait_s` passed, or all exited),
+    then SIGTERM them: how it stopped, their exit statuses and the Shmem samples go to `out`."""
     try:
-        t_end = time.monotonic() + float(spec["wait_s"])
-        while time.monotonic() < t_end and not (JOB / "stop").exists():
+        t_end = time.monotonic() + wait_s
+        while time.monotonic() < t_end and not stop.exists():
             if all(p.poll() is not None for p in procs.values()):
                 break
             time.sleep(0.2)
-        result["stopped_by"] = "host" if (JOB / "stop").exists() else "timeout or exits"
+        out["stopped_by"] = "host" if stop.exists() else "timeout or exits"
     finally:
         for p in procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for n, p in procs.items():
             try:
-                result["exit"][str(n)] = p.wait(timeout=30)
+                out["exit"][n] = p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
-                result["exit"][str(n)] = "killed after 30 s"
-        result["shmem_kb"] = sampler.stop()
+                out["exit"][n] = "killed after 30 s"
+        out["shmem_kb"] = sampler.stop()
 
 
 def run_k8s_agents(spec: dict[str, Any], result: dict[str, Any]) -> None:
@@ -167,24 +179,7 @@ def run_k8s_agents(spec: dict[str, Any], result: dict[str, Any]) -> None:
                 argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
             )
     out["started_s"] = uptime()
-    try:
-        t_end = time.monotonic() + float(SPEC["agents"]["wait_s"])
-        while time.monotonic() < t_end and not (JOB / "stop2").exists():
-            if all(p.poll() is not None for p in procs.values()):
-                break
-            time.sleep(0.2)
-        out["stopped_by"] = "host" if (JOB / "stop2").exists() else "timeout or exits"
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for n, p in procs.items():
-            try:
-                out["exit"][n] = p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                out["exit"][n] = "killed after 30 s"
-        out["shmem_kb"] = sampler.stop()
+    serve_until(procs, JOB / "stop2", float(SPEC["agents"]["wait_s"]), sampler, out)
 
 
 def main() -> int:
